@@ -1,0 +1,563 @@
+"""The plain-text OT type, in ShareDB's ``text-unicode`` format. Pure functions, no I/O.
+
+An op is a list of components walked left to right over the document it applies to:
+
+- ``int n > 0``: retain (skip over) ``n`` code points;
+- a non-empty ``str``: insert that text at the current position;
+- ``{"d": n}`` with ``int n > 0``: delete the next ``n`` code points.
+
+Positions and lengths count Unicode code points (Python's ``str`` indexing), never UTF-16
+units or bytes, so "😀" is one. ``bool`` is not a count. An op need not reach the end of the
+document: whatever follows its last component is retained implicitly.
+
+**Trust protocol.** Ops from the outside world go through :func:`validate` (structure and
+fit against the document length) or :func:`check` (structure only) first; both raise
+:class:`~domain.errors.BadOp` and return the *normalized* op. :func:`apply` validates as it
+goes and is also safe on untrusted input. Every other function (:func:`normalize`,
+:func:`transform`, :func:`compose`, :func:`invert`, :func:`transform_position` and the
+counting helpers) assumes a structurally valid op and may raise anything, or return
+nonsense, on garbage.
+
+**Normal form.** No two adjacent components of the same kind, no trailing retain, and
+within a run of inserts and deletes at one position the insert comes first (``[2, "x",
+{"d": 1}]``, never ``[2, {"d": 1}, "x"]``; both mean the same). Every op this module
+returns is normalized, so ops with the same meaning compare equal.
+
+**Cost.** Every function is linear in the sizes of its arguments: components are walked
+with an index and an offset, text is built from slices with one ``"".join``.
+"""
+
+from __future__ import annotations
+
+import re
+import reprlib
+from typing import Literal, TypeAlias, TypedDict
+
+from domain.errors import BadOp
+
+__all__ = [
+    "Component",
+    "Delete",
+    "Op",
+    "Side",
+    "apply",
+    "base_length",
+    "check",
+    "compose",
+    "deleted_chars",
+    "inserted_chars",
+    "invert",
+    "normalize",
+    "target_length",
+    "transform",
+    "transform_position",
+    "validate",
+]
+
+
+class Delete(TypedDict):
+    """A delete component: remove the next ``d`` code points (``d`` an int > 0)."""
+
+    d: int
+
+
+Component: TypeAlias = int | str | Delete
+"""One step of an op: retain ``n`` (int > 0), insert text (non-empty str), or a :class:`Delete`."""
+
+Op: TypeAlias = list[Component]
+"""A text operation: components applied in order; the document's tail is retained implicitly."""
+
+Side: TypeAlias = Literal["left", "right"]
+"""Tie-break for concurrent inserts at one position: the "left" one ends up first."""
+
+# Lone surrogates are valid in a Python str but cannot be encoded as UTF-8 (msgpack, orjson
+# and Postgres all refuse them), so an insert carrying one would poison the event store.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+_RETAIN = 0
+_INSERT = 1
+_DELETE = 2
+
+_short = reprlib.Repr()
+_short.maxstring = 40
+_short.maxother = 40
+_short.maxlevel = 2
+
+
+# --- building and reading ops -------------------------------------------------------------
+
+
+class _Builder:
+    """Accumulates components into a normalized op.
+
+    Pending retains and the pending run of inserts/deletes are held back until a component
+    of the other family arrives, so merging is O(1) per component and inserts are joined
+    once. Callers never pass empty text or zero counts.
+    """
+
+    __slots__ = ("_deleted", "_inserts", "_out", "_retained")
+
+    def __init__(self) -> None:
+        self._out: Op = []
+        self._retained = 0
+        self._inserts: list[str] = []
+        self._deleted = 0
+
+    def retain(self, n: int) -> None:
+        if self._inserts or self._deleted:
+            self._flush_edits()
+        self._retained += n
+
+    def insert(self, text: str) -> None:
+        if self._retained:
+            self._out.append(self._retained)
+            self._retained = 0
+        self._inserts.append(text)
+
+    def delete(self, n: int) -> None:
+        if self._retained:
+            self._out.append(self._retained)
+            self._retained = 0
+        self._deleted += n
+
+    def _flush_edits(self) -> None:
+        inserts = self._inserts
+        if inserts:
+            self._out.append(inserts[0] if len(inserts) == 1 else "".join(inserts))
+            self._inserts = []
+        if self._deleted:
+            self._out.append({"d": self._deleted})
+            self._deleted = 0
+
+    def finish(self) -> Op:
+        """Return the op; a pending (trailing) retain is dropped."""
+        self._flush_edits()
+        return self._out
+
+
+class _Reader:
+    """Walks a valid op piece by piece with an index and an offset into the current component.
+
+    Past the end the op retains forever, as an op implicitly retains the document's tail.
+    """
+
+    __slots__ = ("_i", "_off", "_op")
+
+    def __init__(self, op: Op) -> None:
+        self._op = op
+        self._i = 0
+        self._off = 0
+
+    def next_is_insert(self) -> bool:
+        return self._i < len(self._op) and isinstance(self._op[self._i], str)
+
+    def take(self, limit: int, by_target: bool) -> tuple[int, int, str]:
+        """Take the next piece, at most ``limit`` long: ``(kind, length, inserted text)``.
+
+        ``by_target=False`` measures in the op's base document (transform): retains and
+        deletes are split at ``limit``, an insert is taken whole. ``by_target=True``
+        measures in its result (compose): retains and inserts are split, a delete is whole.
+        """
+        op = self._op
+        i = self._i
+        if i >= len(op):
+            return _RETAIN, limit, ""
+        c = op[i]
+        off = self._off
+        if isinstance(c, int):
+            kind = _RETAIN
+            left = c - off
+        elif isinstance(c, str):
+            left = len(c) - off
+            if not by_target or left <= limit:
+                self._i = i + 1
+                self._off = 0
+                return _INSERT, left, c[off:] if off else c
+            self._off = off + limit
+            return _INSERT, limit, c[off : off + limit]
+        else:
+            left = c["d"] - off
+            if by_target:
+                self._i = i + 1
+                self._off = 0
+                return _DELETE, left, ""
+            kind = _DELETE
+        if left <= limit:
+            self._i = i + 1
+            self._off = 0
+            return kind, left, ""
+        self._off = off + limit
+        return kind, limit, ""
+
+    def drain(self, out: _Builder) -> None:
+        """Append everything not taken yet to ``out``."""
+        op = self._op
+        i = self._i
+        if i >= len(op):
+            return
+        off = self._off
+        c = op[i]
+        if isinstance(c, int):
+            out.retain(c - off)
+        elif isinstance(c, str):
+            out.insert(c[off:] if off else c)
+        else:
+            out.delete(c["d"] - off)
+        _extend(out, op, i + 1)
+
+
+def _extend(out: _Builder, op: Op, start: int = 0) -> None:
+    """Append ``op[start:]`` to ``out`` without copying the op."""
+    for i in range(start, len(op)):
+        c = op[i]
+        if isinstance(c, int):
+            out.retain(c)
+        elif isinstance(c, str):
+            out.insert(c)
+        else:
+            out.delete(c["d"])
+
+
+# --- validation ---------------------------------------------------------------------------
+
+
+def _component_error(index: int, c: object) -> BadOp:
+    """Explain why ``c`` (found at ``index``) is not a component."""
+    what = _short.repr(c)
+    if type(c) is bool:
+        return BadOp(f"component {index} is a bool ({what}); counts must be ints")
+    if type(c) is int:
+        return BadOp(f"component {index}: retain count must be > 0, got {what}")
+    if type(c) is str:
+        if not c:
+            return BadOp(f"component {index}: an insert must not be empty")
+        return BadOp(f"component {index}: insert contains a lone surrogate code point")
+    if type(c) is dict:
+        if len(c) != 1 or "d" not in c:
+            return BadOp(f"component {index}: a delete must be exactly {{'d': n}}, got {what}")
+        n = c["d"]
+        if type(n) is not int:
+            return BadOp(f"component {index}: delete count must be an int, got {_short.repr(n)}")
+        return BadOp(f"component {index}: delete count must be > 0, got {n}")
+    return BadOp(
+        f"component {index} is a {type(c).__name__} ({what}); expected a retain count, "
+        "insert text or {'d': n}"
+    )
+
+
+def _text_ok(text: str) -> bool:
+    return bool(text) and (text.isascii() or _SURROGATE.search(text) is None)
+
+
+def _parse(op: object) -> tuple[Op, int]:
+    """Validate the structure of untrusted ``op``; return it normalized and its base length."""
+    if type(op) is not list:
+        raise BadOp(f"an op must be a list of components, got {type(op).__name__}")
+    out = _Builder()
+    base = 0
+    for i, c in enumerate(op):
+        t = type(c)
+        if t is int:
+            if c <= 0:
+                raise _component_error(i, c)
+            out.retain(c)
+            base += c
+        elif t is str:
+            if not _text_ok(c):
+                raise _component_error(i, c)
+            out.insert(c)
+        elif t is dict and len(c) == 1 and type(n := c.get("d")) is int and n > 0:
+            out.delete(n)
+            base += n
+        else:
+            raise _component_error(i, c)
+    return out.finish(), base
+
+
+def check(op: object) -> Op:
+    """Check that untrusted ``op`` is a structurally valid op; return it normalized (a new list).
+
+    Rejects, with :class:`BadOp`: a non-list; a component that is not an int, str or dict;
+    ``bool`` anywhere a count is expected; zero, negative or non-int counts; empty inserts;
+    inserts holding lone surrogates; dicts with keys other than exactly ``"d"``. Does not
+    know the document, so cannot check the fit: use :func:`validate` for that.
+    """
+    return _parse(op)[0]
+
+
+def validate(op: object, length: int) -> Op:
+    """Check untrusted ``op`` against a document of ``length`` code points; return it normalized.
+
+    Everything :func:`check` does, plus: the retains and deletes together must not run past
+    the end of the document. What this accepts, :func:`apply` applies to any text of that
+    length. The server calls this on every client op.
+    """
+    normal, base = _parse(op)
+    if base > length:
+        raise BadOp(f"op retains and deletes {base} code points but the document has only {length}")
+    return normal
+
+
+def normalize(op: Op) -> Op:
+    """Return ``op`` in normal form (see the module docstring); same meaning, a new list.
+
+    Merges adjacent components of one kind, drops trailing retains and puts the inserts of a
+    run of inserts/deletes before its deletes. Idempotent. Assumes a structurally valid op:
+    on untrusted input call :func:`check`, which validates and normalizes in one pass.
+    """
+    out = _Builder()
+    _extend(out, op)
+    return out.finish()
+
+
+# --- applying -----------------------------------------------------------------------------
+
+
+def apply(text: str, op: object) -> str:
+    """Return ``text`` with ``op`` applied. Time O(len(text) + size of op).
+
+    Safe on untrusted input: raises :class:`BadOp` (and nothing else) if ``op`` is not a
+    valid op or runs past the end of ``text``, exactly when ``validate(op, len(text))``
+    would. The op need not be normalized.
+    """
+    if type(op) is not list:
+        raise BadOp(f"an op must be a list of components, got {type(op).__name__}")
+    size = len(text)
+    parts: list[str] = []
+    pos = 0
+    for i, c in enumerate(op):
+        t = type(c)
+        if t is int:
+            if c <= 0:
+                raise _component_error(i, c)
+            end = pos + c
+            if end > size:
+                raise _overrun(i, end, size)
+            parts.append(text[pos:end])
+            pos = end
+        elif t is str:
+            if not _text_ok(c):
+                raise _component_error(i, c)
+            parts.append(c)
+        elif t is dict and len(c) == 1 and type(n := c.get("d")) is int and n > 0:
+            pos += n
+            if pos > size:
+                raise _overrun(i, pos, size)
+        else:
+            raise _component_error(i, c)
+    if pos == 0 and not parts:
+        return text
+    parts.append(text[pos:])
+    return "".join(parts)
+
+
+def _overrun(index: int, end: int, size: int) -> BadOp:
+    return BadOp(f"component {index} reaches code point {end} but the document has only {size}")
+
+
+def invert(op: Op, text: str) -> Op:
+    """Return the op that undoes ``op``: ``apply(apply(text, op), invert(op, text)) == text``.
+
+    ``text`` is the document ``op`` was (or will be) applied to; it supplies the deleted
+    characters, which the ``{"d": n}`` format does not carry. Raises :class:`BadOp` if
+    ``op`` does not fit ``text``.
+    """
+    out = _Builder()
+    pos = 0
+    for c in op:
+        if isinstance(c, int):
+            out.retain(c)
+            pos += c
+        elif isinstance(c, str):
+            out.delete(len(c))
+        else:
+            end = pos + c["d"]
+            out.insert(text[pos:end])
+            pos = end
+    if pos > len(text):
+        raise BadOp(f"op spans {pos} code points but the text has only {len(text)}")
+    return out.finish()
+
+
+# --- concurrency --------------------------------------------------------------------------
+
+
+def _check_side(side: str) -> bool:
+    """Return True for "left"; reject anything but "left" and "right"."""
+    if side == "left":
+        return True
+    if side == "right":
+        return False
+    raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+
+
+def transform(op: Op, other: Op, side: Side) -> Op:
+    """Rewrite ``op`` to apply after ``other``; both were made against the same document.
+
+    When both insert at one position, the insert of the op on the ``"left"`` side comes
+    first. Text deleted by both is deleted once; an insert of ``op`` inside text that
+    ``other`` deleted survives, at the place of the deletion. Convergence (TP1) holds:
+    ``apply(apply(s, a), transform(b, a, "right")) == apply(apply(s, b), transform(a, b,
+    "left"))``. Inputs are expected normalized (as :func:`validate` returns them); other valid
+    inputs still converge, but an insert inside a region ``other`` replaced may then land on
+    the other side of the replacement. Raises ValueError for a bad ``side``.
+    """
+    left = _check_side(side)
+    out = _Builder()
+    mine = _Reader(op)
+    for c in other:
+        if isinstance(c, int):
+            n = c
+            while n > 0:
+                kind, k, s = mine.take(n, False)
+                if kind == _INSERT:
+                    out.insert(s)
+                    continue
+                if kind == _RETAIN:
+                    out.retain(k)
+                else:
+                    out.delete(k)
+                n -= k
+        elif isinstance(c, str):
+            if left:
+                while mine.next_is_insert():
+                    out.insert(mine.take(0, False)[2])
+            out.retain(len(c))
+        else:
+            n = c["d"]
+            while n > 0:
+                kind, k, s = mine.take(n, False)
+                if kind == _INSERT:
+                    out.insert(s)
+                else:
+                    # Retained text is gone, and text both deleted must not be deleted twice.
+                    n -= k
+    mine.drain(out)
+    return out.finish()
+
+
+def compose(a: Op, b: Op) -> Op:
+    """Return the single op equivalent to applying ``a`` and then ``b``.
+
+    ``b`` is measured against the result of ``a``: ``apply(s, compose(a, b)) ==
+    apply(apply(s, a), b)`` for every ``s`` that ``a`` fits and whose result ``b`` fits.
+    Text that ``a`` inserts and ``b`` deletes vanishes from the result.
+    """
+    out = _Builder()
+    first = _Reader(a)
+    for c in b:
+        if isinstance(c, int):
+            n = c
+            while n > 0:
+                kind, k, s = first.take(n, True)
+                if kind == _RETAIN:
+                    out.retain(k)
+                    n -= k
+                elif kind == _INSERT:
+                    out.insert(s)
+                    n -= k
+                else:
+                    out.delete(k)
+        elif isinstance(c, str):
+            out.insert(c)
+        else:
+            n = c["d"]
+            while n > 0:
+                kind, k, _ = first.take(n, True)
+                if kind == _RETAIN:
+                    out.delete(k)
+                    n -= k
+                elif kind == _INSERT:
+                    n -= k  # inserted by a, deleted by b: neither appears
+                else:
+                    out.delete(k)
+    first.drain(out)
+    return out.finish()
+
+
+def transform_position(pos: int, op: Op, side: Side = "left") -> int:
+    """Return where a cursor at code point ``pos`` (0 <= pos) is after ``op`` is applied.
+
+    The cursor moves with the text around it; a cursor inside deleted text goes to where
+    the deletion happened, after any text inserted in its place. For an insert exactly at
+    the cursor, ``side`` decides: ``"left"`` (the default, and ShareDB text-unicode's
+    ``transformPosition``) keeps the cursor before the inserted text, ``"right"`` moves it
+    past. So a "left" cursor keeps the character to its left and a "right" one the
+    character to its right, whenever that character survives. This equals the position
+    of an insert at ``pos`` transformed by ``op`` with the same ``side``, for normalized
+    ``op``; the order of inserts and deletes inside a run does not change the answer.
+    Raises ValueError for a bad ``side``.
+    """
+    right = not _check_side(side)
+    base = 0  # where the current component starts in the old text
+    shift = 0  # new position minus old position, for text before ``base``
+    i = 0
+    size = len(op)
+    while i < size:
+        c = op[i]
+        if isinstance(c, int):
+            if pos < base + c:
+                break
+            base += c
+            i += 1
+            continue
+        inserted = deleted = 0
+        while i < size:
+            c = op[i]
+            if isinstance(c, int):
+                break
+            if isinstance(c, str):
+                inserted += len(c)
+            else:
+                deleted += c["d"]
+            i += 1
+        if pos == base:
+            return base + shift + (inserted if right else 0)
+        if pos <= base + deleted:
+            return base + shift + inserted
+        shift += inserted - deleted
+        base += deleted
+    return pos + shift
+
+
+# --- measuring ----------------------------------------------------------------------------
+
+
+def base_length(op: Op) -> int:
+    """Return the code points ``op`` walks over in its document (retains plus deletes).
+
+    ``op`` fits any document at least this long.
+    """
+    total = 0
+    for c in op:
+        if isinstance(c, int):
+            total += c
+        elif not isinstance(c, str):
+            total += c["d"]
+    return total
+
+
+def target_length(op: Op, length: int) -> int:
+    """Return the length of a document of ``length`` code points after ``op``.
+
+    Assumes ``op`` fits (``base_length(op) <= length``), as :func:`validate` ensures.
+    """
+    return length + inserted_chars(op) - deleted_chars(op)
+
+
+def inserted_chars(op: Op) -> int:
+    """Return how many code points ``op`` inserts."""
+    total = 0
+    for c in op:
+        if isinstance(c, str):
+            total += len(c)
+    return total
+
+
+def deleted_chars(op: Op) -> int:
+    """Return how many code points ``op`` deletes."""
+    total = 0
+    for c in op:
+        if not isinstance(c, int | str):
+            total += c["d"]
+    return total
