@@ -18,10 +18,12 @@ goes and is also safe on untrusted input. Every other function (:func:`normalize
 counting helpers) assumes a structurally valid op and may raise anything, or return
 nonsense, on garbage.
 
-**Normal form.** No two adjacent components of the same kind, no trailing retain, and
-within a run of inserts and deletes at one position the insert comes first (``[2, "x",
-{"d": 1}]``, never ``[2, {"d": 1}, "x"]``; both mean the same). Every op this module
-returns is normalized, so ops with the same meaning compare equal.
+**Normal form.** No two adjacent components of the same kind and no trailing retain. The
+order of components is kept as given: ``[2, {"d": 1}, "x"]`` and ``[2, "x", {"d": 1}]`` mean
+the same text change but transform differently against a concurrent insert inside the
+deleted range, and a client computes its own transforms with the op it sent, so the server
+must not reorder it (that would make the two sides diverge). Every op this module returns
+is normalized.
 
 **Cost.** Every function is linear in the sizes of its arguments: components are walked
 with an index and an offset, text is built from slices with one ``"".join``.
@@ -88,50 +90,56 @@ _short.maxlevel = 2
 
 
 class _Builder:
-    """Accumulates components into a normalized op.
+    """Accumulates components into a normalized op, keeping their order.
 
-    Pending retains and the pending run of inserts/deletes are held back until a component
-    of the other family arrives, so merging is O(1) per component and inserts are joined
-    once. Callers never pass empty text or zero counts.
+    One pending component (a retain count, insert pieces, or a delete count) is held back
+    until a component of another kind arrives, so merging is O(1) per component and inserts
+    are joined once. Callers never pass empty text or zero counts.
     """
 
-    __slots__ = ("_deleted", "_inserts", "_out", "_retained")
+    __slots__ = ("_count", "_inserts", "_kind", "_out")
 
     def __init__(self) -> None:
         self._out: Op = []
-        self._retained = 0
+        self._kind = _RETAIN
+        self._count = 0
         self._inserts: list[str] = []
-        self._deleted = 0
 
     def retain(self, n: int) -> None:
-        if self._inserts or self._deleted:
-            self._flush_edits()
-        self._retained += n
+        if self._kind != _RETAIN:
+            self._flush()
+            self._kind = _RETAIN
+        self._count += n
 
     def insert(self, text: str) -> None:
-        if self._retained:
-            self._out.append(self._retained)
-            self._retained = 0
+        if self._kind != _INSERT:
+            self._flush()
+            self._kind = _INSERT
         self._inserts.append(text)
 
     def delete(self, n: int) -> None:
-        if self._retained:
-            self._out.append(self._retained)
-            self._retained = 0
-        self._deleted += n
+        if self._kind != _DELETE:
+            self._flush()
+            self._kind = _DELETE
+        self._count += n
 
-    def _flush_edits(self) -> None:
-        inserts = self._inserts
-        if inserts:
-            self._out.append(inserts[0] if len(inserts) == 1 else "".join(inserts))
-            self._inserts = []
-        if self._deleted:
-            self._out.append({"d": self._deleted})
-            self._deleted = 0
+    def _flush(self) -> None:
+        kind = self._kind
+        if kind == _INSERT:
+            inserts = self._inserts
+            if inserts:
+                self._out.append(inserts[0] if len(inserts) == 1 else "".join(inserts))
+                self._inserts = []
+        elif self._count:
+            self._out.append(self._count if kind == _RETAIN else {"d": self._count})
+        self._count = 0
 
     def finish(self) -> Op:
         """Return the op; a pending (trailing) retain is dropped."""
-        self._flush_edits()
+        if self._kind == _RETAIN:
+            self._count = 0
+        else:
+            self._flush()
         return self._out
 
 
@@ -301,8 +309,8 @@ def validate(op: object, length: int) -> Op:
 def normalize(op: Op) -> Op:
     """Return ``op`` in normal form (see the module docstring); same meaning, a new list.
 
-    Merges adjacent components of one kind, drops trailing retains and puts the inserts of a
-    run of inserts/deletes before its deletes. Idempotent. Assumes a structurally valid op:
+    Merges adjacent components of one kind and drops trailing retains; never reorders.
+    Idempotent. Assumes a structurally valid op:
     on untrusted input call :func:`check`, which validates and normalizes in one pass.
     """
     out = _Builder()
@@ -484,39 +492,29 @@ def transform_position(pos: int, op: Op, side: Side = "left") -> int:
     ``transformPosition``) keeps the cursor before the inserted text, ``"right"`` moves it
     past. So a "left" cursor keeps the character to its left and a "right" one the
     character to its right, whenever that character survives. This equals the position
-    of an insert at ``pos`` transformed by ``op`` with the same ``side``, for normalized
-    ``op``; the order of inserts and deletes inside a run does not change the answer.
+    of an insert at ``pos`` transformed by ``op`` with the same ``side``, whatever the
+    order of the inserts and deletes in ``op``.
     Raises ValueError for a bad ``side``.
     """
     right = not _check_side(side)
     base = 0  # where the current component starts in the old text
     shift = 0  # new position minus old position, for text before ``base``
-    i = 0
-    size = len(op)
-    while i < size:
-        c = op[i]
+    for c in op:
         if isinstance(c, int):
             if pos < base + c:
-                break
+                return pos + shift
             base += c
-            i += 1
-            continue
-        inserted = deleted = 0
-        while i < size:
-            c = op[i]
-            if isinstance(c, int):
-                break
-            if isinstance(c, str):
-                inserted += len(c)
+        elif isinstance(c, str):
+            if pos > base or (pos == base and right):
+                shift += len(c)
             else:
-                deleted += c["d"]
-            i += 1
-        if pos == base:
-            return base + shift + (inserted if right else 0)
-        if pos <= base + deleted:
-            return base + shift + inserted
-        shift += inserted - deleted
-        base += deleted
+                return base + shift
+        else:
+            n = c["d"]
+            if pos < base + n or (pos == base):
+                return base + shift
+            base += n
+            shift -= n
     return pos + shift
 
 

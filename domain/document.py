@@ -1,0 +1,292 @@
+"""The Document aggregate: a collaboratively edited text and who may touch it.
+
+Persisted names are contracts: the event classes below are stored by topic
+(``domain.document:Document.Edited`` ...) with every event. Renames and payload changes go
+through ``class_version`` and ``upcast_vN_vN+1`` (see ``schema/events.md``).
+
+Versions: ``Document.doc_version`` is the number of accepted text operations (0 when
+created): the ``version`` of the protocol. It is not the aggregate's ``version`` (the position
+in its event sequence, the store's optimistic-concurrency token), because renames and
+membership changes are events too.
+
+Every event carries ``h``, a link of a per-document hash chain: sha256 over the previous
+event's ``h`` and this event's canonical content (see ``chain_hash``). Recomputing the chain
+from stored events detects an edited or removed row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+
+from domain import ot
+from domain.errors import BadVersion, Conflict, Forbidden, Invalid, NotFound, TooLarge
+
+MAX_TITLE_CHARS = 200
+"""Longest title accepted, in code points."""
+MAX_USER_CHARS = 128
+"""Longest user name accepted in a membership change."""
+GENESIS = b"\x00" * 32
+"""The ``h`` that precedes a document's first event."""
+
+
+class Role(StrEnum):
+    """What a member may do. ``owner`` is the creator's and cannot be granted."""
+
+    OWNER = "owner"
+    EDITOR = "editor"
+    VIEWER = "viewer"
+
+
+GRANTABLE = frozenset({Role.EDITOR, Role.VIEWER})
+"""Roles that ``add_member`` accepts."""
+
+
+def chain_hash(
+    prev: bytes,
+    kind: str,
+    doc_id: UUID,
+    position: int,
+    timestamp: datetime,
+    payload: dict[str, Any],
+) -> bytes:
+    """Return the hash-chain link of one event.
+
+    ``kind`` is the event class name, ``position`` the aggregate version of the event and
+    ``payload`` its own fields (not ``h``). Canonical JSON (sorted keys, no spaces, UTF-8)
+    makes the digest independent of the transcoder that stores the event.
+    """
+    body = json.dumps(
+        [kind, str(doc_id), position, timestamp.isoformat(), payload],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(prev + body.encode("utf-8")).digest()
+
+
+def check_title(title: object) -> str:
+    """Return ``title`` if it is an acceptable document title, else raise."""
+    if not isinstance(title, str):
+        raise Invalid("title must be a string")
+    if len(title) > MAX_TITLE_CHARS:
+        raise TooLarge(f"title is longer than {MAX_TITLE_CHARS} characters")
+    return title
+
+
+class Document(Aggregate):
+    """A document. Commands check roles and raise domain errors; events carry the facts.
+
+    Invariants: ``doc_version`` counts ``Edited`` events; ``text`` is the initial text with every
+    edit applied in order; ``members`` maps each user with access to a role, the owner
+    included; ``clients`` maps a client id to ``(seq, version)`` of its latest accepted op,
+    so a resent op is recognised and acked with its original version.
+    """
+
+    class Event(Aggregate.Event):
+        """Base of this aggregate's events; ``h`` is the hash-chain link."""
+
+        h: bytes
+
+    class Created(Event, Aggregate.Created):
+        """The document came into being with a title, an initial text and an owner."""
+
+        title: str
+        text: str
+        owner: str
+
+    class Edited(Event):
+        """An accepted text operation, already transformed to apply at ``v - 1``.
+
+        ``v`` is the document version the op produced; ``client``/``seq`` identify the
+        submission (both None for HTTP edits without a client id).
+        """
+
+        op: list[Any]
+        by: str
+        client: str | None
+        seq: int | None
+        v: int
+
+        def apply(self, aggregate: Aggregate) -> None:
+            """Apply the op to the text and advance the version."""
+            assert isinstance(aggregate, Document)
+            aggregate._apply_edit(self)
+
+    class Renamed(Event):
+        """The title changed."""
+
+        title: str
+        by: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            """Set the title."""
+            assert isinstance(aggregate, Document)
+            aggregate.title = self.title
+            aggregate._touch(self)
+
+    class MemberAdded(Event):
+        """``user`` now has ``role`` (added, or changed from another role)."""
+
+        user: str
+        role: str
+        by: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            """Grant the role."""
+            assert isinstance(aggregate, Document)
+            aggregate.members[self.user] = self.role
+            aggregate._touch(self)
+
+    class MemberRemoved(Event):
+        """``user`` no longer has access."""
+
+        user: str
+        by: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            """Revoke access."""
+            assert isinstance(aggregate, Document)
+            aggregate.members.pop(self.user, None)
+            aggregate._touch(self)
+
+    def __init__(self, title: str, text: str, owner: str, h: bytes) -> None:
+        self.title = title
+        self.text = text
+        self.owner = owner
+        self.members: dict[str, str] = {owner: Role.OWNER.value}
+        self.doc_version = 0
+        self.h = h
+        self.last_editor: str | None = None
+        self.clients: dict[str, tuple[int, int]] = {}
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, title: str, text: str, owner: str, doc_id: UUID | None = None) -> Document:
+        """Create a new document owned by ``owner``; ``text`` is its version-0 text."""
+        title = check_title(title)
+        if not isinstance(text, str):
+            raise Invalid("text must be a string")
+        doc_id = doc_id or cls.create_id()
+        ts = cls.Created.create_timestamp()
+        payload = {"title": title, "text": text, "owner": owner}
+        h = chain_hash(GENESIS, "Created", doc_id, cls.INITIAL_VERSION, ts, payload)
+        return cls._create(cls.Created, id=doc_id, timestamp=ts, h=h, **payload)
+
+    # -- queries ------------------------------------------------------------------------
+
+    def role_of(self, user: str) -> Role | None:
+        """The user's role, or None without access."""
+        role = self.members.get(user)
+        return Role(role) if role is not None else None
+
+    def can_read(self, user: str) -> bool:
+        """Whether ``user`` may read the text and subscribe."""
+        return user in self.members
+
+    def can_write(self, user: str) -> bool:
+        """Whether ``user`` may edit the text and the title."""
+        return self.members.get(user) in (Role.OWNER.value, Role.EDITOR.value)
+
+    def require_write(self, user: str) -> None:
+        """Raise ``Forbidden`` (or ``NotFound`` for non-members) unless ``user`` may write."""
+        if user not in self.members:
+            raise NotFound("no such document")
+        if not self.can_write(user):
+            raise Forbidden("viewers cannot edit this document")
+
+    @property
+    def created_at(self) -> datetime:
+        """When the document was created."""
+        return self.created_on
+
+    @property
+    def updated_at(self) -> datetime:
+        """When the latest event happened."""
+        return self.modified_on
+
+    # -- commands -----------------------------------------------------------------------
+
+    def edit(self, op: ot.Op, by: str, client: str | None = None, seq: int | None = None) -> int:
+        """Append an op that applies to the current text (already transformed).
+
+        The caller (the room) has validated ``op`` against ``len(self.text)``; this method
+        applies it and raises ``BadOp`` if it does not fit. Returns the new version.
+        """
+        self.require_write(by)
+        self._trigger(self.Edited, op=op, by=by, client=client, seq=seq, v=self.doc_version + 1)
+        return self.doc_version
+
+    def rename(self, title: str, by: str) -> None:
+        """Change the title (owner and editors)."""
+        self.require_write(by)
+        self._trigger(self.Renamed, title=check_title(title), by=by)
+
+    def add_member(self, user: str, role: str, by: str) -> None:
+        """Give ``user`` the role ``editor`` or ``viewer`` (owner only)."""
+        self._require_owner(by)
+        if not isinstance(user, str) or not user or len(user) > MAX_USER_CHARS:
+            raise Conflict(f"user must be a non-empty string of at most {MAX_USER_CHARS} chars")
+        if role not in GRANTABLE:
+            raise Conflict("role must be 'editor' or 'viewer'")
+        if user == self.owner:
+            raise Conflict("the owner's role cannot be changed")
+        if self.members.get(user) == role:
+            return
+        self._trigger(self.MemberAdded, user=user, role=role, by=by)
+
+    def remove_member(self, user: str, by: str) -> None:
+        """Revoke ``user``'s access (owner only; the owner cannot be removed)."""
+        self._require_owner(by)
+        if user == self.owner:
+            raise Conflict("the owner cannot be removed")
+        if user not in self.members:
+            raise NotFound(f"{user!r} is not a member")
+        self._trigger(self.MemberRemoved, user=user, by=by)
+
+    def committed_seq(self, client: str, seq: int) -> int | None:
+        """The version an op of ``client`` with ``seq`` produced, if it was the latest one.
+
+        ``None`` when the client never had ``seq`` accepted as its latest op. A ``seq``
+        older than the latest is answered by the store (see the room).
+        """
+        last = self.clients.get(client)
+        if last is not None and last[0] == seq:
+            return last[1]
+        return None
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _require_owner(self, by: str) -> None:
+        if by not in self.members:
+            raise NotFound("no such document")
+        if self.members[by] != Role.OWNER.value:
+            raise Forbidden("only the owner can change members")
+
+    def _trigger(self, cls: type[Document.Event], **payload: Any) -> None:
+        ts = cls.create_timestamp()
+        h = chain_hash(self.h, cls.__name__, self.id, self.version + 1, ts, payload)
+        self.trigger_event(cls, timestamp=ts, h=h, **payload)
+
+    def _apply_edit(self, e: Document.Edited) -> None:
+        if e.v != self.doc_version + 1:
+            raise BadVersion(f"edit produced v{e.v} on a document at v{self.doc_version}")
+        self.text = ot.apply(self.text, e.op)
+        self.doc_version = e.v
+        self.last_editor = e.by
+        if e.client is not None and e.seq is not None:
+            self.clients[e.client] = (e.seq, e.v)
+        self._touch(e)
+
+    def _touch(self, e: Document.Event) -> None:
+        self.h = e.h
+
+
+__all__ = ["GENESIS", "Document", "NotFound", "Role", "chain_hash"]

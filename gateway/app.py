@@ -1,0 +1,73 @@
+"""The aiohttp application factory. Adapters are built by ``ops.wiring`` and passed in.
+
+Lifecycle: on startup the committer and the room sweeper start; on shutdown (SIGTERM) the
+gateway stops accepting, closes sessions with 1001 (going away), lets the committer flush
+what was queued, then releases the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from gateway import http
+from gateway.rooms import Rooms
+from gateway.session import CLOSE_GOING_AWAY, Session, SessionLimits, handle_ws
+from gateway.store import Store
+
+
+@dataclass(slots=True)
+class Services:
+    """What the gateway runs on, built once by the composition root."""
+
+    store: Store
+    secret: bytes
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    close_store: bool = True
+
+
+def create_app(services: Services) -> web.Application:
+    """A ready-to-run gateway application over ``services``."""
+    app = web.Application(
+        client_max_size=http.MAX_BODY_BYTES, middlewares=[http.errors_middleware]
+    )
+    app["services"] = services
+    app["secret"] = services.secret
+    app["session_limits"] = services.limits
+    app["rooms"] = Rooms(services.store)
+    app["sessions"] = set[Session]()
+    http.add_routes(app)
+    app.router.add_get("/v1/ws", handle_ws)
+    app.cleanup_ctx.append(_background)
+    app.on_shutdown.append(_close_sessions)
+    return app
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    rooms: Rooms = app["rooms"]
+    committer = asyncio.create_task(rooms.committer.run(), name="committer")
+    sweeper = asyncio.create_task(rooms.sweep_forever(), name="room-sweeper")
+    yield
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(rooms.committer.drain(), timeout=10)
+    for task in (committer, sweeper):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await rooms.close()
+    rooms.committer.close()
+    services: Services = app["services"]
+    if services.close_store:
+        await asyncio.get_running_loop().run_in_executor(None, services.store.close)
+
+
+async def _close_sessions(app: web.Application) -> None:
+    sessions: set[Session] = app["sessions"]
+    await asyncio.gather(
+        *(s.close(CLOSE_GOING_AWAY, "server shutting down") for s in list(sessions)),
+        return_exceptions=True,
+    )

@@ -1,0 +1,65 @@
+"""Signed bearer tokens: ``v1.<payload>.<signature>``, both parts base64url without padding.
+
+The payload is JSON ``{"u": user, "iat": issued, "exp": expiry|null}`` (seconds since the
+epoch); the signature is HMAC-SHA256 over ``v1.<payload>`` with the server secret. A token
+names a user; it grants nothing by itself (documents grant roles to users).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+
+import orjson
+
+PREFIX = "v1"
+MAX_TOKEN_CHARS = 2048
+
+
+class BadToken(Exception):
+    """The token is malformed, its signature does not check out, or it has expired."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign_token(secret: bytes, user: str, ttl: float | None = None) -> str:
+    """A token for ``user``; it expires after ``ttl`` seconds, or never when None."""
+    if not user:
+        raise ValueError("user must be non-empty")
+    now = int(time.time())
+    payload = {"u": user, "iat": now, "exp": None if ttl is None else now + int(ttl)}
+    body = f"{PREFIX}.{_b64(orjson.dumps(payload))}"
+    sig = hmac.new(secret, body.encode("ascii"), hashlib.sha256).digest()
+    return f"{body}.{_b64(sig)}"
+
+
+def verify_token(secret: bytes, token: str, now: float | None = None) -> str:
+    """The user a valid token names; raise ``BadToken`` otherwise. Constant-time compare."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
+        raise BadToken("malformed token")
+    parts = token.split(".")
+    if len(parts) != 3 or parts[0] != PREFIX:
+        raise BadToken("malformed token")
+    body = f"{parts[0]}.{parts[1]}"
+    try:
+        sig = _unb64(parts[2])
+        payload = orjson.loads(_unb64(parts[1]))
+    except (ValueError, orjson.JSONDecodeError):
+        raise BadToken("malformed token") from None
+    expected = hmac.new(secret, body.encode("ascii"), hashlib.sha256).digest()
+    if not hmac.compare_digest(sig, expected):
+        raise BadToken("bad token signature")
+    if not isinstance(payload, dict) or not isinstance(payload.get("u"), str) or not payload["u"]:
+        raise BadToken("malformed token")
+    exp = payload.get("exp")
+    if exp is not None and (now if now is not None else time.time()) >= exp:
+        raise BadToken("token expired")
+    return str(payload["u"])

@@ -1,0 +1,173 @@
+"""Group commit: one store transaction per tick, covering every room with pending work.
+
+A tick is "whatever queued up while the previous commit was running": under load each
+transaction carries many events (the throughput lever, since the store serialises commits);
+when idle a submission is committed at once. One commit is in flight at a time, so each
+room's events reach the store in the order they were prepared.
+
+The store runs on one dedicated writer thread (its own connection); the loop only awaits it.
+On a version conflict the clashing room is taken out of the batch and the rest is retried at
+once; that room re-reads the store and its submissions are transformed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.room import Room, State
+from gateway.store import Store, StoreUnavailable, VersionConflict
+from schema.codes import Code
+
+log = logging.getLogger(__name__)
+
+MAX_EVENTS_PER_COMMIT = 5000
+"""Rooms beyond this many events in one tick wait for the next one."""
+
+
+@dataclass(slots=True)
+class CommitStats:
+    """Counters of the committer, for /metrics and the load test."""
+
+    commits: int = 0
+    events: int = 0
+    conflicts: int = 0
+    failures: int = 0
+    max_batch: int = 0
+    commit_seconds: float = 0.0
+
+
+class Committer:
+    """Commits the pending events of all dirty rooms, one transaction per tick."""
+
+    def __init__(
+        self,
+        store: Store,
+        on_stale: Callable[[Room], None],
+        on_parked: Callable[[Room], None],
+        max_events: int = MAX_EVENTS_PER_COMMIT,
+    ) -> None:
+        self.store = store
+        self._on_stale = on_stale
+        self._on_parked = on_parked
+        self.max_events = max_events
+        self._dirty: dict[Room, None] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-write")
+        self.stats = CommitStats()
+
+    def mark(self, room: Room) -> None:
+        """``room`` has queued work: include it in the next tick."""
+        self._dirty[room] = None
+        self._idle.clear()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The commit loop; runs until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._tick()
+            except Exception:  # a bug must not stop every document's commits
+                log.exception("commit tick failed")
+            if not self._dirty:
+                self._idle.set()
+
+    async def drain(self) -> None:
+        """Wait until everything queued so far is committed (or refused)."""
+        while not self._idle.is_set():
+            await self._idle.wait()
+
+    def close(self) -> None:
+        """Stop the writer thread (after ``drain``)."""
+        self._writer.shutdown(wait=True)
+
+    async def _tick(self) -> None:
+        rooms = list(self._dirty)
+        self._dirty.clear()
+        batch: list[tuple[Room, list[Any]]] = []
+        count = 0
+        for room in rooms:
+            if room.state is State.STALE:
+                self._on_stale(room)
+                continue
+            if count >= self.max_events:
+                self._dirty[room] = None
+                continue
+            events = room.prepare()
+            if room.parked:
+                self._on_parked(room)
+            if events or room.inflight:
+                batch.append((room, events))
+                count += len(events)
+        if self._dirty:
+            self._wake.set()
+        if batch:
+            await self._commit(batch)
+
+    async def _save(self, events: list[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await loop.run_in_executor(self._writer, self.store.save, events)
+        self.stats.commits += 1
+        self.stats.events += len(events)
+        self.stats.max_batch = max(self.stats.max_batch, len(events))
+        self.stats.commit_seconds += loop.time() - started
+
+    async def _commit(self, batch: list[tuple[Room, list[Any]]]) -> None:
+        pending = batch
+        while pending:
+            events = [e for _, evs in pending for e in evs]
+            try:
+                if events:
+                    await self._save(events)
+            except VersionConflict as exc:
+                self.stats.conflicts += 1
+                culprit = next((b for b in pending if b[0].id == exc.doc_id), None)
+                if culprit is None:
+                    await self._commit_each(pending)
+                    return
+                self._conflicted(culprit[0])
+                pending = [b for b in pending if b is not culprit]
+                continue
+            except StoreUnavailable as exc:
+                self._refuse(pending, Code.UNAVAILABLE, f"event store unavailable: {exc}")
+                return
+            except Exception as exc:
+                log.exception("commit failed")
+                self._refuse(pending, Code.INTERNAL, f"commit failed: {type(exc).__name__}")
+                return
+            for room, _ in pending:
+                room.committed()
+            return
+
+    async def _commit_each(self, pending: list[tuple[Room, list[Any]]]) -> None:
+        """The store did not say which document clashed: commit room by room."""
+        for room, events in pending:
+            try:
+                if events:
+                    await self._save(events)
+            except VersionConflict:
+                self._conflicted(room)
+                continue
+            except StoreUnavailable as exc:
+                self._refuse([(room, events)], Code.UNAVAILABLE, f"event store unavailable: {exc}")
+                continue
+            room.committed()
+
+    def _conflicted(self, room: Room) -> None:
+        room.conflicted()
+        self._on_stale(room)
+
+    def _refuse(self, pending: list[tuple[Room, list[Any]]], code: Code, message: str) -> None:
+        self.stats.failures += 1
+        for room, _ in pending:
+            room.unavailable(code, message)
+            self._on_stale(room)

@@ -1,0 +1,263 @@
+"""The JSON HTTP API (thin handlers: rooms and the store do the work).
+
+Errors are ``{"error": {"code", "message"}}`` with the status of ``schema.codes.HTTP_STATUS``.
+Non-members get ``404 not_found`` for a document (its existence is not revealed); members
+whose role does not allow the request get ``403 forbidden``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from uuid import UUID
+
+import orjson
+from aiohttp import web
+
+from domain.document import Document
+from domain.errors import DomainError
+from gateway.auth import BadToken, verify_token
+from gateway.room import Rejected, Room, Submission, iso_time
+from gateway.rooms import Rooms
+from gateway.store import StoreUnavailable
+from schema.codes import HTTP_STATUS, Code
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 << 20
+"""Largest request body accepted (413 ``too_large`` above it)."""
+MAX_OPS_PAGE = 1000
+"""Most ops one ``GET .../ops`` returns."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An error response with a stable code."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """A JSON response encoded with orjson."""
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(code: Code, message: str) -> web.Response:
+    """The error envelope with the status that goes with ``code``."""
+    return json_response({"error": {"code": code.value, "message": message}}, HTTP_STATUS[code])
+
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v1/ws", "/metrics"})
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into the error envelope; nothing else leaks out."""
+    try:
+        if request.path not in PUBLIC_PATHS:
+            request["user"] = _authenticate(request)
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.code, exc.message)
+    except (DomainError, Rejected) as exc:
+        return error_response(Code(exc.code), exc.message)
+    except StoreUnavailable as exc:
+        return error_response(Code.UNAVAILABLE, f"event store unavailable: {exc}")
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(Code.TOO_LARGE, f"request body over {MAX_BODY_BYTES} bytes")
+    except web.HTTPNotFound:
+        return error_response(Code.NOT_FOUND, f"no route {request.method} {request.path}")
+    except web.HTTPMethodNotAllowed:
+        return error_response(Code.BAD_REQUEST, f"{request.method} not allowed here")
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(Code.INTERNAL, "internal error")
+
+
+def _authenticate(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(Code.UNAUTHORIZED, "send Authorization: Bearer <token>")
+    try:
+        return verify_token(request.app["secret"], token.strip())
+    except BadToken as exc:
+        raise ApiError(Code.UNAUTHORIZED, str(exc)) from None
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(Code.BAD_REQUEST, f"body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(Code.BAD_REQUEST, "body must be a JSON object")
+    return body
+
+
+def _doc_id(request: web.Request) -> UUID:
+    try:
+        return UUID(request.match_info["id"])
+    except ValueError:
+        raise ApiError(Code.NOT_FOUND, "no such document") from None
+
+
+def _int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(Code.BAD_REQUEST, f"{name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise ApiError(Code.BAD_REQUEST, f"{name} must be in {lo}..{hi}")
+    return value
+
+
+async def readable_room(request: web.Request) -> Room:
+    """The room of the document in the path, if the caller may read it (else 404)."""
+    rooms: Rooms = request.app["rooms"]
+    room = await rooms.get(_doc_id(request))
+    if room is None or not room.doc.can_read(request["user"]):
+        raise ApiError(Code.NOT_FOUND, "no such document")
+    return room
+
+
+async def _run(room: Room, user: str, command: Callable[[Document], Any]) -> Any:
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    room.submit(Submission(kind="command", by=user, future=fut, command=command))
+    return await fut
+
+
+# -- handlers ------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: the process is up."""
+    return json_response({"status": "ok"})
+
+
+async def create_document(request: web.Request) -> web.Response:
+    """``POST /v1/documents {"title", "text"?}`` -> 201 with the document at version 0."""
+    body = await _body(request)
+    title, text = body.get("title"), body.get("text", "")
+    if not isinstance(title, str):
+        raise ApiError(Code.BAD_REQUEST, "'title' must be a string")
+    if not isinstance(text, str):
+        raise ApiError(Code.BAD_REQUEST, "'text' must be a string")
+    user = request["user"]
+    doc = Document.create(title=title, text=text, owner=user)
+    rooms: Rooms = request.app["rooms"]
+    await rooms.create(doc, user)
+    room = rooms.peek(doc.id)
+    assert room is not None
+    return json_response(room.snapshot.as_json(), status=201)
+
+
+async def get_document(request: web.Request) -> web.Response:
+    """``GET /v1/documents/{id}``: the committed text and version."""
+    room = await readable_room(request)
+    return json_response(room.snapshot.as_json())
+
+
+async def post_op(request: web.Request) -> web.Response:
+    """``POST /v1/documents/{id}/ops {"v", "op", "client"?, "seq"?}`` -> ``{"v"}``."""
+    room = await readable_room(request)
+    body = await _body(request)
+    v, op = body.get("v"), body.get("op")
+    client, seq = body.get("client"), body.get("seq")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ApiError(Code.BAD_REQUEST, "'v' must be an integer")
+    if (client is None) != (seq is None) or (
+        client is not None and (not isinstance(client, str) or not isinstance(seq, int))
+    ):
+        raise ApiError(Code.BAD_REQUEST, "'client' (string) and 'seq' (integer) go together")
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    room.submit(
+        Submission(
+            kind="edit", by=request["user"], future=fut, base=v, op=op, client=client, seq=seq
+        )
+    )
+    return json_response({"v": await fut})
+
+
+async def list_ops(request: web.Request) -> web.Response:
+    """``GET /v1/documents/{id}/ops?from=K&limit=L``: ops with v > K, from the store."""
+    room = await readable_room(request)
+    start = _int_query(request, "from", 0, 0, 1 << 62)
+    limit = _int_query(request, "limit", 100, 1, MAX_OPS_PAGE)
+    store = request.app["rooms"].store
+    loop = asyncio.get_running_loop()
+    edits = await loop.run_in_executor(store.reader, store.edits_after, room.id, start, limit)
+    ops = []
+    for e in edits:
+        at = iso_time(e.timestamp.timestamp())
+        item: dict[str, Any] = {"v": e.v, "op": e.op, "by": e.by, "at": at}
+        if e.client is not None:
+            item["client"] = e.client
+            item["seq"] = e.seq
+        ops.append(item)
+    return json_response({"ops": ops})
+
+
+async def add_member(request: web.Request) -> web.Response:
+    """``POST /v1/documents/{id}/members {"user", "role"}`` (owner only)."""
+    room = await readable_room(request)
+    body = await _body(request)
+    user, role = body.get("user"), body.get("role")
+    if not isinstance(user, str) or not isinstance(role, str):
+        raise ApiError(Code.BAD_REQUEST, "'user' and 'role' must be strings")
+    by = request["user"]
+    await _run(room, by, lambda d: d.add_member(user, role, by))
+    return json_response({"user": user, "role": role}, status=201)
+
+
+async def remove_member(request: web.Request) -> web.Response:
+    """``DELETE /v1/documents/{id}/members/{user}`` (owner only)."""
+    room = await readable_room(request)
+    user = request.match_info["user"]
+    by = request["user"]
+    await _run(room, by, lambda d: d.remove_member(user, by))
+    return web.Response(status=204)
+
+
+async def list_members(request: web.Request) -> web.Response:
+    """``GET /v1/documents/{id}/members``: every member with a role."""
+    room = await readable_room(request)
+    items = [{"user": u, "role": r} for u, r in sorted(room.doc.members.items())]
+    return json_response({"members": items})
+
+
+async def rename_document(request: web.Request) -> web.Response:
+    """``PATCH /v1/documents/{id} {"title"}`` (owner and editors)."""
+    room = await readable_room(request)
+    body = await _body(request)
+    title = body.get("title")
+    if not isinstance(title, str):
+        raise ApiError(Code.BAD_REQUEST, "'title' must be a string")
+    by = request["user"]
+    await _run(room, by, lambda d: d.rename(title, by))
+    return json_response(room.snapshot.as_json())
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the routes of this module."""
+    app.router.add_get("/healthz", healthz)
+    app.router.add_post("/v1/documents", create_document)
+    app.router.add_get("/v1/documents/{id}", get_document)
+    app.router.add_patch("/v1/documents/{id}", rename_document)
+    app.router.add_post("/v1/documents/{id}/ops", post_op)
+    app.router.add_get("/v1/documents/{id}/ops", list_ops)
+    app.router.add_get("/v1/documents/{id}/members", list_members)
+    app.router.add_post("/v1/documents/{id}/members", add_member)
+    app.router.add_delete("/v1/documents/{id}/members/{user}", remove_member)

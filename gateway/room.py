@@ -1,0 +1,468 @@
+"""A room: one open document in this process, its pending submissions and its subscribers.
+
+The room is a state machine driven by the committer, all on the event loop, never awaiting:
+
+1. ``submit`` queues a submission (an edit, or a command such as a rename) in ``inbox``.
+2. ``prepare`` (committer, before a commit) checks and transforms every queued edit against
+   the ops since its base version, applies it to the aggregate and returns the new events.
+   The aggregate then holds *tentative* state; ``snapshot`` still holds the committed one.
+3. After the store committed the batch, ``committed`` acks and broadcasts in version order;
+   after a version conflict, ``conflicted`` drops the tentative state and re-queues the
+   submissions (they are transformed again once the room has read what it missed).
+
+Ordering promise per subscriber: ops in version order, and every op with ``v < M`` before
+the ack of version ``M``. A subscriber that is catching up from the store buffers live
+messages until its catch-up has been sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+from uuid import UUID
+
+from domain import ot
+from domain.document import Document
+from domain.errors import BadVersion, DomainError, NotFound, TooLarge
+from schema.codes import Code
+from schema.frames import Encoded
+
+MAX_DOCUMENT_CHARS = 8 << 20
+"""Longest text a document may reach (code points); longer results get ``too_large``."""
+HISTORY_WINDOW = 2000
+"""Committed ops kept in memory per room for transforms and catch-up."""
+
+
+class Subscriber(Protocol):
+    """What a room needs of a session: a place to put encoded messages, in order."""
+
+    def deliver(self, msg: Encoded) -> None:
+        """Queue ``msg`` for sending; never blocks."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpRecord:
+    """A committed (or tentative) op as the room keeps it."""
+
+    v: int
+    op: ot.Op
+    by: str
+    client: str | None
+    seq: int | None
+    at: float
+    len_after: int
+
+    def entry(self) -> dict[str, Any]:
+        """The op as it appears in an ``ops`` message."""
+        out: dict[str, Any] = {"v": self.v, "op": self.op, "by": self.by}
+        if self.client is not None:
+            out["client"] = self.client
+            out["seq"] = self.seq
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The committed state of a document: what readers and new subscribers see."""
+
+    id: UUID
+    title: str
+    text: str
+    v: int
+    owner: str
+    created_at: float
+    updated_at: float
+
+    def as_json(self) -> dict[str, Any]:
+        """The HTTP representation."""
+        return {
+            "id": str(self.id),
+            "title": self.title,
+            "text": self.text,
+            "version": self.v,
+            "owner": self.owner,
+            "created_at": iso_time(self.created_at),
+            "updated_at": iso_time(self.updated_at),
+        }
+
+
+def iso_time(ts: float) -> str:
+    """A UTC timestamp (seconds) as ISO 8601 with microseconds and Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1e6) % 1000000:06d}Z"
+
+
+@dataclass(slots=True, eq=False)
+class Submission:
+    """One request to change a document, resolved through ``future``.
+
+    ``kind`` is ``edit`` (``op`` made on version ``base``) or ``command`` (``command`` is
+    called with the aggregate and may trigger events). ``session`` is the submitting
+    WebSocket session, whose ack then travels in its ordered stream.
+    """
+
+    kind: str
+    by: str
+    future: asyncio.Future[Any]
+    base: int = 0
+    op: Any = None
+    client: str | None = None
+    seq: int | None = None
+    session: Subscriber | None = None
+    command: Callable[[Document], Any] | None = None
+    result: Any = None
+    dup_of: int | None = None
+
+    def fail(self, code: Code, message: str) -> None:
+        """Resolve with an error (never after an ack)."""
+        if not self.future.done():
+            self.future.set_exception(Rejected(code, message))
+
+
+class Rejected(Exception):
+    """A submission the room did not accept; ``code`` is what the client sees."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class State(Enum):
+    """A room's life: READY takes part in commits; STALE must re-read the store first."""
+
+    READY = "ready"
+    STALE = "stale"
+
+
+@dataclass(slots=True, eq=False)
+class Member:
+    """A subscriber's place in the room; buffers while its catch-up is being read."""
+
+    session: Subscriber
+    ready: bool = True
+    buffer: list[Encoded] = field(default_factory=list)
+
+    def send(self, msg: Encoded) -> None:
+        """Deliver now, or after the catch-up when still catching up."""
+        if self.ready:
+            self.session.deliver(msg)
+        else:
+            self.buffer.append(msg)
+
+    def release(self) -> None:
+        """Catch-up sent: flush what arrived meanwhile, in order."""
+        self.ready = True
+        for msg in self.buffer:
+            self.session.deliver(msg)
+        self.buffer.clear()
+
+
+class Room:
+    """One document's in-memory state. Only the committer calls prepare/committed/etc."""
+
+    def __init__(self, doc: Document, on_dirty: Callable[[Room], None]) -> None:
+        self.id: UUID = doc.id
+        self.doc = doc
+        self._on_dirty = on_dirty
+        self.state = State.READY
+        self.inbox: list[Submission] = []
+        self.inflight: list[Submission] = []
+        self.parked: list[Submission] = []
+        self.members: dict[Subscriber, Member] = {}
+        self.history: list[OpRecord] = []
+        self.first_v = doc.doc_version + 1
+        self.base_len = len(doc.text)
+        self.snapshot = self._snap()
+        self.last_used = time.monotonic()
+        self._fresh: list[OpRecord] = []
+        self._inflight_keys: dict[tuple[str, int], Submission] = {}
+        self.presence: dict[Subscriber, dict[str, Any]] = {}
+
+    # -- what sessions and handlers call -----------------------------------------------
+
+    def submit(self, sub: Submission) -> None:
+        """Queue a submission for the next commit."""
+        self.inbox.append(sub)
+        self.last_used = time.monotonic()
+        self._on_dirty(self)
+
+    def subscribe(self, session: Subscriber) -> Member:
+        """Register ``session``; it receives every op committed after ``snapshot.v``."""
+        member = self.members.get(session)
+        if member is None:
+            member = self.members[session] = Member(session)
+        self.last_used = time.monotonic()
+        return member
+
+    def unsubscribe(self, session: Subscriber) -> None:
+        """Stop sending to ``session`` and clear its presence."""
+        self.members.pop(session, None)
+        held = self.presence.get(session)
+        if held is not None:
+            self.set_presence(session, held["session"], held["user"], None)
+        self.last_used = time.monotonic()
+
+    def set_presence(self, session: Subscriber, sid: str, user: str, data: Any) -> None:
+        """Record ``session``'s presence (None clears) and tell every other member."""
+        msg = {"t": "presence", "doc": str(self.id), "session": sid, "user": user, "data": data}
+        if data is None:
+            if self.presence.pop(session, None) is None:
+                return
+        else:
+            self.presence[session] = msg
+        enc = Encoded(msg)
+        for other, member in self.members.items():
+            if other is not session:
+                member.send(enc)
+
+    def send_presence_to(self, session: Subscriber) -> None:
+        """Send ``session`` the presence of everyone else here (after its snapshot)."""
+        member = self.members.get(session)
+        if member is None:
+            return
+        for other, msg in self.presence.items():
+            if other is not session:
+                member.send(Encoded(msg))
+
+    def ops_since(self, v: int) -> list[OpRecord] | None:
+        """Committed ops after ``v`` from memory, or None if the window does not reach."""
+        if v < self.first_v - 1:
+            return None
+        start = v - self.first_v + 1
+        return [r for r in self.history[start:] if r.v <= self.snapshot.v]
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing in flight and nobody subscribed."""
+        return not (self.inbox or self.inflight or self.parked or self.members)
+
+    # -- the committer's side -------------------------------------------------------------
+
+    def prepare(self) -> list[Any]:
+        """Check, transform and apply every queued submission; return the new events."""
+        queue, self.inbox = self.inbox, []
+        for sub in queue:
+            try:
+                if sub.kind == "edit":
+                    self._prepare_edit(sub)
+                elif sub.command is not None:
+                    sub.result = sub.command(self.doc)
+            except DomainError as exc:
+                sub.fail(exc.code, exc.message)
+                continue
+            if sub.kind == "parked":
+                continue
+            self.inflight.append(sub)
+        return list(self.doc.collect_events())
+
+    def committed(self) -> None:
+        """The batch is durable: advance the snapshot, ack and broadcast in order."""
+        fresh, self._fresh = self._fresh, []
+        inflight, self.inflight = self.inflight, []
+        self._inflight_keys.clear()
+        self.snapshot = self._snap()
+        self._broadcast(fresh, inflight)
+        for sub in inflight:
+            if not sub.future.done():
+                sub.future.set_result(sub.result)
+        self._trim()
+
+    def conflicted(self) -> None:
+        """Another writer was first: drop tentative state, keep the submissions queued."""
+        self._drop_tentative()
+        self.inbox[:0] = self.inflight
+        self.inflight = []
+        self.state = State.STALE
+
+    def unavailable(self, code: Code, message: str) -> None:
+        """The store failed: refuse what was in flight (never acked) and re-read later."""
+        self._drop_tentative()
+        for sub in self.inflight:
+            sub.fail(code, message)
+        self.inflight = []
+        self.state = State.STALE
+
+    def refreshed(self, doc: Document, missed: list[Document.Edited]) -> None:
+        """Install the state re-read from the store and deliver the ops others wrote."""
+        prev_len = self.snapshot_len()
+        records = []
+        for e in missed:
+            if e.v <= self.snapshot.v:
+                continue
+            prev_len = ot.target_length(e.op, prev_len)
+            records.append(_record(e, prev_len))
+        self.doc = doc
+        self.history.extend(records)
+        if not self.history:
+            self.first_v = doc.doc_version + 1
+            self.base_len = len(doc.text)
+        self.snapshot = self._snap()
+        self._broadcast(records, [])
+        self.state = State.READY
+        if self.inbox:
+            self._on_dirty(self)
+
+    def snapshot_len(self) -> int:
+        """Length of the committed text."""
+        return len(self.snapshot.text)
+
+    def add_older(self, edits: list[Document.Edited]) -> None:
+        """Prepend committed ops read from the store so that old bases can be transformed."""
+        older = [e for e in edits if e.v < self.first_v]
+        if not older or older[-1].v != self.first_v - 1:
+            return
+        lengths: list[int] = []
+        length = self.base_len
+        for e in reversed(older):  # walk back from the known length at first_v - 1
+            lengths.append(length)
+            length = _base_length_before(e.op, length)
+        lengths.reverse()
+        self.history[:0] = [_record(e, n) for e, n in zip(older, lengths, strict=True)]
+        self.first_v = older[0].v
+        self.base_len = length
+        for sub in self.parked:
+            sub.kind = "edit"
+        self.inbox[:0] = self.parked
+        self.parked = []
+        if self.inbox:
+            self._on_dirty(self)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _prepare_edit(self, sub: Submission) -> None:
+        doc = self.doc
+        doc.require_write(sub.by)
+        if sub.client is not None and sub.seq is not None:
+            done = doc.committed_seq(sub.client, sub.seq)
+            if done is None:
+                done = self._find_seq(sub.client, sub.seq)
+            if done is not None:
+                sub.dup_of = done
+                sub.result = done
+                return
+            twin = self._inflight_keys.get((sub.client, sub.seq))
+            if twin is not None:
+                sub.dup_of = doc.doc_version
+                sub.result = twin.result
+                return
+        cur = doc.doc_version
+        if sub.base < 0 or sub.base > cur:
+            raise BadVersion(f"base version {sub.base} is not in 0..{cur}")
+        if sub.base < self.first_v - 1:
+            sub.kind = "parked"
+            self.parked.append(sub)
+            return
+        op = ot.validate(sub.op, self._len_at(sub.base))
+        for rec in self.history[sub.base - self.first_v + 1 :]:
+            op = ot.transform(op, rec.op, "left")
+        if ot.target_length(op, len(doc.text)) > MAX_DOCUMENT_CHARS:
+            raise TooLarge(f"the document would exceed {MAX_DOCUMENT_CHARS} characters")
+        v = doc.edit(op, sub.by, sub.client, sub.seq)
+        rec = OpRecord(v, op, sub.by, sub.client, sub.seq, time.time(), len(doc.text))
+        self.history.append(rec)
+        self._fresh.append(rec)
+        sub.result = v
+        if sub.client is not None and sub.seq is not None:
+            self._inflight_keys[(sub.client, sub.seq)] = sub
+
+    def _find_seq(self, client: str, seq: int) -> int | None:
+        for rec in reversed(self.history):
+            if rec.client == client and rec.seq == seq and rec.v <= self.snapshot.v:
+                return rec.v
+        return None
+
+    def _len_at(self, v: int) -> int:
+        if v == self.doc.doc_version:
+            return len(self.doc.text)
+        if v == self.first_v - 1:
+            return self.base_len
+        return self.history[v - self.first_v].len_after
+
+    def _drop_tentative(self) -> None:
+        committed_v = self.snapshot.v
+        while self.history and self.history[-1].v > committed_v:
+            self.history.pop()
+        self._fresh = []
+        self._inflight_keys.clear()
+
+    def _trim(self) -> None:
+        extra = len(self.history) - HISTORY_WINDOW
+        if extra > HISTORY_WINDOW // 2:
+            self.base_len = self.history[extra - 1].len_after
+            del self.history[:extra]
+            self.first_v = self.history[0].v
+
+    def _snap(self) -> Snapshot:
+        d = self.doc
+        return Snapshot(
+            id=d.id,
+            title=d.title,
+            text=d.text,
+            v=d.doc_version,
+            owner=d.owner,
+            created_at=d.created_at.timestamp(),
+            updated_at=d.updated_at.timestamp(),
+        )
+
+    def _broadcast(self, records: list[OpRecord], inflight: list[Submission]) -> None:
+        """Send ``records`` to every member; a submitter gets its ack in place of its op."""
+        doc = str(self.id)
+        own: dict[Subscriber, list[Submission]] = {}
+        for sub in inflight:
+            if sub.session is not None and sub.session in self.members:
+                own.setdefault(sub.session, []).append(sub)
+        shared = Encoded({"t": "ops", "doc": doc, "ops": [r.entry() for r in records]})
+        for session, member in self.members.items():
+            mine = own.get(session)
+            if mine is None:
+                if records:
+                    member.send(shared)
+                continue
+            for msg in _ordered_for(doc, records, mine):
+                member.send(msg)
+
+
+def _ordered_for(doc: str, records: list[OpRecord], mine: list[Submission]) -> list[Encoded]:
+    """Messages for a member that submitted ``mine``: ops and acks interleaved by version."""
+    acks = {sub.result: sub for sub in mine if sub.dup_of is None}
+    out: list[Encoded] = []
+    run: list[dict[str, Any]] = []
+    for rec in records:
+        sub = acks.get(rec.v)
+        if sub is None:
+            run.append(rec.entry())
+            continue
+        if run:
+            out.append(Encoded({"t": "ops", "doc": doc, "ops": run}))
+            run = []
+        out.append(Encoded({"t": "ack", "doc": doc, "seq": sub.seq, "v": rec.v}))
+    if run:
+        out.append(Encoded({"t": "ops", "doc": doc, "ops": run}))
+    for sub in mine:
+        if sub.dup_of is not None:
+            out.append(Encoded({"t": "ack", "doc": doc, "seq": sub.seq, "v": sub.result}))
+    return out
+
+
+def _record(e: Document.Edited, len_after: int) -> OpRecord:
+    return OpRecord(e.v, e.op, e.by, e.client, e.seq, e.timestamp.timestamp(), len_after)
+
+
+def _base_length_before(op: ot.Op, length_after: int) -> int:
+    """Length of the text an op applied to, given the length it produced."""
+    return length_after - ot.inserted_chars(op) + ot.deleted_chars(op)
+
+
+__all__ = [
+    "MAX_DOCUMENT_CHARS",
+    "NotFound",
+    "OpRecord",
+    "Rejected",
+    "Room",
+    "Snapshot",
+    "Submission",
+]

@@ -1,0 +1,174 @@
+"""The rooms of this process: load on first use, re-read after conflicts, evict when idle.
+
+Loading runs on the store's reader threads; concurrent requests for one document share one
+load. A room that went STALE (conflict, store failure) re-reads the store: its aggregate is
+replaced and the ops other writers committed meanwhile are delivered to its subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+from uuid import UUID
+
+from domain.document import Document
+from gateway.committer import Committer
+from gateway.room import Room, State, Submission
+from gateway.store import Store, StoreUnavailable
+from schema.codes import Code
+
+log = logging.getLogger(__name__)
+
+IDLE_SECONDS = 120.0
+"""A room with nobody subscribed and nothing pending is dropped after this long."""
+REFRESH_BACKOFF = 0.5
+"""Least time between two re-reads of one stale room when the store keeps failing."""
+
+
+class Rooms:
+    """The registry of open rooms; the one place rooms are created."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.committer = Committer(store, on_stale=self._stale, on_parked=self._parked)
+        self._rooms: dict[UUID, Room] = {}
+        self._loading: dict[UUID, asyncio.Future[Room | None]] = {}
+        self._refreshing: set[UUID] = set()
+        self._last_refresh: dict[UUID, float] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def peek(self, doc_id: UUID) -> Room | None:
+        """The room if it is open in this process, without loading."""
+        return self._rooms.get(doc_id)
+
+    async def get(self, doc_id: UUID) -> Room | None:
+        """The room of ``doc_id``, loading it from the store; None if there is no document."""
+        room = self._rooms.get(doc_id)
+        if room is not None:
+            return room
+        fut = self._loading.get(doc_id)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._loading[doc_id] = fut
+            try:
+                doc = await self._read(self.store.load, doc_id)
+                room = Room(doc, self.committer.mark) if doc is not None else None
+                if room is not None:
+                    self._rooms[doc_id] = room
+                fut.set_result(room)
+            except BaseException as exc:
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: waiters re-raise it themselves
+                raise
+            finally:
+                self._loading.pop(doc_id, None)
+            return room
+        return await asyncio.shield(fut)
+
+    def create(self, doc: Document, by: str) -> asyncio.Future[Any]:
+        """Open a room for a new document and queue its creation; resolves when durable."""
+        room = Room(doc, self.committer.mark)
+        self._rooms[doc.id] = room
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        room.submit(Submission(kind="command", by=by, future=fut, command=lambda d: d.id))
+
+        def forget_on_failure(f: asyncio.Future[Any]) -> None:
+            if (f.cancelled() or f.exception() is not None) and self._rooms.get(doc.id) is room:
+                del self._rooms[doc.id]
+
+        fut.add_done_callback(forget_on_failure)
+        return fut
+
+    async def _read(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.store.reader, fn, *args)
+
+    # -- background work ---------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _stale(self, room: Room) -> None:
+        if room.id not in self._refreshing:
+            self._refreshing.add(room.id)
+            self._spawn(self._refresh(room))
+
+    def _parked(self, room: Room) -> None:
+        self._spawn(self._fetch_older(room))
+
+    async def _refresh(self, room: Room) -> None:
+        try:
+            wait = self._last_refresh.get(room.id, 0.0) + REFRESH_BACKOFF - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._last_refresh[room.id] = time.monotonic()
+            try:
+                doc, missed = await self._read(self._reread, room.id, room.snapshot.v)
+            except StoreUnavailable as exc:
+                for sub in room.inbox:
+                    sub.fail(Code.UNAVAILABLE, f"event store unavailable: {exc}")
+                room.inbox.clear()
+                return
+            if doc is None:
+                for sub in room.inbox:
+                    sub.fail(Code.NOT_FOUND, "no such document")
+                room.inbox.clear()
+                self._rooms.pop(room.id, None)
+                return
+            room.refreshed(doc, missed)
+        finally:
+            self._refreshing.discard(room.id)
+
+    def _reread(self, doc_id: UUID, v: int) -> tuple[Document | None, list[Document.Edited]]:
+        doc = self.store.load(doc_id)
+        if doc is None:
+            return None, []
+        missed = self.store.edits_after(doc_id, v, max(0, doc.doc_version - v))
+        return doc, [e for e in missed if e.v <= doc.doc_version]
+
+    async def _fetch_older(self, room: Room) -> None:
+        try:
+            want = min(sub.base for sub in room.parked) if room.parked else None
+            if want is None:
+                return
+            edits = await self._read(
+                self.store.edits_after, room.id, want, room.first_v - 1 - want
+            )
+            room.add_older(edits)
+        except StoreUnavailable as exc:
+            for sub in room.parked:
+                sub.fail(Code.UNAVAILABLE, f"event store unavailable: {exc}")
+            room.parked.clear()
+
+    async def sweep_forever(self, every: float = 30.0, idle: float = IDLE_SECONDS) -> None:
+        """Drop rooms that have been idle for ``idle`` seconds."""
+        while True:
+            await asyncio.sleep(every)
+            self.sweep(idle)
+
+    def sweep(self, idle: float = IDLE_SECONDS) -> int:
+        """Drop idle rooms now; return how many."""
+        cutoff = time.monotonic() - idle
+        drop = [
+            i
+            for i, r in self._rooms.items()
+            if r.idle and r.state is State.READY and r.last_used < cutoff
+        ]
+        for i in drop:
+            del self._rooms[i]
+        return len(drop)
+
+    async def close(self) -> None:
+        """Cancel background work (after the committer drained)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

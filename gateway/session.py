@@ -1,0 +1,345 @@
+"""One WebSocket connection: parse frames, drive rooms, send batched frames back.
+
+Reading: messages are handled one at a time in arrival order (a ``sub`` is complete before
+the next message of the frame is looked at). A bad message gets an ``error`` and nothing
+else changes: other subscriptions, and every op already accepted, are untouched.
+
+Writing: everything queued for the session between two sends leaves as ONE frame (the
+writer task joins the pre-encoded messages), so a tick's ops and presence for a session are
+one frame. The queue is bounded in bytes: a session that cannot keep up is closed with
+``CLOSE_SLOW_CONSUMER`` and catches up after reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from aiohttp import WSMsgType, web
+
+from gateway.auth import BadToken, verify_token
+from gateway.room import Rejected, Room, Submission
+from gateway.rooms import Rooms
+from schema import frames, messages
+from schema.codes import Code
+from schema.frames import Codec, Encoded
+from schema.messages import MessageError
+
+log = logging.getLogger(__name__)
+
+CLOSE_GOING_AWAY = 1001
+"""Server shutting down: reconnect elsewhere."""
+CLOSE_UNAUTHORIZED = 4001
+"""The hello was refused (bad or missing token)."""
+CLOSE_SLOW_CONSUMER = 4008
+"""The session's send buffer overflowed: reconnect and catch up with ``sub`` + ``v``."""
+CATCH_UP_CHUNK = 1000
+"""Most ops per ``ops`` message of a catch-up."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Per-connection limits (see ``schema/protocol.md``)."""
+
+    max_frame_bytes: int = frames.MAX_FRAME_BYTES
+    max_buffer_bytes: int = 16 << 20
+    max_subscriptions: int = 1000
+
+
+class Session:
+    """A connected client. Rooms call ``deliver``; everything else is internal."""
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        codec: Codec,
+        rooms: Rooms,
+        secret: bytes,
+        limits: SessionLimits,
+    ) -> None:
+        self.ws = ws
+        self.codec = codec
+        self.rooms = rooms
+        self.secret = secret
+        self.limits = limits
+        self.id = secrets.token_hex(8)
+        self.user: str | None = None
+        self.client: str | None = None
+        self.subs: dict[UUID, Room] = {}
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._has_out = asyncio.Event()
+        self._closing = False
+        self._opcode = WSMsgType.BINARY if codec is Codec.MSGPACK else WSMsgType.TEXT
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- the room's side ---------------------------------------------------------------
+
+    def deliver(self, msg: Encoded) -> None:
+        """Queue an encoded message; it leaves with the next frame. Never blocks."""
+        if self._closing:
+            return
+        data = msg.get(self.codec)
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes > self.limits.max_buffer_bytes:
+            self._overflow()
+            return
+        self._has_out.set()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """Queue a message meant for this session only."""
+        self.deliver(Encoded(msg))
+
+    def error(
+        self, code: Code, message: str, doc: str | None = None, seq: int | None = None
+    ) -> None:
+        """Queue an ``error`` message."""
+        self.send(messages.error(code, message, doc, seq))
+
+    # -- driving the connection --------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; always leaves every room."""
+        writer = asyncio.get_running_loop().create_task(self._write_loop())
+        try:
+            async for msg in self.ws:
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    await self._on_frame(msg.data, msg.type)
+                elif msg.type == WSMsgType.ERROR:
+                    break
+                if self._closing:
+                    break
+        finally:
+            self._leave_all()
+            await self._finish(writer)
+
+    async def close(self, code: int, message: str) -> None:
+        """Close the connection with ``code`` after what is queued."""
+        self._closing = True
+        self._has_out.set()
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=code, message=message.encode())
+
+    async def _finish(self, writer: asyncio.Task[None]) -> None:
+        self._closing = True
+        self._has_out.set()
+        try:
+            await asyncio.wait_for(writer, timeout=5)
+        except (TimeoutError, asyncio.CancelledError, Exception):
+            writer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _write_loop(self) -> None:
+        ws = self.ws
+        while True:
+            await self._has_out.wait()
+            self._has_out.clear()
+            if self._out:
+                parts, self._out = self._out, []
+                self._out_bytes = 0
+                try:
+                    await ws.send_frame(frames.join(parts, self.codec), self._opcode)
+                except (ConnectionError, RuntimeError):
+                    self._closing = True
+                    return
+            if self._closing and not self._out:
+                return
+
+    def _overflow(self) -> None:
+        self._out.clear()
+        self._out_bytes = 0
+        self._closing = True
+        self._spawn(self.ws.close(code=CLOSE_SLOW_CONSUMER, message=b"send buffer overflow"))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- messages -------------------------------------------------------------------
+
+    async def _on_frame(self, data: bytes, kind: WSMsgType) -> None:
+        expected = WSMsgType.BINARY if self.codec is Codec.MSGPACK else WSMsgType.TEXT
+        if kind != expected:
+            self.error(Code.BAD_FRAME, f"{self.codec.value} uses {expected.name.lower()} frames")
+            return
+        try:
+            items = frames.decode(data, self.codec, self.limits.max_frame_bytes)
+        except frames.FrameError as exc:
+            self.error(exc.code, exc.message)
+            return
+        for item in items:
+            try:
+                await self._on_message(messages.parse(item))
+            except MessageError as exc:
+                self.error(exc.code, exc.message, exc.doc, exc.seq)
+            if self._closing:
+                return
+
+    async def _on_message(self, msg: messages.Message) -> None:
+        if isinstance(msg, messages.Ping):
+            self.send({"t": "pong"})
+            return
+        if isinstance(msg, messages.Hello):
+            await self._hello(msg)
+            return
+        if self.user is None:
+            raise MessageError(Code.UNAUTHORIZED, "send hello with a token first")
+        if isinstance(msg, messages.OpMsg):
+            self._op(msg)
+        elif isinstance(msg, messages.Sub):
+            await self._sub(msg)
+        elif isinstance(msg, messages.Unsub):
+            self._unsub(msg.doc)
+        elif isinstance(msg, messages.Presence):
+            self._presence(msg)
+
+    async def _hello(self, msg: messages.Hello) -> None:
+        if self.user is not None:
+            raise MessageError(Code.BAD_MESSAGE, "hello was already accepted")
+        try:
+            self.user = verify_token(self.secret, msg.token)
+        except BadToken as exc:
+            self.error(Code.UNAUTHORIZED, str(exc))
+            self._closing = True
+            self._spawn(self.close(CLOSE_UNAUTHORIZED, "unauthorized"))
+            return
+        self.client = msg.client
+        self.send({"t": "welcome", "user": self.user, "session": self.id})
+
+    def _op(self, msg: messages.OpMsg) -> None:
+        doc = str(msg.doc)
+        room = self.subs.get(msg.doc)
+        if room is None:
+            raise MessageError(Code.NOT_SUBSCRIBED, "subscribe to the document first", doc, msg.seq)
+        assert self.user is not None
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        sub = Submission(
+            kind="edit",
+            by=self.user,
+            future=fut,
+            base=msg.v,
+            op=msg.op,
+            client=self.client,
+            seq=msg.seq,
+            session=self,
+        )
+        fut.add_done_callback(lambda f: self._op_done(f, doc, msg.seq))
+        room.submit(sub)
+
+    def _op_done(self, fut: asyncio.Future[Any], doc: str, seq: int) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            return  # the ack travels in the room's ordered broadcast
+        if isinstance(exc, Rejected):
+            self.error(exc.code, exc.message, doc, seq)
+        else:
+            self.error(Code.INTERNAL, "internal error", doc, seq)
+
+    async def _sub(self, msg: messages.Sub) -> None:
+        doc = str(msg.doc)
+        assert self.user is not None
+        if msg.doc not in self.subs and len(self.subs) >= self.limits.max_subscriptions:
+            raise MessageError(Code.TOO_LARGE, "too many subscriptions on one connection", doc)
+        room = await self.rooms.get(msg.doc)
+        if room is None or not room.doc.can_read(self.user):
+            raise MessageError(Code.NOT_FOUND, "no such document", doc)
+        snap = room.snapshot
+        if msg.v is not None and not 0 <= msg.v <= snap.v:
+            raise MessageError(Code.BAD_VERSION, f"v must be in 0..{snap.v}", doc)
+        if msg.doc in self.subs:
+            self.subs[msg.doc].unsubscribe(self)
+        self.subs[msg.doc] = room
+        member = room.subscribe(self)
+        if msg.v is None:
+            self.send(
+                {"t": "snapshot", "doc": doc, "v": snap.v, "text": snap.text, "title": snap.title}
+            )
+        else:
+            records = room.ops_since(msg.v)
+            if records is not None:
+                self.send({"t": "ops", "doc": doc, "ops": [r.entry() for r in records]})
+            else:
+                member.ready = False
+                self._spawn(self._catch_up(room, msg.v, snap.v))
+        room.send_presence_to(self)
+
+    async def _catch_up(self, room: Room, v: int, upto: int) -> None:
+        doc = str(room.id)
+        member = room.members.get(self)
+        try:
+            loop = asyncio.get_running_loop()
+            store = self.rooms.store
+            edits = await loop.run_in_executor(
+                store.reader, store.edits_after, room.id, v, upto - v
+            )
+            entries = [
+                {"v": e.v, "op": e.op, "by": e.by}
+                | ({"client": e.client, "seq": e.seq} if e.client is not None else {})
+                for e in edits
+            ]
+            for i in range(0, max(len(entries), 1), CATCH_UP_CHUNK):
+                self.send({"t": "ops", "doc": doc, "ops": entries[i : i + CATCH_UP_CHUNK]})
+        except Exception as exc:
+            log.warning("catch-up of %s failed: %s", doc, exc)
+            self.error(Code.UNAVAILABLE, "catch-up failed; subscribe again", doc)
+            self._unsub(room.id)
+            return
+        if member is not None and room.members.get(self) is member:
+            member.release()
+
+    def _unsub(self, doc_id: UUID) -> None:
+        room = self.subs.pop(doc_id, None)
+        if room is not None:
+            room.unsubscribe(self)
+
+    def _presence(self, msg: messages.Presence) -> None:
+        room = self.subs.get(msg.doc)
+        if room is None:
+            raise MessageError(Code.NOT_SUBSCRIBED, "subscribe to the document first", str(msg.doc))
+        size = len(frames.encode_one(msg.data, Codec.MSGPACK)) if msg.data is not None else 0
+        if size > messages.MAX_PRESENCE_BYTES:
+            limit = messages.MAX_PRESENCE_BYTES
+            raise MessageError(Code.TOO_LARGE, f"presence data over {limit} bytes", str(msg.doc))
+        assert self.user is not None
+        room.set_presence(self, self.id, self.user, msg.data)
+
+    def _leave_all(self) -> None:
+        for room in self.subs.values():
+            room.unsubscribe(self)
+        self.subs.clear()
+
+
+async def handle_ws(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/ws``: upgrade and serve a session."""
+    app = request.app
+    limits: SessionLimits = app["session_limits"]
+    ws = web.WebSocketResponse(
+        protocols=frames.SUBPROTOCOLS,
+        max_msg_size=frames.HARD_FRAME_BYTES,
+        heartbeat=30.0,
+        decode_text=False,
+        compress=False,
+    )
+    await ws.prepare(request)
+    codec = Codec(ws.ws_protocol) if ws.ws_protocol else Codec.JSON
+    session = Session(ws, codec, app["rooms"], app["secret"], limits)
+    sessions: set[Session] = app["sessions"]
+    sessions.add(session)
+    try:
+        await session.run()
+    finally:
+        sessions.discard(session)
+        if not ws.closed:
+            with contextlib.suppress(Exception):
+                await ws.close()
+    return ws

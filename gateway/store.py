@@ -1,0 +1,213 @@
+"""The event store adapter: the ``eventsourcing`` application over PostgreSQL or SQLite.
+
+Everything here is synchronous (the library has no asyncio API). Callers on the event loop
+go through ``gateway.committer`` (writes, one dedicated thread) or ``Store.reader``
+(reads, a small thread pool); nothing here may be called on the loop itself.
+
+Foreign exceptions are translated once, here: a primary-key clash on
+``(originator_id, originator_version)`` becomes ``VersionConflict``; a lost or refused
+connection becomes ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import (
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    Recording,
+    Transcoder,
+)
+
+from domain.document import Document
+from schema.transcoder import MsgpackTranscoder
+
+APP_NAME = "coscribe"
+"""The application name: tables are ``coscribe_events`` (and later ``*_tracking``)."""
+
+
+class StoreError(Exception):
+    """Base of the store's own errors."""
+
+
+class VersionConflict(StoreError):
+    """Another writer appended to a document first; ``doc_id`` names it when known."""
+
+    def __init__(self, message: str, doc_id: UUID | None) -> None:
+        super().__init__(message)
+        self.doc_id = doc_id
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached (after the library's own retries)."""
+
+
+_KEY_RE = re.compile(r"\(originator_id, originator_version\)=\(([0-9a-fA-F-]{36}), ")
+
+
+def _conflicting_doc(exc: Exception) -> UUID | None:
+    """The document id named in a primary-key violation message, if it names one."""
+    m = _KEY_RE.search(str(exc))
+    return UUID(m.group(1)) if m else None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Where events live: a ``postgresql://`` URL, or None for SQLite in ``data_dir``."""
+
+    data_dir: Path
+    database_url: str | None = None
+    database_schema: str | None = None
+    pool_size: int = 4
+
+
+def library_env(cfg: StoreConfig) -> dict[str, str]:
+    """The ``eventsourcing`` environment for ``cfg`` (persistence module and connection)."""
+    env: dict[str, str] = {
+        "TRANSCODER_TOPIC": "schema.transcoder:MsgpackTranscoder",
+    }
+    if cfg.database_url:
+        url = urlsplit(cfg.database_url)
+        if url.scheme not in ("postgres", "postgresql"):
+            raise ValueError(f"unsupported database URL scheme {url.scheme!r}")
+        query = parse_qs(url.query)
+        host = query.get("host", [url.hostname or "127.0.0.1"])[0]
+        env.update(
+            PERSISTENCE_MODULE="eventsourcing.postgres",
+            POSTGRES_DBNAME=unquote(url.path.lstrip("/")) or "postgres",
+            POSTGRES_HOST=host,
+            POSTGRES_PORT=str(url.port or 5432),
+            POSTGRES_USER=unquote(url.username or "postgres"),
+            POSTGRES_PASSWORD=unquote(url.password or ""),
+            POSTGRES_POOL_SIZE=str(cfg.pool_size),
+            POSTGRES_MAX_OVERFLOW="2",
+            POSTGRES_CONNECT_TIMEOUT="5",
+            POSTGRES_LOCK_TIMEOUT="5",
+            POSTGRES_PRE_PING="y",
+        )
+        if cfg.database_schema:
+            env["POSTGRES_SCHEMA"] = cfg.database_schema
+    else:
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        env.update(
+            PERSISTENCE_MODULE="eventsourcing.sqlite",
+            SQLITE_DBNAME=str(cfg.data_dir / "events.sqlite"),
+            SQLITE_LOCK_TIMEOUT="10",
+        )
+    return env
+
+
+def ensure_schema(cfg: StoreConfig) -> None:
+    """Create the Postgres schema named in ``cfg`` if it is missing (the library does not)."""
+    if not (cfg.database_url and cfg.database_schema):
+        return
+    import psycopg
+    from psycopg import sql
+
+    conninfo = cfg.database_url
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(
+            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(cfg.database_schema))
+        )
+
+
+class CoscribeApplication(Application[UUID]):
+    """The library application that owns the ``coscribe_events`` table."""
+
+    name = APP_NAME
+
+    def construct_transcoder(self) -> Transcoder:
+        """Msgpack for event state (the library's JSON transcoder is the slow default)."""
+        return MsgpackTranscoder()
+
+
+class Store:
+    """Synchronous access to the events of documents. Thread-safe; never call on the loop.
+
+    ``save`` is one transaction for all the events given, in order: the group commit.
+    """
+
+    def __init__(self, cfg: StoreConfig) -> None:
+        self.cfg = cfg
+        ensure_schema(cfg)
+        self.app = CoscribeApplication(env=library_env(cfg))
+        self.is_postgres = bool(cfg.database_url)
+        self.reader = ThreadPoolExecutor(max_workers=cfg.pool_size, thread_name_prefix="store-read")
+        """Threads for reads, so that loading a document never waits behind a commit."""
+
+    def close(self) -> None:
+        """Release the pool and the threads."""
+        self.reader.shutdown(wait=True, cancel_futures=True)
+        self.app.close()
+
+    # -- writes (the committer's thread) ---------------------------------------------------
+
+    def save(self, events: Sequence[Any]) -> list[Recording[UUID]]:
+        """Append ``events`` in one transaction; raise ``VersionConflict`` on a clash."""
+        try:
+            return self.app.save(*events)
+        except IntegrityError as exc:
+            raise VersionConflict(str(exc), _conflicting_doc(exc)) from exc
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    # -- reads (any thread) -----------------------------------------------------------------
+
+    def load(self, doc_id: UUID) -> Document | None:
+        """The document with every stored event applied, or None if there is none."""
+        try:
+            doc = self.app.repository.get(doc_id)
+        except AggregateNotFoundError:
+            return None
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return doc if isinstance(doc, Document) else None
+
+    def events_after(self, doc_id: UUID, position: int, limit: int | None = None) -> list[Any]:
+        """The document's events with aggregate version > ``position``, in order."""
+        try:
+            return list(self.app.events.get(doc_id, gt=position, limit=limit))
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    def edits_after(self, doc_id: UUID, v: int, limit: int) -> list[Document.Edited]:
+        """Up to ``limit`` ``Edited`` events with document version > ``v``, in order.
+
+        The edit that produced version ``v+1`` has aggregate version at least ``v+2`` (the
+        creation is 1), so reading from position ``v+1`` never misses one.
+        """
+        out: list[Document.Edited] = []
+        position = v + 1
+        page = max(limit, 64)
+        while len(out) < limit:
+            batch = self.events_after(doc_id, position, page)
+            if not batch:
+                break
+            for e in batch:
+                if isinstance(e, Document.Edited) and e.v > v:
+                    out.append(e)
+                    if len(out) == limit:
+                        break
+            position = batch[-1].originator_version
+            if len(batch) < page:
+                break
+        return out
+
+    def iter_edits(self, doc_id: UUID, v: int) -> Iterator[Document.Edited]:
+        """Every edit after version ``v`` (for catch-up that spans many pages)."""
+        while True:
+            page = self.edits_after(doc_id, v, 1000)
+            yield from page
+            if len(page) < 1000:
+                return
+            v = page[-1].v

@@ -1,0 +1,119 @@
+"""Frames of the WebSocket protocol: a frame is a list of message maps, both ways.
+
+Two codecs, chosen per connection by subprotocol (see ``schema/protocol.md``):
+``coscribe.v1.msgpack`` (binary frames) and ``coscribe.v1.json`` (text frames, the default).
+
+Outgoing messages are encoded once and shared: ``Encoded`` caches one encoding per codec, and
+``join`` assembles a frame from already-encoded messages by concatenation (a msgpack array
+header, or JSON brackets and commas). A broadcast to N subscribers costs one encoding per
+codec, not N.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+import msgpack
+import orjson
+
+from schema.codes import Code
+
+MAX_FRAME_BYTES = 1 << 20
+"""Default limit of an incoming frame (1 MiB); larger frames get ``too_large``."""
+HARD_FRAME_BYTES = 16 << 20
+"""Above this the WebSocket layer itself closes the connection (1009)."""
+MAX_MESSAGES_PER_FRAME = 1000
+"""Most messages one incoming frame may carry."""
+
+
+class Codec(StrEnum):
+    """A connection's encoding; the value is the subprotocol name."""
+
+    JSON = "coscribe.v1.json"
+    MSGPACK = "coscribe.v1.msgpack"
+
+
+SUBPROTOCOLS = (Codec.MSGPACK.value, Codec.JSON.value)
+"""Offered subprotocols, preferred first."""
+
+
+class FrameError(Exception):
+    """An incoming frame that cannot be decoded; ``code`` is ``bad_frame`` or ``too_large``."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def decode(data: bytes, codec: Codec, limit: int = MAX_FRAME_BYTES) -> list[Any]:
+    """Decode one incoming frame to its list of messages (each still to be checked).
+
+    Raises ``FrameError``: ``too_large`` over ``limit`` bytes or ``MAX_MESSAGES_PER_FRAME``
+    messages, ``bad_frame`` when it is not valid in its codec or not a list.
+    """
+    if len(data) > limit:
+        raise FrameError(Code.TOO_LARGE, f"frame of {len(data)} bytes is over {limit}")
+    try:
+        if codec is Codec.MSGPACK:
+            value = msgpack.unpackb(data, raw=False, strict_map_key=True, timestamp=0)
+        else:
+            value = orjson.loads(data)
+    except Exception as exc:  # each codec raises its own family; all mean the same here
+        raise FrameError(Code.BAD_FRAME, f"undecodable {codec.name} frame: {exc}") from exc
+    if isinstance(value, dict):
+        value = [value]  # a lone message is accepted as a frame of one (documented)
+    if not isinstance(value, list):
+        raise FrameError(Code.BAD_FRAME, "a frame must be a list of message maps")
+    if len(value) > MAX_MESSAGES_PER_FRAME:
+        raise FrameError(Code.TOO_LARGE, f"more than {MAX_MESSAGES_PER_FRAME} messages")
+    return value
+
+
+def encode_one(msg: Any, codec: Codec) -> bytes:
+    """Encode one message (not a frame) in ``codec``."""
+    if codec is Codec.MSGPACK:
+        return bytes(msgpack.packb(msg, use_bin_type=True))
+    return orjson.dumps(msg)
+
+
+class Encoded:
+    """An outgoing message with its encodings cached: encode once, send to many."""
+
+    __slots__ = ("_json", "_msgpack", "msg")
+
+    def __init__(self, msg: dict[str, Any]) -> None:
+        self.msg = msg
+        self._json: bytes | None = None
+        self._msgpack: bytes | None = None
+
+    def get(self, codec: Codec) -> bytes:
+        """The message in ``codec``, encoded on first use."""
+        if codec is Codec.MSGPACK:
+            if self._msgpack is None:
+                self._msgpack = encode_one(self.msg, codec)
+            return self._msgpack
+        if self._json is None:
+            self._json = encode_one(self.msg, codec)
+        return self._json
+
+
+def _msgpack_array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def join(parts: list[bytes], codec: Codec) -> bytes:
+    """A frame from already-encoded messages: equal to encoding the list of them."""
+    if codec is Codec.MSGPACK:
+        return _msgpack_array_header(len(parts)) + b"".join(parts)
+    return b"[" + b",".join(parts) + b"]"
+
+
+def encode(msgs: list[dict[str, Any]], codec: Codec) -> bytes:
+    """Encode a whole frame at once (for tests and clients)."""
+    return join([encode_one(m, codec) for m in msgs], codec)

@@ -1,0 +1,159 @@
+"""Client-to-server messages: parse an untrusted map into a typed, frozen value.
+
+``parse`` never raises anything but ``MessageError``; the error carries the stable code and,
+when they could be read, the ``doc`` and ``seq`` of the message so that the client can tell
+which of its requests failed. Server-to-client messages are built by the helpers at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from schema.codes import Code
+
+MAX_CLIENT_ID_CHARS = 128
+"""Longest ``client`` id accepted in ``hello``."""
+MAX_PRESENCE_BYTES = 4096
+"""Largest presence ``data`` accepted, encoded (see the presence section of the protocol)."""
+
+
+class MessageError(Exception):
+    """A message that cannot be accepted; sent back as an ``error`` message."""
+
+    def __init__(
+        self, code: Code, message: str, doc: str | None = None, seq: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.doc = doc
+        self.seq = seq
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """``{"t":"hello","token":T,"client":CID?}``: authenticate the connection."""
+
+    token: str
+    client: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Sub:
+    """``{"t":"sub","doc":D,"v":K?}``: snapshot (no ``v``) or catch-up after ``v``."""
+
+    doc: UUID
+    v: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsub:
+    """``{"t":"unsub","doc":D}``."""
+
+    doc: UUID
+
+
+@dataclass(frozen=True, slots=True)
+class OpMsg:
+    """``{"t":"op","doc":D,"v":K,"op":[...],"seq":S}``: ``op`` is still unchecked."""
+
+    doc: UUID
+    v: int
+    op: Any
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """``{"t":"ping"}``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """``{"t":"presence","doc":D,"data":{...}|null}``."""
+
+    doc: UUID
+    data: Any
+
+
+Message = Hello | Sub | Unsub | OpMsg | Ping | Presence
+"""Any parsed client message."""
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _doc(msg: dict[str, Any]) -> UUID:
+    raw = msg.get("doc")
+    if not isinstance(raw, str):
+        raise MessageError(Code.BAD_MESSAGE, "'doc' must be a document id string")
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise MessageError(Code.NOT_FOUND, f"no document {raw[:64]!r}", doc=raw[:64]) from None
+
+
+def parse(msg: Any) -> Message:
+    """Parse one message of a frame; raise ``MessageError`` with the right code."""
+    if not isinstance(msg, dict):
+        raise MessageError(Code.BAD_MESSAGE, "a message must be a map with a type 't'")
+    t = msg.get("t")
+    raw_doc = msg.get("doc") if isinstance(msg.get("doc"), str) else None
+    raw_seq = msg.get("seq") if _int(msg.get("seq")) else None
+    try:
+        if t == "op":
+            doc = _doc(msg)
+            v, seq = msg.get("v"), msg.get("seq")
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+                raise MessageError(Code.BAD_MESSAGE, "'seq' must be an integer >= 0")
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise MessageError(Code.BAD_MESSAGE, "'v' must be an integer")
+            if "op" not in msg:
+                raise MessageError(Code.BAD_MESSAGE, "'op' is missing")
+            return OpMsg(doc=doc, v=v, op=msg["op"], seq=seq)
+        if t == "sub":
+            doc = _doc(msg)
+            v = msg.get("v")
+            if v is not None and not _int(v):
+                raise MessageError(Code.BAD_MESSAGE, "'v' must be an integer when given")
+            return Sub(doc=doc, v=v)
+        if t == "unsub":
+            return Unsub(doc=_doc(msg))
+        if t == "ping":
+            return Ping()
+        if t == "presence":
+            if "data" not in msg:
+                raise MessageError(Code.BAD_MESSAGE, "'data' is missing (null clears)")
+            return Presence(doc=_doc(msg), data=msg["data"])
+        if t == "hello":
+            token, client = msg.get("token"), msg.get("client")
+            if not isinstance(token, str):
+                raise MessageError(Code.UNAUTHORIZED, "'token' must be a string")
+            if client is not None and (
+                not isinstance(client, str) or not client or len(client) > MAX_CLIENT_ID_CHARS
+            ):
+                raise MessageError(
+                    Code.BAD_MESSAGE, f"'client' must be 1..{MAX_CLIENT_ID_CHARS} characters"
+                )
+            return Hello(token=token, client=client)
+    except MessageError as exc:
+        exc.doc = exc.doc or raw_doc
+        exc.seq = exc.seq if exc.seq is not None else raw_seq
+        raise
+    kind = repr(t)[:40]
+    raise MessageError(Code.BAD_MESSAGE, f"unknown message type {kind}", doc=raw_doc, seq=raw_seq)
+
+
+def error(
+    code: Code, message: str, doc: str | None = None, seq: int | None = None
+) -> dict[str, Any]:
+    """The ``error`` message; ``doc`` and ``seq`` only when known."""
+    out: dict[str, Any] = {"t": "error", "code": code.value, "message": message}
+    if doc is not None:
+        out["doc"] = doc
+    if seq is not None:
+        out["seq"] = seq
+    return out
