@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -28,6 +28,8 @@ class Services:
     secret: bytes
     limits: SessionLimits = field(default_factory=SessionLimits)
     close_store: bool = True
+    extensions: list[Callable[[web.Application], None]] = field(default_factory=list)
+    """Called with the app before it starts: add routes, ``cleanup_ctx``, ``on_shutdown``."""
 
 
 def create_app(services: Services) -> web.Application:
@@ -44,6 +46,8 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get("/v1/ws", handle_ws)
     app.cleanup_ctx.append(_background)
     app.on_shutdown.append(_close_sessions)
+    for extend in services.extensions:
+        extend(app)
     return app
 
 

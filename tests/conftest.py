@@ -1,0 +1,86 @@
+"""Shared fixtures: real PostgreSQL and Redis, a fresh schema or key prefix per test.
+
+Set ``COSCRIBE_TEST_DATABASE_URL`` / ``COSCRIBE_TEST_REDIS_URL`` to use other servers.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from gateway.store import Store, StoreConfig
+
+PG_URL = os.environ.get("COSCRIBE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("COSCRIBE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def pg_url() -> str:
+    """The base URL of the test PostgreSQL server."""
+    return PG_URL
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh, empty Postgres schema, dropped (with everything in it) after the test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    try:
+        yield name
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The URL of the test Redis server."""
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key/channel prefix unique to this test."""
+    return f"t{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
+    """A store configuration for each adapter: SQLite in tmp_path, Postgres in a new schema."""
+    if request.param == "sqlite":
+        return StoreConfig(data_dir=tmp_path)
+    schema = request.getfixturevalue("pg_schema")
+    return StoreConfig(data_dir=tmp_path, database_url=PG_URL, database_schema=schema)
+
+
+@pytest.fixture
+def store(store_config: StoreConfig) -> Iterator[Store]:
+    """An open store on each adapter, closed after the test."""
+    s = Store(store_config)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+async def app_client(store_config: StoreConfig) -> AsyncIterator[object]:
+    """An in-process gateway on a free port (each adapter) with an aiohttp test client."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from gateway.app import Services, create_app
+
+    app = create_app(Services(store=Store(store_config), secret=b"test-secret"))
+    client = TestClient(TestServer(app, host="127.0.0.1", port=0))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await client.close()
