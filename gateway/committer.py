@@ -102,7 +102,7 @@ class Committer:
                 self._dirty[room] = None
                 continue
             events = room.prepare()
-            if room.parked:
+            if room.parked or room.lookups:
                 self._on_parked(room)
             if events or room.inflight:
                 batch.append((room, events))
@@ -112,10 +112,14 @@ class Committer:
         if batch:
             await self._commit(batch)
 
-    async def _save(self, events: list[Any]) -> None:
+    async def _save(self, batch: list[tuple[Room, list[Any]]]) -> None:
+        events = [e for _, evs in batch for e in evs]
+        if not events:
+            return
+        client_ops = [row for room, _ in batch for row in room.client_ops()]
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await loop.run_in_executor(self._writer, self.store.save, events)
+        await loop.run_in_executor(self._writer, self.store.save, events, client_ops)
         self.stats.commits += 1
         self.stats.events += len(events)
         self.stats.max_batch = max(self.stats.max_batch, len(events))
@@ -124,10 +128,8 @@ class Committer:
     async def _commit(self, batch: list[tuple[Room, list[Any]]]) -> None:
         pending = batch
         while pending:
-            events = [e for _, evs in pending for e in evs]
             try:
-                if events:
-                    await self._save(events)
+                await self._save(pending)
             except VersionConflict as exc:
                 self.stats.conflicts += 1
                 culprit = next((b for b in pending if b[0].id == exc.doc_id), None)
@@ -152,8 +154,7 @@ class Committer:
         """The store did not say which document clashed: commit room by room."""
         for room, events in pending:
             try:
-                if events:
-                    await self._save(events)
+                await self._save([(room, events)])
             except VersionConflict:
                 self._conflicted(room)
                 continue

@@ -115,6 +115,8 @@ class Submission:
     command: Callable[[Document], Any] | None = None
     result: Any = None
     dup_of: int | None = None
+    looked_up: bool = False
+    """The store was asked whether ``(client, seq)`` was committed; ``dup_of`` has the answer."""
 
     def fail(self, code: Code, message: str) -> None:
         """Resolve with an error (never after an ack)."""
@@ -172,6 +174,7 @@ class Room:
         self.inbox: list[Submission] = []
         self.inflight: list[Submission] = []
         self.parked: list[Submission] = []
+        self.lookups: list[Submission] = []
         self.members: dict[Subscriber, Member] = {}
         self.history: list[OpRecord] = []
         self.first_v = doc.doc_version + 1
@@ -238,7 +241,7 @@ class Room:
     @property
     def idle(self) -> bool:
         """Nothing queued, nothing in flight and nobody subscribed."""
-        return not (self.inbox or self.inflight or self.parked or self.members)
+        return not (self.inbox or self.inflight or self.parked or self.lookups or self.members)
 
     # -- the committer's side -------------------------------------------------------------
 
@@ -254,10 +257,16 @@ class Room:
             except DomainError as exc:
                 sub.fail(exc.code, exc.message)
                 continue
-            if sub.kind == "parked":
+            if sub.kind in ("parked", "lookup"):
                 continue
             self.inflight.append(sub)
         return list(self.doc.collect_events())
+
+    def client_ops(self) -> list[tuple[str, str, int, int]]:
+        """``(doc, client, seq, v)`` of the ops prepared for this commit that carry a client."""
+        doc = str(self.id)
+        return [(doc, r.client, r.seq, r.v) for r in self._fresh if r.client is not None
+                and r.seq is not None]
 
     def committed(self) -> None:
         """The batch is durable: advance the snapshot, ack and broadcast in order."""
@@ -310,6 +319,16 @@ class Room:
         """Length of the committed text."""
         return len(self.snapshot.text)
 
+    def looked_up(self, answers: list[tuple[Submission, int | None]]) -> None:
+        """The store answered whether each parked resend was committed; queue them again."""
+        for sub, v in answers:
+            sub.kind = "edit"
+            sub.looked_up = True
+            sub.dup_of = v
+        self.inbox[:0] = [sub for sub, _ in answers]
+        if self.inbox:
+            self._on_dirty(self)
+
     def add_older(self, edits: list[Document.Edited]) -> None:
         """Prepend committed ops read from the store so that old bases can be transformed."""
         older = [e for e in edits if e.v < self.first_v]
@@ -337,9 +356,17 @@ class Room:
         doc = self.doc
         doc.require_write(sub.by)
         if sub.client is not None and sub.seq is not None:
-            done = doc.committed_seq(sub.client, sub.seq)
-            if done is None:
-                done = self._find_seq(sub.client, sub.seq)
+            if sub.looked_up:
+                done = sub.dup_of
+            else:
+                done = doc.committed_seq(sub.client, sub.seq)
+                last = doc.clients.get(sub.client)
+                if done is None and last is not None and sub.seq < last[0]:
+                    done = self._find_seq(sub.client, sub.seq)
+                    if done is None:  # older than the window: ask the store
+                        sub.kind = "lookup"
+                        self.lookups.append(sub)
+                        return
             if done is not None:
                 sub.dup_of = done
                 sub.result = done

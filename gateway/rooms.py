@@ -134,6 +134,10 @@ class Rooms:
         return doc, [e for e in missed if e.v <= doc.doc_version]
 
     async def _fetch_older(self, room: Room) -> None:
+        if room.lookups:
+            await self._lookup(room)
+        if not room.parked:
+            return
         try:
             want = min(sub.base for sub in room.parked) if room.parked else None
             if want is None:
@@ -146,6 +150,18 @@ class Rooms:
             for sub in room.parked:
                 sub.fail(Code.UNAVAILABLE, f"event store unavailable: {exc}")
             room.parked.clear()
+
+    async def _lookup(self, room: Room) -> None:
+        subs, room.lookups = room.lookups, []
+        try:
+            answers = await self._read(
+                lambda: [(s, self.store.find_client_op(room.id, s.client, s.seq)) for s in subs]
+            )
+        except StoreUnavailable as exc:
+            for sub in subs:
+                sub.fail(Code.UNAVAILABLE, f"event store unavailable: {exc}")
+            return
+        room.looked_up(answers)
 
     async def sweep_forever(self, every: float = 30.0, idle: float = IDLE_SECONDS) -> None:
         """Drop rooms that have been idle for ``idle`` seconds."""

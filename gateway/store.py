@@ -30,6 +30,7 @@ from eventsourcing.persistence import (
 )
 
 from domain.document import Document
+from gateway.recorders import ClientOp, PostgresClientOpsRecorder, SQLiteClientOpsRecorder
 from schema.transcoder import MsgpackTranscoder
 
 APP_NAME = "coscribe"
@@ -52,7 +53,9 @@ class StoreUnavailable(StoreError):
     """The database cannot be reached (after the library's own retries)."""
 
 
-_KEY_RE = re.compile(r"\(originator_id, originator_version\)=\(([0-9a-fA-F-]{36}), ")
+_KEY_RE = re.compile(
+    r"\((?:originator_id, originator_version|doc, client, seq)\)=\(([0-9a-fA-F-]{36}), "
+)
 
 
 def _conflicting_doc(exc: Exception) -> UUID | None:
@@ -94,6 +97,7 @@ def library_env(cfg: StoreConfig) -> dict[str, str]:
             POSTGRES_CONNECT_TIMEOUT="5",
             POSTGRES_LOCK_TIMEOUT="5",
             POSTGRES_PRE_PING="y",
+            APPLICATION_RECORDER_TOPIC="gateway.recorders:PostgresClientOpsRecorder",
         )
         if cfg.database_schema:
             env["POSTGRES_SCHEMA"] = cfg.database_schema
@@ -103,6 +107,7 @@ def library_env(cfg: StoreConfig) -> dict[str, str]:
             PERSISTENCE_MODULE="eventsourcing.sqlite",
             SQLITE_DBNAME=str(cfg.data_dir / "events.sqlite"),
             SQLITE_LOCK_TIMEOUT="10",
+            APPLICATION_RECORDER_TOPIC="gateway.recorders:SQLiteClientOpsRecorder",
         )
     return env
 
@@ -152,10 +157,16 @@ class Store:
 
     # -- writes (the committer's thread) ---------------------------------------------------
 
-    def save(self, events: Sequence[Any]) -> list[Recording[UUID]]:
-        """Append ``events`` in one transaction; raise ``VersionConflict`` on a clash."""
+    def save(
+        self, events: Sequence[Any], client_ops: Sequence[ClientOp] = ()
+    ) -> list[Recording[UUID]]:
+        """Append ``events`` in one transaction; raise ``VersionConflict`` on a clash.
+
+        ``client_ops`` rows are recorded in the same transaction; a ``(doc, client, seq)``
+        that was recorded before is a conflict too.
+        """
         try:
-            return self.app.save(*events)
+            return self.app.save(*events, client_ops=client_ops)
         except IntegrityError as exc:
             raise VersionConflict(str(exc), _conflicting_doc(exc)) from exc
         except (OperationalError, InterfaceError) as exc:
@@ -172,6 +183,15 @@ class Store:
         except (OperationalError, InterfaceError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         return doc if isinstance(doc, Document) else None
+
+    def find_client_op(self, doc_id: UUID, client: str, seq: int) -> int | None:
+        """The version that ``client``'s op ``seq`` on the document produced, if committed."""
+        recorder = self.app.recorder
+        assert isinstance(recorder, (PostgresClientOpsRecorder, SQLiteClientOpsRecorder))
+        try:
+            return recorder.find_client_op(str(doc_id), client, seq)
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
     def events_after(self, doc_id: UUID, position: int, limit: int | None = None) -> list[Any]:
         """The document's events with aggregate version > ``position``, in order."""

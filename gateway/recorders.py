@@ -1,0 +1,101 @@
+"""Application recorders that also record each op's ``(document, client, seq)`` for ever.
+
+The library's recorders, plus one table ``coscribe_client_ops (doc, client, seq, v)`` whose
+primary key makes a client's submission unique in the store for ever. Its rows are written
+in the same transaction as the events (the recorders' ``_insert_events`` hook), from the
+``client_ops`` keyword that ``Store.save`` passes through ``Application.save``. A clash on
+it is an ``IntegrityError`` like a version conflict: the room re-reads and finds the op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor, SQLiteDatastore
+from psycopg import Cursor
+from psycopg.rows import DictRow
+from psycopg.sql import SQL, Identifier
+
+CLIENT_OPS_TABLE = "coscribe_client_ops"
+"""Table of ``(doc, client, seq) -> v``: one row per op submitted with a client id."""
+
+ClientOp = tuple[str, str, int, int]
+"""``(document id, client id, seq, version produced)``."""
+
+
+class PostgresClientOpsRecorder(PostgresApplicationRecorder):
+    """The library's Postgres recorder plus the ``coscribe_client_ops`` table."""
+
+    def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"):
+        super().__init__(datastore, events_table_name=events_table_name)
+        schema = Identifier(self.datastore.schema)
+        table = Identifier(CLIENT_OPS_TABLE)
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {}.{} (doc uuid NOT NULL, client text NOT NULL, "
+                "seq bigint NOT NULL, v bigint NOT NULL, PRIMARY KEY (doc, client, seq))"
+            ).format(schema, table)
+        )
+        self._insert_client_ops = SQL(
+            "INSERT INTO {}.{} (doc, client, seq, v) SELECT * FROM unnest("
+            "%s::uuid[], %s::text[], %s::bigint[], %s::bigint[])"
+        ).format(schema, table)
+        self._select_client_op = SQL(
+            "SELECT v FROM {}.{} WHERE doc = %s AND client = %s AND seq = %s"
+        ).format(schema, table)
+
+    def _insert_events(
+        self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> None:
+        rows: Sequence[ClientOp] = kwargs.get("client_ops") or ()
+        if rows:
+            cols = list(zip(*rows, strict=True))
+            curs.execute(self._insert_client_ops, [list(c) for c in cols], prepare=True)
+        super()._insert_events(curs, stored_events, **kwargs)
+
+    def find_client_op(self, doc: str, client: str, seq: int) -> int | None:
+        """The version the op ``(doc, client, seq)`` produced, or None if never committed."""
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(self._select_client_op, (doc, client, seq))
+            row = curs.fetchone()
+        return None if row is None else int(row["v"])
+
+
+class SQLiteClientOpsRecorder(SQLiteApplicationRecorder):
+    """The library's SQLite recorder plus the ``coscribe_client_ops`` table."""
+
+    def __init__(self, datastore: SQLiteDatastore, events_table_name: str = "stored_events"):
+        super().__init__(datastore, events_table_name)
+
+    def construct_create_table_statements(self) -> list[str]:
+        """The library's tables plus ours."""
+        return [
+            *super().construct_create_table_statements(),
+            f"CREATE TABLE IF NOT EXISTS {CLIENT_OPS_TABLE} (doc TEXT NOT NULL, "
+            "client TEXT NOT NULL, seq INTEGER NOT NULL, v INTEGER NOT NULL, "
+            "PRIMARY KEY (doc, client, seq)) WITHOUT ROWID",
+        ]
+
+    def _insert_events(
+        self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        rows: Sequence[ClientOp] = kwargs.get("client_ops") or ()
+        if rows:
+            c.executemany(
+                f"INSERT INTO {CLIENT_OPS_TABLE} (doc, client, seq, v) VALUES (?, ?, ?, ?)",
+                [(d.replace("-", ""), cl, s, v) for d, cl, s, v in rows],
+            )
+        return super()._insert_events(c, stored_events, **kwargs)
+
+    def find_client_op(self, doc: str, client: str, seq: int) -> int | None:
+        """The version the op ``(doc, client, seq)`` produced, or None if never committed."""
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(
+                f"SELECT v FROM {CLIENT_OPS_TABLE} WHERE doc = ? AND client = ? AND seq = ?",
+                (doc.replace("-", ""), client, seq),
+            )
+            row = c.fetchone()
+        return None if row is None else int(row[0])
