@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway import http
+from gateway.hub import Hub
 from gateway.rooms import Rooms
 from gateway.session import CLOSE_GOING_AWAY, Session, SessionLimits, handle_ws
 from gateway.store import Store
@@ -26,6 +27,7 @@ class Services:
 
     store: Store
     secret: bytes
+    hub: Hub | None = None
     limits: SessionLimits = field(default_factory=SessionLimits)
     close_store: bool = True
     extensions: list[Callable[[web.Application], None]] = field(default_factory=list)
@@ -40,7 +42,7 @@ def create_app(services: Services) -> web.Application:
     app["services"] = services
     app["secret"] = services.secret
     app["session_limits"] = services.limits
-    app["rooms"] = Rooms(services.store)
+    app["rooms"] = Rooms(services.store, services.hub)
     app["sessions"] = set[Session]()
     http.add_routes(app)
     app.router.add_get("/v1/ws", handle_ws)
@@ -53,16 +55,19 @@ def create_app(services: Services) -> web.Application:
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
     rooms: Rooms = app["rooms"]
+    await rooms.start()
     committer = asyncio.create_task(rooms.committer.run(), name="committer")
     sweeper = asyncio.create_task(rooms.sweep_forever(), name="room-sweeper")
+    presence = asyncio.create_task(rooms.presence_forever(), name="presence-liveness")
     yield
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(rooms.committer.drain(), timeout=10)
-    for task in (committer, sweeper):
+    for task in (committer, sweeper, presence):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await rooms.close()
+    await rooms.hub.close()
     rooms.committer.close()
     services: Services = app["services"]
     if services.close_store:

@@ -18,6 +18,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import Recording
 
 from gateway.room import Room, State
 from gateway.store import Store, StoreUnavailable, VersionConflict
@@ -49,11 +52,13 @@ class Committer:
         store: Store,
         on_stale: Callable[[Room], None],
         on_parked: Callable[[Room], None],
+        on_committed: Callable[[list[Recording[UUID]]], None] = lambda recordings: None,
         max_events: int = MAX_EVENTS_PER_COMMIT,
     ) -> None:
         self.store = store
         self._on_stale = on_stale
         self._on_parked = on_parked
+        self._on_committed = on_committed
         self.max_events = max_events
         self._dirty: dict[Room, None] = {}
         self._wake = asyncio.Event()
@@ -119,11 +124,12 @@ class Committer:
         client_ops = [row for room, _ in batch for row in room.client_ops()]
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await loop.run_in_executor(self._writer, self.store.save, events, client_ops)
+        recordings = await loop.run_in_executor(self._writer, self.store.save, events, client_ops)
         self.stats.commits += 1
         self.stats.events += len(events)
         self.stats.max_batch = max(self.stats.max_batch, len(events))
         self.stats.commit_seconds += loop.time() - started
+        self._on_committed(recordings)
 
     async def _commit(self, batch: list[tuple[Room, list[Any]]]) -> None:
         pending = batch

@@ -166,10 +166,21 @@ class Member:
 class Room:
     """One document's in-memory state. Only the committer calls prepare/committed/etc."""
 
-    def __init__(self, doc: Document, on_dirty: Callable[[Room], None]) -> None:
+    def __init__(
+        self,
+        doc: Document,
+        on_dirty: Callable[[Room], None],
+        on_gap: Callable[[Room], None] | None = None,
+        on_presence: Callable[[Room, str, list[Any] | None], None] | None = None,
+    ) -> None:
         self.id: UUID = doc.id
         self.doc = doc
         self._on_dirty = on_dirty
+        self._on_gap = on_gap or (lambda room: None)
+        self._on_presence = on_presence or (lambda room, sid, entry: None)
+        self.position = doc.version
+        """The aggregate version of the committed state (the store's sequence position)."""
+        self._remote: list[Any] = []
         self.state = State.READY
         self.inbox: list[Submission] = []
         self.inflight: list[Submission] = []
@@ -183,7 +194,12 @@ class Room:
         self.last_used = time.monotonic()
         self._fresh: list[OpRecord] = []
         self._inflight_keys: dict[tuple[str, int], Submission] = {}
-        self.presence: dict[Subscriber, dict[str, Any]] = {}
+        self.presence: dict[str, dict[str, Any]] = {}
+        """Session id -> its ``presence`` message, for local and remote sessions."""
+        self.presence_proc: dict[str, str] = {}
+        """Session id -> the process it is connected to (remote sessions only)."""
+        self._local_sids: dict[Subscriber, str] = {}
+        self._presence_out: dict[str, tuple[Subscriber | None, dict[str, Any]]] = {}
 
     # -- what sessions and handlers call -----------------------------------------------
 
@@ -204,32 +220,107 @@ class Room:
     def unsubscribe(self, session: Subscriber) -> None:
         """Stop sending to ``session`` and clear its presence."""
         self.members.pop(session, None)
-        held = self.presence.get(session)
-        if held is not None:
-            self.set_presence(session, held["session"], held["user"], None)
+        sid = self._local_sids.pop(session, None)
+        if sid is not None and sid in self.presence:
+            self.set_presence(session, sid, self.presence[sid]["user"], None)
         self.last_used = time.monotonic()
 
     def set_presence(self, session: Subscriber, sid: str, user: str, data: Any) -> None:
-        """Record ``session``'s presence (None clears) and tell every other member."""
+        """Record a local session's presence (None clears); sent to others this loop turn.
+
+        Coalesced: of several updates from one session in one loop turn only the latest
+        goes out, locally and to other processes.
+        """
         msg = {"t": "presence", "doc": str(self.id), "session": sid, "user": user, "data": data}
         if data is None:
-            if self.presence.pop(session, None) is None:
+            if self.presence.pop(sid, None) is None and sid not in self._presence_out:
+                return
+            self._local_sids.pop(session, None)
+        else:
+            self.presence[sid] = msg
+            self._local_sids[session] = sid
+        self._on_presence(self, sid, None if data is None else [user, data])
+        self._queue_presence(session, sid, msg)
+
+    def remote_presence(self, sid: str, user: str, data: Any, proc: str) -> None:
+        """Presence of a session of another process (None clears)."""
+        msg = {"t": "presence", "doc": str(self.id), "session": sid, "user": user, "data": data}
+        if data is None:
+            self.presence_proc.pop(sid, None)
+            if self.presence.pop(sid, None) is None:
                 return
         else:
-            self.presence[session] = msg
-        enc = Encoded(msg)
-        for other, member in self.members.items():
-            if other is not session:
-                member.send(enc)
+            self.presence[sid] = msg
+            self.presence_proc[sid] = proc
+        self._queue_presence(None, sid, msg)
+
+    def clear_procs(self, dead: set[str]) -> None:
+        """Clear the presence of every session of processes that died."""
+        for sid, proc in list(self.presence_proc.items()):
+            if proc in dead:
+                self.remote_presence(sid, self.presence[sid]["user"], None, proc)
+
+    def _queue_presence(self, origin: Subscriber | None, sid: str, msg: dict[str, Any]) -> None:
+        first = not self._presence_out
+        self._presence_out[sid] = (origin, msg)
+        if first:
+            asyncio.get_running_loop().call_soon(self._flush_presence)
+
+    def _flush_presence(self) -> None:
+        out, self._presence_out = self._presence_out, {}
+        for origin, msg in out.values():
+            enc = Encoded(msg)
+            for session, member in self.members.items():
+                if session is not origin:
+                    member.send(enc)
 
     def send_presence_to(self, session: Subscriber) -> None:
         """Send ``session`` the presence of everyone else here (after its snapshot)."""
         member = self.members.get(session)
         if member is None:
             return
-        for other, msg in self.presence.items():
-            if other is not session:
+        own = self._local_sids.get(session)
+        for sid, msg in self.presence.items():
+            if sid != own:
                 member.send(Encoded(msg))
+
+    # -- events committed by other processes ----------------------------------------------
+
+    def remote_events(self, events: list[Any]) -> None:
+        """Events another process committed (from the hub or read back from the store).
+
+        Applied in position order once nothing of ours is in flight; duplicates are
+        dropped; a gap asks the store for the missing ones (``on_gap``). Subscribers get
+        the edits as ``ops``, exactly once and in version order.
+        """
+        self._remote.extend(events)
+        if not self.inflight and self.state is State.READY:
+            self._apply_remote()
+
+    def _apply_remote(self) -> None:
+        if not self._remote:
+            return
+        pending = sorted(self._remote, key=lambda e: e.originator_version)
+        self._remote = []
+        records: list[OpRecord] = []
+        changed = False
+        for i, e in enumerate(pending):
+            pos = e.originator_version
+            if pos <= self.doc.version:
+                continue
+            if pos != self.doc.version + 1:
+                self._remote = pending[i:]
+                self._on_gap(self)
+                break
+            e.mutate(self.doc)
+            changed = True
+            if isinstance(e, Document.Edited):
+                records.append(_record(e, len(self.doc.text)))
+        if changed:
+            self.history.extend(records)
+            self.snapshot = self._snap()
+            self._broadcast(records, [])
+            self._trim()
 
     def ops_since(self, v: int) -> list[OpRecord] | None:
         """Committed ops after ``v`` from memory, or None if the window does not reach."""
@@ -279,6 +370,7 @@ class Room:
             if not sub.future.done():
                 sub.future.set_result(sub.result)
         self._trim()
+        self._apply_remote()
 
     def conflicted(self) -> None:
         """Another writer was first: drop tentative state, keep the submissions queued."""
@@ -312,6 +404,7 @@ class Room:
         self.snapshot = self._snap()
         self._broadcast(records, [])
         self.state = State.READY
+        self._apply_remote()
         if self.inbox:
             self._on_dirty(self)
 
@@ -425,6 +518,7 @@ class Room:
 
     def _snap(self) -> Snapshot:
         d = self.doc
+        self.position = d.version
         return Snapshot(
             id=d.id,
             title=d.title,

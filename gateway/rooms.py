@@ -14,8 +14,11 @@ import time
 from typing import Any
 from uuid import UUID
 
+from eventsourcing.persistence import Recording, StoredEvent
+
 from domain.document import Document
 from gateway.committer import Committer
+from gateway.hub import Hub, LocalHub
 from gateway.room import Room, State, Submission
 from gateway.store import Store, StoreUnavailable
 from schema.codes import Code
@@ -31,9 +34,13 @@ REFRESH_BACKOFF = 0.5
 class Rooms:
     """The registry of open rooms; the one place rooms are created."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, hub: Hub | None = None) -> None:
         self.store = store
-        self.committer = Committer(store, on_stale=self._stale, on_parked=self._parked)
+        self.hub: Hub = hub or LocalHub()
+        self.committer = Committer(
+            store, on_stale=self._stale, on_parked=self._parked, on_committed=self._published
+        )
+        self._resyncing: set[UUID] = set()
         self._rooms: dict[UUID, Room] = {}
         self._loading: dict[UUID, asyncio.Future[Room | None]] = {}
         self._refreshing: set[UUID] = set()
@@ -57,10 +64,15 @@ class Rooms:
             fut = asyncio.get_running_loop().create_future()
             self._loading[doc_id] = fut
             try:
+                await self.hub.watch(doc_id)  # before reading: nothing falls in between
                 doc = await self._read(self.store.load, doc_id)
-                room = Room(doc, self.committer.mark) if doc is not None else None
+                room = self._new_room(doc) if doc is not None else None
                 if room is not None:
                     self._rooms[doc_id] = room
+                    for sid, (user, data, proc) in (await self.hub.presence_of(doc_id)).items():
+                        room.remote_presence(sid, user, data, proc)
+                else:
+                    self.hub.unwatch(doc_id)
                 fut.set_result(room)
             except BaseException as exc:
                 fut.set_exception(exc)
@@ -73,8 +85,9 @@ class Rooms:
 
     def create(self, doc: Document, by: str) -> asyncio.Future[Any]:
         """Open a room for a new document and queue its creation; resolves when durable."""
-        room = Room(doc, self.committer.mark)
+        room = self._new_room(doc)
         self._rooms[doc.id] = room
+        self._spawn(self.hub.watch(doc.id))
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         room.submit(Submission(kind="command", by=by, future=fut, command=lambda d: d.id))
 
@@ -84,6 +97,90 @@ class Rooms:
 
         fut.add_done_callback(forget_on_failure)
         return fut
+
+    def _new_room(self, doc: Document) -> Room:
+        return Room(doc, self.committer.mark, on_gap=self._gap, on_presence=self._presence)
+
+    # -- the hub's side ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the hub; call before serving."""
+        await self.hub.start(self._on_hub, self._resync_all)
+
+    def _published(self, recordings: list[Recording[UUID]]) -> None:
+        by_doc: dict[UUID, list[list[Any]]] = {}
+        for r in recordings:
+            n = r.notification
+            by_doc.setdefault(n.originator_id, []).append([n.originator_version, n.topic, n.state])
+        for doc_id, events in by_doc.items():
+            self.hub.publish(doc_id, {"k": "e", "p": self.hub.proc, "e": events})
+
+    def _presence(self, room: Room, sid: str, entry: list[Any] | None) -> None:
+        if entry is not None:
+            entry = [*entry, self.hub.proc]
+        self.hub.set_presence(room.id, sid, entry)
+        self.hub.publish(
+            room.id,
+            {
+                "k": "p",
+                "p": self.hub.proc,
+                "s": sid,
+                "u": entry[0] if entry else None,
+                "d": entry[1] if entry else None,
+            },
+        )
+
+    def _on_hub(self, doc_id: UUID, msg: dict[str, Any]) -> None:
+        room = self._rooms.get(doc_id)
+        if room is None:
+            return
+        kind = msg.get("k")
+        try:
+            if kind == "e":
+                mapper = self.store.app.mapper
+                events = [
+                    mapper.to_domain_event(
+                        StoredEvent(originator_id=doc_id, originator_version=pos, topic=t, state=st)
+                    )
+                    for pos, t, st in msg["e"]
+                ]
+                room.remote_events(events)
+            elif kind == "p":
+                room.remote_presence(msg["s"], msg.get("u") or "", msg.get("d"), msg["p"])
+        except Exception:
+            log.exception("dropped a malformed hub message for %s", doc_id)
+            self._gap(room)
+
+    def _gap(self, room: Room) -> None:
+        if room.id not in self._resyncing:
+            self._resyncing.add(room.id)
+            self._spawn(self._resync(room))
+
+    def _resync_all(self) -> None:
+        for room in list(self._rooms.values()):
+            self._gap(room)
+
+    async def _resync(self, room: Room) -> None:
+        """Read the events after the room's position from the store and apply them."""
+        try:
+            events = await self._read(self.store.events_after, room.id, room.position)
+            room.remote_events(events)
+        except StoreUnavailable as exc:
+            log.warning("resync of %s failed: %s", room.id, exc)
+        finally:
+            self._resyncing.discard(room.id)
+
+    async def presence_forever(self, every: float = 3.0) -> None:
+        """Clear presence of sessions whose process died (its liveness key expired)."""
+        while True:
+            await asyncio.sleep(every)
+            procs = {p for r in self._rooms.values() for p in r.presence_proc.values()}
+            if not procs:
+                continue
+            dead = procs - await self.hub.live_procs(procs)
+            if dead:
+                for room in self._rooms.values():
+                    room.clear_procs(dead)
 
     async def _read(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.store.reader, fn, *args)
@@ -179,6 +276,7 @@ class Rooms:
         ]
         for i in drop:
             del self._rooms[i]
+            self.hub.unwatch(i)
         return len(drop)
 
     async def close(self) -> None:

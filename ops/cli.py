@@ -19,7 +19,7 @@ from ops.settings import Settings
 
 def _settings(args: argparse.Namespace) -> Settings:
     names = ("host", "port", "data_dir", "database_url", "database_schema", "redis_url",
-             "secret", "workers", "log_level")
+             "redis_prefix", "secret", "workers", "log_level")
     return Settings.load(overrides={n: getattr(args, n, None) for n in names})
 
 
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--database-url", help="postgresql://... (default: SQLite in data dir)")
     serve.add_argument("--database-schema", help="Postgres schema for the tables (public)")
     serve.add_argument("--redis-url", help="redis://... for fan-out and presence across processes")
+    serve.add_argument("--redis-prefix", help="prefix of Redis keys and channels (coscribe:)")
     serve.add_argument("--workers", type=int, help="processes sharing the port (1)")
     serve.add_argument("--log-level", help="debug, info, warning (info)")
     _add_common(serve)

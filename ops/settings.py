@@ -24,6 +24,7 @@ class Settings:
     database_url: str | None = None
     database_schema: str | None = None
     redis_url: str | None = None
+    redis_prefix: str = "coscribe:"
     secret: str | None = None
     workers: int = 1
     log_level: str = "info"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.app import Services, create_app
+from gateway.hub import Hub, LocalHub
 from gateway.session import SessionLimits
 from gateway.store import Store, StoreConfig
 from ops.settings import Settings
@@ -19,11 +20,21 @@ def store_config(settings: Settings) -> StoreConfig:
     )
 
 
+def build_hub(settings: Settings) -> Hub:
+    """Redis pub/sub when ``redis_url`` is set, else the in-process hub."""
+    if settings.redis_url:
+        from gateway.redis_hub import RedisHub
+
+        return RedisHub(settings.redis_url, prefix=settings.redis_prefix)
+    return LocalHub()
+
+
 def build_app(settings: Settings) -> web.Application:
     """The gateway application with every adapter the settings ask for."""
     store = Store(store_config(settings))
     services = Services(
         store=store,
+        hub=build_hub(settings),
         secret=settings.secret_bytes(),
         limits=SessionLimits(
             max_frame_bytes=settings.max_frame_bytes,
