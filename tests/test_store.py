@@ -1,0 +1,335 @@
+"""The event store on both adapters: append, read back, conflicts, and rooms that recover.
+
+Two ``Store`` objects on one database stand for two gateway processes: each has its own
+connections, and neither sees the other's in-memory state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+from domain import ot
+from domain.document import Document
+from gateway.room import Rejected, Room, Submission
+from gateway.rooms import Rooms
+from gateway.store import Store, StoreConfig, VersionConflict
+from schema.codes import Code
+
+OWNER = "olga"
+
+
+def _saved(store: Store, text: str = "", **members: str) -> Document:
+    """A new document (with ``members`` as user=role) saved through ``store``."""
+    doc = Document.create(title="T", text=text, owner=OWNER)
+    for user, role in members.items():
+        doc.add_member(user, role, by=OWNER)
+    store.save(doc.collect_events())
+    return doc
+
+
+@pytest.fixture
+def other_store(store_config: StoreConfig, store: Store) -> Iterator[Store]:
+    """A second store on the same database as ``store``: another process."""
+    s = Store(store_config)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@contextlib.asynccontextmanager
+async def running(store: Store) -> AsyncIterator[Rooms]:
+    """Rooms over ``store`` with the committer running as a task; drained and closed after."""
+    rooms = Rooms(store)
+    task = asyncio.create_task(rooms.committer.run())
+    try:
+        yield rooms
+    finally:
+        async with asyncio.timeout(10):
+            await rooms.committer.drain()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await rooms.close()
+        rooms.committer.close()
+
+
+def submit(
+    room: Room,
+    op: Any,
+    base: int,
+    by: str = OWNER,
+    client: str | None = None,
+    seq: int | None = None,
+) -> asyncio.Future[Any]:
+    """Queue an edit in ``room``; the future resolves to the version it produced."""
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    room.submit(
+        Submission(kind="edit", by=by, future=fut, base=base, op=op, client=client, seq=seq)
+    )
+    return fut
+
+
+async def result(fut: asyncio.Future[Any]) -> Any:
+    """The future's result, within a few seconds."""
+    async with asyncio.timeout(10):
+        return await fut
+
+
+# -- append and read back --------------------------------------------------------------
+
+
+def test_save_load_and_read_back(store: Store) -> None:
+    """Saved events load back into an equal document; edits read back in version order."""
+    doc = Document.create(title="Tïtle", text="héllo 😀", owner=OWNER)
+    doc.edit([7, " wörld"], by=OWNER, client="c", seq=1)
+    doc.rename("New", by=OWNER)
+    doc.add_member("ed", "editor", by=OWNER)
+    doc.edit([{"d": 1}, "H"], by="ed")
+    doc.edit([13, "!"], by=OWNER, client="c", seq=2)
+    recordings = store.save(doc.collect_events())
+    assert len(recordings) == 6
+
+    loaded = store.load(doc.id)
+    assert loaded is not None
+    assert (loaded.text, loaded.title, loaded.doc_version, loaded.version) == (
+        "Héllo 😀 wörld!",
+        "New",
+        3,
+        6,
+    )
+    assert loaded.members == {OWNER: "owner", "ed": "editor"}
+    assert loaded.clients == {"c": (2, 3)}
+    assert loaded.created_at == doc.created_at
+
+    edits = store.edits_after(doc.id, 0, 100)
+    assert [(e.v, e.op, e.by, e.client, e.seq) for e in edits] == [
+        (1, [7, " wörld"], OWNER, "c", 1),
+        (2, [{"d": 1}, "H"], "ed", None, None),
+        (3, [13, "!"], OWNER, "c", 2),
+    ]
+    assert [e.v for e in store.edits_after(doc.id, 1, 100)] == [2, 3]
+    assert [e.v for e in store.edits_after(doc.id, 0, 2)] == [1, 2]
+    assert store.edits_after(doc.id, 3, 100) == []
+    events = store.events_after(doc.id, 0)
+    assert [e.originator_version for e in events] == [1, 2, 3, 4, 5, 6]
+
+
+def test_load_unknown_document_is_none(store: Store) -> None:
+    """Loading or reading an id that was never saved gives None and no events."""
+    assert store.load(uuid4()) is None
+    assert store.edits_after(uuid4(), 0, 10) == []
+
+
+def test_edits_after_pages_past_other_events(store: Store) -> None:
+    """edits_after skips renames and membership events and spans many store pages."""
+    doc = Document.create(title="T", text="", owner=OWNER)
+    for i in range(150):
+        doc.edit([i, "x"] if i else ["x"], by=OWNER)
+        if i % 2:
+            doc.rename(f"t{i}", by=OWNER)
+    store.save(doc.collect_events())
+    assert [e.v for e in store.edits_after(doc.id, 0, 1000)] == list(range(1, 151))
+    assert [e.v for e in store.edits_after(doc.id, 70, 45)] == list(range(71, 116))
+    assert [e.v for e in store.iter_edits(doc.id, 140)] == list(range(141, 151))
+
+
+def test_one_save_spans_many_documents(store: Store) -> None:
+    """One save commits the events of several documents together."""
+    docs = [Document.create(title=f"d{i}", text="", owner=OWNER) for i in range(5)]
+    for i, d in enumerate(docs):
+        d.edit([str(i)], by=OWNER)
+    store.save([e for d in docs for e in d.collect_events()])
+    for i, d in enumerate(docs):
+        loaded = store.load(d.id)
+        assert loaded is not None
+        assert (loaded.text, loaded.doc_version) == (str(i), 1)
+
+
+# -- conflicts ---------------------------------------------------------------------------
+
+
+def test_second_writer_gets_version_conflict(store: Store, other_store: Store) -> None:
+    """Two processes edit the same loaded version: the second save raises VersionConflict."""
+    doc = _saved(store, "base")
+    mine, theirs = store.load(doc.id), other_store.load(doc.id)
+    assert mine is not None and theirs is not None
+    mine.edit([4, " mine"], by=OWNER)
+    theirs.edit([4, " theirs"], by=OWNER)
+    store.save(mine.collect_events())
+    with pytest.raises(VersionConflict) as info:
+        other_store.save(theirs.collect_events())
+    if store.is_postgres:
+        assert info.value.doc_id == doc.id  # the committer uses it to retry the rest at once
+    else:
+        assert info.value.doc_id in (doc.id, None)
+    loaded = other_store.load(doc.id)
+    assert loaded is not None
+    assert (loaded.text, loaded.doc_version) == ("base mine", 1)
+
+
+def test_conflict_rolls_back_the_whole_save(store: Store, other_store: Store) -> None:
+    """A conflict in one document leaves every other event of that save unwritten."""
+    clash = _saved(store)
+    bystander = _saved(store)
+    first, late = store.load(clash.id), other_store.load(clash.id)
+    fine = other_store.load(bystander.id)
+    assert first is not None and late is not None and fine is not None
+    first.edit(["1"], by=OWNER)
+    store.save(first.collect_events())
+    fine.edit(["ok"], by=OWNER)
+    late.edit(["2"], by=OWNER)
+    with pytest.raises(VersionConflict):
+        other_store.save([*fine.collect_events(), *late.collect_events()])
+    reread = store.load(bystander.id)
+    assert reread is not None
+    assert (reread.text, reread.doc_version) == ("", 0)
+
+
+# -- rooms recover -------------------------------------------------------------------------
+
+
+async def test_two_rooms_on_one_database_converge(store: Store, other_store: Store) -> None:
+    """Concurrent edits through two processes' rooms all commit once, with distinct versions."""
+    rng = random.Random(7)
+    doc = _saved(store)
+    markers = iter(chr(0x4E00 + i) for i in range(10_000))
+    submitted: list[tuple[str, int, str, asyncio.Future[Any]]] = []
+    async with running(store) as a, running(other_store) as b:
+        room_a, room_b = await a.get(doc.id), await b.get(doc.id)
+        assert room_a is not None and room_b is not None
+        seqs = {"a": 0, "b": 0}
+        for _ in range(6):
+            for name, room in (("a", room_a), ("b", room_b)):
+                for _ in range(rng.randint(1, 6)):
+                    snap = room.snapshot
+                    mark = next(markers)
+                    op = ot.normalize([rng.randint(0, len(snap.text)), mark])
+                    seqs[name] += 1
+                    fut = submit(room, op, snap.v, client=name, seq=seqs[name])
+                    submitted.append((name, seqs[name], mark, fut))
+            await asyncio.sleep(rng.choice([0, 0, 0.001, 0.01]))
+        versions = [await result(f) for *_, f in submitted]
+        conflicts = a.committer.stats.conflicts + b.committer.stats.conflicts
+
+    n = len(submitted)
+    assert sorted(versions) == list(range(1, n + 1))
+    assert conflicts >= 1, "the test must exercise the conflict path"
+    final = store.load(doc.id)
+    assert final is not None
+    assert final.doc_version == n
+    # Nothing lost or doubled: every marker exactly once.
+    assert sorted(final.text) == sorted(mark for _, _, mark, _ in submitted)
+    edits = store.edits_after(doc.id, 0, 1000)
+    replayed = ""
+    for e in edits:
+        replayed = ot.apply(replayed, e.op)
+    assert replayed == final.text
+    # Each future resolved with the version of its own op.
+    by_v = {e.v: e for e in edits}
+    for (client, seq, mark, _), v in zip(submitted, versions, strict=True):
+        assert (by_v[v].client, by_v[v].seq) == (client, seq)
+        assert mark in "".join(c for c in by_v[v].op if isinstance(c, str))
+
+
+async def test_late_op_is_transformed_after_conflict(store: Store, other_store: Store) -> None:
+    """An op made on an old version and clashing in the store is transformed like a late op."""
+    doc = _saved(store, "abc")
+    async with running(store) as a, running(other_store) as b:
+        room_a, room_b = await a.get(doc.id), await b.get(doc.id)
+        assert room_a is not None and room_b is not None
+        assert await result(submit(room_a, [3, "X"], 0)) == 1
+        # Room B has not seen v1: its commit clashes, it re-reads and transforms.
+        assert await result(submit(room_b, [3, "Y"], 0)) == 2
+        assert room_b.snapshot.text == "abcYX"  # the late insert at the same place goes first
+    final = store.load(doc.id)
+    assert final is not None
+    assert (final.text, final.doc_version) == ("abcYX", 2)
+
+
+async def test_resend_is_acked_with_original_version(store: Store) -> None:
+    """A resent (client, seq) resolves to its first version and is not applied again."""
+    doc = _saved(store, "")
+    async with running(store) as rooms:
+        room = await rooms.get(doc.id)
+        assert room is not None
+        assert await result(submit(room, ["a"], 0, client="c", seq=1)) == 1
+        assert await result(submit(room, ["a"], 0, client="c", seq=1)) == 1  # latest seq
+        assert await result(submit(room, ["b"], 1, client="c", seq=2)) == 2
+        assert await result(submit(room, ["a"], 0, client="c", seq=1)) == 1  # older seq
+        # The same seq from another client is a different op.
+        assert await result(submit(room, ["z"], 2, client="d", seq=1)) == 3
+        assert (room.snapshot.text, room.snapshot.v) == ("zba", 3)
+    # A fresh process (empty room history) still recognises both seqs.
+    async with running(store) as rooms:
+        room = await rooms.get(doc.id)
+        assert room is not None
+        assert await result(submit(room, ["b"], 1, client="c", seq=2)) == 2
+        assert await result(submit(room, ["a"], 0, client="c", seq=1)) == 1
+        assert (room.snapshot.text, room.snapshot.v) == ("zba", 3)
+    final = store.load(doc.id)
+    assert final is not None
+    assert (final.text, final.doc_version) == ("zba", 3)
+
+
+async def test_resend_twice_in_one_tick_applies_once(store: Store) -> None:
+    """Two copies of one (client, seq) queued together produce one op and the same version."""
+    doc = _saved(store, "")
+    async with running(store) as rooms:
+        room = await rooms.get(doc.id)
+        assert room is not None
+        first = submit(room, ["a"], 0, client="c", seq=1)
+        second = submit(room, ["a"], 0, client="c", seq=1)
+        assert (await result(first), await result(second)) == (1, 1)
+    final = store.load(doc.id)
+    assert final is not None
+    assert (final.text, final.doc_version) == ("a", 1)
+
+
+async def test_resend_to_another_process_is_not_applied_again(
+    store: Store, other_store: Store
+) -> None:
+    """A client that resends to another gateway (stale copy) gets its original version."""
+    doc = _saved(store, "abc")
+    async with running(store) as a, running(other_store) as b:
+        room_a, room_b = await a.get(doc.id), await b.get(doc.id)
+        assert room_a is not None and room_b is not None
+        assert await result(submit(room_a, [3, "!"], 0, client="c", seq=9)) == 1
+        # The connection dropped before the ack; the client resends to process B.
+        assert await result(submit(room_b, [3, "!"], 0, client="c", seq=9)) == 1
+        assert await result(submit(room_b, ["<"], 1, client="c", seq=10)) == 2
+    final = store.load(doc.id)
+    assert final is not None
+    assert (final.text, final.doc_version) == ("<abc!", 2)
+
+
+async def test_room_refuses_bad_submissions_and_keeps_going(store: Store) -> None:
+    """Bad ops, bad versions and viewers are refused with codes; good edits still commit."""
+    doc = _saved(store, "abc", vic="viewer")
+    async with running(store) as rooms:
+        room = await rooms.get(doc.id)
+        assert room is not None
+        bad = [
+            (submit(room, [4, "x"], 0), Code.BAD_OP),
+            (submit(room, [True], 0), Code.BAD_OP),
+            (submit(room, ["x"], -1), Code.BAD_VERSION),
+            (submit(room, ["x"], 1), Code.BAD_VERSION),
+            (submit(room, ["x"], 0, by="vic"), Code.FORBIDDEN),
+            (submit(room, ["x"], 0, by="stan"), Code.NOT_FOUND),
+        ]
+        good = submit(room, ["ok "], 0)
+        for fut, code in bad:
+            with pytest.raises(Rejected) as info:
+                await result(fut)
+            assert info.value.code is code
+        assert await result(good) == 1
+    final = store.load(doc.id)
+    assert final is not None
+    assert (final.text, final.doc_version) == ("ok abc", 1)
