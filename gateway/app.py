@@ -75,6 +75,10 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_sessions(app: web.Application) -> None:
+    """SIGTERM: the listener is already closed; commit what is queued, then say goodbye."""
+    rooms: Rooms = app["rooms"]
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(rooms.committer.drain(), timeout=10)
     sessions: set[Session] = app["sessions"]
     await asyncio.gather(
         *(s.close(CLOSE_GOING_AWAY, "server shutting down") for s in list(sessions)),

@@ -147,6 +147,29 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz``: 200 when the store answers; reports the hub (Redis) too."""
+    rooms: Rooms = request.app["rooms"]
+    store = rooms.store
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(
+            loop.run_in_executor(store.reader, store.app.recorder.max_notification_id), 5
+        )
+        store_ok = True
+    except Exception:
+        store_ok = False
+    hub_ok = rooms.hub.healthy
+    body = {
+        "status": "ok" if store_ok and hub_ok else ("degraded" if store_ok else "unavailable"),
+        "store": store_ok,
+        "hub": hub_ok,
+        "rooms": len(rooms),
+        "sessions": len(request.app["sessions"]),
+    }
+    return json_response(body, status=200 if store_ok else 503)
+
+
 async def create_document(request: web.Request) -> web.Response:
     """``POST /v1/documents {"title", "text"?}`` -> 201 with the document at version 0."""
     body = await _body(request)
@@ -253,6 +276,7 @@ async def rename_document(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     """Register the routes of this module."""
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_post("/v1/documents", create_document)
     app.router.add_get("/v1/documents/{id}", get_document)
     app.router.add_patch("/v1/documents/{id}", rename_document)

@@ -77,6 +77,7 @@ class Session:
         self._closing = False
         self._opcode = WSMsgType.BINARY if codec is Codec.MSGPACK else WSMsgType.TEXT
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._writer: asyncio.Task[None] | None = None
 
     # -- the room's side ---------------------------------------------------------------
 
@@ -106,7 +107,7 @@ class Session:
 
     async def run(self) -> None:
         """Serve the connection until it closes; always leaves every room."""
-        writer = asyncio.get_running_loop().create_task(self._write_loop())
+        writer = self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
             async for msg in self.ws:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -120,9 +121,12 @@ class Session:
             await self._finish(writer)
 
     async def close(self, code: int, message: str) -> None:
-        """Close the connection with ``code`` after what is queued."""
+        """Send what is queued (bounded wait), then close the connection with ``code``."""
         self._closing = True
         self._has_out.set()
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._writer), timeout=2)
         with contextlib.suppress(Exception):
             await self.ws.close(code=code, message=message.encode())
 

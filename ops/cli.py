@@ -9,7 +9,7 @@ import argparse
 import logging
 import multiprocessing
 import os
-import socket
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +28,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secret", help="token signing secret (COSCRIBE_SECRET)")
 
 
-def _serve_one(settings: Settings, sock: socket.socket | None = None) -> None:
+def _serve_one(settings: Settings) -> None:
     from aiohttp import web
 
     from ops.wiring import build_app
@@ -43,12 +43,9 @@ def _serve_one(settings: Settings, sock: socket.socket | None = None) -> None:
     if uvloop is not None:
         uvloop.install()
     app = build_app(settings)
-    if sock is not None:
-        web.run_app(app, sock=sock, print=None, shutdown_timeout=10, handle_signals=True)
-    else:
-        print(f"coscribe serving on http://{settings.host}:{settings.port}", flush=True)
-        web.run_app(app, host=settings.host, port=settings.port, print=None,
-                    shutdown_timeout=10, reuse_port=settings.workers > 1)
+    print(f"coscribe serving on http://{settings.host}:{settings.port}", flush=True)
+    web.run_app(app, host=settings.host, port=settings.port, print=None,
+                shutdown_timeout=10, reuse_port=settings.workers > 1)
 
 
 def _worker(settings: Settings) -> None:
@@ -67,6 +64,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
              for i in range(settings.workers)]
     for p in procs:
         p.start()
+
+    def stop_children(signum: int, frame: Any) -> None:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: each worker drains and closes sessions with 1001
+
+    signal.signal(signal.SIGTERM, stop_children)
     print(f"coscribe serving on http://{settings.host}:{settings.port} "
           f"with {settings.workers} workers", flush=True)
     try:
