@@ -1,0 +1,343 @@
+"""Wire protocol values: frames in both codecs, message parsing, bearer tokens."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+from uuid import UUID, uuid4
+
+import msgpack
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.auth import BadToken, sign_token, verify_token
+from schema import frames, messages
+from schema.codes import HTTP_STATUS, Code
+from schema.frames import Codec, Encoded, FrameError
+from schema.messages import Hello, MessageError, OpMsg, Ping, Presence, Sub, Unsub
+from tests import strategies as gen
+
+PROPERTY = settings(max_examples=200, deadline=None)
+CODECS = st.sampled_from(list(Codec))
+SECRET = b"protocol-secret"
+
+_key = st.text(alphabet=st.characters(codec="utf-8"), max_size=6)
+# Values both codecs carry unchanged: 64-bit ints, finite floats, UTF-8-encodable text.
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=12),
+)
+_values = st.recursive(
+    _scalars,
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=4),
+        st.dictionaries(
+            st.text(alphabet=st.characters(codec="utf-8"), max_size=6), kids, max_size=4
+        ),
+    ),
+    max_leaves=8,
+)
+wire_messages = st.dictionaries(_key, _values, max_size=5).map(lambda m: {"t": "x", **m})
+"""Message maps as servers send them: str keys, a type, JSON- and msgpack-safe values."""
+
+
+def _reference(msgs: list[dict[str, Any]], codec: Codec) -> bytes:
+    """The frame as the codec library itself encodes the list."""
+    if codec is Codec.MSGPACK:
+        return bytes(msgpack.packb(msgs, use_bin_type=True))
+    return orjson.dumps(msgs)
+
+
+# -- frames ------------------------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(msgs=st.lists(wire_messages, max_size=20), codec=CODECS)
+def test_join_of_encoded_messages_equals_encoding_the_list(
+    msgs: list[dict[str, Any]], codec: Codec
+) -> None:
+    """join(encoded parts) is byte-for-byte the codec's encoding of the list, and decodes back."""
+    parts = [Encoded(m).get(codec) for m in msgs]
+    frame = frames.join(parts, codec)
+    assert frame == _reference(msgs, codec) == frames.encode(msgs, codec)
+    assert frames.decode(frame, codec) == msgs
+
+
+@pytest.mark.parametrize("codec", list(Codec))
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 65535, 65536, 70000])
+def test_join_array_headers_at_size_boundaries(codec: Codec, n: int) -> None:
+    """The frame header is right around msgpack's fixarray/array16/array32 boundaries."""
+    msgs = [{"t": "pong"}] * n
+    part = Encoded(msgs[0]).get(codec) if n else b""
+    assert frames.join([part] * n, codec) == _reference(msgs, codec)
+
+
+def test_encoded_caches_one_encoding_per_codec() -> None:
+    """An Encoded message is encoded once per codec and shared."""
+    enc = Encoded({"t": "ops", "doc": "d", "ops": [{"v": 1, "op": ["é"], "by": "u"}]})
+    assert enc.get(Codec.JSON) is enc.get(Codec.JSON)
+    assert enc.get(Codec.MSGPACK) is enc.get(Codec.MSGPACK)
+    assert orjson.loads(enc.get(Codec.JSON)) == msgpack.unpackb(enc.get(Codec.MSGPACK))
+
+
+@pytest.mark.parametrize("codec", list(Codec))
+def test_lone_map_is_a_frame_of_one(codec: Codec) -> None:
+    """A frame that is a single map decodes as a list of that one message."""
+    data = frames.encode_one({"t": "ping"}, codec)
+    assert frames.decode(data, codec) == [{"t": "ping"}]
+
+
+@pytest.mark.parametrize("codec", list(Codec))
+@pytest.mark.parametrize("value", [42, "ping", None, True, 1.5])
+def test_frame_that_is_not_a_list_is_bad_frame(codec: Codec, value: Any) -> None:
+    """A frame holding a scalar is bad_frame."""
+    with pytest.raises(FrameError) as info:
+        frames.decode(frames.encode_one(value, codec), codec)
+    assert info.value.code is Code.BAD_FRAME
+
+
+@pytest.mark.parametrize("codec", list(Codec))
+def test_frame_limits(codec: Codec) -> None:
+    """Over the byte limit or over MAX_MESSAGES_PER_FRAME messages is too_large."""
+    ok = frames.encode([{"t": "ping"}] * frames.MAX_MESSAGES_PER_FRAME, codec)
+    assert len(frames.decode(ok, codec)) == frames.MAX_MESSAGES_PER_FRAME
+    many = frames.encode([{"t": "ping"}] * (frames.MAX_MESSAGES_PER_FRAME + 1), codec)
+    with pytest.raises(FrameError) as info:
+        frames.decode(many, codec)
+    assert info.value.code is Code.TOO_LARGE
+    big = frames.encode([{"t": "ping", "pad": "x" * 100}], codec)
+    assert frames.decode(big, codec, limit=len(big)) == [{"t": "ping", "pad": "x" * 100}]
+    with pytest.raises(FrameError) as info:
+        frames.decode(big, codec, limit=len(big) - 1)
+    assert info.value.code is Code.TOO_LARGE
+    assert frames.MAX_FRAME_BYTES == 1 << 20
+
+
+@PROPERTY
+@given(data=st.binary(max_size=64), codec=CODECS)
+def test_decode_garbage_raises_only_frame_error(data: bytes, codec: Codec) -> None:
+    """Random bytes either decode to a list or raise FrameError bad_frame, nothing else."""
+    try:
+        value = frames.decode(data, codec)
+    except FrameError as exc:
+        assert exc.code is Code.BAD_FRAME
+    else:
+        assert isinstance(value, list)
+
+
+@pytest.mark.parametrize(
+    ("codec", "data"),
+    [
+        (Codec.JSON, b"not json"),
+        (Codec.JSON, b"[{"),
+        (Codec.JSON, b"\xff\xfe"),
+        (Codec.JSON, b""),
+        (Codec.MSGPACK, b"\x92\x80"),  # array of 2 with only 1 element
+        (Codec.MSGPACK, b"\xc1"),  # never-used byte
+        (Codec.MSGPACK, b"\x81\x01\x02"),  # int map key
+        (Codec.MSGPACK, b""),
+    ],
+)
+def test_undecodable_frames_are_bad_frame(codec: Codec, data: bytes) -> None:
+    """Truncated, invalid or non-str-keyed input is bad_frame."""
+    with pytest.raises(FrameError) as info:
+        frames.decode(data, codec)
+    assert info.value.code is Code.BAD_FRAME
+
+
+# -- messages -----------------------------------------------------------------------------
+
+_TYPES = ["hello", "sub", "unsub", "op", "ping", "presence", "welcome", "", "OP", None, 1]
+_fieldish = st.one_of(
+    gen.garbage(),
+    st.uuids().map(str),
+    st.integers(-3, 3),
+    st.sampled_from(["v1.x.y", "", "c" * 129]),
+)
+near_messages = st.fixed_dictionaries(
+    {"t": st.sampled_from(_TYPES)},
+    optional={k: _fieldish for k in ("doc", "v", "seq", "op", "token", "client", "data")},
+)
+"""Message-like maps: a real or bogus type with any subset of fields, valid or not."""
+
+
+@PROPERTY
+@given(msg=st.one_of(gen.garbage(), near_messages))
+def test_parse_raises_only_message_error_with_a_known_code(msg: Any) -> None:
+    """parse on anything returns a typed message or raises MessageError with a Code."""
+    try:
+        parsed = messages.parse(msg)
+    except MessageError as exc:
+        assert isinstance(exc.code, Code)
+        assert exc.code in HTTP_STATUS
+        assert isinstance(exc.message, str) and exc.message
+        assert exc.doc is None or isinstance(exc.doc, str)
+        assert exc.seq is None or (isinstance(exc.seq, int) and not isinstance(exc.seq, bool))
+    else:
+        assert isinstance(parsed, Hello | Sub | Unsub | OpMsg | Ping | Presence)
+
+
+def test_parse_valid_messages() -> None:
+    """Each client message type parses to its value."""
+    d = uuid4()
+    assert messages.parse({"t": "hello", "token": "tok"}) == Hello("tok", None)
+    assert messages.parse({"t": "hello", "token": "tok", "client": "c1"}) == Hello("tok", "c1")
+    assert messages.parse({"t": "sub", "doc": str(d)}) == Sub(d, None)
+    assert messages.parse({"t": "sub", "doc": str(d), "v": 3}) == Sub(d, 3)
+    assert messages.parse({"t": "unsub", "doc": str(d)}) == Unsub(d)
+    op = {"t": "op", "doc": str(d), "v": 0, "op": [1, "x"], "seq": 5}
+    assert messages.parse(op) == OpMsg(d, 0, [1, "x"], 5)
+    assert messages.parse({"t": "ping"}) == Ping()
+    assert messages.parse({"t": "presence", "doc": str(d), "data": None}) == Presence(d, None)
+
+
+def test_parse_keeps_extra_fields_out() -> None:
+    """Unknown extra fields are ignored, not an error."""
+    assert messages.parse({"t": "ping", "x": 1}) == Ping()
+
+
+@pytest.mark.parametrize(
+    ("msg", "code"),
+    [
+        ([], Code.BAD_MESSAGE),
+        ("ping", Code.BAD_MESSAGE),
+        ({}, Code.BAD_MESSAGE),
+        ({"t": "nope"}, Code.BAD_MESSAGE),
+        ({"t": "sub"}, Code.BAD_MESSAGE),
+        ({"t": "sub", "doc": 5}, Code.BAD_MESSAGE),
+        ({"t": "sub", "doc": "not-a-uuid"}, Code.NOT_FOUND),
+        ({"t": "sub", "doc": str(UUID(int=1)), "v": "3"}, Code.BAD_MESSAGE),
+        ({"t": "sub", "doc": str(UUID(int=1)), "v": True}, Code.BAD_MESSAGE),
+        ({"t": "op", "doc": str(UUID(int=1)), "v": 0, "op": []}, Code.BAD_MESSAGE),
+        ({"t": "op", "doc": str(UUID(int=1)), "v": 0, "seq": -1, "op": []}, Code.BAD_MESSAGE),
+        ({"t": "op", "doc": str(UUID(int=1)), "v": 0, "seq": True, "op": []}, Code.BAD_MESSAGE),
+        ({"t": "op", "doc": str(UUID(int=1)), "seq": 1, "op": []}, Code.BAD_MESSAGE),
+        ({"t": "op", "doc": str(UUID(int=1)), "v": 1.0, "seq": 1, "op": []}, Code.BAD_MESSAGE),
+        ({"t": "op", "doc": str(UUID(int=1)), "v": 0, "seq": 1}, Code.BAD_MESSAGE),
+        ({"t": "presence", "doc": str(UUID(int=1))}, Code.BAD_MESSAGE),
+        ({"t": "hello"}, Code.UNAUTHORIZED),
+        ({"t": "hello", "token": 5}, Code.UNAUTHORIZED),
+        ({"t": "hello", "token": "x", "client": ""}, Code.BAD_MESSAGE),
+        ({"t": "hello", "token": "x", "client": "c" * 129}, Code.BAD_MESSAGE),
+    ],
+)
+def test_parse_errors_have_their_codes(msg: Any, code: Code) -> None:
+    """Each kind of malformed message gets its documented code."""
+    with pytest.raises(MessageError) as info:
+        messages.parse(msg)
+    assert info.value.code is code
+
+
+def test_parse_error_names_doc_and_seq_when_readable() -> None:
+    """An error about an op carries the op's doc and seq so the client can match it."""
+    d = str(uuid4())
+    with pytest.raises(MessageError) as info:
+        messages.parse({"t": "op", "doc": d, "seq": 4, "v": "x", "op": []})
+    assert (info.value.doc, info.value.seq) == (d, 4)
+    assert messages.error(Code.BAD_OP, "m", d, 4) == {
+        "t": "error",
+        "code": "bad_op",
+        "message": "m",
+        "doc": d,
+        "seq": 4,
+    }
+    assert messages.error(Code.INTERNAL, "m") == {"t": "error", "code": "internal", "message": "m"}
+
+
+def test_every_code_has_an_http_status() -> None:
+    """The codes table is complete, and codes are stable lowercase strings."""
+    assert set(HTTP_STATUS) == set(Code)
+    for code in Code:
+        assert code.value == code.name.lower()
+        assert 400 <= HTTP_STATUS[code] <= 599
+
+
+# -- tokens -------------------------------------------------------------------------------
+
+
+@PROPERTY
+@given(user=st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=40))
+def test_token_round_trip(user: str) -> None:
+    """A signed token verifies to the user it names."""
+    assert verify_token(SECRET, sign_token(SECRET, user)) == user
+    assert verify_token(SECRET, sign_token(SECRET, user, ttl=60)) == user
+
+
+def _flip(text: str, i: int) -> str:
+    c = text[i]
+    return text[:i] + ("A" if c != "A" else "B") + text[i + 1 :]
+
+
+@PROPERTY
+@given(data=st.data())
+def test_tampered_token_is_refused(data: st.DataObject) -> None:
+    """Changing any character of a token makes it fail verification."""
+    token = sign_token(SECRET, "alice")
+    i = data.draw(st.integers(0, len(token) - 1))
+    tampered = _flip(token, i)
+    try:
+        user = verify_token(SECRET, tampered)
+    except BadToken:
+        return
+    # Changing base64 padding bits can leave the decoded bytes equal; the user must not change.
+    assert user == "alice"
+    sig, original = tampered.split(".")[2], token.split(".")[2]
+    assert base64.urlsafe_b64decode(sig + "==") == base64.urlsafe_b64decode(original + "==")
+
+
+def test_forged_payload_is_refused() -> None:
+    """A token whose payload names another user, keeping the old signature, is refused."""
+    prefix, _, sig = sign_token(SECRET, "alice").split(".")
+    forged = base64.urlsafe_b64encode(orjson.dumps({"u": "root", "iat": 0, "exp": None}))
+    token = f"{prefix}.{forged.rstrip(b'=').decode()}.{sig}"
+    with pytest.raises(BadToken):
+        verify_token(SECRET, token)
+
+
+def test_token_from_another_secret_is_refused() -> None:
+    """A token signed with another secret does not verify."""
+    with pytest.raises(BadToken):
+        verify_token(SECRET, sign_token(b"other", "alice"))
+
+
+def test_expired_token_is_refused() -> None:
+    """A token is valid until its expiry and refused from then on."""
+    token = sign_token(SECRET, "alice", ttl=60)
+    assert verify_token(SECRET, token, now=time.time() + 30) == "alice"
+    with pytest.raises(BadToken, match="expired"):
+        verify_token(SECRET, token, now=time.time() + 61)
+    with pytest.raises(BadToken, match="expired"):
+        verify_token(SECRET, sign_token(SECRET, "alice", ttl=-1))
+
+
+def test_token_without_ttl_does_not_expire() -> None:
+    """A token signed without ttl is accepted far in the future."""
+    token = sign_token(SECRET, "alice")
+    assert verify_token(SECRET, token, now=time.time() + 10 * 365 * 86400) == "alice"
+
+
+@PROPERTY
+@given(token=st.one_of(st.text(max_size=80), st.just("v1." + "a" * 3000)))
+def test_garbage_tokens_raise_only_bad_token(token: str) -> None:
+    """Arbitrary strings (including lone surrogates and huge ones) only ever raise BadToken."""
+    with pytest.raises(BadToken):
+        verify_token(SECRET, token)
+
+
+@pytest.mark.parametrize("token", ["", "v1", "v1..", "v2.e30.e30", "a.b.c.d", "v1.@@.@@"])
+def test_malformed_tokens_are_refused(token: str) -> None:
+    """Structurally wrong tokens are refused."""
+    with pytest.raises(BadToken):
+        verify_token(SECRET, token)
+
+
+def test_sign_refuses_empty_user() -> None:
+    """A token must name someone."""
+    with pytest.raises(ValueError):
+        sign_token(SECRET, "")
