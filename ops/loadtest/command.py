@@ -1,0 +1,168 @@
+"""The ``coscribe loadtest`` subcommand: arguments, secrets, output. The CLI calls :func:`register`.
+
+Exit status: 0 when the run completed, whatever the figures say (thresholds missed are in
+the report); 1 when the run itself failed (server unreachable, setup refused, a load process
+died); 2 for bad arguments or a bad scenario file; 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console
+
+from ops.loadtest.scenario import ScenarioError, load
+
+SCENARIOS = Path(__file__).parent / "scenarios"
+"""The scenarios shipped with coscribe; ``coscribe loadtest standard`` finds them by name."""
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def register(subparsers: Any) -> None:
+    """Add ``loadtest`` to an argparse subparsers object; its ``func`` is :func:`run`."""
+    p = subparsers.add_parser(
+        "loadtest",
+        help="drive a running server with simulated collaborators and report latency and cost",
+        description=(
+            "Run a load-test scenario against a coscribe server on this machine: WebSocket "
+            "editors with client-side OT, light observers, presence and HTTP reads, in "
+            "several processes. Prints live progress and a summary; --json writes the report."
+        ),
+    )
+    p.add_argument(
+        "scenario",
+        metavar="SCENARIO.toml",
+        help="a scenario file, or the name of a shipped one (" + ", ".join(shipped()) + ")",
+    )
+    p.add_argument("--url", default=DEFAULT_URL, help=f"the server (loopback only; {DEFAULT_URL})")
+    p.add_argument("--json", dest="json_out", type=Path, metavar="OUT", help="write the report")
+    p.add_argument(
+        "--procs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        metavar="N",
+        help="load processes (default: 2, or 1 on one core)",
+    )
+    p.add_argument(
+        "--server-pid",
+        dest="server_pids",
+        type=int,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PID",
+        help="gateway processes to measure (default: the ones listening on the URL's port)",
+    )
+    p.add_argument("--plot", type=Path, metavar="out.png", help="latency over time + histogram")
+    p.add_argument(
+        "--secret",
+        default=None,
+        help="token signing secret (default: $COSCRIBE_SECRET, else <data-dir>/secret)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="the server's data directory, for its secret (default: $COSCRIBE_DATA_DIR or ./data)",
+    )
+    p.set_defaults(func=run)
+
+
+def shipped() -> list[str]:
+    """Names of the shipped scenarios."""
+    return sorted(p.stem for p in SCENARIOS.glob("*.toml"))
+
+
+def resolve_scenario(name: str) -> Path:
+    """A path as given if it exists, else the shipped scenario of that name."""
+    p = Path(name)
+    if p.exists() or p.suffix == ".toml":
+        return p
+    return SCENARIOS / f"{name}.toml"
+
+
+def resolve_secret(secret: str | None, data_dir: Path | None) -> bytes:
+    """``--secret``, else ``$COSCRIBE_SECRET``, else the embedded server's ``<data-dir>/secret``.
+
+    Read through the server's own settings, so the loadtest signs exactly as ``coscribe
+    token`` does. Unlike the server it never creates a secret: one the server does not know
+    would only get every session refused. Raises ``ValueError`` when there is none.
+    """
+    from ops.settings import Settings
+
+    settings = Settings.load(overrides={"secret": secret, "data_dir": data_dir})
+    path = settings.data_dir / "secret"
+    if not settings.secret and not path.is_file():
+        raise ValueError(
+            "no secret to sign tokens with: pass --secret, set COSCRIBE_SECRET, or point "
+            f"--data-dir at the server's data directory (no {path})"
+        )
+    return settings.secret_bytes()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the scenario named by ``args``; return the exit status (see the module doc)."""
+    from ops.loadtest.progress import Progress
+    from ops.loadtest.report import notes, summary_table
+    from ops.loadtest.runner import RunFailed, Runner, RunOptions, check_url
+
+    out = Console()
+    err = Console(stderr=True)
+    try:
+        scenario = load(resolve_scenario(args.scenario))
+        url = check_url(args.url)
+        secret = resolve_secret(args.secret, args.data_dir)
+        if args.procs < 1:
+            raise ValueError("--procs must be >= 1")
+        if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError(
+                "--plot needs matplotlib: pip install 'coscribe[plot]' (or pip install matplotlib)"
+            )
+    except (ScenarioError, ValueError) as exc:
+        err.print(f"[red]coscribe loadtest:[/red] {exc}", highlight=False)
+        return 2
+    options = RunOptions(
+        url=url, procs=args.procs, secret=secret, server_pids=tuple(args.server_pids)
+    )
+    progress = Progress(err, scenario.name)
+    runner = Runner(scenario, options, progress)
+    try:
+        with progress:
+            report = asyncio.run(runner.run())
+    except RunFailed as exc:
+        err.print(f"[red]coscribe loadtest: run failed:[/red] {exc}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        err.print("coscribe loadtest: interrupted")
+        return 130
+    out.print(summary_table(report))
+    for line in notes(report):
+        out.print(f"• {line}", highlight=False)
+    if args.json_out is not None:
+        args.json_out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+        out.print(f"report written to {args.json_out}")
+    if args.plot is not None:
+        from ops.loadtest.plot import PlotUnavailable, plot
+
+        try:
+            plot(runner.outcomes, args.plot, f"coscribe loadtest · {scenario.name}")
+        except PlotUnavailable as exc:
+            err.print(f"[red]coscribe loadtest:[/red] {exc}")
+            return 1
+        out.print(f"plot written to {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ops.loadtest``: the subcommand on its own, until the main CLI has it."""
+    parser = argparse.ArgumentParser(prog="coscribe")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["loadtest", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))

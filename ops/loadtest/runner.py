@@ -1,0 +1,357 @@
+"""The coordinator: provisions each step, deals sessions to load processes, measures, verifies.
+
+One step, in order: create the documents (HTTP); plan the sessions and their arrival times;
+send each load process its share; open the CPU window ``warmup_s`` after the last arrival
+and close it ``measure_s`` later, sampling ``/proc`` meanwhile; wait until every process has
+drained; read every document back; let the full clients catch up and report; close.
+
+Every wait is bounded. The run fails (:class:`RunFailed`) when a load process dies or misses
+a deadline, or the server refuses setup; a slow or lossy server is a result, not a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from typing import Any
+from urllib.parse import urlsplit
+
+from ops.loadtest import plan, worker
+from ops.loadtest.convergence import check
+from ops.loadtest.procstat import CpuAccount, find_servers
+from ops.loadtest.progress import Progress
+from ops.loadtest.provision import Provisioner, ProvisionError, filler_text, user_name
+from ops.loadtest.recorder import StepMetrics, Window
+from ops.loadtest.report import SERVER_GROUPS, Cost, StepOutcome, run_report
+from ops.loadtest.scenario import Scenario, Step
+from ops.loadtest.session import EditPlan, SessionSpec
+
+START_DELAY_S = 1.0
+"""Between sending a step and its first arrival: time for every process to set up."""
+READY_TIMEOUT_S = 60.0
+"""Longest a load process may take to start."""
+VERIFY_S = 10.0
+"""Longest the full clients get to catch up with the final version."""
+SAMPLE_EVERY_S = 0.5
+"""How often ``/proc`` is read for memory (and new processes)."""
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+"""The only hosts the tool sends traffic to."""
+
+
+class RunFailed(Exception):
+    """The run itself failed (not the server's figures): setup, a load process, a deadline."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """How to run a scenario."""
+
+    url: str
+    procs: int
+    secret: bytes
+    server_pids: tuple[int, ...] = ()
+    live: bool = True
+
+
+def check_url(url: str) -> str:
+    """Return ``url`` without a trailing slash; refuse anything but http(s) on loopback."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or parts.hostname not in LOOPBACK:
+        raise ValueError(f"--url must be http://127.0.0.1:PORT (loopback only), got {url!r}")
+    return url.rstrip("/")
+
+
+def sign_tokens(secret: bytes, users: int) -> dict[str, str]:
+    """A token for each load-test user, signed as the server's ``coscribe token`` would."""
+    from gateway.auth import sign_token  # the server's own signer, so the formats agree
+
+    return {user_name(i): sign_token(secret, user_name(i)) for i in range(users)}
+
+
+class _Procs:
+    """The load processes and the pipe messages coming from them."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.conns: list[Connection] = []
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.pids: list[int] = []
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = multiprocessing.get_context("spawn")
+        for i in range(self.count):
+            parent, child = ctx.Pipe(duplex=True)
+            p = ctx.Process(target=worker.main, args=(child, i), name=f"loadtest-{i}", daemon=True)
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+            loop.add_reader(parent.fileno(), self._reader(parent, i))
+        ready = await self.gather("ready", READY_TIMEOUT_S)
+        self.pids = [ready[i]["pid"] for i in range(self.count)]
+
+    def _reader(self, conn: Connection, index: int) -> Callable[[], None]:
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                loop.remove_reader(conn.fileno())
+                msg = {"kind": "failed", "worker": index, "error": "load process exited"}
+            self.inbox.put_nowait(msg)
+
+        return readable
+
+    def send(self, index: int, msg: dict[str, Any]) -> None:
+        self.conns[index].send(msg)
+
+    async def gather(
+        self,
+        kind: str,
+        timeout_s: float,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[int, dict[str, Any]]:
+        """Wait for one ``kind`` message from every process; progress goes to the callback."""
+        got: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(got) < self.count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RunFailed(f"load processes missed the deadline for {kind!r}")
+            try:
+                msg = await asyncio.wait_for(self.inbox.get(), left)
+            except TimeoutError:
+                continue
+            if msg["kind"] == "failed":
+                raise RunFailed(f"load process {msg['worker']} failed: {msg['error']}")
+            if msg["kind"] == kind:
+                got[msg["worker"]] = msg
+            elif msg["kind"] == "progress" and on_progress is not None:
+                on_progress(msg)
+        return got
+
+    async def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        for conn in self.conns:
+            try:
+                loop.remove_reader(conn.fileno())
+                conn.send({"cmd": "exit"})
+            except (OSError, ValueError):
+                pass
+        for p in self.procs:
+            await asyncio.to_thread(p.join, 5.0)
+            if p.is_alive():
+                p.kill()  # our own child, by its handle
+                await asyncio.to_thread(p.join, 5.0)
+        for conn in self.conns:
+            conn.close()
+
+
+class Runner:
+    """Runs one scenario against one server. Create, then ``await run()`` once."""
+
+    def __init__(self, scenario: Scenario, options: RunOptions, progress: Progress) -> None:
+        self.scenario = scenario
+        self.options = options
+        self.base = check_url(options.url)
+        self.port = urlsplit(self.base).port or (443 if self.base.startswith("https") else 80)
+        self.progress = progress
+        self.outcomes: list[StepOutcome] = []
+
+    async def run(self) -> dict[str, Any]:
+        """Run every step; return the report (see :func:`ops.loadtest.report.run_report`)."""
+        started = datetime.now(UTC)
+        users = max(s.distinct_users for s in self.scenario.steps)
+        tokens = sign_tokens(self.options.secret, users)
+        procs = _Procs(self.options.procs)
+        async with Provisioner(self.base, tokens) as http:
+            try:
+                await http.health()
+            except ProvisionError as exc:
+                raise RunFailed(f"server at {self.base} is not healthy: {exc}") from exc
+            await procs.start()
+            try:
+                for i, step in enumerate(self.scenario.steps):
+                    self.outcomes.append(await self._step(i, step, http, procs, tokens))
+            except ProvisionError as exc:
+                raise RunFailed(f"setup failed: {exc}") from exc
+            finally:
+                await procs.stop()
+        meta = {
+            "url": self.base,
+            "procs": self.options.procs,
+            "started_at": started.isoformat(timespec="seconds"),
+            "machine": _machine(),
+        }
+        return run_report(self.scenario, self.outcomes, meta)
+
+    async def _step(
+        self, index: int, step: Step, http: Provisioner, procs: _Procs, tokens: dict[str, str]
+    ) -> StepOutcome:
+        seed = self.scenario.seed * 7919 + index
+        users = [user_name(i) for i in range(step.distinct_users)]
+        self.progress.stage(step, index, len(self.scenario.steps), "creating documents")
+        text = filler_text(step.text_size, seed)
+        title = f"loadtest {self.scenario.name}/{step.name}"
+        initial = await http.create_many(step.documents, title, text, users[1:])
+        doc_ids = [d.id for d in initial]
+
+        sessions = plan.sessions(step)
+        offsets = plan.arrival_offsets(step.phases, len(sessions))
+        arrivals_s = plan.arrivals_end(step.phases, len(sessions))
+        origin = time.time_ns() + int(START_DELAY_S * 1e9)
+        window = Window(
+            origin + int((arrivals_s + step.warmup_s) * 1e9),
+            origin + int((arrivals_s + step.warmup_s + step.measure_s) * 1e9),
+        )
+        drain_deadline = window.end_ns + int(step.drain_s * 1e9)
+        edit = EditPlan(
+            interval_s=step.op_interval_ms / 1000,
+            jitter=step.jitter,
+            delete_ratio=step.delete_ratio,
+            presence_interval_s=step.presence_interval_s,
+            window=window,
+        )
+        specs = [
+            SessionSpec(
+                index=s.index,
+                doc=doc_ids[s.doc],
+                writer=s.writer,
+                full=s.full,
+                token=tokens[user_name(s.user)],
+                codec=s.codec,
+                arrival_ns=origin + int(offsets[s.index] * 1e9),
+                client_id=f"lt-{index}-{s.index}",
+            )
+            for s in sessions
+        ]
+        shares = [specs[i :: procs.count] for i in range(procs.count)]
+        loops = _http_shares(step, procs.count)
+        for i in range(procs.count):
+            http_args: dict[str, Any] = {}
+            if step.http is not None:
+                http_args = {
+                    "http_loops": loops[i],
+                    "http_paths": tuple(r.path for r in step.http.requests),
+                    "http_weights": tuple(r.weight for r in step.http.requests),
+                    "http_docs": tuple(doc_ids),
+                    "http_token": tokens[user_name(0)],
+                    "http_pace_s": (
+                        step.http.concurrency / step.http.rate if step.http.rate else 0.0
+                    ),
+                }
+            procs.send(
+                i,
+                worker.step_command(
+                    step=index,
+                    base_url=self.base,
+                    sessions=shares[i],
+                    edit=edit,
+                    origin_ns=origin,
+                    drain_deadline_ns=drain_deadline,
+                    seed=seed * 31 + i,
+                    **http_args,
+                ),
+            )
+
+        roots = {"gateway": self._server_roots(), "loadgen": {os.getpid()}}
+        account = CpuAccount(roots=roots)
+        sampler = asyncio.create_task(self._sample(account, window))
+        self.progress.begin_step(step, index, len(self.scenario.steps), origin, window, arrivals_s)
+        try:
+            timeout = (drain_deadline - time.time_ns()) / 1e9 + 30.0
+            await procs.gather("drained", timeout, self.progress.update)
+            self.progress.stage(step, index, len(self.scenario.steps), "verifying")
+            final = await http.fetch_many(doc_ids)
+            versions = {d.id: d.version for d in final}
+            verify_deadline = time.time_ns() + int(VERIFY_S * 1e9)
+            for i in range(procs.count):
+                procs.send(
+                    i, {"cmd": "verify", "versions": versions, "deadline_ns": verify_deadline}
+                )
+            results = await procs.gather("result", VERIFY_S + 60.0, self.progress.update)
+            await procs.gather("closed", 60.0, self.progress.update)
+        finally:
+            sampler.cancel()
+            cost = await _cost_of(sampler, account, roots)
+        metrics = StepMetrics(origin)
+        for i in range(procs.count):
+            metrics.merge(StepMetrics.from_dict(results[i]["metrics"]))
+        convergence = check(initial, final, metrics, stamps_exact=step.delete_ratio == 0)
+        self.progress.end_step()
+        return StepOutcome(step, metrics, window.seconds, cost, convergence, procs.count)
+
+    def _server_roots(self) -> set[int]:
+        if self.options.server_pids:
+            return set(self.options.server_pids)
+        return find_servers(self.port)
+
+    async def _sample(self, account: CpuAccount, window: Window) -> Cost:
+        """Read ``/proc`` until cancelled; the CPU window is exactly ``window``."""
+        frozen: dict[str, float] | None = None
+        try:
+            while True:
+                now = time.time_ns()
+                if not account.started and now >= window.start_ns:
+                    await asyncio.to_thread(account.begin)
+                elif account.started and frozen is None and now >= window.end_ns:
+                    await asyncio.to_thread(account.sample)
+                    frozen = account.cpu_seconds()
+                else:
+                    await asyncio.to_thread(account.sample)
+                nxt = now + int(SAMPLE_EVERY_S * 1e9)
+                for edge in (window.start_ns, window.end_ns):
+                    if now < edge < nxt:
+                        nxt = edge
+                await asyncio.sleep(max(0.0, (nxt - time.time_ns()) / 1e9))
+        except asyncio.CancelledError:
+            return Cost(cpu_s=frozen or {})
+
+
+async def _cost_of(
+    sampler: asyncio.Task[Cost], account: CpuAccount, roots: dict[str, set[int]]
+) -> Cost:
+    try:
+        cost = await sampler
+    except asyncio.CancelledError:
+        cost = Cost()
+    cost.peak_rss = dict(account.peak_rss)
+    cost.peak_server_rss = account.peak_of(SERVER_GROUPS)
+    cost.pids = {g: sorted(p) for g, p in account.pids.items()}
+    cost.server_found = bool(roots["gateway"]) and "gateway" in account.peak_rss
+    return cost
+
+
+def _http_shares(step: Step, procs: int) -> list[int]:
+    """How many HTTP loops each process runs (the step's concurrency dealt evenly)."""
+    n = step.http.concurrency if step.http is not None else 0
+    return [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+
+
+def _machine() -> dict[str, Any]:
+    try:
+        import uvloop  # noqa: F401  (only asking whether the load processes will use it)
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (0.0, 0.0, 0.0)
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "loop": loop,
+        "loadavg_1m": round(load[0], 2),
+    }

@@ -1,0 +1,306 @@
+"""A load process: runs the sessions and HTTP loops the coordinator deals it, step by step.
+
+Started by :mod:`ops.loadtest.runner` with the ``spawn`` method; talks over one duplex pipe
+of pickled dicts, read with ``loop.add_reader`` so the loop never blocks on it:
+
+- coordinator -> worker: ``{"cmd": "step", ...}`` (see :func:`step_command`),
+  ``{"cmd": "verify", "versions": {doc: v}, "deadline_ns": t}``, ``{"cmd": "exit"}``;
+- worker -> coordinator: ``ready`` (with its pid), ``progress`` every 0.5 s, ``drained`` once
+  its writers' last ops are acknowledged (or the drain timed out), ``result`` (the step's
+  :class:`~ops.loadtest.recorder.StepMetrics`), ``closed``, or ``failed`` with a traceback.
+
+Every wait has a deadline, so a silent coordinator or server cannot keep a worker alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import resource
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import aiohttp
+
+from ops.loadtest.recorder import StepMetrics, Window
+from ops.loadtest.session import EditPlan, Session, SessionSpec, loop_time_at
+
+PROGRESS_EVERY_S = 0.5
+"""How often a worker reports its counters."""
+CONNECT_GATE = 500
+"""Most WebSocket handshakes one process has open at once."""
+COMMAND_TIMEOUT_S = 300.0
+"""Longest a worker waits for the coordinator's next command within a step."""
+_HTTP_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+
+
+def main(conn: Connection, index: int) -> None:
+    """Process entry point: serve steps until told to exit or the coordinator goes away."""
+    _raise_fd_limit()
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_Worker(conn, index).serve())
+
+
+def step_command(
+    *,
+    step: int,
+    base_url: str,
+    sessions: list[SessionSpec],
+    edit: EditPlan,
+    origin_ns: int,
+    drain_deadline_ns: int,
+    seed: int,
+    http_loops: int = 0,
+    http_paths: tuple[str, ...] = (),
+    http_weights: tuple[float, ...] = (),
+    http_docs: tuple[str, ...] = (),
+    http_token: str = "",
+    http_pace_s: float = 0.0,
+) -> dict[str, Any]:
+    """The ``step`` command for one worker (a plain dict, so it pickles across ``spawn``)."""
+    return {
+        "cmd": "step",
+        "step": step,
+        "base_url": base_url,
+        "sessions": sessions,
+        "edit": edit,
+        "origin_ns": origin_ns,
+        "drain_deadline_ns": drain_deadline_ns,
+        "seed": seed,
+        "http_loops": http_loops,
+        "http_paths": http_paths,
+        "http_weights": http_weights,
+        "http_docs": http_docs,
+        "http_token": http_token,
+        "http_pace_s": http_pace_s,
+    }
+
+
+class _Worker:
+    def __init__(self, conn: Connection, index: int) -> None:
+        self.conn = conn
+        self.index = index
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        msg["worker"] = self.index
+        self.conn.send(msg)
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        fd = self.conn.fileno()
+
+        def readable() -> None:
+            try:
+                self.inbox.put_nowait(self.conn.recv())
+            except (EOFError, OSError):
+                loop.remove_reader(fd)
+                self.inbox.put_nowait({"cmd": "exit"})
+
+        loop.add_reader(fd, readable)
+        self.send({"kind": "ready", "pid": os.getpid()})
+        try:
+            while True:
+                cmd = await self.inbox.get()
+                if cmd["cmd"] == "step":
+                    try:
+                        await self.run_step(cmd)
+                    except _Abort:
+                        return
+                    except Exception:
+                        self.send({"kind": "failed", "error": traceback.format_exc()})
+                        return
+                elif cmd["cmd"] == "exit":
+                    return
+        finally:
+            loop.remove_reader(fd)
+
+    async def next_command(self, expected: str) -> dict[str, Any]:
+        try:
+            cmd = await asyncio.wait_for(self.inbox.get(), COMMAND_TIMEOUT_S)
+        except TimeoutError:
+            raise _Abort from None
+        if cmd["cmd"] != expected:
+            raise _Abort
+        return cmd
+
+    async def run_step(self, cmd: dict[str, Any]) -> None:
+        specs: list[SessionSpec] = cmd["sessions"]
+        plan: EditPlan = cmd["edit"]
+        window = plan.window
+        metrics = StepMetrics(cmd["origin_ns"])
+        metrics.counters["sessions"] = len(specs)
+        base = cmd["base_url"].rstrip("/")
+        ws_url = ("wss" if base.startswith("https") else "ws") + base[base.index(":") :] + "/v1/ws"
+        timeout = aiohttp.ClientTimeout(total=None, connect=30.0, sock_connect=10.0)
+        loops = cmd["http_loops"]
+        ws_connector = aiohttp.TCPConnector(limit=0)
+        http_connector = aiohttp.TCPConnector(limit=max(1, loops))
+        async with (
+            aiohttp.ClientSession(connector=ws_connector, timeout=timeout) as ws_http,
+            aiohttp.ClientSession(connector=http_connector, timeout=timeout) as http,
+        ):
+            gate = asyncio.Semaphore(CONNECT_GATE)
+            seed = cmd["seed"]
+            sessions = [
+                Session(s, plan, metrics, ws_http, ws_url, gate, seed * 1_000_003 + s.index)
+                for s in specs
+            ]
+            tasks = [asyncio.create_task(s.run()) for s in sessions]
+            rng = random.Random(seed)
+            aux = [
+                asyncio.create_task(self._progress(metrics, cmd["origin_ns"])),
+                asyncio.create_task(_loop_lag(metrics, window)),
+            ]
+            aux += [
+                asyncio.create_task(
+                    _http_loop(http, base, cmd, metrics, window, random.Random(rng.random()))
+                )
+                for _ in range(loops)
+            ]
+            try:
+                await _sleep_until(window.end_ns)
+                await _wait_until(
+                    lambda: not any(s.pending for s in sessions), cmd["drain_deadline_ns"]
+                )
+                pending = [s for s in sessions if s.pending]
+                metrics.counters["pending_edits"] += sum(
+                    s.client.inflight_edits + s.client.buffer_edits
+                    for s in pending
+                    if s.client is not None
+                )
+                self.send({"kind": "drained", "pending": len(pending)})
+                verify = await self.next_command("verify")
+                versions: dict[str, int] = verify["versions"]
+                full = [s for s in sessions if s.spec.full]
+                await _wait_until(
+                    lambda: all(
+                        s.known_version >= versions.get(s.spec.doc, 0)
+                        or s.ended.is_set()
+                        or s.desynced
+                        for s in full
+                    ),
+                    verify["deadline_ns"],
+                )
+                metrics.full_reports = [_full_report(s) for s in full]
+                for task in aux:
+                    task.cancel()
+                self.send({"kind": "result", "metrics": metrics.to_dict()})
+            finally:
+                for task in aux:
+                    task.cancel()
+                await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, *aux, return_exceptions=True)
+        self.send({"kind": "closed"})
+
+    async def _progress(self, metrics: StepMetrics, origin_ns: int) -> None:
+        series = metrics.fanout_series
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            last_bin = (time.time_ns() - origin_ns) // series.bin_ns - 1
+            recent = series.bins.get(last_bin)
+            self.send(
+                {
+                    "kind": "progress",
+                    "counters": dict(metrics.counters),
+                    "errors": dict(metrics.errors),
+                    "recent": recent.to_dict() if recent is not None else None,
+                }
+            )
+
+
+class _Abort(Exception):
+    """The coordinator went away or broke the command sequence: stop quietly."""
+
+
+def _full_report(s: Session) -> dict[str, Any]:
+    report = s.report()
+    if report is None:
+        return {"doc": s.spec.doc, "session": s.spec.index, "joined": False}
+    report["joined"] = True
+    return report
+
+
+async def _sleep_until(wall_ns: int) -> None:
+    await asyncio.sleep(max(0.0, (wall_ns - time.time_ns()) / 1e9))
+
+
+async def _wait_until(done: Callable[[], bool], deadline_ns: int, poll_s: float = 0.05) -> bool:
+    """Poll ``done`` until it is true or the wall clock passes ``deadline_ns``."""
+    while not done():
+        if time.time_ns() >= deadline_ns:
+            return False
+        await asyncio.sleep(poll_s)
+    return True
+
+
+async def _loop_lag(metrics: StepMetrics, window: Window) -> None:
+    """Record how late a 100 ms timer fires: the load process's own saturation."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t = loop.time()
+        await asyncio.sleep(0.1)
+        late = loop.time() - t - 0.1
+        if time.time_ns() in window:
+            metrics.lag.add(int(late * 1e6))
+
+
+async def _http_loop(
+    http: aiohttp.ClientSession,
+    base: str,
+    cmd: dict[str, Any],
+    metrics: StepMetrics,
+    window: Window,
+    rng: random.Random,
+) -> None:
+    """Closed-loop reads from the step start to the end of the window."""
+    await _sleep_until(cmd["origin_ns"])
+    loop = asyncio.get_running_loop()
+    end = loop_time_at(window.end_ns)
+    headers = {"Authorization": f"Bearer {cmd['http_token']}"}
+    paths, weights, docs = cmd["http_paths"], cmd["http_weights"], cmd["http_docs"]
+    pace = cmd["http_pace_s"]
+    at = loop.time() + rng.random() * pace
+    counters = metrics.counters
+    while loop.time() < end:
+        if pace:
+            await asyncio.sleep(at - loop.time())
+            at = max(at + pace, loop.time() - pace)
+        path = rng.choices(paths, weights)[0].replace("{doc}", rng.choice(docs))
+        t0 = time.time_ns()
+        try:
+            async with http.get(base + path, headers=headers) as resp:
+                await resp.read()
+                status = resp.status
+        except _HTTP_ERRORS as exc:
+            metrics.errors[f"http:{type(exc).__name__}"] += 1
+            await asyncio.sleep(0.05)
+            continue
+        t1 = time.time_ns()
+        counters["http"] += 1
+        if t1 in window:
+            counters["http_window"] += 1
+            metrics.http.add((t1 - t0) // 1000)
+        if status >= 400:
+            metrics.errors[f"http_{status}"] += 1
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _raise_fd_limit() -> None:
+    """Allow as many sockets as the hard limit permits (10,000 sessions need them)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

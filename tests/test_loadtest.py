@@ -1,0 +1,728 @@
+"""The load-test tool: scenarios, arrival plans, latency stamps, statistics, client-side OT,
+convergence and SLO verdicts, /proc accounting, the command line, and one real run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from domain import ot
+from ops.loadtest import plan, procstat, stamp
+from ops.loadtest.command import register, resolve_secret, shipped
+from ops.loadtest.convergence import check
+from ops.loadtest.editor import DocClient, ProtocolViolation, delete_op, insert_op
+from ops.loadtest.provision import DocState, filler_text
+from ops.loadtest.recorder import StepMetrics, Window
+from ops.loadtest.report import Cost, StepOutcome, run_report, slo_failures
+from ops.loadtest.scenario import Phase, ScenarioError, Slo, load, parse, parse_size
+from ops.loadtest.session import text_digest
+from ops.loadtest.stats import Histogram, Series, bucket, bucket_bounds, percentile, summary_ms
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "ops" / "loadtest" / "scenarios"
+PROPERTY = settings(max_examples=200, deadline=None)
+
+
+# --- scenarios ----------------------------------------------------------------------------
+
+
+def test_every_shipped_scenario_loads() -> None:
+    """Each scenario the issue asks for ships and validates."""
+    names = set(shipped())
+    assert {
+        "standard",
+        "saturate",
+        "observers",
+        "authors",
+        "sessions",
+        "join-storm",
+        "http-read",
+    } <= names
+    for name in names:
+        assert load(SCENARIOS / f"{name}.toml").steps
+
+
+def test_standard_scenario_has_the_issue_parameters() -> None:
+    """standard: 10 documents × 20 editors, 100 ms, 3 s warm-up, 20 s measured, 2,000 ops/s."""
+    (step,) = load(SCENARIOS / "standard.toml").steps
+    assert (step.documents, step.writers, step.sessions) == (10, 20, 200)
+    assert (step.op_interval_ms, step.warmup_s, step.measure_s) == (100, 3, 20)
+    assert step.offered_ops_s == pytest.approx(2000)
+    assert step.slo.fanout_p99_ms == 20
+
+
+def test_saturate_steps_shorten_the_interval() -> None:
+    """saturate repeats standard at 100, 50, 20, 10 and 5 ms, each with the 100 ms p99 SLO."""
+    steps = load(SCENARIOS / "saturate.toml").steps
+    assert [s.op_interval_ms for s in steps] == [100, 50, 20, 10, 5]
+    assert all(s.sessions == 200 and s.slo.fanout_p99_ms == 100 for s in steps)
+
+
+def test_other_scenarios_match_the_issue() -> None:
+    """observers, authors, sessions and join-storm have the sizes the issue gives."""
+    (obs,) = load(SCENARIOS / "observers.toml").steps
+    assert (obs.documents, obs.writers, obs.observers, obs.offered_ops_s) == (1, 1, 1500, 10)
+    authors = load(SCENARIOS / "authors.toml").steps
+    assert [(s.writers, 1000 / s.op_interval_ms) for s in authors] == [(200, 5), (400, 5)]
+    (sess,) = load(SCENARIOS / "sessions.toml").steps
+    assert (sess.sessions, sess.documents, sess.presence_interval_s) == (10_000, 1000, 5)
+    assert len(plan.arrival_offsets(sess.phases, sess.sessions)) == 10_000
+    (storm,) = load(SCENARIOS / "join-storm.toml").steps
+    assert (storm.sessions, storm.text_size) == (150, 4 << 20)
+    assert plan.arrival_offsets(storm.phases, 150) == [0.0] * 150
+
+
+def test_steps_override_the_base_and_merge_slo() -> None:
+    """A step overrides top-level keys; its [slo] adds to the base thresholds."""
+    s = parse(
+        {
+            "name": "x",
+            "writers": 2,
+            "slo": {"fanout_p99_ms": 50},
+            "steps": [{"name": "a"}, {"name": "b", "writers": 4, "slo": {"ack_p99_ms": 9}}],
+        }
+    )
+    a, b = s.steps
+    assert (a.writers, b.writers) == (2, 4)
+    assert b.slo == Slo(fanout_p99_ms=50, ack_p99_ms=9)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"writers": 1, "writerz": 2}, "writerz: unknown key"),
+        ({"writers": -1}, "writers: must be >= 0"),
+        ({"writers": 1, "op_interval_ms": 0}, "op_interval_ms: must be > 0"),
+        ({"writers": 1, "protocol": "xml"}, "protocol: must be one of"),
+        ({"writers": 1, "documents": 1.5}, "documents: must be an integer"),
+        ({"writers": "2"}, "writers: must be a number"),
+        ({"writers": 1, "steps": [{"nme": "a"}]}, "steps[0].nme: unknown key"),
+        ({"writers": 1, "phases": [{"arrival_rate": 3}]}, "duration_s: required"),
+        ({"writers": 1, "phases": [{"duration_s": 1, "ramp_to": 3}]}, "ramp_to: needs"),
+        ({"writers": 0}, "a step needs sessions"),
+        ({"http": {"requests": [{"path": "v1"}]}}, "path: must be a string starting"),
+        ({"writers": 1, "steps": [{"name": "a"}, {"name": "a"}]}, "names must be distinct"),
+    ],
+)
+def test_bad_scenarios_name_the_key(data: dict[str, Any], message: str) -> None:
+    """Validation errors say which key is wrong."""
+    with pytest.raises(ScenarioError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse(data)
+
+
+def test_load_reports_toml_errors_with_the_path(tmp_path: Path) -> None:
+    """A file that is not TOML fails with its path in the message."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("writers = \n")
+    with pytest.raises(ScenarioError, match=r"bad\.toml: not valid TOML"):
+        load(bad)
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [(2000, 2000), ("2000", 2000), ("10KB", 10_000), ("4MiB", 4 << 20), ("1.5k", 1500)],
+)
+def test_sizes_accept_units(value: object, size: int) -> None:
+    """text_size takes plain counts and K/M (1000) or Ki/Mi (1024) suffixes."""
+    assert parse_size(value, "text_size") == size
+
+
+# --- arrival plans ------------------------------------------------------------------------
+
+
+def test_constant_rate_arrivals_are_evenly_spaced() -> None:
+    """arrival_rate r over d seconds: r·d sessions at k/r."""
+    assert plan.phase_arrivals(Phase(2.0, arrival_rate=2.0)) == [0.0, 0.5, 1.0, 1.5]
+
+
+@given(
+    r0=st.floats(0, 500),
+    r1=st.floats(0, 500),
+    d=st.floats(0.1, 30),
+)
+@PROPERTY
+def test_ramp_arrivals_follow_the_ramp(r0: float, r1: float, d: float) -> None:
+    """A ramp yields ceil((r0+r1)·d/2) arrivals, ascending, inside the phase, on N(t)=k."""
+    got = plan.phase_arrivals(Phase(d, arrival_rate=r0, ramp_to=r1))
+    total = (r0 + r1) * d / 2
+    assert abs(len(got) - total) < 1 + 1e-6
+    assert got == sorted(got)
+    assert all(0 <= t <= d for t in got)
+    a = (r1 - r0) / (2 * d)
+    for k, t in enumerate(got):
+        assert r0 * t + a * t * t == pytest.approx(k, abs=1e-6 * max(1.0, k))
+
+
+def test_phases_run_in_sequence_and_leftovers_arrive_at_the_end() -> None:
+    """Phases follow each other; sessions beyond the phases' arrivals arrive when they end."""
+    phases = (Phase(1.0, arrival_count=2), Phase(2.0), Phase(1.0, arrival_count=1))
+    assert plan.arrival_offsets(phases, 5) == [0.0, 0.5, 3.0, 4.0, 4.0]
+    assert plan.arrival_offsets(phases, 2) == [0.0, 0.5]
+    assert plan.arrival_offsets((), 3) == [0.0, 0.0, 0.0]
+    assert plan.arrivals_end(phases, 2) == 4.0
+
+
+def test_sessions_fill_documents_evenly_writers_and_full_first() -> None:
+    """Slot-major order; writers then observers on each document; the first slots are full."""
+    step = parse({"documents": 2, "writers": 2, "observers": 1, "full": 2, "protocol": "mixed"})
+    step = step.steps[0]
+    got = plan.sessions(step)
+    assert [(s.doc, s.slot) for s in got] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    assert [s.writer for s in got] == [True, True, True, True, False, False]
+    assert [s.full for s in got] == [True, True, True, True, False, False]
+    assert [s.codec for s in got] == ["msgpack", "msgpack", "json", "json", "msgpack", "msgpack"]
+    assert [len(p) for p in plan.split(got, 4)] == [2, 2, 1, 1]
+
+
+# --- stamps -------------------------------------------------------------------------------
+
+
+@given(t=st.integers(0, 2**62), delay=st.integers(0, stamp.MAX_AGE_NS - stamp.UNIT_NS))
+@PROPERTY
+def test_stamp_round_trip_measures_the_delay(t: int, delay: int) -> None:
+    """A stamp made at t read at t + delay gives the delay to within one 10 µs unit."""
+    text = stamp.encode(t)
+    assert len(text) == stamp.WIDTH == 8
+    (digits,) = stamp.find(text)
+    assert digits == text[1:-1]
+    assert abs(stamp.age_ns(digits, t + delay) - delay) < stamp.UNIT_NS
+
+
+def test_stamp_from_the_future_is_flagged() -> None:
+    """A reading before the stamp (clock stepped back) is reported as -1, not a huge age."""
+    digits = stamp.encode(10**18)[1:-1]
+    assert stamp.age_ns(digits, 10**18 - 5 * stamp.UNIT_NS) == -1
+
+
+@given(
+    base=st.text(alphabet="abc xyz", max_size=30),
+    times=st.lists(st.integers(0, 2**60), min_size=1, max_size=12),
+    data=st.data(),
+)
+@PROPERTY
+def test_stamps_inserted_anywhere_are_all_found(base: str, times: list[int], data: Any) -> None:
+    """Stamps inserted at random positions, even inside other stamps, are all recovered."""
+    text = base
+    for t in times:
+        pos = data.draw(st.integers(0, len(text)))
+        text = text[:pos] + stamp.encode(t) + text[pos:]
+    want = Counter(stamp.encode(t)[1:-1] for t in times)
+    assert Counter(stamp.find(text)) == want
+
+
+def test_stamps_survive_composition_in_an_op() -> None:
+    """Composed buffered edits keep every stamp readable from the op's inserts."""
+    a = insert_op(3, stamp.encode(1_000_000_000))
+    b = insert_op(6, stamp.encode(2_000_000_000))  # inside a's stamp
+    c = insert_op(0, stamp.encode(3_000_000_000))
+    op = ot.compose(ot.compose(a, b), c)
+    assert len(stamp.in_op(op)) == 3
+    assert stamp.in_op([5, {"d": 2}]) == []
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+
+def test_percentile_is_nearest_rank() -> None:
+    """percentile follows the nearest-rank definition."""
+    values = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert percentile(values, 0.5) == 5
+    assert percentile(values, 0.95) == 10
+    assert percentile(values, 0.1) == 1
+    assert percentile([7], 0.99) == 7
+    with pytest.raises(ValueError):
+        percentile([], 0.5)
+
+
+@given(st.integers(0, 2**40))
+@PROPERTY
+def test_buckets_contain_their_values(v: int) -> None:
+    """Every value lies within the bounds of its bucket, whose width is under 1/128 of it."""
+    low, high = bucket_bounds(bucket(v))
+    assert low <= v <= high
+    assert high - low <= max(0, low) / 128
+
+
+@given(
+    st.lists(st.integers(0, 10**9), min_size=1, max_size=300),
+    st.sampled_from([0.5, 0.95, 0.99, 1.0]),
+)
+@PROPERTY
+def test_histogram_quantiles_bound_the_exact_ones(values: list[int], q: float) -> None:
+    """A histogram quantile is never below the exact one and at most 1/128 above it."""
+    h = Histogram()
+    h.extend(values)
+    exact = percentile(sorted(values), q)
+    got = h.quantile(q)
+    assert exact <= got <= exact + exact / 128
+    assert (h.count, h.min, h.max, h.total) == (len(values), min(values), max(values), sum(values))
+
+
+@given(st.lists(st.integers(0, 10**7)), st.lists(st.integers(0, 10**7)))
+@PROPERTY
+def test_merged_histograms_equal_one_histogram(a: list[int], b: list[int]) -> None:
+    """Merging two histograms (also through to_dict) equals recording all values in one."""
+    ha, hb, both = Histogram(), Histogram(), Histogram()
+    ha.extend(a)
+    hb.extend(b)
+    both.extend(a + b)
+    merged = Histogram.from_dict(json.loads(json.dumps(ha.to_dict())))
+    merged.merge(hb)
+    assert merged.to_dict() == both.to_dict()
+
+
+def test_summary_is_in_milliseconds_and_null_when_empty() -> None:
+    """summary_ms reports ms with p50/p95/p99/max/mean/count; no samples means nulls."""
+    h = Histogram()
+    h.extend([1000, 2000, 3000, 4000])
+    got = summary_ms(h)
+    assert got == {"p50": got["p50"], "p95": 4.0, "p99": 4.0, "max": 4.0, "mean": 2.5, "count": 4}
+    assert 2.0 <= got["p50"] <= 2.0 * (1 + 1 / 128)  # the top of the bucket holding 2 ms
+    empty = summary_ms(Histogram())
+    assert empty["count"] == 0 and empty["p99"] is None
+
+
+def test_series_bins_by_observation_time() -> None:
+    """A series keeps one histogram per time bin and merges bin by bin."""
+    s = Series(origin_ns=0, bin_s=0.5)
+    s.add(100_000_000, 10)
+    s.add(700_000_000, 20)
+    other = Series(origin_ns=0, bin_s=0.5)
+    other.add(600_000_000, 30)
+    s.merge(Series.from_dict(other.to_dict()))
+    assert [(t, n, mx) for t, n, _, _, mx in s.rows()] == [(0.0, 1, 10), (0.5, 2, 30)]
+
+
+# --- client-side OT against a simulated server --------------------------------------------
+
+
+class _SimServer:
+    """The server's contract in miniature: transform late ops with "left", ack, broadcast."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.log: list[ot.Op] = []
+        self.outboxes: dict[int, deque[dict[str, Any]]] = {}
+
+    def submit(self, client: int, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        for applied in self.log[msg["v"] :]:
+            op = ot.transform(op, applied, "left")
+        self.text = ot.apply(self.text, op)
+        self.log.append(op)
+        v = len(self.log)
+        for c, box in self.outboxes.items():
+            if c == client:
+                box.append({"t": "ack", "seq": msg["seq"], "v": v})
+            else:
+                box.append({"t": "ops", "ops": [{"v": v, "op": op}]})
+
+
+def _deliver(client: DocClient, msg: dict[str, Any], now: int) -> dict[str, Any] | None:
+    if msg["t"] == "ack":
+        return client.ack(msg["seq"], msg["v"], now).send
+    for entry in msg["ops"]:
+        client.remote(entry["v"], entry["op"])
+    return None
+
+
+@given(
+    seed=st.integers(0, 2**32),
+    clients=st.integers(2, 4),
+    keep_text=st.lists(st.booleans(), min_size=4, max_size=4),
+    steps=st.integers(1, 120),
+)
+@PROPERTY
+def test_clients_converge_with_the_simulated_server(
+    seed: int, clients: int, keep_text: list[bool], steps: int
+) -> None:
+    """Random edits, deliveries and interleavings: every client ends on the server's text."""
+    rng = random.Random(seed)
+    server = _SimServer("hello world")
+    docs = [
+        DocClient("d", 0, server.text, keep_text=keep_text[i] or i == 0) for i in range(clients)
+    ]
+    uplinks: list[deque[dict[str, Any]]] = [deque() for _ in docs]
+    for i in range(clients):
+        server.outboxes[i] = deque()
+    acked: Counter[str] = Counter()
+    now = 0
+
+    def pump(i: int, kind: str) -> None:
+        nonlocal now
+        now += 1
+        if kind == "up" and uplinks[i]:
+            server.submit(i, uplinks[i].popleft())
+        elif kind == "down" and server.outboxes[i]:
+            msg = server.outboxes[i].popleft()
+            if msg["t"] == "ack":
+                done = docs[i].ack(msg["seq"], msg["v"], now)
+                acked.update(done.stamps)
+                if done.send is not None:
+                    uplinks[i].append(done.send)
+            else:
+                _deliver(docs[i], msg, now)
+
+    for _ in range(steps):
+        i = rng.randrange(clients)
+        action = rng.random()
+        c = docs[i]
+        if action < 0.4:
+            if c.can_delete and c.length > 3 and rng.random() < 0.3:
+                n = rng.randint(1, 3)
+                msg = c.edit(delete_op(rng.randrange(c.length - n + 1), n), now)
+            else:
+                s = stamp.encode(rng.randrange(2**50))
+                msg = c.edit(insert_op(rng.randrange(c.length + 1), s), now, (s[1:-1],))
+            if msg is not None:
+                uplinks[i].append(msg)
+        else:
+            pump(i, "up" if action < 0.7 else "down")
+    while any(uplinks) or any(server.outboxes.values()):
+        for i in range(clients):
+            pump(i, "up")
+            pump(i, "down")
+    for c in docs:
+        assert not c.pending
+        assert c.version == len(server.log)
+        assert c.length == len(server.text)
+        if c.text is not None:
+            assert c.text == server.text
+    assert sum(c.acked for c in docs) == len(server.log)
+
+
+def test_client_rejects_out_of_order_messages() -> None:
+    """A version gap or an ack for the wrong seq is a protocol violation."""
+    c = DocClient("d", 5, "abc")
+    with pytest.raises(ProtocolViolation):
+        c.remote(7, ["x"])
+    msg = c.edit(["y"], 0)
+    assert msg == {"t": "op", "doc": "d", "v": 5, "op": ["y"], "seq": 1}
+    with pytest.raises(ProtocolViolation):
+        c.ack(2, 6, 1)
+    assert c.reject() == (1, 1)
+    assert not c.pending
+
+
+def test_edits_during_flight_are_composed_into_one_op() -> None:
+    """While an op is in flight later edits compose into the buffer and go out on the ack."""
+    c = DocClient("d", 0, "")
+    assert c.edit(["a"], 1, ("s1",)) is not None
+    assert c.edit([1, "b"], 2, ("s2",)) is None
+    assert c.edit([2, "c"], 3, ("s3",)) is None
+    done = c.ack(1, 1, 10)
+    assert (done.edits, done.stamps, done.sent_ns) == (1, ("s1",), 1)
+    assert done.send == {"t": "op", "doc": "d", "v": 1, "op": [1, "bc"], "seq": 2}
+    assert c.ack(2, 2, 11).stamps == ("s2", "s3")
+
+
+# --- convergence, lost ops and verdicts ---------------------------------------------------
+
+
+def _metrics_with(doc: str, stamps: list[str], reports: list[dict[str, Any]]) -> StepMetrics:
+    m = StepMetrics(0)
+    m.acked_stamps[doc] = Counter(stamps)
+    m.acks_by_doc[doc] = len(stamps)
+    m.full_reports = reports
+    return m
+
+
+def test_check_counts_acked_stamps_missing_from_the_text() -> None:
+    """An acknowledged edit whose stamp is not in the final text is lost; the rest converge."""
+    s1, s2 = stamp.encode(10**15), stamp.encode(2 * 10**15)
+    final = DocState("d", 2, "ab" + s1)
+    report = {"doc": "d", "session": 0, "joined": True, "desynced": False, "version": 2}
+    report |= {"length": len(final.text), "digest": text_digest(final.text)}
+    m = _metrics_with("d", [s1[1:-1], s2[1:-1]], [report])
+    got = check([DocState("d", 0, "ab")], [final], m, stamps_exact=True)
+    assert (got["lost"], got["converged"], got["version_gap"]) == (1, True, 0)
+    by_version = check([DocState("d", 0, "ab")], [final], m, stamps_exact=False)
+    assert by_version["lost"] == 0  # two ops applied for two acks
+
+
+def test_check_flags_a_client_with_another_text() -> None:
+    """A full client whose digest or version differs from the server's is a mismatch."""
+    final = DocState("d", 1, "xyz")
+    bad = {"doc": "d", "session": 3, "joined": True, "desynced": False, "version": 1}
+    bad |= {"length": 3, "digest": text_digest("xzy")}
+    got = check([DocState("d", 0, "")], [final], _metrics_with("d", [], [bad]), stamps_exact=True)
+    assert not got["converged"]
+    assert got["mismatches"][0]["session"] == 3
+
+
+def _outcome(**counters: int) -> StepOutcome:
+    step = parse({"writers": 2, "slo": {"fanout_p99_ms": 10}}).steps[0]
+    m = StepMetrics(0)
+    m.counters.update(counters)
+    m.fanout.extend([5_000, 20_000])
+    convergence = {
+        "converged": True,
+        "lost": 0,
+        "version_gap": 0,
+        "checked_clients": 1,
+        "mismatches": [],
+        "method": "stamps",
+    }
+    cost = Cost(cpu_s={"gateway": 1.0, "postgres": 0.5, "loadgen": 0.25}, server_found=True)
+    return StepOutcome(step, m, 10.0, cost, convergence, procs=2)
+
+
+def test_run_report_has_the_issue_keys_and_per_op_costs() -> None:
+    """The report carries every key the issue lists; CPU per op is over acked ops."""
+    report = run_report(
+        parse({"name": "t", "writers": 1}), [_outcome(acks_window=1000, edits_window=1000)], {}
+    )
+    for key in (
+        "scenario",
+        "offered_ops_s",
+        "acked_ops_s",
+        "fanout_ms",
+        "ack_ms",
+        "errors",
+        "lost",
+        "converged",
+        "server",
+        "loadgen",
+        "steps",
+    ):
+        assert key in report
+    assert set(report["fanout_ms"]) >= {"p50", "p95", "p99", "max"}
+    assert report["acked_ops_s"] == 100.0
+    assert report["server"]["cpu_s"] == 1.5
+    assert report["server"]["cpu_us_per_op"] == 1500.0
+    assert report["loadgen"]["cpu_us_per_op"] == 250.0
+    assert report["steps"][0]["slo"]["failed"] == ["fanout_p99_ms 20 > 10"]
+    assert report["best"] is None
+
+
+def test_slo_failures_cover_loss_convergence_and_thresholds() -> None:
+    """Lost ops, divergence, connection failures and missed thresholds each fail a step."""
+    r = run_report(parse({"name": "t", "writers": 1}), [_outcome(connect_failed=2)], {})
+    step = r["steps"][0]
+    step["lost"] = 3
+    step["converged"] = False
+    failed = slo_failures(Slo(fanout_p99_ms=100, min_acked_ops_s=1), step, has_writers=True)
+    assert failed == [
+        "lost 3 acknowledged edits",
+        "clients did not converge",
+        "2 connection failures",
+        "min_acked_ops_s 0 < 1",
+    ]
+
+
+def test_window_membership_is_half_open() -> None:
+    """The measured window includes its start and excludes its end."""
+    w = Window(10, 20)
+    assert 10 in w and 19 in w and 20 not in w and 9 not in w
+    assert w.seconds == 1e-8
+
+
+def test_filler_text_has_no_brackets_and_the_size_asked() -> None:
+    """Initial texts are deterministic, exactly sized and free of stamp brackets."""
+    text = filler_text(10_000, 3)
+    assert len(text) == 10_000 and text == filler_text(10_000, 3)
+    assert "[" not in text and "]" not in text
+    assert filler_text(0, 1) == ""
+
+
+# --- /proc accounting ---------------------------------------------------------------------
+
+
+def test_proc_reads_this_process() -> None:
+    """read() parses our own stat: pid, parent, start time, some CPU and memory."""
+    st_ = procstat.read(os.getpid())
+    assert st_ is not None
+    assert (st_.pid, st_.ppid) == (os.getpid(), os.getppid())
+    assert st_.rss_bytes > 0 and st_.self_ticks >= 0
+    assert procstat.read(2**22 + 7) is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "serve"),
+    [
+        (["/x/.venv/bin/python", "/x/.venv/bin/coscribe", "serve", "--port", "1"], True),
+        (["python", "-m", "ops.cli", "serve"], True),
+        (["/x/.venv/bin/coscribe", "loadtest", "serve.toml"], False),
+        (["/x/.venv/bin/coscribe", "token", "serve"], True),
+        (["postgres: checkpointer"], False),
+    ],
+)
+def test_coscribe_serve_is_recognised_by_argv(argv: list[str], serve: bool) -> None:
+    """Server discovery by command line matches ``coscribe serve`` however started."""
+    assert procstat.is_coscribe_serve(argv) is serve
+
+
+def test_cpu_account_counts_a_reaped_child_once() -> None:
+    """A grandchild that burns CPU and is reaped inside the window is charged once, in full."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
+    parent_code = (
+        "import subprocess, sys, time\n"
+        f"subprocess.run([sys.executable, '-c', {burn!r}])\n"
+        "print('done', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE)
+    try:
+        account = procstat.CpuAccount(roots={"gateway": {parent.pid}}, databases=False)
+        account.begin()
+        time.sleep(0.2)
+        account.sample()  # the grandchild is (most likely) seen running
+        assert parent.stdout is not None
+        assert parent.stdout.readline() == b"done\n"
+        account.sample()  # ...and now it is gone, its time in the parent's cutime
+        cpu = account.cpu_seconds()["gateway"]
+    finally:
+        parent.kill()
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+    assert 0.35 <= cpu <= 0.8
+    assert account.peak_rss["gateway"] > 0
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="coscribe")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_register_adds_the_issue_flags() -> None:
+    """``coscribe loadtest`` takes the scenario, --url, --json, --procs, --server-pid, --plot."""
+    args = _parse(
+        [
+            *("loadtest", "s.toml", "--url", "http://127.0.0.1:1", "--json", "o.json"),
+            *("--procs", "3", "--server-pid", "10", "11", "--server-pid", "12", "--plot", "p.png"),
+        ]
+    )
+    assert args.scenario == "s.toml" and args.procs == 3
+    assert args.server_pids == [10, 11, 12]
+    assert (args.json_out, args.plot) == (Path("o.json"), Path("p.png"))
+    assert callable(args.func)
+
+
+def test_secret_comes_from_flag_env_or_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--secret wins, then COSCRIBE_SECRET, then <data-dir>/secret; none is an error."""
+    monkeypatch.delenv("COSCRIBE_SECRET", raising=False)
+    monkeypatch.delenv("COSCRIBE_DATA_DIR", raising=False)
+    with pytest.raises(ValueError, match="no secret"):
+        resolve_secret(None, tmp_path)
+    assert not (tmp_path / "secret").exists()  # never invents one
+    (tmp_path / "secret").write_text("abc\n")
+    assert resolve_secret(None, tmp_path) == b"abc"
+    monkeypatch.setenv("COSCRIBE_SECRET", "env")
+    assert resolve_secret(None, tmp_path) == b"env"
+    assert resolve_secret("flag", tmp_path) == b"flag"
+
+
+def test_bad_arguments_exit_2(tmp_path: Path) -> None:
+    """A missing scenario or a non-loopback URL fails fast with status 2, sending nothing."""
+    args = _parse(["loadtest", str(tmp_path / "none.toml"), "--secret", "s"])
+    assert args.func(args) == 2
+    args = _parse(["loadtest", "standard", "--secret", "s", "--url", "http://10.1.2.3:80"])
+    assert args.func(args) == 2
+
+
+# --- a real server ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not become healthy")
+
+
+COSCRIBE = shutil.which("coscribe", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    COSCRIBE is None or not (ROOT / "gateway" / "app.py").exists(),
+    reason="needs the coscribe server (gateway/app.py and the coscribe script)",
+)
+def test_tiny_run_against_a_real_server(tmp_path: Path) -> None:
+    """A 2-second run on a real embedded server: report keys present, converged, nothing lost."""
+    assert COSCRIBE is not None
+    port = _free_port()
+    data = tmp_path / "data"
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(
+        'name = "tiny"\ndocuments = 2\nwriters = 3\nobservers = 2\nfull = 2\n'
+        'op_interval_ms = 50\nprotocol = "mixed"\nwarmup_s = 0.5\nmeasure_s = 2\n'
+        "presence_interval_s = 0.5\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSCRIBE_")}
+    server = subprocess.Popen(
+        [COSCRIBE, "serve", "--port", str(port), "--data-dir", str(data)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_healthy(port, server)
+        out = tmp_path / "report.json"
+        run = subprocess.run(
+            [
+                *(sys.executable, "-m", "ops.loadtest", str(scenario), "--procs", "1"),
+                *("--url", f"http://127.0.0.1:{port}", "--data-dir", str(data), "--json", str(out)),
+            ],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr.decode()[-2000:]
+        report = json.loads(out.read_text())
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    for key in ("scenario", "offered_ops_s", "acked_ops_s", "errors", "steps"):
+        assert key in report
+    for key in ("fanout_ms", "ack_ms"):
+        assert set(report[key]) >= {"p50", "p95", "p99", "max"}
+    assert set(report["server"]) >= {"cpu_s", "peak_rss_mb", "cpu_us_per_op"}
+    assert set(report["loadgen"]) >= {"cpu_s", "cpu_us_per_op"}
+    assert report["converged"] is True
+    assert report["lost"] == 0
+    assert report["sessions"]["joined"] == 10
+    assert report["acked_ops_s"] > 0 and report["fanout_ms"]["count"] > 0
+    assert report["convergence"]["checked_clients"] == 4
+    assert report["server"]["cpu_s"] is not None  # found the server by its port
