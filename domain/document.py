@@ -21,7 +21,7 @@ import json
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from eventsourcing.domain import Aggregate
 
@@ -156,6 +156,62 @@ class Document(Aggregate):
             aggregate.members.pop(self.user, None)
             aggregate._touch(self)
 
+    class ContextItemAdded(Event):
+        """A note, reference or snippet was attached to the document as ``item``.
+
+        ``position`` orders the items of a document (ties by the order they were added).
+        """
+
+        item: str
+        kind: str
+        title: str
+        body: str
+        position: int
+        by: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            """Attach the item."""
+            assert isinstance(aggregate, Document)
+            aggregate.context_items[self.item] = {
+                "kind": self.kind,
+                "title": self.title,
+                "body": self.body,
+                "position": self.position,
+            }
+            aggregate._touch(self)
+
+    class ContextItemUpdated(Event):
+        """Some fields of ``item`` changed; a field that is None kept its value."""
+
+        item: str
+        kind: str | None
+        title: str | None
+        body: str | None
+        position: int | None
+        by: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            """Change the given fields."""
+            assert isinstance(aggregate, Document)
+            fields = aggregate.context_items[self.item]
+            for name in ("kind", "title", "body", "position"):
+                value = getattr(self, name)
+                if value is not None:
+                    fields[name] = value
+            aggregate._touch(self)
+
+    class ContextItemRemoved(Event):
+        """``item`` was detached."""
+
+        item: str
+        by: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            """Detach the item."""
+            assert isinstance(aggregate, Document)
+            aggregate.context_items.pop(self.item, None)
+            aggregate._touch(self)
+
     def __init__(self, title: str, text: str, owner: str, h: bytes) -> None:
         self.title = title
         self.text = text
@@ -251,6 +307,64 @@ class Document(Aggregate):
             raise NotFound(f"{user!r} is not a member")
         self._trigger(self.MemberRemoved, user=user, by=by)
 
+    @property
+    def context_items(self) -> dict[str, dict[str, Any]]:
+        """The attached context items by id: ``{"kind", "title", "body", "position"}`` each."""
+        items: dict[str, dict[str, Any]] = self.__dict__.setdefault("_context_items", {})
+        return items
+
+    def add_context_item(
+        self, kind: str, title: str, body: str, by: str, position: int | None = None
+    ) -> str:
+        """Attach a note, reference or snippet (owner and editors); returns its new id.
+
+        Without ``position`` the item goes after every other one.
+        """
+        self.require_write(by)
+        if position is None:
+            position = 1 + max((i["position"] for i in self.context_items.values()), default=-1)
+        item = str(uuid4())
+        self._trigger(
+            self.ContextItemAdded,
+            item=item,
+            kind=_check_kind(kind),
+            title=_check_text("title", title, MAX_TITLE_CHARS),
+            body=_check_text("body", body, MAX_CONTEXT_BODY_CHARS),
+            position=_check_position(position),
+            by=by,
+        )
+        return item
+
+    def update_context_item(
+        self,
+        item: str,
+        by: str,
+        kind: str | None = None,
+        title: str | None = None,
+        body: str | None = None,
+        position: int | None = None,
+    ) -> None:
+        """Change the fields given of ``item`` (owner and editors)."""
+        self.require_write(by)
+        if item not in self.context_items:
+            raise NotFound("no such context item")
+        self._trigger(
+            self.ContextItemUpdated,
+            item=item,
+            kind=None if kind is None else _check_kind(kind),
+            title=None if title is None else _check_text("title", title, MAX_TITLE_CHARS),
+            body=None if body is None else _check_text("body", body, MAX_CONTEXT_BODY_CHARS),
+            position=None if position is None else _check_position(position),
+            by=by,
+        )
+
+    def remove_context_item(self, item: str, by: str) -> None:
+        """Detach ``item`` (owner and editors)."""
+        self.require_write(by)
+        if item not in self.context_items:
+            raise NotFound("no such context item")
+        self._trigger(self.ContextItemRemoved, item=item, by=by)
+
     def committed_seq(self, client: str, seq: int) -> int | None:
         """The version an op of ``client`` with ``seq`` produced, if it was the latest one.
 
@@ -287,6 +401,37 @@ class Document(Aggregate):
 
     def _touch(self, e: Document.Event) -> None:
         self.h = e.h
+
+
+CONTEXT_KINDS = frozenset({"note", "reference", "snippet"})
+"""The kinds of context item a document accepts."""
+MAX_CONTEXT_BODY_CHARS = 64 << 10
+"""Longest context item body accepted, in code points."""
+MAX_CONTEXT_POSITION = 1 << 31
+"""Positions of context items are in ``0..MAX_CONTEXT_POSITION``."""
+
+
+def _check_kind(kind: object) -> str:
+    if kind not in CONTEXT_KINDS:
+        raise Invalid(f"kind must be one of {', '.join(sorted(CONTEXT_KINDS))}")
+    assert isinstance(kind, str)
+    return kind
+
+
+def _check_text(name: str, value: object, limit: int) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"{name} must be a string")
+    if len(value) > limit:
+        raise TooLarge(f"{name} is longer than {limit} characters")
+    return value
+
+
+def _check_position(position: object) -> int:
+    if not isinstance(position, int) or isinstance(position, bool):
+        raise Invalid("position must be an integer")
+    if not 0 <= position <= MAX_CONTEXT_POSITION:
+        raise Invalid(f"position must be in 0..{MAX_CONTEXT_POSITION}")
+    return position
 
 
 __all__ = ["GENESIS", "Document", "NotFound", "Role", "chain_hash"]

@@ -1,0 +1,741 @@
+"""The read side over HTTP: document lists, history, time travel, analytics, context items.
+
+``extension`` (see ``gateway.app.Services.extensions``) mounts the routes and, unless told not
+to, runs the projections in this process (``projections.follower``). Routes are listed in
+``schema/read_models.md``. Handlers are thin: SQL lives in ``projections.queries``, history
+arithmetic in ``projections.history``; both run on reader threads, never on the loop.
+
+Read-your-writes: a handler that reads a read model first waits (up to ``FRESH_SECONDS``)
+until the projections have taken in every event committed before the request arrived, so a
+client sees its own writes. If they are further behind, the answer is served anyway with
+header ``X-Projection-Lag`` (events not yet in it).
+
+Access: list and analytics queries join ``rm_members`` on the caller; routes about one
+document check the caller's role on the document itself (its room), like ``gateway.http``.
+Non-members get 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import orjson
+from aiohttp import web
+
+from domain.document import Document
+from domain.errors import BadVersion, DomainError, Invalid, NotFound, TooLarge
+from gateway.room import Room, Submission
+from gateway.rooms import Rooms
+from gateway.store import Store, StoreConfig
+from projections import history, queries
+from projections.cache import ReadCache
+from projections.db import ReadDB, ReadDBConfig, open_db
+from projections.follower import Follower
+from projections.registry import MODELS
+from projections.runner import Runner
+from projections.sql import iso
+
+log = logging.getLogger(__name__)
+
+FRESH_SECONDS = 2.0
+"""Longest a read waits for the projections to catch up with the request's writes."""
+MAX_PAGE = 500
+"""Most rows one page of a list returns."""
+MAX_BULK = 1000
+"""Most documents one ``POST /v1/documents:bulk`` creates."""
+MAX_BATCH_GET = 100
+"""Most ids one ``POST /v1/documents:batch-get`` reads."""
+MAX_BUCKETS = 24 * 93
+"""Most buckets one analytics series returns."""
+STATIC = Path(__file__).parent / "static"
+
+
+# -- wiring -------------------------------------------------------------------------------
+
+
+class StoreSource:
+    """The event store's notification log, decoded with the application's mapper."""
+
+    def __init__(self, store: Store) -> None:
+        self.recorder = store.app.recorder
+        self.mapper = store.app.mapper
+
+    def read(self, after: int, limit: int) -> list[tuple[int, Any]]:
+        """Up to ``limit`` events with notification id > ``after``, in order."""
+        notes = self.recorder.select_notifications(after, limit, inclusive_of_start=False)
+        return [(n.id, self.mapper.to_domain_event(n)) for n in notes]
+
+    def head(self) -> int:
+        """The highest notification id (0 for an empty store)."""
+        return int(self.recorder.max_notification_id() or 0)
+
+
+def read_db_config(cfg: StoreConfig) -> ReadDBConfig:
+    """Read models next to the events: the same Postgres schema, or ``readmodels.sqlite``."""
+    if cfg.database_url:
+        return ReadDBConfig(database_url=cfg.database_url, schema=cfg.database_schema or "public")
+    return ReadDBConfig(sqlite_path=cfg.data_dir / "readmodels.sqlite")
+
+
+class ReadModels:
+    """The read side of one process: the read-model database, the runner, the caches."""
+
+    def __init__(self, store: Store, db: ReadDB, cache: ReadCache, run: bool = True) -> None:
+        self.store = store
+        self.db = db
+        self.cache = cache
+        self.source = StoreSource(store)
+        self.runner = Runner(db, self.source, MODELS)
+        self.follower = Follower(self.runner, invalidate=cache.invalidate)
+        self.run = run
+        self.reader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readmodels")
+
+    async def start(self) -> None:
+        """Create the tables and start following the log (when running projections here)."""
+        if self.run:
+            await self.follower.start()
+
+    async def close(self) -> None:
+        """Stop the runner, then release connections and threads."""
+        if self.run:
+            await self.follower.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self._close_sync)
+
+    def _close_sync(self) -> None:
+        self.reader.shutdown(wait=True, cancel_futures=True)
+        self.db.close()
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a synchronous read on a reader thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.reader, fn, *args)
+
+    async def head(self) -> int:
+        """The store's latest notification id."""
+        return int(await self.call(self.source.head))
+
+    async def position(self) -> int:
+        """How far every read model got (this runner's view, or the tracking table's)."""
+        if self.run:
+            return self.follower.position
+        rows = await self.call(queries.tracking, self.db)
+        names = {m.name for m in MODELS}
+        return min((int(r["position"]) for r in rows if r["name"] in names), default=0)
+
+    async def fresh(self, response_headers: dict[str, str] | None = None) -> int:
+        """Wait until the read models hold every event committed so far; returns the lag."""
+        head = await self.head()
+        if self.run:
+            ok = await self.follower.wait_for(head, FRESH_SECONDS)
+            lag = 0 if ok else head - self.follower.position
+        else:
+            # Another process runs the projections: poll its tracking rows.
+            for _ in range(int(FRESH_SECONDS / 0.02)):
+                lag = head - await self.position()
+                if lag <= 0:
+                    break
+                await asyncio.sleep(0.02)
+        if response_headers is not None and lag > 0:
+            response_headers["X-Projection-Lag"] = str(lag)
+        return max(lag, 0)
+
+
+READMODELS = web.AppKey("readmodels", ReadModels)
+"""The app's ``ReadModels`` (set while the app runs)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Extension:
+    """Mounts the read side on an app; an instance is what ``Services.extensions`` takes.
+
+    ``run_projections=False`` serves the routes from tables another process keeps up to date
+    (``coscribe projections run``). ``redis_url`` adds Redis as the cache's second level and
+    carries invalidations across processes.
+    """
+
+    run_projections: bool = True
+    redis_url: str | None = None
+    redis_prefix: str = "coscribe:"
+
+    def __call__(self, app: web.Application) -> None:
+        """Add the routes, the dashboard and the runner's lifecycle to ``app``."""
+        add_routes(app)
+        app.middlewares.insert(0, _dashboard_middleware)
+        app.cleanup_ctx.append(self._lifecycle)
+
+    async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        rooms: Rooms = app["rooms"]
+        store = rooms.store
+        db = await asyncio.get_running_loop().run_in_executor(
+            None, open_db, read_db_config(store.cfg)
+        )
+        cache = ReadCache(redis_url=self.redis_url, prefix=self.redis_prefix)
+        await cache.start()
+        rm = ReadModels(store, db, cache, run=self.run_projections)
+        app[READMODELS] = rm
+        await rm.start()
+        try:
+            yield
+        finally:
+            await rm.close()
+            await cache.close()
+
+
+extension = Extension()
+"""The default: projections in this process, memory cache only."""
+
+
+# -- request helpers ------------------------------------------------------------------------
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def _rm(request: web.Request) -> ReadModels:
+    return request.app[READMODELS]
+
+
+def _doc_id(request: web.Request) -> UUID:
+    try:
+        return UUID(request.match_info["id"])
+    except ValueError:
+        raise NotFound("no such document") from None
+
+
+def _int(request: web.Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise Invalid(f"{name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise Invalid(f"{name} must be in {lo}..{hi}")
+    return value
+
+
+async def _body(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError as exc:
+        raise Invalid(f"body is not JSON: {exc}") from None
+
+
+async def _object(request: web.Request) -> dict[str, Any]:
+    body = await _body(request)
+    if not isinstance(body, dict):
+        raise Invalid("body must be a JSON object")
+    return body
+
+
+def encode_cursor(kind: str, key: int) -> str:
+    """An opaque cursor for the next page after the row with ``key``."""
+    raw = orjson.dumps({"k": kind, "p": key})
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None, kind: str) -> int | None:
+    """The key a cursor made by ``encode_cursor(kind, ...)`` carries; raise if not one."""
+    if not cursor:
+        return None
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        key = data["p"]
+        if data["k"] != kind or not isinstance(key, int) or isinstance(key, bool):
+            raise ValueError(cursor)
+    except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+        raise Invalid("cursor is not one this list gave out") from None
+    return int(key)
+
+
+async def _readable_room(request: web.Request) -> Room:
+    rooms: Rooms = request.app["rooms"]
+    room = await rooms.get(_doc_id(request))
+    if room is None or not room.doc.can_read(request["user"]):
+        raise NotFound("no such document")
+    return room
+
+
+async def _command(room: Room, user: str, command: Callable[[Document], Any]) -> Any:
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    room.submit(Submission(kind="command", by=user, future=fut, command=command))
+    return await fut
+
+
+async def _events(request: web.Request, doc_id: UUID) -> list[Any]:
+    store: Store = request.app["rooms"].store
+    loop = asyncio.get_running_loop()
+    return list(await loop.run_in_executor(store.reader, store.events_after, doc_id, 0))
+
+
+def parse_time(raw: str, name: str) -> datetime:
+    """An ISO 8601 time (``Z`` or an offset; naive means UTC) as an aware datetime."""
+    try:
+        ts = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise Invalid(f"{name} must be an ISO 8601 time") from None
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+def _doc_item(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "title": row["title"],
+        "owner": row["owner"],
+        "role": row["role"],
+        "version": int(row["version"]),
+        "length": int(row["length"]),
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "last_editor": row["last_editor"],
+    }
+
+
+# -- documents ------------------------------------------------------------------------------
+
+
+async def list_documents(request: web.Request) -> web.Response:
+    """``GET /v1/documents?limit=&cursor=&q=&order=created|updated``: readable, newest first."""
+    rm = _rm(request)
+    order = request.query.get("order", "created")
+    if order not in ("created", "updated"):
+        raise Invalid("order must be 'created' or 'updated'")
+    limit = _int(request, "limit", 50, 1, MAX_PAGE)
+    assert limit is not None
+    before = decode_cursor(request.query.get("cursor"), order)
+    q = request.query.get("q") or None
+    if q is not None and len(q) > 200:
+        raise TooLarge("q is longer than 200 characters")
+    headers: dict[str, str] = {}
+    await rm.fresh(headers)
+    rows = await rm.call(
+        queries.list_documents, rm.db, request["user"], order, before, limit + 1, q
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    key = "created_pos" if order == "created" else "updated_pos"
+    next_cursor = encode_cursor(order, int(rows[-1][key])) if more else None
+    return _json({"items": [_doc_item(r) for r in rows], "next_cursor": next_cursor},
+                 headers=headers)
+
+
+async def bulk_create(request: web.Request) -> web.Response:
+    """``POST /v1/documents:bulk {"documents": [{"title", "text"?}]}``: one transaction."""
+    body = await _object(request)
+    specs = body.get("documents")
+    if not isinstance(specs, list) or not specs:
+        raise Invalid("'documents' must be a non-empty list")
+    if len(specs) > MAX_BULK:
+        raise TooLarge(f"at most {MAX_BULK} documents per request")
+    user = request["user"]
+    docs: list[Document] = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise Invalid(f"documents[{i}] must be an object")
+        title, text = spec.get("title"), spec.get("text", "")
+        if not isinstance(title, str) or not isinstance(text, str):
+            raise Invalid(f"documents[{i}]: 'title' and 'text' must be strings")
+        try:
+            docs.append(Document.create(title=title, text=text, owner=user))
+        except DomainError as exc:
+            raise type(exc)(f"documents[{i}]: {exc.message}") from None
+    events = [e for d in docs for e in d.collect_events()]
+    store: Store = request.app["rooms"].store
+    await asyncio.get_running_loop().run_in_executor(None, store.save, events)
+    items = [
+        {"id": str(d.id), "title": d.title, "version": 0, "owner": d.owner,
+         "created_at": iso(d.created_at)}
+        for d in docs
+    ]
+    return _json({"items": items}, status=201)
+
+
+async def batch_get(request: web.Request) -> web.Response:
+    """``POST /v1/documents:batch-get {"ids": [...]}``: each readable one, as GET returns it."""
+    body = await _object(request)
+    ids = body.get("ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise Invalid("'ids' must be a list of strings")
+    if len(ids) > MAX_BATCH_GET:
+        raise TooLarge(f"at most {MAX_BATCH_GET} ids per request")
+    rooms: Rooms = request.app["rooms"]
+    user = request["user"]
+
+    async def one(raw: str) -> dict[str, Any] | None:
+        try:
+            doc_id = UUID(raw)
+        except ValueError:
+            return None
+        room = await rooms.get(doc_id)
+        if room is None or not room.doc.can_read(user):
+            return None
+        return dict(room.snapshot.as_json())
+
+    found = await asyncio.gather(*(one(i) for i in dict.fromkeys(ids)))
+    items = [f for f in found if f is not None]
+    got = {f["id"] for f in items}
+    missing = [i for i in dict.fromkeys(ids) if i not in got]
+    return _json({"items": items, "missing": missing})
+
+
+# -- projections ----------------------------------------------------------------------------
+
+
+async def projections_status(request: web.Request) -> web.Response:
+    """``GET /v1/projections``: the log's head and each read model's position and lag."""
+    rm = _rm(request)
+    head = await rm.head()
+    rows = {r["name"]: r for r in await rm.call(queries.tracking, rm.db)}
+    out = []
+    now = time.time()
+    for model in MODELS:
+        row = rows.get(model.name)
+        position = int(row["position"]) if row else 0
+        if rm.run and rm.follower.position > position:
+            position = rm.follower.position
+        lag = max(head - position, 0)
+        lag_seconds = 0.0
+        if lag:
+            nxt = await rm.call(rm.source.read, position, 1)
+            if nxt:
+                lag_seconds = max(0.0, round(now - nxt[0][1].timestamp.timestamp(), 3))
+        item: dict[str, Any] = {"name": model.name, "position": position, "lag": lag,
+                                "lag_seconds": lag_seconds}
+        if rm.run and rm.follower.last_error:
+            item["error"] = rm.follower.last_error
+        out.append(item)
+    rebuilding = sorted(n for n in rows if n.endswith("__next"))
+    data: dict[str, Any] = {"head": head, "projections": out}
+    if rebuilding:
+        data["rebuilding"] = [
+            {"name": n.removesuffix("__next"), "position": int(rows[n]["position"])}
+            for n in rebuilding
+        ]
+    data["cache"] = rm.cache.stats()
+    return _json(data)
+
+
+# -- one document's past --------------------------------------------------------------------
+
+
+async def time_travel(request: web.Request) -> web.Response:
+    """``GET /v1/documents/{id}?at=V|ISO``: the document as it was at version V or that time.
+
+    Called by ``gateway.http.get_document`` when ``at`` is present. Non-members get 404;
+    ``at`` before the document existed is 404 too; a version past the current one is 400
+    ``bad_version``.
+    """
+    room = await _readable_room(request)
+    raw = request.query.get("at", "")
+    version: int | None = None
+    when: datetime | None = None
+    if raw.isdigit():
+        version = int(raw)
+        if version > room.snapshot.v:
+            raise BadVersion(f"version {version} is past the current {room.snapshot.v}")
+    else:
+        when = parse_time(raw, "at")
+    rm = _rm(request)
+
+    async def compute() -> dict[str, Any]:
+        events = await _events(request, room.id)
+        state = await rm.call(history.state_at, events, version, when)
+        if state is None:
+            raise NotFound("the document did not exist at that time")
+        return {
+            "id": state.id,
+            "title": state.title,
+            "text": state.text,
+            "version": state.version,
+            "owner": state.owner,
+            "created_at": iso(state.created_at),
+            "updated_at": iso(state.updated_at),
+        }
+
+    if version is not None:  # a version's state never changes: cache it
+        data = await rm.cache.fetch(f"tt:{room.id}:{version}", (), compute)
+    else:
+        data = await compute()
+    return _json({**data, "at": raw})
+
+
+async def document_history(request: web.Request) -> web.Response:
+    """``GET /v1/documents/{id}/history?cursor=&limit=``: audit rows, newest first."""
+    room = await _readable_room(request)
+    rm = _rm(request)
+    limit = _int(request, "limit", 50, 1, MAX_PAGE)
+    assert limit is not None
+    before = decode_cursor(request.query.get("cursor"), "history")
+    headers: dict[str, str] = {}
+    await rm.fresh(headers)
+    rows = await rm.call(queries.history, rm.db, str(room.id), before, limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = [
+        {"position": int(r["position"]), "at": r["at"], "actor": r["actor"],
+         "action": r["action"], "version": int(r["version"]),
+         "event_version": int(r["event_version"]), "summary": r["summary"], "hash": r["hash"]}
+        for r in rows
+    ]
+    nxt = encode_cursor("history", items[-1]["position"]) if more else None
+    return _json({"items": items, "next_cursor": nxt}, headers=headers)
+
+
+async def document_diff(request: web.Request) -> web.Response:
+    """``GET /v1/documents/{id}/diff?from=V1&to=V2``: composed op and a readable diff."""
+    room = await _readable_room(request)
+    current = room.snapshot.v
+    v1 = _int(request, "from", 0, 0, current)
+    v2 = _int(request, "to", current, 0, current)
+    assert v1 is not None and v2 is not None
+    if v1 > v2:
+        raise Invalid("from must not be after to")
+    rm = _rm(request)
+
+    async def compute() -> dict[str, Any]:
+        events = await _events(request, room.id)
+        result: dict[str, Any] = await rm.call(_diff, events, v1, v2)
+        return result
+
+    return _json(await rm.cache.fetch(f"diff:{room.id}:{v1}:{v2}", (), compute))
+
+
+def _diff(events: Sequence[Any], v1: int, v2: int) -> dict[str, Any]:
+    before = history.state_at(events, v1)
+    assert before is not None
+    op = history.compose_all([e.op for e in history.edits_between(events, v1, v2)])
+    return {"from": v1, "to": v2, "op": op, "diff": history.readable_diff(before.text, op)}
+
+
+async def document_blame(request: web.Request) -> web.Response:
+    """``GET /v1/documents/{id}/blame[?at=V]``: the text as spans with author and version."""
+    room = await _readable_room(request)
+    current = room.snapshot.v
+    v = _int(request, "at", current, 0, current)
+    assert v is not None
+    rm = _rm(request)
+
+    async def compute() -> dict[str, Any]:
+        events = await _events(request, room.id)
+        upto = [e for e in events if not isinstance(e, Document.Edited) or e.v <= v]
+        spans = await rm.call(history.blame, upto)
+        return {"version": v, "spans": [{"text": s.text, "by": s.by, "v": s.v} for s in spans]}
+
+    return _json(await rm.cache.fetch(f"blame:{room.id}:{v}", (), compute))
+
+
+# -- context items --------------------------------------------------------------------------
+
+
+def _item(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["item_id"],
+        "kind": row["kind"],
+        "title": row["title"],
+        "body": row["body"],
+        "position": int(row["position"]),
+        "created_by": row["created_by"],
+        "created_at": row["created_at"],
+        "updated_by": row["updated_by"],
+        "updated_at": row["updated_at"],
+    }
+
+
+async def _context_item(rm: ReadModels, doc: UUID, item: str) -> dict[str, Any]:
+    await rm.fresh()
+    rows = await rm.call(queries.context_items, rm.db, str(doc), item)
+    if not rows:
+        raise NotFound("no such context item")
+    return _item(rows[0])
+
+
+async def add_context(request: web.Request) -> web.Response:
+    """``POST /v1/documents/{id}/context {"kind", "title", "body", "position"?}`` -> 201."""
+    room = await _readable_room(request)
+    body = await _object(request)
+    user = request["user"]
+    # The aggregate checks every field (types included) and answers with a domain error.
+    kind: Any = body.get("kind")
+    title: Any = body.get("title", "")
+    text: Any = body.get("body", "")
+    position: Any = body.get("position")
+    item = await _command(
+        room, user, lambda d: d.add_context_item(kind, title, text, user, position)
+    )
+    return _json(await _context_item(_rm(request), room.id, item), status=201)
+
+
+async def list_context(request: web.Request) -> web.Response:
+    """``GET /v1/documents/{id}/context``: ``{"items": [...]}`` in position order."""
+    room = await _readable_room(request)
+    rm = _rm(request)
+    headers: dict[str, str] = {}
+    await rm.fresh(headers)
+    rows = await rm.call(queries.context_items, rm.db, str(room.id))
+    return _json({"items": [_item(r) for r in rows]}, headers=headers)
+
+
+async def update_context(request: web.Request) -> web.Response:
+    """``PATCH /v1/documents/{id}/context/{item}`` with any of kind, title, body, position."""
+    room = await _readable_room(request)
+    body = await _object(request)
+    item = request.match_info["item"]
+    user = request["user"]
+    fields = {k: body[k] for k in ("kind", "title", "body", "position") if k in body}
+    if any(v is None for v in fields.values()):
+        raise Invalid("fields cannot be set to null")
+    await _command(room, user, lambda d: d.update_context_item(item, user, **fields))
+    return _json(await _context_item(_rm(request), room.id, item))
+
+
+async def remove_context(request: web.Request) -> web.Response:
+    """``DELETE /v1/documents/{id}/context/{item}`` -> 204."""
+    room = await _readable_room(request)
+    item = request.match_info["item"]
+    user = request["user"]
+    await _command(room, user, lambda d: d.remove_context_item(item, user))
+    return web.Response(status=204)
+
+
+# -- analytics ------------------------------------------------------------------------------
+
+
+def _floor(ts: datetime, bucket: str) -> datetime:
+    ts = ts.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    return ts.replace(hour=0) if bucket == "day" else ts
+
+
+def _range(request: web.Request, bucket: str) -> tuple[datetime, datetime]:
+    step = timedelta(hours=1) if bucket == "hour" else timedelta(days=1)
+    raw_to, raw_from = request.query.get("to"), request.query.get("from")
+    end = parse_time(raw_to, "to") if raw_to else datetime.now(UTC)
+    start = parse_time(raw_from, "from") if raw_from else end - (
+        timedelta(hours=24) if bucket == "hour" else timedelta(days=30)
+    )
+    start = _floor(start, bucket)
+    end = _floor(end, bucket) + step if _floor(end, bucket) != end else end
+    if start >= end:
+        raise Invalid("from must be before to")
+    if (end - start) / step > MAX_BUCKETS:
+        raise Invalid(f"at most {MAX_BUCKETS} buckets per series")
+    return start, end
+
+
+def _bucket(request: web.Request) -> str:
+    bucket = request.query.get("bucket", "hour")
+    if bucket not in ("hour", "day"):
+        raise Invalid("bucket must be 'hour' or 'day'")
+    return bucket
+
+
+FIGURES = ("edits", "chars_inserted", "chars_deleted", "active_users", "documents_created")
+"""The figures of each bucket of an analytics series."""
+
+
+async def _series(rm: ReadModels, scope: queries.Scope, request: web.Request) -> dict[str, Any]:
+    bucket = _bucket(request)
+    start, end = _range(request, bucket)
+    await rm.fresh()
+    key = f"an:{scope.user}:{scope.document}:{bucket}:{iso(start)}:{iso(end)}"
+    tag = f"an-doc:{scope.document}" if scope.document else "an-all"
+
+    async def compute() -> dict[str, Any]:
+        found = await rm.call(queries.series, rm.db, scope, bucket, iso(start), iso(end))
+        step = timedelta(hours=1) if bucket == "hour" else timedelta(days=1)
+        out = []
+        t = start
+        while t < end:
+            at = iso(t)
+            row = found.get(at, {})
+            out.append({"at": at, **{f: int(row.get(f, 0)) for f in FIGURES}})
+            t += step
+        return {"bucket": bucket, "from": iso(start), "to": iso(end), "series": out}
+
+    return dict(await rm.cache.fetch(key, (tag,), compute))
+
+
+async def analytics_overview(request: web.Request) -> web.Response:
+    """``GET /v1/analytics/overview?from=&to=&bucket=hour|day`` over readable documents."""
+    rm = _rm(request)
+    return _json(await _series(rm, queries.Scope(request["user"]), request))
+
+
+async def analytics_document(request: web.Request) -> web.Response:
+    """``GET /v1/analytics/documents/{id}?from=&to=&bucket=``: one document's series."""
+    room = await _readable_room(request)
+    rm = _rm(request)
+    data = await _series(rm, queries.Scope(request["user"], str(room.id)), request)
+    data["document"] = str(room.id)
+    return _json(data)
+
+
+async def analytics_top(request: web.Request) -> web.Response:
+    """``GET /v1/analytics/top-documents?from=&to=&limit=``: most edited readable documents."""
+    rm = _rm(request)
+    start, end = _range(request, "hour")
+    limit = _int(request, "limit", 10, 1, 100)
+    assert limit is not None
+    await rm.fresh()
+    user = request["user"]
+    key = f"top:{user}:{iso(start)}:{iso(end)}:{limit}"
+
+    async def compute() -> dict[str, Any]:
+        rows = await rm.call(queries.top_documents, rm.db, user, iso(start), iso(end), limit)
+        return {"from": iso(start), "to": iso(end), "items": rows}
+
+    return _json(await rm.cache.fetch(key, ("an-all",), compute))
+
+
+# -- dashboard ------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _dashboard_middleware(
+    request: web.Request, handler: Callable[[web.Request], Any]
+) -> web.StreamResponse:
+    """Serve the static dashboard page without a token (its API calls send one).
+
+    Outermost middleware, because the gateway's error middleware authenticates every other
+    path; the page itself holds no data.
+    """
+    if request.method == "GET" and request.path in ("/dashboard", "/dashboard/"):
+        return web.FileResponse(STATIC / "dashboard.html")
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the routes of this module (see ``schema/read_models.md``)."""
+    r = app.router
+    r.add_get("/v1/documents", list_documents)
+    r.add_post("/v1/documents:bulk", bulk_create)
+    r.add_post("/v1/documents:batch-get", batch_get)
+    r.add_get("/v1/projections", projections_status)
+    r.add_get("/v1/documents/{id}/history", document_history)
+    r.add_get("/v1/documents/{id}/diff", document_diff)
+    r.add_get("/v1/documents/{id}/blame", document_blame)
+    r.add_get("/v1/documents/{id}/context", list_context)
+    r.add_post("/v1/documents/{id}/context", add_context)
+    r.add_patch("/v1/documents/{id}/context/{item}", update_context)
+    r.add_delete("/v1/documents/{id}/context/{item}", remove_context)
+    r.add_get("/v1/analytics/overview", analytics_overview)
+    r.add_get("/v1/analytics/documents/{id}", analytics_document)
+    r.add_get("/v1/analytics/top-documents", analytics_top)
+
+
+__all__ = ["READMODELS", "Extension", "ReadModels", "extension", "time_travel"]
+

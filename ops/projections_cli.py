@@ -1,0 +1,315 @@
+"""``coscribe replay``, ``coscribe projections run``, ``coscribe audit verify|show``.
+
+``register(subparsers)`` adds them to the ``coscribe`` parser; ``python -m ops.projections_cli``
+runs them on their own. Each reads the same settings as ``serve`` (``COSCRIBE_*`` and the
+flags ``--data-dir``, ``--database-url``, ``--database-schema``, ``--redis-url``).
+
+Exit codes: 0 done; 1 ``audit verify`` found a broken chain; 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+from ops.settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    names = ("data_dir", "database_url", "database_schema", "redis_url", "log_level")
+    return Settings.load(overrides={n: getattr(args, n, None) for n in names})
+
+
+def _add_store_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="where the embedded store lives (./data)")
+    p.add_argument("--database-url", help="postgresql://... (default: SQLite in data dir)")
+    p.add_argument("--database-schema", help="Postgres schema of the tables (public)")
+
+
+def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The store, its log as an event source, and the read-model database."""
+    from gateway.readmodels import StoreSource, read_db_config
+    from gateway.store import Store
+    from ops.wiring import store_config
+    from projections.db import open_db
+
+    cfg = store_config(_settings(args))
+    store = Store(cfg)
+    return store, StoreSource(store), open_db(read_db_config(cfg))
+
+
+def _models(name: str | None) -> list[Any]:
+    from projections.registry import MODELS, by_name
+
+    if name is None:
+        return list(MODELS)
+    try:
+        return [by_name(name)]
+    except KeyError as exc:
+        raise SystemExit(f"coscribe: {exc.args[0]}") from None
+
+
+# -- replay -------------------------------------------------------------------------------
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Rebuild read models from the first event into fresh tables, then swap them in."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from projections.replay import rebuild
+
+    models = _models(args.projection)
+    store, source, db = _open(args)
+    try:
+        columns = (
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>9} ev/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, transient=False, disable=args.quiet) as bar:
+            for model in models:
+                task = bar.add_task(model.name, total=max(source.head(), 1), rate="-")
+
+                def progress(position: int, head: int, task: Any = task) -> None:
+                    t = bar.tasks[task]
+                    speed = t.speed or 0.0
+                    bar.update(task, completed=position, total=max(head, 1),
+                               rate=f"{speed:,.0f}")
+
+                result = rebuild(db, source, model, page_size=args.page, progress=progress)
+                bar.update(task, completed=result.position, total=max(result.position, 1),
+                           rate=f"{result.rate:,.0f}")
+                print(f"{model.name}: {result.events} events in {result.seconds:.2f}s "
+                      f"({result.rate:,.0f} events/s), swapped in at {result.position}",
+                      flush=True)
+    finally:
+        db.close()
+        store.close()
+    return 0
+
+
+# -- projections run ----------------------------------------------------------------------
+
+
+def _redis_bump(redis_url: str | None, prefix: str) -> Any:
+    """An observer that bumps the cache's tag generations in Redis (other processes' caches)."""
+    if not redis_url:
+        return None
+    import redis
+
+    from projections.cache import tags_for
+
+    client = redis.Redis.from_url(redis_url)
+
+    def observe(model: str, events: Sequence[tuple[int, Any]]) -> None:
+        tags = tags_for(model, events)
+        if tags:
+            pipe = client.pipeline(transaction=False)
+            for t in tags:
+                pipe.incr(f"{prefix}rm:gen:{t}")
+            pipe.execute()
+
+    return observe
+
+
+def cmd_projections_run(args: argparse.Namespace) -> int:
+    """Follow the log and keep the read models up to date until SIGTERM or Ctrl-C."""
+    from projections.runner import Runner
+
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(process)d %(name)s %(message)s")
+    log = logging.getLogger("coscribe.projections")
+    models = _models(args.projection)
+    store, source, db = _open(args)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        runner = Runner(db, source, models, page_size=args.page,
+                        observe=_redis_bump(settings.redis_url,
+                                             getattr(settings, "redis_prefix", "coscribe:")))
+        runner.setup()
+        log.info("following the log from %s for %s", runner.seen(),
+                 ", ".join(m.name for m in models))
+        print(f"projections running from position {runner.seen()}", flush=True)
+        while not stop.is_set():
+            try:
+                if runner.step() == 0:
+                    stop.wait(args.poll)
+            except Exception:  # keep following: the database may come back
+                log.exception("projection step failed")
+                stop.wait(1.0)
+        log.info("stopped at %s", runner.seen())
+    finally:
+        db.close()
+        store.close()
+    return 0
+
+
+# -- audit --------------------------------------------------------------------------------
+
+
+def _stored_events(store: Any, doc: UUID | None) -> Any:
+    """Every stored event (of ``doc``, or all in log order), decoded one by one."""
+    from projections.history import Undecodable
+
+    recorder, mapper = store.app.recorder, store.app.mapper
+
+    def decode(stored: Any, doc_id: Any) -> Any:
+        try:
+            return mapper.to_domain_event(stored)
+        except Exception as exc:  # a tampered row: report it instead of stopping
+            return Undecodable(doc_id, stored.originator_version, f"{type(exc).__name__}")
+
+    if doc is not None:
+        for stored in recorder.select_events(doc):
+            yield decode(stored, doc)
+        return
+    after = 0
+    while True:
+        page = recorder.select_notifications(after, 1000, inclusive_of_start=False)
+        if not page:
+            return
+        for n in page:
+            yield decode(n, n.originator_id)
+        after = page[-1].id
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Recompute hash chains; print the first broken link of each document."""
+    from gateway.store import Store
+    from ops.wiring import store_config
+    from projections.history import ChainCheck
+
+    doc = _uuid(args.doc) if args.doc else None
+
+    store = Store(store_config(_settings(args)))
+    try:
+        check = ChainCheck()
+        for e in _stored_events(store, doc):
+            check.feed(e)
+    finally:
+        store.close()
+    if doc is not None and check.documents == 0:
+        print(f"no events for document {doc}", file=sys.stderr)
+        return 2
+    for bad in sorted(check.broken.values(), key=lambda b: b.doc):
+        print(f"BROKEN {bad.doc} at event {bad.position}: {bad.reason}")
+    status = "broken" if check.broken else "ok"
+    print(f"{status}: {check.documents} documents, {check.checked} events verified, "
+          f"{len(check.broken)} broken")
+    return 1 if check.broken else 0
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    """Print a document's history (from the events) and its text at ``--at`` (or now)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gateway.store import Store
+    from ops.wiring import store_config
+    from projections.audit import action_of, summary_of
+    from projections.history import state_at
+    from projections.sql import iso
+
+    doc = _uuid(args.doc)
+    store = Store(store_config(_settings(args)))
+    try:
+        events = store.events_after(doc, 0)
+    finally:
+        store.close()
+    if not events:
+        print(f"no such document {doc}", file=sys.stderr)
+        return 2
+    table = Table(title=f"history of {doc}")
+    for col in ("#", "at", "actor", "action", "v", "summary"):
+        table.add_column(col)
+    version = 0
+    for e in events:
+        version = getattr(e, "v", version)
+        actor = getattr(e, "by", None) or getattr(e, "owner", "")
+        summary = summary_of(e)
+        if type(e).__name__ == "Renamed":
+            summary = {"to": e.title}
+        table.add_row(str(e.originator_version), iso(e.timestamp), actor, action_of(e),
+                      str(version), ", ".join(f"{k}={v}" for k, v in summary.items()))
+    console = Console()
+    console.print(table)
+    state = state_at(events, args.at)
+    assert state is not None
+    console.print(f"[bold]{state.title}[/bold] at version {state.version}:")
+    console.print(state.text, markup=False, highlight=False)
+    return 0
+
+
+def _uuid(raw: str) -> UUID:
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise SystemExit(f"coscribe: {raw!r} is not a document id") from None
+
+
+# -- the parser ---------------------------------------------------------------------------
+
+
+def register(subparsers: Any) -> None:
+    """Add ``replay``, ``projections run`` and ``audit verify|show`` to ``coscribe``."""
+    replay = subparsers.add_parser("replay", help="rebuild read models from the first event")
+    replay.add_argument("--projection", help="only this read model (default: all)")
+    replay.add_argument("--page", type=int, default=2000, help="events per transaction")
+    replay.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_store_flags(replay)
+    replay.set_defaults(func=cmd_replay)
+
+    proj = subparsers.add_parser("projections", help="run the projections in this process")
+    proj_sub = proj.add_subparsers(dest="projections_command", required=True)
+    run = proj_sub.add_parser("run", help="follow the log until stopped")
+    run.add_argument("--projection", help="only this read model (default: all)")
+    run.add_argument("--page", type=int, default=500, help="events per transaction")
+    run.add_argument("--poll", type=float, default=0.1, help="seconds between polls when idle")
+    run.add_argument("--redis-url", help="redis://... to invalidate other processes' caches")
+    run.add_argument("--log-level", help="debug, info, warning (info)")
+    _add_store_flags(run)
+    run.set_defaults(func=cmd_projections_run)
+
+    audit = subparsers.add_parser("audit", help="check and show documents' audit trails")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="recompute hash chains (all documents or DOC)")
+    verify.add_argument("doc", nargs="?", help="a document id (default: every document)")
+    _add_store_flags(verify)
+    verify.set_defaults(func=cmd_audit_verify)
+    show = audit_sub.add_parser("show", help="print a document's history and text")
+    show.add_argument("doc", help="a document id")
+    show.add_argument("--at", type=int, help="the version whose text to print (default: now)")
+    _add_store_flags(show)
+    show.set_defaults(func=cmd_audit_show)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one of these subcommands without the rest of ``coscribe``."""
+    parser = argparse.ArgumentParser(prog="coscribe")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Read model ``context``: the context items (notes, references, snippets) of each document.
+
+A document's items are listed by ``position``, then by ``created_pos`` (the order they were
+added in).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from domain.document import Document
+from projections.model import ReadModel
+from projections.sql import Stmt, iso
+
+DDL = (
+    """CREATE TABLE $context_items (
+        document_id $uuid NOT NULL,
+        item_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        title TEXT NOT NULL,
+        body TEXT NOT NULL,
+        position $bigint NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at $ts NOT NULL,
+        updated_by TEXT NOT NULL,
+        updated_at $ts NOT NULL,
+        created_pos $bigint NOT NULL,
+        PRIMARY KEY (document_id, item_id)
+    )""",
+    "CREATE INDEX ${context_items}_order_$gen ON $context_items"
+    " (document_id, position, created_pos)",
+)
+
+
+def project(e: Any, pos: int) -> list[Stmt]:
+    """The statements that record event ``e`` (notification ``pos``) in this read model."""
+    doc = str(e.originator_id)
+    at = iso(e.timestamp)
+    if isinstance(e, Document.ContextItemAdded):
+        return [
+            Stmt(
+                "INSERT INTO $context_items (document_id, item_id, kind, title, body, position,"
+                " created_by, created_at, updated_by, updated_at, created_pos)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (doc, e.item, e.kind, e.title, e.body, e.position, e.by, at, e.by, at, pos),
+            )
+        ]
+    if isinstance(e, Document.ContextItemUpdated):
+        return [
+            Stmt(
+                "UPDATE $context_items SET kind = COALESCE(?, kind), title = COALESCE(?, title),"
+                " body = COALESCE(?, body), position = COALESCE(?, position),"
+                " updated_by = ?, updated_at = ? WHERE document_id = ? AND item_id = ?",
+                (e.kind, e.title, e.body, e.position, e.by, at, doc, e.item),
+            )
+        ]
+    if isinstance(e, Document.ContextItemRemoved):
+        return [
+            Stmt(
+                "DELETE FROM $context_items WHERE document_id = ? AND item_id = ?",
+                (doc, e.item),
+            )
+        ]
+    return []
+
+
+MODEL = ReadModel(
+    name="context",
+    version=1,
+    tables=("context_items",),
+    ddl=DDL,
+    mapping=project,
+)

@@ -1,0 +1,326 @@
+"""Where read models live: one adapter for SQLite (the embedded default), one for Postgres.
+
+Both are synchronous and give each thread its own connection, so the runner's thread and the
+reader threads never share one. Nothing here may be called on the event loop.
+
+- SQLite: a file of its own (``<data dir>/readmodels.sqlite``), WAL mode; a write
+  transaction starts with ``BEGIN IMMEDIATE`` so that two runners serialise up front.
+- Postgres: the database and schema of the event store (``search_path`` is set on connect), so
+  analysts find ``rm_*`` tables next to ``coscribe_events``.
+
+Foreign exceptions are translated here: anything the driver raises becomes ``ReadDBError``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from projections.sql import Dialect, Param, Renderer, Stmt, plain
+
+Row = dict[str, Any]
+"""A result row by column name, values made plain (``projections.sql.plain``)."""
+
+
+class ReadDBError(Exception):
+    """The read-model database failed (connection, constraint, syntax)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadDBConfig:
+    """A SQLite file, or a Postgres URL with the schema the tables go in."""
+
+    sqlite_path: Path | None = None
+    database_url: str | None = None
+    schema: str | None = None
+
+
+class Tx(ABC):
+    """A write transaction: statements run in order, all or nothing."""
+
+    @abstractmethod
+    def execute(self, sql: str, params: Sequence[Param] = ()) -> int:
+        """Run rendered ``sql``; returns the affected row count."""
+
+    @abstractmethod
+    def query(self, sql: str, params: Sequence[Param] = ()) -> list[Row]:
+        """Run a rendered query inside the transaction."""
+
+    @abstractmethod
+    def run(self, stmts: Sequence[Stmt], render: Renderer) -> None:
+        """Run mapping statements, rendered by ``render``, in order."""
+
+
+class ReadDB(ABC):
+    """A read-model database. Thread-safe: each thread uses its own connection."""
+
+    dialect: Dialect
+
+    @abstractmethod
+    def transaction(self) -> Any:
+        """A context manager yielding a ``Tx``; commits on success, rolls back on error."""
+
+    @abstractmethod
+    def query(self, sql: str, params: Sequence[Param] = ()) -> list[Row]:
+        """Run a rendered read-only query (outside any transaction)."""
+
+    @abstractmethod
+    def table_exists(self, tx: Tx, name: str) -> bool:
+        """Whether table ``name`` exists (inside ``tx``)."""
+
+    @abstractmethod
+    def lock(self, tx: Tx, key: str) -> None:
+        """Serialise ``tx`` against other transactions locking ``key`` (until it ends)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close every connection."""
+
+
+def open_db(cfg: ReadDBConfig) -> ReadDB:
+    """The adapter for ``cfg``."""
+    if cfg.database_url:
+        return PostgresReadDB(cfg.database_url, cfg.schema or "public")
+    assert cfg.sqlite_path is not None
+    return SQLiteReadDB(cfg.sqlite_path)
+
+
+def _runs(stmts: Sequence[Stmt]) -> Iterator[tuple[str, list[tuple[Param, ...]]]]:
+    """Consecutive statements of the same text grouped, for ``executemany``."""
+    current: str | None = None
+    batch: list[tuple[Param, ...]] = []
+    for s in stmts:
+        if s.sql != current:
+            if current is not None:
+                yield current, batch
+            current, batch = s.sql, []
+        batch.append(s.params)
+    if current is not None:
+        yield current, batch
+
+
+# -- SQLite ---------------------------------------------------------------------------------
+
+
+class _SQLiteTx(Tx):
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[Param] = ()) -> int:
+        try:
+            return self.conn.execute(sql, tuple(params)).rowcount
+        except sqlite3.Error as exc:
+            raise ReadDBError(f"{exc} in {sql[:200]}") from exc
+
+    def query(self, sql: str, params: Sequence[Param] = ()) -> list[Row]:
+        return _sqlite_rows(self.conn, sql, params)
+
+    def run(self, stmts: Sequence[Stmt], render: Renderer) -> None:
+        for sql, batch in _runs(stmts):
+            text = render(sql)
+            try:
+                if len(batch) == 1:
+                    self.conn.execute(text, batch[0])
+                else:
+                    self.conn.executemany(text, batch)
+            except sqlite3.Error as exc:
+                raise ReadDBError(f"{exc} in {text[:200]}") from exc
+
+
+def _sqlite_rows(conn: sqlite3.Connection, sql: str, params: Sequence[Param]) -> list[Row]:
+    try:
+        cur = conn.execute(sql, tuple(params))
+        names = [d[0] for d in cur.description or ()]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    except sqlite3.Error as exc:
+        raise ReadDBError(f"{exc} in {sql[:200]}") from exc
+
+
+class SQLiteReadDB(ReadDB):
+    """Read models in a SQLite file (WAL; one connection per thread)."""
+
+    dialect = Dialect.SQLITE
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise ReadDBError("read-model database is closed")
+            try:
+                conn = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=30
+                )
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.Error as exc:
+                raise ReadDBError(str(exc)) from exc
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise ReadDBError(str(exc)) from exc
+        try:
+            yield _SQLiteTx(conn)
+        except BaseException:
+            conn.rollback()
+            raise
+        try:
+            conn.commit()
+        except sqlite3.Error as exc:
+            raise ReadDBError(str(exc)) from exc
+
+    def query(self, sql: str, params: Sequence[Param] = ()) -> list[Row]:
+        return _sqlite_rows(self._conn(), sql, params)
+
+    def table_exists(self, tx: Tx, name: str) -> bool:
+        rows = tx.query(
+            "SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        )
+        return bool(rows)
+
+    def lock(self, tx: Tx, key: str) -> None:
+        """``BEGIN IMMEDIATE`` already holds the database's write lock."""
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._all = self._all, []
+        for conn in conns:
+            conn.close()
+
+
+# -- Postgres -------------------------------------------------------------------------------
+
+
+class _PostgresTx(Tx):
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[Param] = ()) -> int:
+        import psycopg
+
+        try:
+            cur = self.conn.execute(sql, tuple(params))
+            return int(cur.rowcount)
+        except psycopg.Error as exc:
+            raise ReadDBError(f"{exc} in {sql[:200]}") from exc
+
+    def query(self, sql: str, params: Sequence[Param] = ()) -> list[Row]:
+        return _pg_rows(self.conn, sql, params)
+
+    def run(self, stmts: Sequence[Stmt], render: Renderer) -> None:
+        import psycopg
+
+        if not stmts:
+            return
+        try:
+            # One round trip for the whole page instead of one per statement.
+            with self.conn.pipeline(), self.conn.cursor() as cur:
+                for sql, batch in _runs(stmts):
+                    if len(batch) == 1:
+                        cur.execute(render(sql), batch[0])
+                    else:
+                        cur.executemany(render(sql), batch)
+        except psycopg.Error as exc:
+            raise ReadDBError(str(exc)) from exc
+
+
+def _pg_rows(conn: Any, sql: str, params: Sequence[Param]) -> list[Row]:
+    import psycopg
+
+    try:
+        cur = conn.execute(sql, tuple(params))
+        if cur.description is None:
+            return []
+        names = [d.name for d in cur.description]
+        return [{k: plain(v) for k, v in zip(names, r, strict=True)} for r in cur.fetchall()]
+    except psycopg.Error as exc:
+        raise ReadDBError(f"{exc} in {sql[:200]}") from exc
+
+
+class PostgresReadDB(ReadDB):
+    """Read models in a Postgres schema (one autocommit connection per thread)."""
+
+    dialect = Dialect.POSTGRES
+
+    def __init__(self, url: str, schema: str) -> None:
+        self.url = url
+        self.schema = schema
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _conn(self) -> Any:
+        import psycopg
+        from psycopg import sql
+
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and (conn.closed or conn.broken):
+            conn = None
+        if conn is None:
+            if self._closed:
+                raise ReadDBError("read-model database is closed")
+            try:
+                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+                conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+                conn.execute("SET TIME ZONE 'UTC'")
+            except psycopg.Error as exc:
+                raise ReadDBError(str(exc)) from exc
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        import psycopg
+
+        conn = self._conn()
+        try:
+            with conn.transaction():
+                yield _PostgresTx(conn)
+        except psycopg.Error as exc:
+            raise ReadDBError(str(exc)) from exc
+
+    def query(self, sql: str, params: Sequence[Param] = ()) -> list[Row]:
+        return _pg_rows(self._conn(), sql, params)
+
+    def table_exists(self, tx: Tx, name: str) -> bool:
+        rows = tx.query(
+            "SELECT 1 AS x FROM information_schema.tables"
+            " WHERE table_schema = current_schema() AND table_name = %s",
+            (name,),
+        )
+        return bool(rows)
+
+    def lock(self, tx: Tx, key: str) -> None:
+        tx.query("SELECT pg_advisory_xact_lock(hashtext(%s)) AS x", (key,))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._all = self._all, []
+        for conn in conns:
+            conn.close()

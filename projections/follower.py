@@ -1,0 +1,152 @@
+"""Drives a ``Runner`` from a thread of its own and lets coroutines wait for it.
+
+The runner's database calls are synchronous, so they run on one dedicated thread that polls
+the log every ``poll`` seconds when idle, sooner when ``nudge``d (a write this process knows
+about, or a Postgres NOTIFY). Coroutines on the loop see how far it got through
+``position`` and can ``wait_for`` a position: read-your-writes for the read models.
+
+``position`` only moves after the runner's observer ran for the events it covers, and the
+observer's loop-side work (cache invalidation) is awaited before waiters wake, so a reader
+that waited never gets a cache entry older than the events it waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from projections.runner import Runner
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.05
+"""How often an idle runner looks at the log (a fallback: writes nudge it)."""
+ERROR_BACKOFF = 1.0
+"""Pause after a failed step before retrying (the database may be restarting)."""
+
+Invalidate = Callable[[str, Sequence[tuple[int, Any]]], Awaitable[None]]
+"""Loop-side hook run for every batch of events a model has taken in, before waiters wake."""
+
+
+class Follower:
+    """Runs ``runner`` on a thread; ``start``/``stop`` from the loop."""
+
+    def __init__(
+        self, runner: Runner, poll: float = POLL_SECONDS, invalidate: Invalidate | None = None
+    ) -> None:
+        self.runner = runner
+        self.poll = poll
+        self.invalidate = invalidate
+        self.position = 0
+        """Lowest position every model reached, as published on the loop."""
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._moved = asyncio.Event()
+        self._pending: list[tuple[str, Sequence[tuple[int, Any]]]] = []
+        self._lock = threading.Lock()
+        self._queue: asyncio.Queue[tuple[int, list[tuple[str, Sequence[tuple[int, Any]]]]]] = (
+            asyncio.Queue()
+        )
+        self._consumer: asyncio.Task[None] | None = None
+        runner.observe = self._observe
+
+    async def start(self) -> None:
+        """Create tables as needed (off the loop), then follow the log on the thread."""
+        self._loop = asyncio.get_running_loop()
+        await self._loop.run_in_executor(None, self.runner.setup)
+        self.position = self.runner.seen()
+        self._consumer = self._loop.create_task(self._consume(), name="projections-publish")
+        self._thread = threading.Thread(target=self._run, name="projections", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop the thread after its current step (which commits or rolls back whole)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+        if self._consumer is not None:
+            self._consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._consumer
+
+    def nudge(self) -> None:
+        """Look at the log now rather than at the next poll."""
+        self._wake.set()
+
+    async def wait_for(self, position: int, max_wait: float) -> bool:
+        """Wait until every model took in events up to ``position``; False on timeout."""
+        if self.position >= position:
+            return True
+        self.nudge()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_wait
+        while True:
+            self._moved.clear()
+            if self.position >= position:
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._moved.wait(), left)
+
+    # -- the thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                n = self.runner.step()
+                self.last_error = None
+            except Exception as exc:  # keep following: the database may come back
+                log.exception("projection step failed")
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._stop.wait(ERROR_BACKOFF)
+                continue
+            self._publish(self.runner.seen())
+            if n == 0:
+                self._wake.wait(self.poll)
+
+    def _observe(self, name: str, events: Sequence[tuple[int, Any]]) -> None:
+        if self.invalidate is not None:
+            with self._lock:
+                self._pending.append((name, list(events)))
+
+    def _publish(self, position: int) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending and position == self.position:
+            return
+        try:
+            loop.call_soon_threadsafe(self._advance, position, pending)
+        except RuntimeError:  # the loop closed between the check and the call
+            return
+
+    def _advance(self, position: int, pending: list[tuple[str, Sequence[tuple[int, Any]]]]) -> None:
+        # One consumer applies invalidations in order, so the published position never runs
+        # ahead of an invalidation still in flight.
+        self._queue.put_nowait((position, pending))
+
+    async def _consume(self) -> None:
+        while True:
+            position, pending = await self._queue.get()
+            if self.invalidate is not None:
+                for name, events in pending:
+                    try:
+                        await self.invalidate(name, events)
+                    except Exception:  # a failed invalidation must not wedge the readers
+                        log.exception("cache invalidation failed for %s", name)
+            if position > self.position:
+                self.position = position
+            self._moved.set()

@@ -1,0 +1,42 @@
+"""What a read model is: tables, their DDL, and a pure mapping from events to statements.
+
+A read model is applied exactly once per event by the runner (``projections.runner``): the
+statements of a page of events and the model's tracking row are written in one transaction.
+The mapping must therefore be deterministic and free of I/O: given the same events in the
+same order it produces the same statements, which is what makes a rebuild equal to the live
+tables ("replay equals live").
+
+Bump ``version`` whenever the DDL or the mapping changes meaning: a runner that finds tables
+of another version rebuilds them from the first event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from projections.sql import Stmt
+
+Mapping = Callable[[Any, int], list[Stmt]]
+"""``mapping(event, position) -> statements``: ``position`` is the event's notification id."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadModel:
+    """A named read model: its tables, how to create them and how events change them."""
+
+    name: str
+    """Stable name: the tracking row, ``--projection NAME`` and ``GET /v1/projections``."""
+    version: int
+    """Schema/mapping version; a change triggers a rebuild."""
+    tables: tuple[str, ...]
+    """Logical table names (``$name`` tokens); the physical name is ``rm_<name>``."""
+    ddl: tuple[str, ...]
+    """``CREATE TABLE`` / ``CREATE INDEX`` templates, run once when the tables are made."""
+    mapping: Mapping
+    """The pure event -> statements function."""
+
+    def physical(self, suffix: str = "") -> dict[str, str]:
+        """Logical -> physical table names (``suffix`` names the tables of a rebuild)."""
+        return {t: f"rm_{t}{suffix}" for t in self.tables}

@@ -1,0 +1,287 @@
+"""The runner: follows the event store's notification log and applies it to read models.
+
+Exactly once, across crashes and competing runners:
+
+- Each read model has a tracking row ``(name, position)`` in ``rm_tracking``, in the same
+  database as its tables. A page of events is applied in ONE transaction that first moves the
+  tracking row with a compare-and-set (``UPDATE ... WHERE position = <what we read>``), then
+  runs the page's statements. A crash loses the whole transaction or none of it; a second
+  runner that read the same page finds the position moved, rolls back, and re-reads it. So an
+  event is never applied twice and never skipped (the log is read in notification order, and
+  the store's commits are serialised, so no id appears behind one already read).
+- ``seen`` is how far this runner has *observed* the log per model: events it applied, or
+  saw applied by another runner. It only moves over events it has read and passed to
+  ``observe`` (the cache invalidation hook), so a reader that waits for ``seen`` to reach a
+  position also knows this process dropped every cache entry those events made stale.
+
+Everything here is synchronous; the gateway drives ``step`` from a thread of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from projections.db import ReadDB, Tx
+from projections.model import ReadModel
+from projections.sql import Renderer, iso
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 500
+"""Events read, and applied per transaction, in one step of a live runner."""
+
+TRACKING_DDL = """CREATE TABLE IF NOT EXISTS rm_tracking (
+    name TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    position $bigint NOT NULL,
+    gen TEXT NOT NULL,
+    event_at $ts,
+    updated_at $ts NOT NULL
+)"""
+
+Observer = Callable[[str, Sequence[tuple[int, Any]]], None]
+"""``observe(model_name, [(position, event), ...])``: those events are now in the model."""
+
+
+class EventSource(Protocol):
+    """The notification log, decoded: what a runner reads."""
+
+    def read(self, after: int, limit: int) -> list[tuple[int, Any]]:
+        """Up to ``limit`` ``(position, event)`` with position > ``after``, in order."""
+
+    def head(self) -> int:
+        """The highest position in the log (0 when empty)."""
+
+
+@dataclass(slots=True)
+class Track:
+    """What a runner knows of one read model's tracking row."""
+
+    position: int
+    gen: str
+    seen: int
+
+
+def _now() -> str:
+    return iso(datetime.now(UTC))
+
+
+class Runner:
+    """Applies the log to ``models`` in ``db``. Call ``setup`` once, then ``step`` repeatedly.
+
+    ``suffix`` makes the runner work on a separate set of tables and tracking rows (a rebuild
+    uses ``"__next"``). Not thread-safe: one thread drives one runner.
+    """
+
+    def __init__(
+        self,
+        db: ReadDB,
+        source: EventSource,
+        models: Sequence[ReadModel],
+        *,
+        page_size: int = PAGE_SIZE,
+        suffix: str = "",
+        observe: Observer | None = None,
+    ) -> None:
+        self.db = db
+        self.source = source
+        self.models = list(models)
+        self.page_size = page_size
+        self.suffix = suffix
+        self.observe = observe
+        self.tracks: dict[str, Track] = {}
+        self._plain = Renderer(db.dialect, {})
+        self._renderers: dict[str, Renderer] = {}
+        self.last_error: str | None = None
+
+    def tracking_name(self, model: ReadModel) -> str:
+        """The tracking row of ``model`` for this runner's tables."""
+        return model.name + self.suffix
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def setup(self, fresh: bool = False) -> None:
+        """Create missing tables and tracking rows; rebuild models of another version.
+
+        ``fresh`` drops this runner's tables first (a rebuild starts from nothing).
+        """
+        for model in self.models:
+            with self.db.transaction() as tx:
+                self.db.lock(tx, "coscribe-readmodels-setup")
+                tx.execute(self._plain(TRACKING_DDL))
+                self._setup_model(tx, model, fresh)
+
+    def _setup_model(self, tx: Tx, model: ReadModel, fresh: bool) -> None:
+        name = self.tracking_name(model)
+        rows = tx.query(
+            self._plain("SELECT version, position, gen FROM rm_tracking WHERE name = ?"), (name,)
+        )
+        tables = model.physical(self.suffix)
+        present = all(self.db.table_exists(tx, t) for t in tables.values())
+        row = rows[0] if rows else None
+        if row is not None and present and not fresh and row["version"] == model.version:
+            self._install(model, int(row["position"]), str(row["gen"]))
+            return
+        if row is not None and row["version"] != model.version:
+            log.warning("read model %s changed (v%s -> v%s): rebuilding from the first event",
+                        model.name, row["version"], model.version)
+        gen = secrets.token_hex(3)
+        create_tables(tx, self.db, model, self.suffix, gen)
+        tx.execute(self._plain("DELETE FROM rm_tracking WHERE name = ?"), (name,))
+        tx.execute(
+            self._plain(
+                "INSERT INTO rm_tracking (name, version, position, gen, event_at, updated_at)"
+                " VALUES (?, ?, 0, ?, NULL, ?)"
+            ),
+            (name, model.version, gen, _now()),
+        )
+        self._install(model, 0, gen)
+
+    def _install(self, model: ReadModel, position: int, gen: str) -> None:
+        self.tracks[model.name] = Track(position=position, gen=gen, seen=position)
+        self._renderers[model.name] = Renderer(
+            self.db.dialect, {**model.physical(self.suffix), "gen": gen}
+        )
+
+    # -- following the log ------------------------------------------------------------------
+
+    def seen(self) -> int:
+        """The lowest position every model has observed (applied or seen applied)."""
+        return min((t.seen for t in self.tracks.values()), default=0)
+
+    def step(self) -> int:
+        """Read one page after the lowest ``seen`` and apply it; returns events read."""
+        start = self.seen()
+        page = self.source.read(start, self.page_size)
+        if not page:
+            return 0
+        for model in self.models:
+            self._apply_page(model, page)
+        return len(page)
+
+    def apply_in(self, tx: Tx, model: ReadModel, page: Sequence[tuple[int, Any]]) -> int:
+        """Apply ``page`` to ``model`` inside ``tx`` (the caller holds the tracking row).
+
+        Returns the new position. Used by rebuilds, which must finish inside a swap.
+        """
+        track = self.tracks[model.name]
+        todo = [(p, e) for p, e in page if p > track.position]
+        if not todo:
+            return track.position
+        stmts = [s for p, e in todo for s in model.mapping(e, p)]
+        tx.run(stmts, self._renderers[model.name])
+        last, event = todo[-1]
+        tx.execute(
+            self._plain(
+                "UPDATE rm_tracking SET position = ?, event_at = ?, updated_at = ? WHERE name = ?"
+            ),
+            (last, _event_at(event), _now(), self.tracking_name(model)),
+        )
+        track.position = track.seen = last
+        return last
+
+    def _apply_page(self, model: ReadModel, page: Sequence[tuple[int, Any]]) -> None:
+        track = self.tracks[model.name]
+        fresh = [(p, e) for p, e in page if p > track.seen]
+        if not fresh:
+            return
+        done = [(p, e) for p, e in fresh if p <= track.position]
+        todo = [(p, e) for p, e in fresh if p > track.position]
+        if done:
+            self._observed(model, done, done[-1][0])
+        if not todo:
+            return
+        stmts = [s for p, e in todo for s in model.mapping(e, p)]
+        last, event = todo[-1]
+        name = self.tracking_name(model)
+        with self.db.transaction() as tx:
+            moved = tx.execute(
+                self._plain(
+                    "UPDATE rm_tracking SET position = ?, event_at = ?, updated_at = ?"
+                    " WHERE name = ? AND position = ?"
+                ),
+                (last, _event_at(event), _now(), name, track.position),
+            )
+            if moved == 1:
+                tx.run(stmts, self._renderers[model.name])
+        if moved == 1:
+            track.position = last
+            self._observed(model, todo, last)
+            return
+        # Another runner got there first (or a rebuild swapped tables in): follow it.
+        self._reload(model)
+        track = self.tracks[model.name]
+        done = [(p, e) for p, e in todo if p <= track.position]
+        if done:
+            self._observed(model, done, done[-1][0])
+
+    def _reload(self, model: ReadModel) -> None:
+        rows = self.db.query(
+            self._plain("SELECT version, position, gen FROM rm_tracking WHERE name = ?"),
+            (self.tracking_name(model),),
+        )
+        if not rows:
+            raise RuntimeError(f"tracking row of {model.name} vanished")
+        track = self.tracks[model.name]
+        position, gen = int(rows[0]["position"]), str(rows[0]["gen"])
+        if gen != track.gen:
+            self._renderers[model.name] = Renderer(
+                self.db.dialect, {**model.physical(self.suffix), "gen": gen}
+            )
+        if position < track.position:
+            # Tables were rebuilt from behind us (a fresh rebuild swapped in at a lower
+            # position cannot happen; a reset by a version bump can): start over from there.
+            track.seen = position
+        track.position, track.gen = position, gen
+
+    def _observed(self, model: ReadModel, events: Sequence[tuple[int, Any]], upto: int) -> None:
+        track = self.tracks[model.name]
+        if self.observe is not None:
+            try:
+                self.observe(model.name, events)
+            except Exception:  # a cache hook must never stop the projection
+                log.exception("observer failed for %s", model.name)
+        track.seen = max(track.seen, upto)
+
+    def run_until(
+        self,
+        stop: threading.Event | None = None,
+        caught_up: Callable[[], bool] | None = None,
+        poll: float = 0.05,
+    ) -> None:
+        """Step until ``stop`` is set (or, with ``caught_up``, until it returns True when idle)."""
+        while stop is None or not stop.is_set():
+            if self.step() == 0:
+                if caught_up is not None and caught_up():
+                    return
+                if stop is not None:
+                    stop.wait(poll)
+                else:
+                    time.sleep(poll)
+
+    def catch_up(self) -> int:
+        """Step until the log is exhausted; returns the position reached."""
+        while self.step():
+            pass
+        return self.seen()
+
+
+def _event_at(event: Any) -> str | None:
+    ts = getattr(event, "timestamp", None)
+    return iso(ts) if isinstance(ts, datetime) else None
+
+
+def create_tables(tx: Tx, db: ReadDB, model: ReadModel, suffix: str, gen: str) -> None:
+    """Drop (if present) and create the tables of ``model`` with ``suffix``, in ``tx``."""
+    render = Renderer(db.dialect, {**model.physical(suffix), "gen": gen})
+    for table in model.physical(suffix).values():
+        tx.execute(f"DROP TABLE IF EXISTS {table}")
+    for ddl in model.ddl:
+        tx.execute(render(ddl))
