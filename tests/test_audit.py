@@ -1,0 +1,181 @@
+"""``coscribe audit verify|show``: the hash chain catches edited, garbled and removed rows."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from domain.document import Document
+from gateway.store import Store, StoreConfig
+from ops.projections_cli import main
+from schema.transcoder import MsgpackTranscoder
+from tests.conftest import PG_URL
+
+
+@pytest.fixture(autouse=True)
+def _no_env_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the flags given here choose the store."""
+    for name in ("DATABASE_URL", "DATABASE_SCHEMA", "DATA_DIR", "REDIS_URL"):
+        monkeypatch.delenv(f"COSCRIBE_{name}", raising=False)
+
+
+def _flags(cfg: StoreConfig) -> list[str]:
+    flags = ["--data-dir", str(cfg.data_dir)]
+    if cfg.database_url:
+        flags += ["--database-url", cfg.database_url, "--database-schema", str(cfg.database_schema)]
+    return flags
+
+
+def _docs(cfg: StoreConfig) -> list[UUID]:
+    """Three documents with a few events each."""
+    store = Store(cfg)
+    try:
+        ids = []
+        for n in range(3):
+            d = Document.create(f"doc {n}", "abc", "ann")
+            d.edit([1, "x"], "ann")
+            d.edit([{"d": 1}], "ann")
+            d.rename("renamed", "ann")
+            d.add_member("bob", "viewer", "ann")
+            store.save(d.collect_events())
+            ids.append(d.id)
+        return ids
+    finally:
+        store.close()
+
+
+class Rows:
+    """Raw access to the events table of either adapter, to tamper with it."""
+
+    def __init__(self, cfg: StoreConfig) -> None:
+        self.cfg = cfg
+
+    def _run(self, query: str, params: tuple[Any, ...]) -> list[Any]:
+        if self.cfg.database_url:
+            with psycopg.connect(PG_URL, autocommit=True) as conn:
+                conn.execute(sql.SQL("SET search_path TO {}").format(
+                    sql.Identifier(str(self.cfg.database_schema))))
+                cur = conn.execute(query.replace("?", "%s"), params)
+                return cur.fetchall() if cur.description else []
+        # The library names the SQLite table stored_events (Postgres: <app>_events).
+        query = query.replace("coscribe_events", "stored_events")
+        with sqlite3.connect(self.cfg.data_dir / "events.sqlite") as conn:
+            return conn.execute(query, params).fetchall()
+
+    def _id(self, doc: UUID) -> Any:
+        return doc if self.cfg.database_url else doc.hex
+
+    def state(self, doc: UUID, version: int) -> bytes:
+        """The stored state bytes of one event."""
+        rows = self._run("SELECT state FROM coscribe_events WHERE originator_id = ?"
+                         " AND originator_version = ?", (self._id(doc), version))
+        return bytes(rows[0][0])
+
+    def set_state(self, doc: UUID, version: int, state: bytes) -> None:
+        """Overwrite the stored state of one event (what an attacker with SQL access does)."""
+        self._run("UPDATE coscribe_events SET state = ? WHERE originator_id = ?"
+                  " AND originator_version = ?", (state, self._id(doc), version))
+
+    def delete(self, doc: UUID, version: int) -> None:
+        """Remove one event row."""
+        self._run("DELETE FROM coscribe_events WHERE originator_id = ?"
+                  " AND originator_version = ?", (self._id(doc), version))
+
+
+def test_verify_passes_on_untouched_events(
+    store_config: StoreConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every document's chain checks out: exit 0 and a count of what was verified."""
+    ids = _docs(store_config)
+    assert main(["audit", "verify", *_flags(store_config)]) == 0
+    assert "ok: 3 documents, 15 events verified, 0 broken" in capsys.readouterr().out
+    assert main(["audit", "verify", str(ids[1]), *_flags(store_config)]) == 0
+    assert "ok: 1 documents, 5 events verified" in capsys.readouterr().out
+
+
+def test_verify_reports_the_first_edited_row(
+    store_config: StoreConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An op rewritten in the events table breaks that event's link, and only that doc's."""
+    ids = _docs(store_config)
+    rows = Rows(store_config)
+    codec = MsgpackTranscoder()
+    state = codec.decode(rows.state(ids[1], 2))
+    assert state["op"] == [1, "x"]
+    state["op"] = [1, "y"]
+    rows.set_state(ids[1], 2, codec.encode(state))
+    assert main(["audit", "verify", *_flags(store_config)]) == 1
+    out = capsys.readouterr().out
+    assert f"BROKEN {ids[1]} at event 2: hash does not match content" in out
+    assert out.count("BROKEN") == 1
+    assert main(["audit", "verify", str(ids[0]), *_flags(store_config)]) == 0
+
+
+def test_verify_reports_a_rehashed_row_at_the_next_link(
+    store_config: StoreConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rewriting a row together with a recomputed h still breaks the following link."""
+    from domain.document import chain_hash
+    from projections.history import payload_of
+
+    ids = _docs(store_config)
+    store = Store(store_config)
+    try:
+        events = store.events_after(ids[0], 0)
+    finally:
+        store.close()
+    rows = Rows(store_config)
+    codec = MsgpackTranscoder()
+    state = codec.decode(rows.state(ids[0], 4))
+    forged = events[3]
+    payload = {**payload_of(forged), "title": "forged"}
+    state["title"] = "forged"
+    state["h"] = chain_hash(events[2].h, "Renamed", ids[0], 4, forged.timestamp, payload)
+    rows.set_state(ids[0], 4, codec.encode(state))
+    assert main(["audit", "verify", str(ids[0]), *_flags(store_config)]) == 1
+    assert f"BROKEN {ids[0]} at event 5: hash does not match content" in capsys.readouterr().out
+
+
+def test_verify_reports_garbled_and_removed_rows(
+    store_config: StoreConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Undecodable state and a missing event in the middle are both broken links."""
+    ids = _docs(store_config)
+    rows = Rows(store_config)
+    rows.set_state(ids[0], 3, b"\xc1garbage")
+    rows.delete(ids[2], 2)
+    assert main(["audit", "verify", *_flags(store_config)]) == 1
+    out = capsys.readouterr().out
+    assert f"BROKEN {ids[0]} at event 3: undecodable" in out
+    assert f"BROKEN {ids[2]} at event 2: event missing" in out
+    assert "2 broken" in out
+
+
+def test_show_prints_history_and_the_text_at_a_version(
+    store_config: StoreConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """audit show lists every event and prints the text as it was at --at."""
+    ids = _docs(store_config)
+    assert main(["audit", "show", str(ids[0]), "--at", "1", *_flags(store_config)]) == 0
+    out = capsys.readouterr().out
+    for action in ("created", "edited", "renamed", "member_added"):
+        assert action in out
+    assert out.rstrip().endswith("axbc")
+    assert main(["audit", "show", str(ids[0]), *_flags(store_config)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("xbc")
+
+
+def test_unknown_documents_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A document id with no events, or not an id at all, is reported as such."""
+    flags = ["--data-dir", str(tmp_path)]
+    assert main(["audit", "verify", str(UUID(int=1)), *flags]) == 2
+    assert main(["audit", "show", str(UUID(int=1)), *flags]) == 2
+    with pytest.raises(SystemExit):
+        main(["audit", "show", "nope", *flags])
+    capsys.readouterr()
