@@ -4,6 +4,7 @@ convergence and SLO verdicts, /proc accounting, the command line, and one real r
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -21,16 +22,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from domain import ot
-from ops.loadtest import plan, procstat, stamp
+from ops.loadtest import plan, procstat, stamp, wsclient
 from ops.loadtest.command import register, resolve_secret, shipped
 from ops.loadtest.convergence import check
-from ops.loadtest.editor import DocClient, ProtocolViolation, delete_op, insert_op
+from ops.loadtest.editor import DocClient, ProtocolViolation, delete_op, insert_op, transform
 from ops.loadtest.provision import DocState, filler_text
 from ops.loadtest.recorder import StepMetrics, Window
 from ops.loadtest.report import Cost, StepOutcome, run_report, slo_failures
 from ops.loadtest.scenario import Phase, ScenarioError, Slo, load, parse, parse_size
 from ops.loadtest.session import text_digest
 from ops.loadtest.stats import Histogram, Series, bucket, bucket_bounds, percentile, summary_ms
+from tests import strategies as gen
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "ops" / "loadtest" / "scenarios"
@@ -301,6 +303,7 @@ def test_series_bins_by_observation_time() -> None:
     s = Series(origin_ns=0, bin_s=0.5)
     s.add(100_000_000, 10)
     s.add(700_000_000, 20)
+    assert s.tail(650_000_000).count == 1  # walks back over the newest samples only
     other = Series(origin_ns=0, bin_s=0.5)
     other.add(600_000_000, 30)
     s.merge(Series.from_dict(other.to_dict()))
@@ -405,6 +408,23 @@ def test_clients_converge_with_the_simulated_server(
     assert sum(c.acked for c in docs) == len(server.log)
 
 
+@given(
+    length=st.integers(0, 50),
+    data=st.data(),
+    side=st.sampled_from(["left", "right"]),
+)
+@PROPERTY
+def test_fast_transform_equals_domain_transform(length: int, data: Any, side: ot.Side) -> None:
+    """The single-insert shortcut gives exactly what domain.ot.transform gives."""
+    text = "x" * length
+    ops = st.one_of(
+        st.builds(insert_op, st.integers(0, length), st.text("ab", min_size=1, max_size=3)),
+        gen.ops(text),
+    )
+    a, b = data.draw(ops), data.draw(ops)
+    assert transform(a, b, side) == ot.transform(a, b, side)
+
+
 def test_client_rejects_out_of_order_messages() -> None:
     """A version gap or an ack for the wrong seq is a protocol violation."""
     c = DocClient("d", 5, "abc")
@@ -428,6 +448,90 @@ def test_edits_during_flight_are_composed_into_one_op() -> None:
     assert (done.edits, done.stamps, done.sent_ns) == (1, ("s1",), 1)
     assert done.send == {"t": "op", "doc": "d", "v": 1, "op": [1, "bc"], "seq": 2}
     assert c.ack(2, 2, 11).stamps == ("s2", "s3")
+
+
+# --- the WebSocket client's framing -------------------------------------------------------
+
+
+def test_accept_key_matches_rfc_6455() -> None:
+    """The handshake accept key is the RFC 6455 example's."""
+    assert wsclient.accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_handshake_checks_status_key_and_subprotocol() -> None:
+    """Only a 101 with the right accept key and the asked subprotocol passes."""
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    ok = (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: p"
+    )
+    wsclient.check_handshake(ok.encode(), key, "p")
+    for head, why in [
+        (ok.replace("101 Switching Protocols", "403 Forbidden"), "refused"),
+        (ok.replace("s3pP", "XXXX"), "Accept"),
+        (ok.replace("Protocol: p", "Protocol: q"), "subprotocol"),
+    ]:
+        with pytest.raises(wsclient.WsError, match=why):
+            wsclient.check_handshake(head.encode(), key, "p")
+
+
+def _server_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """An unmasked frame as a server sends it."""
+    n = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 1 << 16:
+        return bytes((first, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((first, 127)) + n.to_bytes(8, "big") + payload
+
+
+@given(
+    payloads=st.lists(st.binary(max_size=300), min_size=1, max_size=6),
+    big=st.booleans(),
+    cuts=st.lists(st.integers(0, 10_000), max_size=8),
+)
+@PROPERTY
+def test_parser_reassembles_any_byte_split(
+    payloads: list[bytes], big: bool, cuts: list[int]
+) -> None:
+    """Frames fed in arbitrary pieces come out whole, fragments joined, pings in between."""
+    if big:
+        payloads = [*payloads, b"x" * 70_000]
+    wire = b"".join(_server_frame(wsclient.OP_BINARY, p) for p in payloads)
+    wire += _server_frame(wsclient.OP_TEXT, b"ab", fin=False)
+    wire += _server_frame(wsclient.OP_PING, b"!")
+    wire += _server_frame(wsclient.OP_CONT, b"cd")
+    parser = wsclient.FrameParser()
+    out: list[tuple[int, bytes]] = []
+    points = sorted({min(c, len(wire)) for c in cuts} | {0, len(wire)})
+    for a, b in itertools.pairwise(points):
+        out += parser.feed(wire[a:b])
+    want = [(wsclient.OP_BINARY, p) for p in payloads]
+    want += [(wsclient.OP_PING, b"!"), (wsclient.OP_TEXT, b"abcd")]
+    assert out == want
+
+
+@given(st.binary(max_size=70_000), st.binary(min_size=4, max_size=4))
+@settings(max_examples=50, deadline=None)
+def test_client_frames_are_masked_and_parse_back(payload: bytes, key: bytes) -> None:
+    """A masked client frame parses back to its payload (masking is an involution)."""
+    frame = wsclient.encode_frame(wsclient.OP_BINARY, payload, key)
+    assert frame[1] & 0x80
+    assert wsclient.FrameParser().feed(frame) == [(wsclient.OP_BINARY, payload)]
+    assert wsclient.mask(wsclient.mask(payload, key), key) == payload
+
+
+def test_parser_rejects_reserved_bits_and_stray_continuations() -> None:
+    """Reserved bits, continuation without a start and fragmented control frames are errors."""
+    for wire in (
+        bytes((0xC2, 1)) + b"x",
+        _server_frame(wsclient.OP_CONT, b"x"),
+        _server_frame(wsclient.OP_PING, b"x", fin=False),
+        _server_frame(0x3, b"x"),
+    ):
+        with pytest.raises(wsclient.WsError):
+            wsclient.FrameParser().feed(wire)
 
 
 # --- convergence, lost ops and verdicts ---------------------------------------------------
@@ -639,6 +743,23 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
     assert args.func(args) == 2
     args = _parse(["loadtest", "standard", "--secret", "s", "--url", "http://10.1.2.3:80"])
     assert args.func(args) == 2
+
+
+# --- the OT benchmark ---------------------------------------------------------------------
+
+
+def test_ot_benchmark_builds_valid_ops_and_times_every_case() -> None:
+    """ops.bench.ot makes ops that fit its text and reports a rate for every case."""
+    from ops.bench import ot as bench
+
+    rng = random.Random(5)
+    text = bench.random_text(5000, rng)
+    for _ in range(20):
+        for op in (bench.typing_op(len(text), rng), bench.scattered_op(len(text), 50, rng)):
+            assert ot.validate(op, len(text)) == op
+    rows = bench.run(size=2000, edits=20, seconds=0.001, seed=1)
+    assert len(rows) == len(bench.cases(2000, 20, 1))
+    assert all(r["ops_s"] > 0 for r in rows)
 
 
 # --- a real server ------------------------------------------------------------------------

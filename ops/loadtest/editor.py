@@ -117,13 +117,13 @@ class DocClient:
         self.version = v
         if self.inflight is not None:
             op, self.inflight = (
-                ot.transform(op, self.inflight, "right"),
-                ot.transform(self.inflight, op, "left"),
+                transform(op, self.inflight, "right"),
+                transform(self.inflight, op, "left"),
             )
             if self.buffer is not None:
                 op, self.buffer = (
-                    ot.transform(op, self.buffer, "right"),
-                    ot.transform(self.buffer, op, "left"),
+                    transform(op, self.buffer, "right"),
+                    transform(self.buffer, op, "left"),
                 )
         self._apply(op)
 
@@ -172,6 +172,35 @@ class DocClient:
             self.length = len(self.text)
         else:
             self.length += ot.inserted_chars(op) - ot.deleted_chars(op)
+
+
+def _single_insert(op: ot.Op) -> tuple[int, str] | None:
+    """``(position, text)`` when ``op`` is one normalized insert, else None."""
+    if len(op) == 1:
+        c = op[0]
+        return (0, c) if isinstance(c, str) else None
+    if len(op) == 2:
+        first, second = op
+        if isinstance(first, int) and isinstance(second, str):
+            return first, second
+    return None
+
+
+def transform(op: ot.Op, other: ot.Op, side: ot.Side) -> ot.Op:
+    """``domain.ot.transform``, with a shortcut for the load's usual case: two single inserts.
+
+    An insert at p against one of ``t`` at q moves by ``len(t)`` when q < p, or q == p and
+    ``op`` is on the right; anything else goes to ``domain.ot``. Equal results, tested.
+    """
+    a = _single_insert(op)
+    b = _single_insert(other) if a is not None else None
+    if a is None or b is None:
+        return ot.transform(op, other, side)
+    p, text = a
+    q, theirs = b
+    if q < p or (q == p and side == "right"):
+        p += len(theirs)
+    return [p, text] if p else [text]
 
 
 def insert_op(position: int, text: str) -> ot.Op:

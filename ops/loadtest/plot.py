@@ -6,11 +6,16 @@ gets :class:`PlotUnavailable` with the command that installs it.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from pathlib import Path
 
 from ops.loadtest.plan import arrivals_end
 from ops.loadtest.report import StepOutcome
 from ops.loadtest.stats import Histogram, bucket_bounds
+
+HIST_BARS = 60
+"""Bars of the latency histogram, evenly spaced on the log axis."""
 
 
 class PlotUnavailable(Exception):
@@ -90,13 +95,19 @@ def plot(outcomes: list[StepOutcome], path: Path, title: str) -> None:
 
     merged = Histogram.merged(o.metrics.fanout for o in outcomes)
     if merged.count:
-        lows, widths, counts = [], [], []
-        for index in sorted(merged.counts):
+        # Re-bin the log-linear buckets onto evenly log-spaced bars (raw buckets would show
+        # a sawtooth at every power of two).
+        lo = max(merged.min, 10) / 1000
+        hi = max(merged.max / 1000, lo * 1.01)
+        edges = [lo * (hi / lo) ** (i / HIST_BARS) for i in range(HIST_BARS + 1)]
+        counts = [0] * HIST_BARS
+        for index, n in merged.counts.items():
             low, high = bucket_bounds(index)
-            lows.append(low / 1000)
-            widths.append((high - low + 1) / 1000)
-            counts.append(merged.counts[index])
-        hist.bar(lows, counts, width=widths, align="edge", color="tab:blue")
+            mid = (low + high) / 2000
+            k = bisect.bisect_right(edges, mid) - 1
+            counts[min(max(k, 0), HIST_BARS - 1)] += n
+        widths = [b - a for a, b in itertools.pairwise(edges)]
+        hist.bar(edges[:-1], counts, width=widths, align="edge", color="tab:blue")
         hist.set_xscale("log")
         for q, color in ((0.5, "tab:green"), (0.99, "tab:orange")):
             v = merged.quantile(q) / 1000

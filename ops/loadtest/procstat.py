@@ -192,6 +192,17 @@ def database_groups(stats: dict[int, ProcStat], gateway: set[int]) -> dict[int, 
     return out
 
 
+def machine_busy_ticks() -> int:
+    """Clock ticks all CPUs spent not idle since boot (``/proc/stat``, idle and iowait out)."""
+    try:
+        first = (PROC / "stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return 0
+    # cpu user nice system idle iowait irq softirq steal (guest time is inside user)
+    values = [int(v) for v in first[1:9]]
+    return sum(values) - values[3] - values[4]
+
+
 def boot_ticks() -> int:
     """Clock ticks since boot (the unit of a process's start time)."""
     try:
@@ -257,6 +268,8 @@ class CpuAccount:
     alive: set[tuple[int, int]] = field(default_factory=set)
     rss_samples: list[dict[str, int]] = field(default_factory=list)
     begin_ticks: int = 0
+    machine_first: int = 0
+    machine_last: int = 0
 
     def _scan(self) -> dict[tuple[int, int], tuple[str, ProcStat]]:
         stats = {pid: st for pid in all_pids() if (st := read(pid)) is not None}
@@ -273,6 +286,7 @@ class CpuAccount:
     def begin(self) -> None:
         """Open the window now: what every process used so far is not counted."""
         self.begin_ticks = boot_ticks()
+        self.machine_first = self.machine_last = machine_busy_ticks()
         self.tracked = {k: _Tracked(g, st, st) for k, (g, st) in self._scan().items()}
         self.alive = set(self.tracked)
         self.started = True
@@ -281,6 +295,8 @@ class CpuAccount:
     def sample(self) -> None:
         """Read every tracked process again and pick up new ones (before begin: memory only)."""
         found = self._scan()
+        if self.started:
+            self.machine_last = machine_busy_ticks()
         if not self.started:
             self._memory(_Tracked(g, st, st) for g, st in found.values())
             return
@@ -312,6 +328,10 @@ class CpuAccount:
             (sum(v for g, v in per.items() if g in wanted) for per in self.rss_samples),
             default=0,
         )
+
+    def machine_busy_seconds(self) -> float:
+        """CPU seconds the whole machine was busy between :meth:`begin` and the last sample."""
+        return (self.machine_last - self.machine_first) / _TICK
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds per group between :meth:`begin` and the latest :meth:`sample`."""

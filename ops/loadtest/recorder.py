@@ -78,6 +78,7 @@ class StepMetrics:
         self.acked_stamps: dict[str, Counter[str]] = {}
         self.acks_by_doc: Counter[str] = Counter()
         self.full_reports: list[dict[str, Any]] = []
+        self.exceptions: list[str] = []
 
     def merge(self, other: StepMetrics) -> None:
         """Add everything ``other`` counted (same step, same origin)."""
@@ -91,6 +92,7 @@ class StepMetrics:
             self.acked_stamps.setdefault(doc, Counter()).update(stamps)
         self.acks_by_doc.update(other.acks_by_doc)
         self.full_reports.extend(other.full_reports)
+        self.exceptions.extend(other.exceptions[: max(0, 5 - len(self.exceptions))])
 
     def to_dict(self) -> dict[str, Any]:
         """A picklable form that :meth:`from_dict` reads back."""
@@ -108,6 +110,7 @@ class StepMetrics:
             "acked_stamps": {d: dict(c) for d, c in self.acked_stamps.items()},
             "acks_by_doc": dict(self.acks_by_doc),
             "full_reports": list(self.full_reports),
+            "exceptions": list(self.exceptions),
         }
 
     @classmethod
@@ -123,4 +126,5 @@ class StepMetrics:
         m.acked_stamps = {d: Counter(c) for d, c in data["acked_stamps"].items()}
         m.acks_by_doc = Counter(data["acks_by_doc"])
         m.full_reports = list(data["full_reports"])
+        m.exceptions = list(data.get("exceptions", []))
         return m

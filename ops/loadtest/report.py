@@ -6,6 +6,7 @@ present (a figure that could not be measured is ``null``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ class Cost:
     peak_server_rss: int = 0
     pids: dict[str, list[int]] = field(default_factory=dict)
     server_found: bool = False
+    machine_busy_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -88,6 +90,7 @@ def figures(
         for g in SERVER_GROUPS
         if g in cost.cpu_s or g in cost.peak_rss
     }
+    measured = sum(cost.cpu_s.values())
     out: dict[str, Any] = {
         "window_s": round(window_s, 3),
         "sessions": {
@@ -114,6 +117,11 @@ def figures(
         "unacked": c["pending_edits"],
         "converged": convergence["converged"],
         "convergence": convergence,
+        "machine_cpu": {
+            "capacity_s": round(window_s * (os.cpu_count() or 1), 3),
+            "busy_s": round(cost.machine_busy_s, 3),
+            "other_s": round(max(0.0, cost.machine_busy_s - measured), 3),
+        },
         "server": {
             "cpu_s": server_cpu,
             "peak_rss_mb": _mb(cost.peak_server_rss) if cost.server_found else None,
@@ -226,6 +234,7 @@ def run_report(
             cost.pids[g] = sorted(set(cost.pids.get(g, [])) | set(pids))
         cost.peak_server_rss = max(cost.peak_server_rss, o.cost.peak_server_rss)
         cost.server_found = cost.server_found or o.cost.server_found
+        cost.machine_busy_s += o.cost.machine_busy_s
     convergence = {
         "converged": all(s["converged"] for s in steps),
         "lost": sum(s["lost"] for s in steps),
@@ -326,6 +335,13 @@ def notes(report: dict[str, Any]) -> list[str]:
                 f"(CPU {s['loadgen']['cpu_util']:.0%} per process, loop lag p99 "
                 f"{_fmt(s['loadgen']['loop_lag_ms']['p99'])} ms, "
                 f"{s['loadgen']['edits_skipped']} edits skipped): latencies include its delay"
+            )
+        m = s["machine_cpu"]
+        if m["capacity_s"] and m["other_s"] > 0.1 * m["capacity_s"]:
+            out.append(
+                f"{s['name']}: other processes used {m['other_s']:.1f} CPU-s "
+                f"({m['other_s'] / m['capacity_s']:.0%} of the machine) during the window; "
+                "latencies and costs are disturbed"
             )
         if s["server"]["cpu_s"] is None:
             out.append(f"{s['name']}: no coscribe serve process found; server cost not measured")

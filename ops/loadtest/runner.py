@@ -12,6 +12,8 @@ a deadline, or the server refuses setup; a slow or lossy server is a result, not
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import multiprocessing
 import os
 import platform
@@ -19,11 +21,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from multiprocessing.connection import Connection
 from typing import Any
 from urllib.parse import urlsplit
 
 from ops.loadtest import plan, worker
+from ops.loadtest.channel import Channel
 from ops.loadtest.convergence import check
 from ops.loadtest.procstat import CpuAccount, find_servers
 from ops.loadtest.progress import Progress
@@ -80,40 +82,38 @@ class _Procs:
 
     def __init__(self, count: int) -> None:
         self.count = count
-        self.conns: list[Connection] = []
+        self.channels: list[Channel] = []
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.pids: list[int] = []
         self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         ctx = multiprocessing.get_context("spawn")
         for i in range(self.count):
             parent, child = ctx.Pipe(duplex=True)
             p = ctx.Process(target=worker.main, args=(child, i), name=f"loadtest-{i}", daemon=True)
             p.start()
             child.close()
-            self.conns.append(parent)
+            channel = Channel(
+                parent,
+                self.inbox.put_nowait,
+                functools.partial(self._gone, i),
+                name=f"coordinator-{i}",
+            )
+            channel.start()
+            self.channels.append(channel)
             self.procs.append(p)
-            loop.add_reader(parent.fileno(), self._reader(parent, i))
         ready = await self.gather("ready", READY_TIMEOUT_S)
         self.pids = [ready[i]["pid"] for i in range(self.count)]
 
-    def _reader(self, conn: Connection, index: int) -> Callable[[], None]:
-        loop = asyncio.get_running_loop()
+    def _gone(self, index: int) -> None:
+        self.inbox.put_nowait({"kind": "failed", "worker": index, "error": "load process exited"})
 
-        def readable() -> None:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                loop.remove_reader(conn.fileno())
-                msg = {"kind": "failed", "worker": index, "error": "load process exited"}
-            self.inbox.put_nowait(msg)
-
-        return readable
-
-    def send(self, index: int, msg: dict[str, Any]) -> None:
-        self.conns[index].send(msg)
+    async def send(self, index: int, msg: dict[str, Any]) -> None:
+        try:
+            await self.channels[index].send_wait(msg)
+        except OSError as exc:
+            raise RunFailed(f"load process {index} is gone: {exc}") from exc
 
     async def gather(
         self,
@@ -141,20 +141,16 @@ class _Procs:
         return got
 
     async def stop(self) -> None:
-        loop = asyncio.get_running_loop()
-        for conn in self.conns:
-            try:
-                loop.remove_reader(conn.fileno())
-                conn.send({"cmd": "exit"})
-            except (OSError, ValueError):
-                pass
+        for channel in self.channels:
+            with contextlib.suppress(OSError):
+                await channel.send_wait({"cmd": "exit"})
         for p in self.procs:
-            await asyncio.to_thread(p.join, 5.0)
+            await asyncio.to_thread(p.join, 10.0)
             if p.is_alive():
                 p.kill()  # our own child, by its handle
                 await asyncio.to_thread(p.join, 5.0)
-        for conn in self.conns:
-            conn.close()
+        for channel in self.channels:
+            await asyncio.to_thread(channel.close)
 
 
 class Runner:
@@ -250,7 +246,7 @@ class Runner:
                         step.http.concurrency / step.http.rate if step.http.rate else 0.0
                     ),
                 }
-            procs.send(
+            await procs.send(
                 i,
                 worker.step_command(
                     step=index,
@@ -276,7 +272,7 @@ class Runner:
             versions = {d.id: d.version for d in final}
             verify_deadline = time.time_ns() + int(VERIFY_S * 1e9)
             for i in range(procs.count):
-                procs.send(
+                await procs.send(
                     i, {"cmd": "verify", "versions": versions, "deadline_ns": verify_deadline}
                 )
             results = await procs.gather("result", VERIFY_S + 60.0, self.progress.update)
@@ -299,6 +295,7 @@ class Runner:
     async def _sample(self, account: CpuAccount, window: Window) -> Cost:
         """Read ``/proc`` until cancelled; the CPU window is exactly ``window``."""
         frozen: dict[str, float] | None = None
+        busy = 0.0
         try:
             while True:
                 now = time.time_ns()
@@ -307,6 +304,7 @@ class Runner:
                 elif account.started and frozen is None and now >= window.end_ns:
                     await asyncio.to_thread(account.sample)
                     frozen = account.cpu_seconds()
+                    busy = account.machine_busy_seconds()
                 else:
                     await asyncio.to_thread(account.sample)
                 nxt = now + int(SAMPLE_EVERY_S * 1e9)
@@ -315,7 +313,7 @@ class Runner:
                         nxt = edge
                 await asyncio.sleep(max(0.0, (nxt - time.time_ns()) / 1e9))
         except asyncio.CancelledError:
-            return Cost(cpu_s=frozen or {})
+            return Cost(cpu_s=frozen or {}, machine_busy_s=busy)
 
 
 async def _cost_of(

@@ -1,10 +1,11 @@
 """One simulated collaborator: a WebSocket session on one document, driven by asyncio.
 
-The protocol logic lives in :class:`~ops.loadtest.editor.DocClient`; this module does the
-awaiting: connect, ``hello`` + ``sub`` in one frame, then a receive loop, an edit loop
-(writers) and a presence loop, until the worker closes it. Receipt handling is the load
-generator's hot path, so a light session (most of them) does no OT at all: it checks the
-version sequence, reads the stamps and counts.
+The protocol logic lives in :class:`~ops.loadtest.editor.DocClient`; this module connects
+(:mod:`ops.loadtest.wsclient`), sends ``hello`` + ``sub`` in one frame, handles every
+incoming frame in the connection's callback, and runs an edit timer (writers) and a presence
+timer until the worker closes it. Receipt handling is the load generator's hot path, so a
+light session (most of them) does no OT at all: it checks the version sequence, reads the
+stamps and counts.
 """
 
 from __future__ import annotations
@@ -13,21 +14,28 @@ import asyncio
 import hashlib
 import random
 import time
+import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import msgpack
 import orjson
 
-from ops.loadtest import stamp
+from ops.loadtest import stamp, wsclient
 from ops.loadtest.editor import DocClient, ProtocolViolation, delete_op, insert_op
 from ops.loadtest.recorder import StepMetrics, Window
+from ops.loadtest.wsclient import WsError, WsProtocol
 
 SUBPROTOCOL = {"msgpack": "coscribe.v1.msgpack", "json": "coscribe.v1.json"}
 """The WebSocket subprotocol of each codec."""
-_CONNECT_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+WS_PATH = "/v1/ws"
+CONNECT_TIMEOUT_S = 10.0
+"""Longest a TCP connect plus WebSocket handshake may take."""
+MAX_EXCEPTIONS = 5
+"""Tracebacks of handler bugs kept per process for the report."""
+_STAMP_MASK = stamp.MODULUS - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,37 +69,39 @@ def loop_time_at(wall_ns: int) -> float:
 
 
 class Session:
-    """A collaborator on one document. Call :meth:`run` once; :meth:`close` ends it."""
+    """A collaborator on one document. Call :meth:`run` once; :meth:`close` ends it.
+
+    Everything the server sends is handled synchronously in the connection's receive
+    callback; sends are synchronous writes. Only the timers (edits, presence) are tasks.
+    """
 
     def __init__(
         self,
         spec: SessionSpec,
         plan: EditPlan,
         metrics: StepMetrics,
-        http: aiohttp.ClientSession,
-        ws_url: str,
+        server: tuple[str, int],
         connect_gate: asyncio.Semaphore,
         seed: int,
     ) -> None:
         self.spec = spec
         self.plan = plan
         self.metrics = metrics
-        self.http = http
-        self.ws_url = ws_url
+        self.server = server
         self.gate = connect_gate
         self.rng = random.Random(seed)
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.ws: WsProtocol | None = None
         self.client: DocClient | None = None
         self.version = -1
         self.joined = asyncio.Event()
         self.ended = asyncio.Event()
         self.closing = False
         self.desynced = False
-        self.refused = False
         self.outbox: list[dict[str, Any]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._connect_started = 0
         self._binary = spec.codec == "msgpack"
+        self._decode: Callable[[bytes], Any] = msgpack.unpackb if self._binary else orjson.loads
 
     @property
     def pending(self) -> bool:
@@ -107,25 +117,22 @@ class Session:
         """Connect at the planned time and serve the session until it is closed or dropped."""
         try:
             await asyncio.sleep(max(0.0, (self.spec.arrival_ns - time.time_ns()) / 1e9))
-            if self.closing:
+            if self.closing or not await self._connect():
                 return
-            if not await self._connect():
-                return
-            await self._receive()
+            assert self.ws is not None
+            await self.ws.closed
+            if not self.closing:
+                self.metrics.counters["disconnected"] += 1
         finally:
             for task in self._tasks:
                 task.cancel()
             self.ended.set()
 
     async def close(self) -> None:
-        """Close the connection (idempotent); the receive loop then ends."""
+        """Close the connection (idempotent); :meth:`run` then returns."""
         self.closing = True
-        ws = self.ws
-        if ws is not None and not ws.closed:
-            try:
-                await asyncio.wait_for(ws.close(), 5.0)
-            except (*_CONNECT_ERRORS, RuntimeError):
-                pass
+        if self.ws is not None:
+            await self.ws.close()
 
     def report(self) -> dict[str, Any] | None:
         """A full session's final state for the convergence check, else None."""
@@ -146,73 +153,58 @@ class Session:
 
     async def _connect(self) -> bool:
         m = self.metrics
+        host, port = self.server
         async with self.gate:
             self._connect_started = time.time_ns()
             try:
-                self.ws = await self.http.ws_connect(
-                    self.ws_url,
-                    protocols=(SUBPROTOCOL[self.spec.codec],),
-                    max_msg_size=0,
-                    compress=0,
-                    autoping=True,
-                    heartbeat=None,
-                    decode_text=False,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
-                )
-            except _CONNECT_ERRORS as exc:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    self.ws = await wsclient.connect(
+                        host,
+                        port,
+                        WS_PATH,
+                        SUBPROTOCOL[self.spec.codec],
+                        self._on_message,
+                        self._on_error,
+                    )
+            except (OSError, TimeoutError, WsError) as exc:
                 m.counters["connect_failed"] += 1
                 m.errors[f"connect:{_error_name(exc)}"] += 1
                 return False
         m.counters["connected"] += 1
         hello = {"t": "hello", "token": self.spec.token, "client": self.spec.client_id}
         self.outbox += [hello, {"t": "sub", "doc": self.spec.doc}]
-        return await self._flush()
+        return self._flush()
 
-    async def _flush(self) -> bool:
-        ws = self.ws
-        if not self.outbox or ws is None or ws.closed:
-            self.outbox.clear()
-            return ws is not None and not ws.closed
+    def _flush(self) -> bool:
+        """Send the outbox as one frame; False when the connection is closing."""
         msgs, self.outbox = self.outbox, []
-        try:
-            if self._binary:
-                await ws.send_bytes(msgpack.packb(msgs))
-            else:
-                await ws.send_str(orjson.dumps(msgs).decode())
-        except (*_CONNECT_ERRORS, RuntimeError) as exc:
-            self.metrics.errors[f"send:{_error_name(exc)}"] += 1
-            return False
-        return True
-
-    async def _receive(self) -> None:
         ws = self.ws
-        assert ws is not None
-        decode = msgpack.unpackb if self._binary else orjson.loads
-        data_types = (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT)
+        if ws is None or not ws.open:
+            return False
+        if not msgs:
+            return True
+        if self._binary:
+            return ws.send(msgpack.packb(msgs))
+        return ws.send(orjson.dumps(msgs), text=True)
+
+    def _on_message(self, opcode: int, payload: bytes) -> None:
+        now = time.time_ns()
         m = self.metrics
-        while True:
-            try:
-                msg = await ws.receive()
-            except (*_CONNECT_ERRORS, RuntimeError) as exc:
-                m.errors[f"receive:{_error_name(exc)}"] += 1
-                break
-            if msg.type not in data_types:
-                break
-            now = time.time_ns()
-            try:
-                frame = decode(msg.data)
-            except ValueError:
-                m.errors["client:undecodable_frame"] += 1
-                continue
-            m.counters["frames_rx"] += 1
-            self._on_frame(frame if isinstance(frame, list) else [frame], now)
-            if self.refused:
-                await self.close()  # a refused join is not a disconnect
-                return
-            if self.outbox and not await self._flush():
-                break
-        if not self.closing:
-            m.counters["disconnected"] += 1
+        try:
+            frame = self._decode(payload)
+        except ValueError:
+            m.errors["client:undecodable_frame"] += 1
+            return
+        m.counters["frames_rx"] += 1
+        self._on_frame(frame if isinstance(frame, list) else [frame], now)
+        if self.outbox:
+            self._flush()
+
+    def _on_error(self, exc: BaseException) -> None:
+        m = self.metrics
+        m.errors[f"client:{type(exc).__name__}"] += 1
+        if len(m.exceptions) < MAX_EXCEPTIONS:
+            m.exceptions.append("".join(traceback.format_exception(exc))[-3000:])
 
     # --- incoming -----------------------------------------------------------------------
 
@@ -249,11 +241,14 @@ class Session:
             self._tasks.append(asyncio.create_task(self._presence_loop()))
 
     def _on_ops(self, entries: list[dict[str, Any]], now: int) -> None:
+        # The load generator's hot path: every receipt of every op by every session.
         m = self.metrics
         window = self.plan.window
-        in_window = window.start_ns <= now < window.end_ns
+        start, end = window.start_ns, window.end_ns
+        in_window = start <= now < end
         client = self.client
         fanout, series = m.fanout, m.fanout_series
+        now_units = now // stamp.UNIT_NS
         for entry in entries:
             op = entry["op"]
             v = entry["v"]
@@ -269,13 +264,27 @@ class Session:
                 self.version = v
             else:
                 self.version = v
-            for digits in stamp.in_op(op):
-                age = stamp.age_ns(digits, now)
-                if age < 0:
+            last = op[-1] if op else None
+            if (
+                type(last) is str
+                and len(last) == stamp.WIDTH
+                and last[0] == stamp.OPEN
+                and last[-1] == stamp.CLOSE
+                and len(op) <= 2
+            ):
+                found: list[str] | tuple[str] = (last[1:-1],)  # one edit: [pos, "[digits]"]
+            else:
+                found = stamp.in_op(op)
+            for digits in found:
+                try:
+                    age = ((now_units - int(digits, 32)) & _STAMP_MASK) * stamp.UNIT_NS
+                except ValueError:
+                    continue  # eight characters that were not a stamp after all
+                if age > stamp.MAX_AGE_NS:
                     m.counters["clock_anomalies"] += 1
                     continue
                 us = age // 1000
-                if window.start_ns <= now - age < window.end_ns:
+                if start <= now - age < end:
                     fanout.add(us)
                 series.add(now, us)
         m.counters["ops_rx"] += len(entries)
@@ -321,7 +330,9 @@ class Session:
             self._desync()
         elif not self.joined.is_set() and code in ("unauthorized", "forbidden", "not_found"):
             m.counters["join_failed"] += 1
-            self.refused = True
+            self.closing = True  # a refused join is not a disconnect
+            if self.ws is not None:
+                self.ws.close_now()
 
     def _desync(self) -> None:
         """Stop editing: this client no longer agrees with the server about the document."""
@@ -344,14 +355,14 @@ class Session:
         at = loop.time() + rng.random() * interval
         while at < end:
             await asyncio.sleep(at - loop.time())
-            if self.desynced or self.ws is None or self.ws.closed:
+            if self.desynced or self.ws is None or not self.ws.open:
                 return
             now = time.time_ns()
             self._edit(now)
             m.counters["edits"] += 1
             if now in plan.window:
                 m.counters["edits_window"] += 1
-            if self.outbox and not await self._flush():
+            if self.outbox and not self._flush():
                 return
             step = interval
             if plan.jitter:
@@ -388,7 +399,7 @@ class Session:
             data = {"cursor": self.rng.randrange(length + 1)}
             self.outbox.append({"t": "presence", "doc": self.spec.doc, "data": data})
             self.metrics.counters["presence_tx"] += 1
-            if not await self._flush():
+            if not self._flush():
                 return
             await asyncio.sleep(interval)
 
@@ -399,6 +410,6 @@ def text_digest(text: str) -> str:
 
 
 def _error_name(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.WSServerHandshakeError):
-        return f"handshake_{exc.status}"
+    if isinstance(exc, WsError):
+        return "handshake"
     return type(exc).__name__

@@ -10,6 +10,7 @@ capped at the true maximum, so it never under-reports and over-reports by less t
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,8 @@ SUB_BITS = 8
 """Buckets per power of two above the exact range: 2**(SUB_BITS-1)."""
 _EXACT = 1 << SUB_BITS
 _HALF = 1 << (SUB_BITS - 1)
+
+_U32 = 2**32 - 1
 
 QUANTILES: tuple[tuple[str, float], ...] = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
 """The percentiles every summary reports, by key."""
@@ -163,41 +166,37 @@ def summary_ms(h: Histogram) -> dict[str, float | int | None]:
 
 
 class Series:
-    """Samples over time for plots: one histogram per ``bin_s`` slice of a timeline.
+    """Every sample over time, for plots: two flat arrays, (ms since origin, value).
 
-    ``origin_ns`` is the wall-clock start of the timeline; samples are placed by the time
-    they were observed.
+    Appending is the cheapest record there is; the bins and their percentiles are computed
+    once, by :meth:`rows`. Values are clamped to 32 bits (71 minutes in µs).
     """
 
-    __slots__ = ("bin_ns", "bins", "origin_ns")
+    __slots__ = ("bin_ns", "origin_ns", "times", "values")
 
     def __init__(self, origin_ns: int, bin_s: float = 0.5) -> None:
         self.origin_ns = origin_ns
         self.bin_ns = int(bin_s * 1e9)
-        self.bins: dict[int, Histogram] = {}
+        self.times = array("I")
+        self.values = array("I")
 
     def add(self, at_ns: int, value: int) -> None:
-        """Record ``value`` observed at wall-clock ``at_ns``."""
-        index = (at_ns - self.origin_ns) // self.bin_ns
-        h = self.bins.get(index)
-        if h is None:
-            h = self.bins[index] = Histogram()
-        h.add(value)
+        """Record ``value`` observed at wall-clock ``at_ns`` (not before the origin)."""
+        self.times.append(max(0, at_ns - self.origin_ns) // 1_000_000)
+        self.values.append(min(max(0, value), _U32))
 
     def merge(self, other: Series) -> None:
-        """Add ``other`` (same origin and bin width) into this series."""
-        for index, h in other.bins.items():
-            mine = self.bins.get(index)
-            if mine is None:
-                mine = self.bins[index] = Histogram()
-            mine.merge(h)
+        """Add ``other`` (same origin) into this series."""
+        self.times.extend(other.times)
+        self.values.extend(other.values)
 
     def to_dict(self) -> dict[str, Any]:
         """A picklable form that :meth:`from_dict` reads back."""
         return {
             "origin_ns": self.origin_ns,
             "bin_ns": self.bin_ns,
-            "bins": {i: h.to_dict() for i, h in self.bins.items()},
+            "times": self.times.tobytes(),
+            "values": self.values.tobytes(),
         }
 
     @classmethod
@@ -205,14 +204,36 @@ class Series:
         """The series :meth:`to_dict` described."""
         s = cls(int(data["origin_ns"]))
         s.bin_ns = int(data["bin_ns"])
-        s.bins = {int(i): Histogram.from_dict(h) for i, h in data["bins"].items()}
+        s.times.frombytes(data["times"])
+        s.values.frombytes(data["values"])
         return s
+
+    def tail(self, since_ns: int) -> Histogram:
+        """The samples observed at or after wall-clock ``since_ns``, newest first.
+
+        Samples are appended in observation order, so this walks back from the end only as
+        far as it must (for progress lines).
+        """
+        since = (since_ns - self.origin_ns) // 1_000_000
+        h = Histogram()
+        times, values = self.times, self.values
+        i = len(times) - 1
+        while i >= 0 and times[i] >= since:
+            h.add(values[i])
+            i -= 1
+        return h
 
     def rows(self) -> list[tuple[float, int, int, int, int]]:
         """``(seconds since origin, count, p50, p99, max)`` per non-empty bin, in time order."""
+        width = self.bin_ns // 1_000_000
+        bins: dict[int, list[int]] = {}
+        for t, v in zip(self.times, self.values, strict=True):
+            bins.setdefault(t // width, []).append(v)
         out = []
-        for index in sorted(self.bins):
-            h = self.bins[index]
-            t = index * self.bin_ns / 1e9
-            out.append((t, h.count, h.quantile(0.5), h.quantile(0.99), h.max))
+        for index in sorted(bins):
+            values = sorted(bins[index])
+            t = index * width / 1000
+            out.append(
+                (t, len(values), percentile(values, 0.5), percentile(values, 0.99), values[-1])
+            )
         return out

@@ -1,7 +1,8 @@
 """A load process: runs the sessions and HTTP loops the coordinator deals it, step by step.
 
 Started by :mod:`ops.loadtest.runner` with the ``spawn`` method; talks over one duplex pipe
-of pickled dicts, read with ``loop.add_reader`` so the loop never blocks on it:
+of pickled dicts through a :class:`~ops.loadtest.channel.Channel`, so the loop never blocks
+on it:
 
 - coordinator -> worker: ``{"cmd": "step", ...}`` (see :func:`step_command`),
   ``{"cmd": "verify", "versions": {doc: v}, "deadline_ns": t}``, ``{"cmd": "exit"}``;
@@ -23,9 +24,11 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
+from ops.loadtest.channel import Channel
 from ops.loadtest.recorder import StepMetrics, Window
 from ops.loadtest.session import EditPlan, Session, SessionSpec, loop_time_at
 
@@ -85,23 +88,28 @@ class _Worker:
         self.conn = conn
         self.index = index
         self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.channel: Channel | None = None
 
     def send(self, msg: dict[str, Any]) -> None:
+        """Queue a message to the coordinator (the loop never waits on the pipe)."""
+        assert self.channel is not None
         msg["worker"] = self.index
-        self.conn.send(msg)
+        self.channel.send(msg)
+
+    async def send_wait(self, msg: dict[str, Any]) -> None:
+        """Send a message and wait until it is written (results, failures)."""
+        assert self.channel is not None
+        msg["worker"] = self.index
+        await self.channel.send_wait(msg)
 
     async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        fd = self.conn.fileno()
-
-        def readable() -> None:
-            try:
-                self.inbox.put_nowait(self.conn.recv())
-            except (EOFError, OSError):
-                loop.remove_reader(fd)
-                self.inbox.put_nowait({"cmd": "exit"})
-
-        loop.add_reader(fd, readable)
+        self.channel = Channel(
+            self.conn,
+            self.inbox.put_nowait,
+            lambda: self.inbox.put_nowait({"cmd": "exit"}),
+            name=f"loadtest-{self.index}",
+        )
+        self.channel.start()
         self.send({"kind": "ready", "pid": os.getpid()})
         try:
             while True:
@@ -112,12 +120,12 @@ class _Worker:
                     except _Abort:
                         return
                     except Exception:
-                        self.send({"kind": "failed", "error": traceback.format_exc()})
+                        await self.send_wait({"kind": "failed", "error": traceback.format_exc()})
                         return
                 elif cmd["cmd"] == "exit":
                     return
         finally:
-            loop.remove_reader(fd)
+            await asyncio.to_thread(self.channel.close)
 
     async def next_command(self, expected: str) -> dict[str, Any]:
         try:
@@ -135,25 +143,21 @@ class _Worker:
         metrics = StepMetrics(cmd["origin_ns"])
         metrics.counters["sessions"] = len(specs)
         base = cmd["base_url"].rstrip("/")
-        ws_url = ("wss" if base.startswith("https") else "ws") + base[base.index(":") :] + "/v1/ws"
+        url = urlsplit(base)
+        server = (url.hostname or "127.0.0.1", url.port or 80)
         timeout = aiohttp.ClientTimeout(total=None, connect=30.0, sock_connect=10.0)
         loops = cmd["http_loops"]
-        ws_connector = aiohttp.TCPConnector(limit=0)
-        http_connector = aiohttp.TCPConnector(limit=max(1, loops))
-        async with (
-            aiohttp.ClientSession(connector=ws_connector, timeout=timeout) as ws_http,
-            aiohttp.ClientSession(connector=http_connector, timeout=timeout) as http,
-        ):
+        connector = aiohttp.TCPConnector(limit=max(1, loops))
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
             gate = asyncio.Semaphore(CONNECT_GATE)
             seed = cmd["seed"]
             sessions = [
-                Session(s, plan, metrics, ws_http, ws_url, gate, seed * 1_000_003 + s.index)
-                for s in specs
+                Session(s, plan, metrics, server, gate, seed * 1_000_003 + s.index) for s in specs
             ]
             tasks = [asyncio.create_task(s.run()) for s in sessions]
             rng = random.Random(seed)
             aux = [
-                asyncio.create_task(self._progress(metrics, cmd["origin_ns"])),
+                asyncio.create_task(self._progress(metrics)),
                 asyncio.create_task(_loop_lag(metrics, window)),
             ]
             aux += [
@@ -189,7 +193,7 @@ class _Worker:
                 metrics.full_reports = [_full_report(s) for s in full]
                 for task in aux:
                     task.cancel()
-                self.send({"kind": "result", "metrics": metrics.to_dict()})
+                await self.send_wait({"kind": "result", "metrics": metrics.to_dict()})
             finally:
                 for task in aux:
                     task.cancel()
@@ -199,18 +203,17 @@ class _Worker:
                 await asyncio.gather(*tasks, *aux, return_exceptions=True)
         self.send({"kind": "closed"})
 
-    async def _progress(self, metrics: StepMetrics, origin_ns: int) -> None:
+    async def _progress(self, metrics: StepMetrics) -> None:
         series = metrics.fanout_series
         while True:
             await asyncio.sleep(PROGRESS_EVERY_S)
-            last_bin = (time.time_ns() - origin_ns) // series.bin_ns - 1
-            recent = series.bins.get(last_bin)
+            recent = series.tail(time.time_ns() - int(PROGRESS_EVERY_S * 1e9))
             self.send(
                 {
                     "kind": "progress",
                     "counters": dict(metrics.counters),
                     "errors": dict(metrics.errors),
-                    "recent": recent.to_dict() if recent is not None else None,
+                    "recent": recent.to_dict() if recent.count else None,
                 }
             )
 
