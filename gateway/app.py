@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from gateway import http
+from gateway import http, keys
 from gateway.hub import Hub
 from gateway.rooms import Rooms
 from gateway.session import CLOSE_GOING_AWAY, Session, SessionLimits, handle_ws
@@ -39,11 +39,11 @@ def create_app(services: Services) -> web.Application:
     app = web.Application(
         client_max_size=http.MAX_BODY_BYTES, middlewares=[http.errors_middleware]
     )
-    app["services"] = services
-    app["secret"] = services.secret
-    app["session_limits"] = services.limits
-    app["rooms"] = Rooms(services.store, services.hub)
-    app["sessions"] = set[Session]()
+    app[keys.SERVICES] = services
+    app[keys.SECRET] = services.secret
+    app[keys.SESSION_LIMITS] = services.limits
+    app[keys.ROOMS] = Rooms(services.store, services.hub)
+    app[keys.SESSIONS] = set[Session]()
     http.add_routes(app)
     app.router.add_get("/v1/ws", handle_ws)
     app.cleanup_ctx.append(_background)
@@ -54,7 +54,7 @@ def create_app(services: Services) -> web.Application:
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
-    rooms: Rooms = app["rooms"]
+    rooms: Rooms = app[keys.ROOMS]
     await rooms.start()
     committer = asyncio.create_task(rooms.committer.run(), name="committer")
     sweeper = asyncio.create_task(rooms.sweep_forever(), name="room-sweeper")
@@ -69,17 +69,17 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     await rooms.close()
     await rooms.hub.close()
     rooms.committer.close()
-    services: Services = app["services"]
+    services: Services = app[keys.SERVICES]
     if services.close_store:
         await asyncio.get_running_loop().run_in_executor(None, services.store.close)
 
 
 async def _close_sessions(app: web.Application) -> None:
     """SIGTERM: the listener is already closed; commit what is queued, then say goodbye."""
-    rooms: Rooms = app["rooms"]
+    rooms: Rooms = app[keys.ROOMS]
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(rooms.committer.drain(), timeout=10)
-    sessions: set[Session] = app["sessions"]
+    sessions: set[Session] = app[keys.SESSIONS]
     await asyncio.gather(
         *(s.close(CLOSE_GOING_AWAY, "server shutting down") for s in list(sessions)),
         return_exceptions=True,

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from domain.document import Document
 from domain.errors import DomainError
+from gateway import keys
 from gateway.auth import BadToken, verify_token
 from gateway.room import Rejected, Room, Submission, iso_time
 from gateway.rooms import Rooms
@@ -88,7 +89,7 @@ def _authenticate(request: web.Request) -> str:
     if scheme.lower() != "bearer" or not token:
         raise ApiError(Code.UNAUTHORIZED, "send Authorization: Bearer <token>")
     try:
-        return verify_token(request.app["secret"], token.strip())
+        return verify_token(request.app[keys.SECRET], token.strip())
     except BadToken as exc:
         raise ApiError(Code.UNAUTHORIZED, str(exc)) from None
 
@@ -126,7 +127,7 @@ def _int_query(request: web.Request, name: str, default: int, lo: int, hi: int) 
 
 async def readable_room(request: web.Request) -> Room:
     """The room of the document in the path, if the caller may read it (else 404)."""
-    rooms: Rooms = request.app["rooms"]
+    rooms: Rooms = request.app[keys.ROOMS]
     room = await rooms.get(_doc_id(request))
     if room is None or not room.doc.can_read(request["user"]):
         raise ApiError(Code.NOT_FOUND, "no such document")
@@ -149,7 +150,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """``GET /readyz``: 200 when the store answers; reports the hub (Redis) too."""
-    rooms: Rooms = request.app["rooms"]
+    rooms: Rooms = request.app[keys.ROOMS]
     store = rooms.store
     loop = asyncio.get_running_loop()
     try:
@@ -165,7 +166,7 @@ async def readyz(request: web.Request) -> web.Response:
         "store": store_ok,
         "hub": hub_ok,
         "rooms": len(rooms),
-        "sessions": len(request.app["sessions"]),
+        "sessions": len(request.app[keys.SESSIONS]),
     }
     return json_response(body, status=200 if store_ok else 503)
 
@@ -180,7 +181,7 @@ async def create_document(request: web.Request) -> web.Response:
         raise ApiError(Code.BAD_REQUEST, "'text' must be a string")
     user = request["user"]
     doc = Document.create(title=title, text=text, owner=user)
-    rooms: Rooms = request.app["rooms"]
+    rooms: Rooms = request.app[keys.ROOMS]
     await rooms.create(doc, user)
     room = rooms.peek(doc.id)
     assert room is not None
@@ -219,7 +220,7 @@ async def list_ops(request: web.Request) -> web.Response:
     room = await readable_room(request)
     start = _int_query(request, "from", 0, 0, 1 << 62)
     limit = _int_query(request, "limit", 100, 1, MAX_OPS_PAGE)
-    store = request.app["rooms"].store
+    store = request.app[keys.ROOMS].store
     loop = asyncio.get_running_loop()
     edits = await loop.run_in_executor(store.reader, store.edits_after, room.id, start, limit)
     ops = []

@@ -34,6 +34,7 @@ from aiohttp import web
 
 from domain.document import Document
 from domain.errors import BadVersion, DomainError, Invalid, NotFound, TooLarge
+from gateway import keys
 from gateway.room import Room, Submission
 from gateway.rooms import Rooms
 from gateway.store import Store, StoreConfig
@@ -173,7 +174,7 @@ class Extension:
         app.cleanup_ctx.append(self._lifecycle)
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        rooms: Rooms = app["rooms"]
+        rooms: Rooms = app[keys.ROOMS]
         store = rooms.store
         db = await asyncio.get_running_loop().run_in_executor(
             None, open_db, read_db_config(store.cfg)
@@ -263,7 +264,7 @@ def decode_cursor(cursor: str | None, kind: str) -> int | None:
 
 
 async def _readable_room(request: web.Request) -> Room:
-    rooms: Rooms = request.app["rooms"]
+    rooms: Rooms = request.app[keys.ROOMS]
     room = await rooms.get(_doc_id(request))
     if room is None or not room.doc.can_read(request["user"]):
         raise NotFound("no such document")
@@ -277,7 +278,7 @@ async def _command(room: Room, user: str, command: Callable[[Document], Any]) ->
 
 
 async def _events(request: web.Request, doc_id: UUID) -> list[Any]:
-    store: Store = request.app["rooms"].store
+    store: Store = request.app[keys.ROOMS].store
     loop = asyncio.get_running_loop()
     return list(await loop.run_in_executor(store.reader, store.events_after, doc_id, 0))
 
@@ -354,7 +355,7 @@ async def bulk_create(request: web.Request) -> web.Response:
         except DomainError as exc:
             raise type(exc)(f"documents[{i}]: {exc.message}") from None
     events = [e for d in docs for e in d.collect_events()]
-    store: Store = request.app["rooms"].store
+    store: Store = request.app[keys.ROOMS].store
     await asyncio.get_running_loop().run_in_executor(None, store.save, events)
     items = [
         {"id": str(d.id), "title": d.title, "version": 0, "owner": d.owner,
@@ -372,7 +373,7 @@ async def batch_get(request: web.Request) -> web.Response:
         raise Invalid("'ids' must be a list of strings")
     if len(ids) > MAX_BATCH_GET:
         raise TooLarge(f"at most {MAX_BATCH_GET} ids per request")
-    rooms: Rooms = request.app["rooms"]
+    rooms: Rooms = request.app[keys.ROOMS]
     user = request["user"]
 
     async def one(raw: str) -> dict[str, Any] | None:

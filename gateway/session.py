@@ -22,6 +22,7 @@ from uuid import UUID
 
 from aiohttp import WSMsgType, web
 
+from gateway import keys
 from gateway.auth import BadToken, verify_token
 from gateway.room import Rejected, Room, Submission
 from gateway.rooms import Rooms
@@ -184,6 +185,9 @@ class Session:
                 await self._on_message(messages.parse(item))
             except MessageError as exc:
                 self.error(exc.code, exc.message, exc.doc, exc.seq)
+                refused_hello = isinstance(item, dict) and item.get("t") == "hello"
+                if refused_hello and exc.code is Code.UNAUTHORIZED and self.user is None:
+                    await self.close(CLOSE_UNAUTHORIZED, "unauthorized")
             if self._closing:
                 return
 
@@ -211,10 +215,7 @@ class Session:
         try:
             self.user = verify_token(self.secret, msg.token)
         except BadToken as exc:
-            self.error(Code.UNAUTHORIZED, str(exc))
-            self._closing = True
-            self._spawn(self.close(CLOSE_UNAUTHORIZED, "unauthorized"))
-            return
+            raise MessageError(Code.UNAUTHORIZED, str(exc)) from None
         self.client = msg.client
         self.send({"t": "welcome", "user": self.user, "session": self.id})
 
@@ -326,7 +327,7 @@ class Session:
 async def handle_ws(request: web.Request) -> web.StreamResponse:
     """``GET /v1/ws``: upgrade and serve a session."""
     app = request.app
-    limits: SessionLimits = app["session_limits"]
+    limits: SessionLimits = app[keys.SESSION_LIMITS]
     ws = web.WebSocketResponse(
         protocols=frames.SUBPROTOCOLS,
         max_msg_size=frames.HARD_FRAME_BYTES,
@@ -336,8 +337,8 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     codec = Codec(ws.ws_protocol) if ws.ws_protocol else Codec.JSON
-    session = Session(ws, codec, app["rooms"], app["secret"], limits)
-    sessions: set[Session] = app["sessions"]
+    session = Session(ws, codec, app[keys.ROOMS], app[keys.SECRET], limits)
+    sessions: set[Session] = app[keys.SESSIONS]
     sessions.add(session)
     try:
         await session.run()

@@ -487,13 +487,6 @@ async def test_bad_token_is_unauthorized_then_closed(env: Env, token: str) -> No
     assert await env.text("a") == ("alpha", 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the close code after a bad token is 1000, not 4001: gateway/session.py "
-    "Session._hello spawns close(4001) as a task, but Session.run's finally -> _finish "
-    "cancels every task in self._tasks as soon as the writer ends, so the close is "
-    "cancelled and handle_ws closes with the default 1000",
-)
 async def test_bad_token_close_code_is_4001(env: Env) -> None:
     """The close after a refused hello carries 4001 (unauthorized)."""
     ws = await WsClient.connect(env.http.session, env.ws_url)
@@ -504,12 +497,6 @@ async def test_bad_token_close_code_is_4001(env: Env) -> None:
         await ws.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a hello without a token gets error unauthorized but the connection stays "
-    "open (schema/messages.py parse raises MessageError; gateway/session.py _on_frame only "
-    "reports it), unlike a bad token, which closes with 4001",
-)
 async def test_hello_without_token_is_unauthorized_then_closed(env: Env) -> None:
     """A hello that carries no token is treated like a bad token: unauthorized, close 4001."""
     ws = await WsClient.connect(env.http.session, env.ws_url)
@@ -759,12 +746,6 @@ async def test_http_members_and_rename(env: Env) -> None:
 # -- the app itself ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gateway/app.py create_app uses str keys (app['services'], app['secret'], "
-    "app['session_limits'], app['rooms'], app['sessions']); aiohttp emits NotAppKeyWarning "
-    "for each, which the suite's filterwarnings=error turns into errors",
-)
 def test_app_factory_emits_no_warnings(tmp_path: Any) -> None:
     """Building the app raises no warnings (the suite runs with warnings as errors)."""
     store = Store(StoreConfig(data_dir=tmp_path))
