@@ -29,6 +29,7 @@ import msgpack
 import orjson
 
 from domain import ot
+from domain.errors import BadOp
 from schema.frames import Codec
 
 Message = dict[str, Any]
@@ -56,6 +57,8 @@ class DocState:
         """Every op entry received from others, as sent, in arrival order."""
         self.problems: list[str] = []
         self.errors: list[Message] = []
+        self.transforms = 0
+        """How many remote ops arrived while an op of ours was in flight (concurrency seen)."""
         self.ready = asyncio.Event()
 
     @property
@@ -111,6 +114,7 @@ class DocState:
                 self.problems.append(f"op v{v} skipped ahead of v{self.version}")
             self.remote.append(entry)
             if self.inflight is not None:
+                self.transforms += 1
                 seq, a = self.inflight
                 self.inflight = (seq, ot.transform(a, r, "left"))
                 r = ot.transform(r, a, "right")
@@ -119,7 +123,10 @@ class DocState:
                 self.buffer = ot.transform(b, r, "left")
                 r = ot.transform(r, b, "right")
             assert self.text is not None
-            self.text = ot.apply(self.text, r)
+            try:
+                self.text = ot.apply(self.text, r)
+            except BadOp as exc:  # diverged: keep reading, let the test report it
+                self.problems.append(f"op v{v} does not fit the local text: {exc}")
             self.version = v
         self.ready.set()
 
