@@ -69,7 +69,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         TimeRemainingColumn,
     )
 
-    from projections.replay import rebuild
+    from projections.replay import rebuild_all
 
     models = _models(args.projection)
     store, source, db = _open(args)
@@ -84,21 +84,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
             TimeRemainingColumn(),
         )
         with Progress(*columns, transient=False, disable=args.quiet) as bar:
-            for model in models:
-                task = bar.add_task(model.name, total=max(source.head(), 1), rate="-")
+            label = models[0].name if len(models) == 1 else "all"
+            task = bar.add_task(label, total=max(source.head(), 1), rate="-")
 
-                def progress(position: int, head: int, task: Any = task) -> None:
-                    t = bar.tasks[task]
-                    speed = t.speed or 0.0
-                    bar.update(task, completed=position, total=max(head, 1),
-                               rate=f"{speed:,.0f}")
+            def progress(position: int, head: int) -> None:
+                speed = bar.tasks[task].speed or 0.0
+                bar.update(task, completed=position, total=max(head, 1), rate=f"{speed:,.0f}")
 
-                result = rebuild(db, source, model, page_size=args.page, progress=progress)
-                bar.update(task, completed=result.position, total=max(result.position, 1),
-                           rate=f"{result.rate:,.0f}")
-                print(f"{model.name}: {result.events} events in {result.seconds:.2f}s "
-                      f"({result.rate:,.0f} events/s), swapped in at {result.position}",
-                      flush=True)
+            results = rebuild_all(db, source, models, page_size=args.page, progress=progress)
+            done = max(r.position for r in results)
+            bar.update(task, completed=done, total=max(done, 1),
+                       rate=f"{results[0].rate:,.0f}")
+        for r in results:
+            print(f"{r.name}: swapped in at position {r.position}")
+        r = results[0]
+        print(f"replayed {r.events} events into {len(results)} read models in "
+              f"{r.seconds:.2f}s ({r.rate:,.0f} events/s)", flush=True)
     finally:
         db.close()
         store.close()

@@ -17,7 +17,7 @@ carries on from there on the new tables.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -59,8 +59,20 @@ def rebuild(
     progress: Progress | None = None,
 ) -> RebuildResult:
     """Rebuild ``model`` from event 1 and swap it in; returns the counts."""
+    return rebuild_all(db, source, [model], page_size=page_size, progress=progress)[0]
+
+
+def rebuild_all(
+    db: ReadDB,
+    source: EventSource,
+    models: Sequence[ReadModel],
+    *,
+    page_size: int = REPLAY_PAGE,
+    progress: Progress | None = None,
+) -> list[RebuildResult]:
+    """Rebuild ``models`` in one pass over the log (each event decoded once), swap them in."""
     started = time.perf_counter()
-    runner = Runner(db, source, [model], page_size=page_size, suffix=NEXT)
+    runner = Runner(db, source, models, page_size=page_size, suffix=NEXT)
     runner.setup(fresh=True)
     events = 0
     while True:
@@ -70,8 +82,12 @@ def rebuild(
             progress(runner.seen(), max(source.head(), runner.seen()))
         if n == 0:
             break
-    events += swap(db, source, runner, model)
-    return RebuildResult(model.name, runner.seen(), events, time.perf_counter() - started)
+    extra = {m.name: swap(db, source, runner, m) for m in models}
+    seconds = time.perf_counter() - started
+    return [
+        RebuildResult(m.name, runner.tracks[m.name].position, events + extra[m.name], seconds)
+        for m in models
+    ]
 
 
 def swap(db: ReadDB, source: EventSource, runner: Runner, model: ReadModel) -> int:

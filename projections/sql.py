@@ -94,16 +94,22 @@ class Renderer:
         return _render_cached(sql, self.dialect, self._names)
 
 
+# Every read model formats the same event's timestamp: remember the last few thousand.
+
+
+@lru_cache(maxsize=8192)
 def iso(ts: datetime) -> str:
     """A time as the ISO 8601 text stored in read models: UTC, microseconds, ``Z``."""
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+@lru_cache(maxsize=8192)
 def hour_of(ts: datetime) -> str:
     """The start of the UTC hour of ``ts``, as stored in the analytics tables."""
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:00:00.000000Z")
 
 
+@lru_cache(maxsize=8192)
 def day_of(ts: datetime) -> str:
     """The start of the UTC day of ``ts``, as stored in the analytics tables."""
     return ts.astimezone(UTC).strftime("%Y-%m-%dT00:00:00.000000Z")
