@@ -28,10 +28,13 @@ from gateway.store import Store, StoreConfig
 from schema.frames import HARD_FRAME_BYTES, MAX_FRAME_BYTES, Codec
 from tests.wsclient import DocState, Message, WsClient
 
-# BUG (reported): gateway/app.py stores app state under str keys, and aiohttp warns
-# (NotAppKeyWarning) for each, which filterwarnings=error turns into a fixture error. See
-# test_app_factory_emits_no_warnings; remove this filter once that test passes.
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
+# BUG (reported, see test_first_request_emits_no_warnings): gateway/http.py stores the user
+# under the str request key "user"; aiohttp warns NotAppKeyWarning on the first such
+# request of the process, and filterwarnings=error turns that request into a 500.
+REQUEST_KEY_WARNING = (
+    "ignore:It is recommended to use web.RequestKey:aiohttp.web_exceptions.NotAppKeyWarning"
+)
+pytestmark = pytest.mark.filterwarnings(REQUEST_KEY_WARNING)
 
 SECRET = b"test-secret"  # what the app_client fixture signs with
 OWNER, EDITOR, VIEWER, STRANGER = "olga", "ed", "vic", "stan"
@@ -476,25 +479,15 @@ async def test_messages_before_hello_are_unauthorized(env: Env) -> None:
     ],
 )
 async def test_bad_token_is_unauthorized_then_closed(env: Env, token: str) -> None:
-    """A hello with a bad token gets error unauthorized, then the server closes."""
+    """A hello with a bad token gets error unauthorized, then the server closes with 4001."""
     ws = await WsClient.connect(env.http.session, env.ws_url)
     try:
         reply = await ws.hello(token)
         assert (reply["t"], reply["code"]) == ("error", "unauthorized")
-        await ws.wait_closed()
-    finally:
-        await ws.close()
-    assert await env.text("a") == ("alpha", 0)
-
-
-async def test_bad_token_close_code_is_4001(env: Env) -> None:
-    """The close after a refused hello carries 4001 (unauthorized)."""
-    ws = await WsClient.connect(env.http.session, env.ws_url)
-    try:
-        await ws.hello("garbage")
         assert await ws.wait_closed() == CLOSE_UNAUTHORIZED
     finally:
         await ws.close()
+    assert await env.text("a") == ("alpha", 0)
 
 
 async def test_hello_without_token_is_unauthorized_then_closed(env: Env) -> None:
@@ -505,7 +498,7 @@ async def test_hello_without_token_is_unauthorized_then_closed(env: Env) -> None
         await ws.send({"t": "hello"})
         err = await ws.wait_for(lambda m: m["t"] == "error", since=mark)
         assert err["code"] == "unauthorized"
-        assert await ws.wait_closed(within=1) == CLOSE_UNAUTHORIZED
+        assert await ws.wait_closed() == CLOSE_UNAUTHORIZED
     finally:
         await ws.close()
 
@@ -755,3 +748,51 @@ def test_app_factory_emits_no_warnings(tmp_path: Any) -> None:
             create_app(Services(store=store, secret=SECRET))
     finally:
         store.close()
+
+
+_FIRST_REQUEST = """
+import asyncio, sys, tempfile, warnings
+from pathlib import Path
+warnings.simplefilter("error")
+from aiohttp.test_utils import TestClient, TestServer
+from gateway.app import Services, create_app
+from gateway.auth import sign_token
+from gateway.store import Store, StoreConfig
+
+async def main() -> int:
+    store = Store(StoreConfig(data_dir=Path(tempfile.mkdtemp())))
+    client = TestClient(TestServer(create_app(Services(store=store, secret=b"s"))))
+    await client.start_server()
+    try:
+        headers = {"Authorization": "Bearer " + sign_token(b"s", "u")}
+        r = await client.post("/v1/documents", json={"title": "t"}, headers=headers)
+        return r.status
+    finally:
+        await client.close()
+
+print(asyncio.run(main()))
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: gateway/http.py:65 errors_middleware sets request['user'] (a str key; also "
+    "read in http.py and readmodels.py); aiohttp emits NotAppKeyWarning on the first request "
+    "of a process, so under warnings-as-errors that request fails with 500 internal",
+)
+def test_first_request_emits_no_warnings() -> None:
+    """In a fresh process with warnings as errors, the first HTTP request succeeds (201)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", _FIRST_REQUEST],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.stdout.strip().splitlines()[-1:] == ["201"], out.stdout + out.stderr
