@@ -46,8 +46,10 @@ def other_store(store_config: StoreConfig, store: Store) -> Iterator[Store]:
 
 @contextlib.asynccontextmanager
 async def running(store: Store) -> AsyncIterator[Rooms]:
-    """Rooms over ``store`` with the committer running as a task; drained and closed after."""
+    """Rooms over ``store`` (own in-process hub: no fan-out between processes) with the
+    committer running as a task; drained and closed after, as the app does."""
     rooms = Rooms(store)
+    await rooms.start()
     task = asyncio.create_task(rooms.committer.run())
     try:
         yield rooms
@@ -58,6 +60,7 @@ async def running(store: Store) -> AsyncIterator[Rooms]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await rooms.close()
+        await rooms.hub.close()
         rooms.committer.close()
 
 
