@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -341,3 +342,69 @@ def test_sign_refuses_empty_user() -> None:
     """A token must name someone."""
     with pytest.raises(ValueError):
         sign_token(SECRET, "")
+
+
+# -- schema/protocol.md stays in step with the code -----------------------------------------
+
+PROTOCOL_MD = Path(__file__).resolve().parent.parent / "schema" / "protocol.md"
+
+
+def test_protocol_doc_lists_every_code_with_its_status() -> None:
+    """schema/protocol.md has a table row for every error code with its HTTP status."""
+    doc = PROTOCOL_MD.read_text(encoding="utf-8")
+    for code in Code:
+        assert f"| `{code.value}` | {HTTP_STATUS[code]} |" in doc, code
+
+
+def test_protocol_doc_states_the_limits_and_close_codes() -> None:
+    """The documented limits, close codes and subprotocols are the ones in the code."""
+    from gateway import session
+    from gateway.room import MAX_DOCUMENT_CHARS
+
+    doc = PROTOCOL_MD.read_text(encoding="utf-8")
+    limits = session.SessionLimits()
+    for number in (
+        frames.MAX_FRAME_BYTES,
+        frames.MAX_MESSAGES_PER_FRAME,
+        messages.MAX_PRESENCE_BYTES,
+        MAX_DOCUMENT_CHARS,
+        limits.max_subscriptions,
+    ):
+        assert f"{number:,}" in doc, number
+    assert frames.HARD_FRAME_BYTES == limits.max_buffer_bytes == 16 << 20
+    assert "16 MiB" in doc
+    assert f"{messages.MAX_CLIENT_ID_CHARS} characters" in doc
+    for close in (
+        session.CLOSE_GOING_AWAY,
+        session.CLOSE_UNAUTHORIZED,
+        session.CLOSE_SLOW_CONSUMER,
+        1009,
+    ):
+        assert f"| {close} |" in doc, close
+    for codec in Codec:
+        assert f"`{codec.value}`" in doc
+
+
+def test_protocol_doc_covers_every_http_route() -> None:
+    """Every route the gateway's HTTP module registers is documented."""
+    from aiohttp import web
+
+    from gateway import http
+
+    app = web.Application()
+    http.add_routes(app)
+    doc = PROTOCOL_MD.read_text(encoding="utf-8")
+    for route in app.router.routes():
+        if route.method == "HEAD":
+            continue
+        path = route.resource.canonical if route.resource is not None else ""
+        assert f"{route.method} {path}" in doc, (route.method, path)
+
+
+def test_protocol_doc_names_every_message_type() -> None:
+    """Every client and server message type appears in the protocol document."""
+    doc = PROTOCOL_MD.read_text(encoding="utf-8")
+    for t in ("hello", "sub", "unsub", "op", "presence", "ping"):
+        assert f'{{"t": "{t}"' in doc, t
+    for t in ("welcome", "snapshot", "ops", "ack", "presence", "pong", "error"):
+        assert f'{{"t": "{t}"' in doc, t
