@@ -317,9 +317,15 @@ class _SimServer:
     """The server's contract in miniature: transform late ops with "left", ack, broadcast."""
 
     def __init__(self, text: str) -> None:
-        self.text = text
+        self.initial = self.text = text
         self.log: list[ot.Op] = []
         self.outboxes: dict[int, deque[dict[str, Any]]] = {}
+
+    def text_at(self, version: int) -> str:
+        text = self.initial
+        for op in self.log[:version]:
+            text = ot.apply(text, op)
+        return text
 
     def submit(self, client: int, msg: dict[str, Any]) -> None:
         op = msg["op"]
@@ -395,6 +401,9 @@ def test_clients_converge_with_the_simulated_server(
                 uplinks[i].append(msg)
         else:
             pump(i, "up" if action < 0.7 else "down")
+    for c in docs:  # mid-flight: the confirmed text is the server's at the client's version
+        if c.confirmed is not None:
+            assert c.confirmed == server.text_at(c.version)
     while any(uplinks) or any(server.outboxes.values()):
         for i in range(clients):
             pump(i, "up")
@@ -404,7 +413,7 @@ def test_clients_converge_with_the_simulated_server(
         assert c.version == len(server.log)
         assert c.length == len(server.text)
         if c.text is not None:
-            assert c.text == server.text
+            assert c.text == c.confirmed == server.text
     assert sum(c.acked for c in docs) == len(server.log)
 
 
@@ -550,6 +559,7 @@ def test_check_counts_acked_stamps_missing_from_the_text() -> None:
     s1, s2 = stamp.encode(10**15), stamp.encode(2 * 10**15)
     final = DocState("d", 2, "ab" + s1)
     report = {"doc": "d", "session": 0, "joined": True, "desynced": False, "version": 2}
+    report["local_consistent"] = True
     report |= {"length": len(final.text), "digest": text_digest(final.text)}
     m = _metrics_with("d", [s1[1:-1], s2[1:-1]], [report])
     got = check([DocState("d", 0, "ab")], [final], m, stamps_exact=True)
@@ -566,6 +576,9 @@ def test_check_flags_a_client_with_another_text() -> None:
     got = check([DocState("d", 0, "")], [final], _metrics_with("d", [], [bad]), stamps_exact=True)
     assert not got["converged"]
     assert got["mismatches"][0]["session"] == 3
+    shown = bad | {"digest": text_digest("xyz"), "local_consistent": False}
+    got = check([DocState("d", 0, "")], [final], _metrics_with("d", [], [shown]), stamps_exact=True)
+    assert got["mismatches"][0]["reason"] == "its user's text differs from the confirmed text"
 
 
 def _outcome(**counters: int) -> StepOutcome:
@@ -619,11 +632,13 @@ def test_slo_failures_cover_loss_convergence_and_thresholds() -> None:
     step = r["steps"][0]
     step["lost"] = 3
     step["converged"] = False
+    step["fanout_delivery"] = 0.5
     failed = slo_failures(Slo(fanout_p99_ms=100, min_acked_ops_s=1), step, has_writers=True)
     assert failed == [
         "lost 3 acknowledged edits",
         "clients did not converge",
         "2 connection failures",
+        "only 50.0% of fan-out deliveries arrived before the end",
         "min_acked_ops_s 0 < 1",
     ]
 
@@ -846,4 +861,5 @@ def test_tiny_run_against_a_real_server(tmp_path: Path) -> None:
     assert report["sessions"]["joined"] == 10
     assert report["acked_ops_s"] > 0 and report["fanout_ms"]["count"] > 0
     assert report["convergence"]["checked_clients"] == 4
+    assert report["fanout_delivery"] == pytest.approx(1.0, abs=0.01)
     assert report["server"]["cpu_s"] is not None  # found the server by its port

@@ -4,7 +4,9 @@ Pure function of what the coordinator gathered: the documents before and after (
 ``GET /v1/documents/{id}``) and the merged metrics of the load processes.
 
 - *Converged*: every full client joined, never had an op refused, reached the final version
-  and holds a text with the same digest as the server's.
+  and reconstructs the same text as the server's (its *confirmed* text, see
+  :class:`~ops.loadtest.editor.DocClient`, so edits still pending do not count against it),
+  and, with nothing pending, shows its user exactly that text.
 - *Lost*: acknowledged edits missing from the final text. Each acked edit left a stamp, so
   lost = acked stamps minus stamps found in the text, as multisets (two writers may stamp
   the same 10 µs). With deletes in the mix a delete can cut a stamp, so the check falls back
@@ -53,6 +55,8 @@ def check(
                 reason = f"at v{r['version']}, server at v{doc.version}"
             elif r["digest"] != digest:
                 reason = f"text differs (length {r['length']} vs {len(doc.text)})"
+            elif not r.get("local_consistent", True):
+                reason = "its user's text differs from the confirmed text"
             if reason is not None:
                 mismatches.append({"doc": doc.id, "session": r["session"], "reason": reason})
         acked = metrics.acks_by_doc.get(doc.id, 0)

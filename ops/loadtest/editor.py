@@ -11,8 +11,12 @@ missed as ``transform(a, r, "left")``; so when ``r`` arrives while ``a`` is in f
 client keeps ``transform(a, r, "left")`` in flight and applies ``transform(r, a, "right")``
 locally, and then the same against the buffer. By TP1 both sides end on the same text.
 
-A *full* client keeps the text; a light one (``text=None``) keeps only its length, which is
-all it needs to make valid edits and transform them.
+A *full* client keeps two texts: ``text``, what its user sees (server state plus its own
+pending edits), and ``confirmed``, the server's text at ``version`` as this client
+reconstructs it (remote ops as received, its own ops as they were acknowledged). The end of
+a run compares ``confirmed`` with the server, which checks the client-side transforms even
+when edits are still pending; with nothing pending both texts must be equal. A light client
+(``keep_text=False``) keeps only the length, all it needs to make valid edits and transform.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class DocClient:
         "buffer",
         "buffer_edits",
         "buffer_stamps",
+        "confirmed",
         "doc",
         "inflight",
         "inflight_edits",
@@ -66,6 +71,7 @@ class DocClient:
         self.doc = doc
         self.version = version
         self.text: str | None = text if keep_text else None
+        self.confirmed: str | None = self.text
         self.length = len(text)
         self.inflight: ot.Op | None = None
         self.inflight_seq = -1
@@ -115,6 +121,8 @@ class DocClient:
         if v != self.version + 1:
             raise ProtocolViolation(f"{self.doc}: op v{v} after v{self.version}")
         self.version = v
+        if self.confirmed is not None:
+            self.confirmed = ot.apply(self.confirmed, op)
         if self.inflight is not None:
             op, self.inflight = (
                 transform(op, self.inflight, "right"),
@@ -135,6 +143,8 @@ class DocClient:
             raise ProtocolViolation(f"{self.doc}: ack v{v} after v{self.version}")
         self.version = v
         self.acked += 1
+        if self.confirmed is not None:
+            self.confirmed = ot.apply(self.confirmed, self.inflight)
         done = (self.inflight_edits, self.inflight_stamps, self.sent_ns)
         self.inflight = self.buffer
         self.inflight_edits = self.buffer_edits

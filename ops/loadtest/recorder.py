@@ -28,6 +28,7 @@ COUNTERS = (
     "acks",  # acks received, whole step
     "acks_window",  # acks received in the window
     "acked_edits_window",  # typed edits those acks carried (more than acks when composed)
+    "acked_stamps_window",  # acked inserts typed in the window: each owes a fan-out sample
     "ops_rx",  # remote ops received, whole step
     "ops_rx_window",  # remote ops received in the window
     "frames_rx",  # frames received, whole step

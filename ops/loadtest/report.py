@@ -16,6 +16,8 @@ from ops.loadtest.recorder import StepMetrics
 from ops.loadtest.scenario import Scenario, Slo, Step
 from ops.loadtest.stats import Histogram, summary_ms
 
+MIN_DELIVERY = 0.99
+"""Below this share of owed fan-out samples a step fails: ops arrived late or never."""
 SATURATED_UTIL = 0.9
 """A load process busier than this (CPU seconds per second) could not keep its schedule."""
 SATURATED_LAG_MS = 20.0
@@ -70,8 +72,12 @@ def figures(
     cost: Cost,
     convergence: dict[str, Any],
     procs: int,
+    expected_fanout: int,
 ) -> dict[str, Any]:
-    """The measured figures of one step, or of several merged (the shared JSON keys)."""
+    """The measured figures of one step, or of several merged (the shared JSON keys).
+
+    ``expected_fanout`` is how many fan-out samples a complete delivery would have given.
+    """
     c = metrics.counters
     acks = c["acks_window"]
     http_n = c["http_window"]
@@ -107,6 +113,9 @@ def figures(
         "acked_edits_s": _rate(c["acked_edits_window"], window_s),
         "received_ops_s": _rate(c["ops_rx_window"], window_s),
         "fanout_ms": summary_ms(metrics.fanout),
+        "fanout_delivery": (
+            round(metrics.fanout.count / expected_fanout, 4) if expected_fanout else None
+        ),
         "ack_ms": summary_ms(metrics.ack),
         "join_ms": summary_ms(metrics.join),
         "http": {"req_s": _rate(http_n, window_s), "latency_ms": summary_ms(metrics.http)},
@@ -144,6 +153,11 @@ def figures(
     return out
 
 
+def expected_fanout(o: StepOutcome) -> int:
+    """Fan-out samples owed: acked stamped edits typed in the window × the other clients."""
+    return o.metrics.counters["acked_stamps_window"] * max(0, o.step.clients_per_doc - 1)
+
+
 def step_report(o: StepOutcome) -> dict[str, Any]:
     """The JSON object of one step: its parameters, figures and SLO verdict."""
     s = o.step
@@ -166,7 +180,7 @@ def step_report(o: StepOutcome) -> dict[str, Any]:
             "http_concurrency": s.http.concurrency if s.http else 0,
         },
     }
-    out.update(figures(o.metrics, o.window_s, o.cost, o.convergence, o.procs))
+    out.update(figures(o.metrics, o.window_s, o.cost, o.convergence, o.procs, expected_fanout(o)))
     failed = slo_failures(s.slo, out, has_writers=s.writers > 0)
     out["slo"] = {"ok": not failed, "failed": failed, "thresholds": _thresholds(s.slo)}
     return out
@@ -189,6 +203,9 @@ def slo_failures(slo: Slo, r: dict[str, Any], *, has_writers: bool) -> list[str]
         failed.append(f"{r['sessions']['desynced']} writers had an op refused")
     if has_writers and r["fanout_ms"]["count"] == 0 and r["sessions"]["planned"] > 1:
         failed.append("no fan-out samples")
+    delivery = r.get("fanout_delivery")
+    if delivery is not None and delivery < MIN_DELIVERY:
+        failed.append(f"only {delivery:.1%} of fan-out deliveries arrived before the end")
     checks: list[tuple[str, float | None, float | None, bool]] = [
         ("fanout_p50_ms", slo.fanout_p50_ms, r["fanout_ms"]["p50"], True),
         ("fanout_p95_ms", slo.fanout_p95_ms, r["fanout_ms"]["p95"], True),
@@ -251,7 +268,9 @@ def run_report(
         "source": scenario.source,
         **meta,
     }
-    out.update(figures(merged, window, cost, convergence, procs))
+    out.update(
+        figures(merged, window, cost, convergence, procs, sum(expected_fanout(o) for o in outcomes))
+    )
     passing = [s for s in steps if s["slo"]["ok"]]
     best = max(passing, key=lambda s: s["offered_ops_s"], default=None)
     out["slo_ok"] = len(passing) == len(steps)
@@ -300,6 +319,10 @@ def summary_table(report: dict[str, Any]) -> Table:
     row("acked edits/s", lambda s: s["acked_edits_s"])
     for q in ("p50", "p95", "p99", "max"):
         row(f"fan-out {q}", lambda s, q=q: s["fanout_ms"][q], " ms")
+    row(
+        "fan-out delivered",
+        lambda s: None if s["fanout_delivery"] is None else f"{s['fanout_delivery']:.1%}",
+    )
     row("ack p50", lambda s: s["ack_ms"]["p50"], " ms")
     row("ack p99", lambda s: s["ack_ms"]["p99"], " ms")
     row("join p50", lambda s: s["join_ms"]["p50"], " ms")
@@ -326,6 +349,11 @@ def notes(report: dict[str, Any]) -> list[str]:
     for s in report["steps"]:
         for why in s["slo"]["failed"]:
             out.append(f"{s['name']}: {why}")
+        if s["unacked"]:
+            out.append(
+                f"{s['name']}: {s['unacked']:,} edits were still unacknowledged when the "
+                "drain ended (the server fell behind)"
+            )
         if s["errors"]:
             top = ", ".join(f"{k}={v}" for k, v in list(s["errors"].items())[:6])
             out.append(f"{s['name']}: errors {top}")

@@ -137,14 +137,17 @@ class Session:
     def report(self) -> dict[str, Any] | None:
         """A full session's final state for the convergence check, else None."""
         c = self.client
-        if not self.spec.full or c is None or c.text is None:
+        if not self.spec.full or c is None or c.text is None or c.confirmed is None:
             return None
+        pending = c.inflight_edits + c.buffer_edits
         return {
             "doc": self.spec.doc,
             "session": self.spec.index,
             "version": c.version,
-            "length": c.length,
-            "digest": text_digest(c.text),
+            "length": len(c.confirmed),
+            "digest": text_digest(c.confirmed),
+            "pending_edits": pending,
+            "local_consistent": pending > 0 or c.text == c.confirmed,
             "desynced": self.desynced,
             "ended": self.ended.is_set() and not self.closing,
         }
@@ -313,6 +316,11 @@ class Session:
             m.counters["acks_window"] += 1
             m.counters["acked_edits_window"] += done.edits
         if done.stamps:
+            typed_in_window = 0
+            for digits in done.stamps:
+                if now - stamp.age_ns(digits, now) in window:
+                    typed_in_window += 1
+            m.counters["acked_stamps_window"] += typed_in_window
             stamps = m.acked_stamps.get(self.spec.doc)
             if stamps is None:
                 stamps = m.acked_stamps[self.spec.doc] = Counter()

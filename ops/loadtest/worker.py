@@ -36,6 +36,8 @@ PROGRESS_EVERY_S = 0.5
 """How often a worker reports its counters."""
 CONNECT_GATE = 500
 """Most WebSocket handshakes one process has open at once."""
+CLOSE_TIMEOUT_S = 10.0
+"""Longest all of a process's sessions get, together, for their close handshakes."""
 COMMAND_TIMEOUT_S = 300.0
 """Longest a worker waits for the coordinator's next command within a step."""
 _HTTP_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
@@ -197,11 +199,18 @@ class _Worker:
             finally:
                 for task in aux:
                     task.cancel()
-                await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
-                for task in tasks:
+                closing_started = time.monotonic()
+                closes = [asyncio.create_task(s.close()) for s in sessions]
+                if closes:
+                    await asyncio.wait(closes, timeout=CLOSE_TIMEOUT_S)
+                for s in sessions:
+                    if s.ws is not None:
+                        s.ws.abort()  # whatever did not finish its close handshake in time
+                for task in (*tasks, *closes):
                     task.cancel()
-                await asyncio.gather(*tasks, *aux, return_exceptions=True)
-        self.send({"kind": "closed"})
+                await asyncio.gather(*tasks, *closes, *aux, return_exceptions=True)
+                closing_s = time.monotonic() - closing_started
+        self.send({"kind": "closed", "closing_s": round(closing_s, 3)})
 
     async def _progress(self, metrics: StepMetrics) -> None:
         series = metrics.fanout_series
