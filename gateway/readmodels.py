@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -166,6 +167,8 @@ class Extension:
     run_projections: bool = True
     redis_url: str | None = None
     redis_prefix: str = "coscribe:"
+    warm: bool = True
+    """Compute the busiest users' dashboards and open the busiest documents at start."""
 
     def __call__(self, app: web.Application) -> None:
         """Add the routes, the dashboard and the runner's lifecycle to ``app``."""
@@ -184,11 +187,23 @@ class Extension:
         rm = ReadModels(store, db, cache, run=self.run_projections)
         app[READMODELS] = rm
         await rm.start()
+        warming = asyncio.create_task(self._warm(rm, rooms), name="readmodels-warm")
         try:
             yield
         finally:
+            warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warming
             await rm.close()
             await cache.close()
+
+    async def _warm(self, rm: ReadModels, rooms: Rooms) -> None:
+        if not (self.warm and rm.run):
+            return
+        try:
+            await warm(rm, rooms)
+        except Exception:  # warming is an optimisation; never take the gateway down
+            log.exception("warming the read caches failed")
 
 
 extension = Extension()
@@ -620,18 +635,31 @@ def _floor(ts: datetime, bucket: str) -> datetime:
     return ts.replace(hour=0) if bucket == "day" else ts
 
 
-def _range(request: web.Request, bucket: str) -> tuple[datetime, datetime]:
-    step = timedelta(hours=1) if bucket == "hour" else timedelta(days=1)
-    raw_to, raw_from = request.query.get("to"), request.query.get("from")
-    end = parse_time(raw_to, "to") if raw_to else datetime.now(UTC)
-    start = parse_time(raw_from, "from") if raw_from else end - (
-        timedelta(hours=24) if bucket == "hour" else timedelta(days=30)
-    )
+def _step(bucket: str) -> timedelta:
+    return timedelta(hours=1) if bucket == "hour" else timedelta(days=1)
+
+
+def bucket_range(
+    bucket: str, start: datetime | None = None, end: datetime | None = None
+) -> tuple[datetime, datetime]:
+    """``[start, end)`` widened to whole buckets; defaults: the last 24 hours or 30 days."""
+    end = end or datetime.now(UTC)
+    start = start or end - (timedelta(hours=24) if bucket == "hour" else timedelta(days=30))
     start = _floor(start, bucket)
-    end = _floor(end, bucket) + step if _floor(end, bucket) != end else end
+    end = _floor(end, bucket) + _step(bucket) if _floor(end, bucket) != end else end
+    return start, end
+
+
+def _range(request: web.Request, bucket: str) -> tuple[datetime, datetime]:
+    raw_to, raw_from = request.query.get("to"), request.query.get("from")
+    start, end = bucket_range(
+        bucket,
+        parse_time(raw_from, "from") if raw_from else None,
+        parse_time(raw_to, "to") if raw_to else None,
+    )
     if start >= end:
         raise Invalid("from must be before to")
-    if (end - start) / step > MAX_BUCKETS:
+    if (end - start) / _step(bucket) > MAX_BUCKETS:
         raise Invalid(f"at most {MAX_BUCKETS} buckets per series")
     return start, end
 
@@ -647,41 +675,57 @@ FIGURES = ("edits", "chars_inserted", "chars_deleted", "active_users", "document
 """The figures of each bucket of an analytics series."""
 
 
-async def _series(rm: ReadModels, scope: queries.Scope, request: web.Request) -> dict[str, Any]:
-    bucket = _bucket(request)
-    start, end = _range(request, bucket)
-    await rm.fresh()
+async def series(
+    rm: ReadModels, scope: queries.Scope, bucket: str, start: datetime, end: datetime
+) -> dict[str, Any]:
+    """An analytics series (every bucket of ``[start, end)``), through the cache."""
     key = f"an:{scope.user}:{scope.document}:{bucket}:{iso(start)}:{iso(end)}"
     tag = f"an-doc:{scope.document}" if scope.document else "an-all"
 
     async def compute() -> dict[str, Any]:
         found = await rm.call(queries.series, rm.db, scope, bucket, iso(start), iso(end))
-        step = timedelta(hours=1) if bucket == "hour" else timedelta(days=1)
         out = []
         t = start
         while t < end:
             at = iso(t)
             row = found.get(at, {})
             out.append({"at": at, **{f: int(row.get(f, 0)) for f in FIGURES}})
-            t += step
+            t += _step(bucket)
         return {"bucket": bucket, "from": iso(start), "to": iso(end), "series": out}
 
     return dict(await rm.cache.fetch(key, (tag,), compute))
 
 
+async def top(rm: ReadModels, user: str, start: datetime, end: datetime,
+              limit: int) -> dict[str, Any]:
+    """The documents ``user`` may read ranked by edits in ``[start, end)``, through the cache."""
+    key = f"top:{user}:{iso(start)}:{iso(end)}:{limit}"
+
+    async def compute() -> dict[str, Any]:
+        rows = await rm.call(queries.top_documents, rm.db, user, iso(start), iso(end), limit)
+        return {"from": iso(start), "to": iso(end), "items": rows}
+
+    return dict(await rm.cache.fetch(key, ("an-all",), compute))
+
+
 async def analytics_overview(request: web.Request) -> web.Response:
     """``GET /v1/analytics/overview?from=&to=&bucket=hour|day`` over readable documents."""
     rm = _rm(request)
-    return _json(await _series(rm, queries.Scope(request["user"]), request))
+    bucket = _bucket(request)
+    start, end = _range(request, bucket)
+    await rm.fresh()
+    return _json(await series(rm, queries.Scope(request["user"]), bucket, start, end))
 
 
 async def analytics_document(request: web.Request) -> web.Response:
     """``GET /v1/analytics/documents/{id}?from=&to=&bucket=``: one document's series."""
     room = await _readable_room(request)
     rm = _rm(request)
-    data = await _series(rm, queries.Scope(request["user"], str(room.id)), request)
-    data["document"] = str(room.id)
-    return _json(data)
+    bucket = _bucket(request)
+    start, end = _range(request, bucket)
+    await rm.fresh()
+    scope = queries.Scope(request["user"], str(room.id))
+    return _json({**await series(rm, scope, bucket, start, end), "document": str(room.id)})
 
 
 async def analytics_top(request: web.Request) -> web.Response:
@@ -691,14 +735,29 @@ async def analytics_top(request: web.Request) -> web.Response:
     limit = _int(request, "limit", 10, 1, 100)
     assert limit is not None
     await rm.fresh()
-    user = request["user"]
-    key = f"top:{user}:{iso(start)}:{iso(end)}:{limit}"
+    return _json(await top(rm, request["user"], start, end, limit))
 
-    async def compute() -> dict[str, Any]:
-        rows = await rm.call(queries.top_documents, rm.db, user, iso(start), iso(end), limit)
-        return {"from": iso(start), "to": iso(end), "items": rows}
 
-    return _json(await rm.cache.fetch(key, ("an-all",), compute))
+WARM_USERS = 20
+"""How many of the most active users' dashboards are computed at start."""
+WARM_DOCUMENTS = 10
+"""How many of the most edited documents are opened (rooms loaded) at start."""
+
+
+async def warm(rm: ReadModels, rooms: Rooms) -> None:
+    """Fill the cache with the dashboards of the most active users of the last day and open
+    the most edited documents, once the read models have caught up. Best effort."""
+    if not await rm.follower.wait_for(await rm.head(), 60):
+        return
+    since = iso(datetime.now(UTC) - timedelta(hours=24))
+    users = await rm.call(queries.most_active, rm.db, "user_id", since, WARM_USERS)
+    for user in users:
+        for bucket in ("hour", "day"):
+            await series(rm, queries.Scope(user), bucket, *bucket_range(bucket))
+        await top(rm, user, *bucket_range("hour"), 10)
+    for doc in await rm.call(queries.most_active, rm.db, "document_id", since, WARM_DOCUMENTS):
+        await rooms.get(UUID(doc))
+    log.info("warmed %d dashboards and %d documents", len(users), WARM_DOCUMENTS)
 
 
 # -- dashboard ------------------------------------------------------------------------------

@@ -115,17 +115,15 @@ def _redis_bump(redis_url: str | None, prefix: str) -> Any:
         return None
     import redis
 
-    from projections.cache import tags_for
+    from projections.cache import RAISE_TO, tags_for
 
     client = redis.Redis.from_url(redis_url)
 
     def observe(model: str, events: Sequence[tuple[int, Any]]) -> None:
         tags = tags_for(model, events)
         if tags:
-            pipe = client.pipeline(transaction=False)
-            for t in tags:
-                pipe.incr(f"{prefix}rm:gen:{t}")
-            pipe.execute()
+            keys = [f"{prefix}rm:gen:{t}" for t in tags]
+            client.eval(RAISE_TO, len(keys), *keys, *tags.values())
 
     return observe
 

@@ -3,8 +3,10 @@
 Staleness is ruled out with *tag generations* rather than by deleting keys:
 
 - An entry is stored with the generation of each of its tags, read BEFORE its value was
-  computed (``fetch``). Invalidating a tag increments its generation (in this process, and in
-  Redis when configured, so every process sees it).
+  computed (``fetch``). A tag's generation is the log position of the latest event that
+  changed what it covers; invalidating raises it (in this process, and in Redis when
+  configured, so every process sees it). Every process observes every event, and raising to
+  a position is idempotent, so N processes invalidate once, not N times.
 - ``get`` accepts an entry only if its tags still have the generations it was stored with.
   An entry computed from data older than an invalidation therefore never counts, even if it
   was written after the invalidation (the classic read-compute-write race).
@@ -20,7 +22,7 @@ optimisation, never a source of failures.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -47,14 +49,15 @@ class CacheStats:
     invalidations: int = 0
 
 
-def tags_for(model: str, events: Sequence[tuple[int, Any]]) -> set[str]:
-    """The tags the events just taken in by ``model`` make stale.
+def tags_for(model: str, events: Sequence[tuple[int, Any]]) -> dict[str, int]:
+    """The tags the events just taken in by ``model`` make stale, each with the position of the
+    latest of those events.
 
     Analytics entries depend on the analytics tables and on membership (they count only what
     the caller may read) and titles (top documents), so both models invalidate them.
     """
-    tags: set[str] = set()
-    for _, e in events:
+    tags: dict[str, int] = {}
+    for pos, e in events:
         doc = str(getattr(e, "originator_id", ""))
         if model == "analytics" or (
             model == "documents"
@@ -64,9 +67,24 @@ def tags_for(model: str, events: Sequence[tuple[int, Any]]) -> set[str]:
                 | Document.MemberRemoved,
             )
         ):
-            tags.add(f"an-doc:{doc}")
-            tags.add("an-all")
+            tags[f"an-doc:{doc}"] = pos
+            tags["an-all"] = pos
     return tags
+
+
+RAISE_TO = """
+for i, key in ipairs(KEYS) do
+  local want = tonumber(ARGV[i])
+  if tonumber(redis.call('GET', key) or '0') < want then redis.call('SET', key, want) end
+end
+return #KEYS
+"""
+"""Redis script: raise each generation in KEYS to the position in ARGV (never lower it).
+
+Generations are log positions, so every process that observes an event sets the same value:
+invalidation is idempotent, and a second process seeing the event later does not spoil
+entries computed in between.
+"""
 
 
 class ReadCache:
@@ -125,24 +143,26 @@ class ReadCache:
 
     async def invalidate(self, model: str, events: Sequence[tuple[int, Any]]) -> None:
         """Make every entry depending on what ``events`` changed in ``model`` stale."""
-        await self.invalidate_tags(tags_for(model, events))
+        await self.raise_tags(tags_for(model, events))
 
-    async def invalidate_tags(self, tags: Iterable[str]) -> None:
-        """Bump the generation of ``tags`` here and in Redis."""
-        tags = set(tags)
+    async def raise_tags(self, tags: Mapping[str, int]) -> None:
+        """Raise the generation of each tag to (at least) the log position given for it."""
         if not tags:
             return
         self.stats_.invalidations += len(tags)
-        for t in tags:
-            self._gens[t] = self._gens.get(t, 0) + 1
+        for t, pos in tags.items():
+            self._gens[t] = max(self._gens.get(t, 0), pos)
         if self._redis is not None:
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for t in tags:
-                        pipe.incr(self.prefix + "gen:" + t)
-                    await pipe.execute()
+                keys = [self.prefix + "gen:" + t for t in tags]
+                await self._redis.eval(RAISE_TO, len(keys), *keys, *tags.values())
             except Exception:
                 log.warning("redis invalidation failed", exc_info=True)
+
+    async def invalidate_tags(self, tags: Iterable[str]) -> None:
+        """Make entries under ``tags`` stale now (past any position seen so far)."""
+        current = await self._current(tags)
+        await self.raise_tags({t: max(g, self._gens.get(t, 0)) + 1 for t, g in current.items()})
 
     # -- entries ----------------------------------------------------------------------------
 

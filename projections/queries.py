@@ -191,3 +191,14 @@ def top_documents(db: ReadDB, user: str, start: str, end: str, limit: int) -> li
             r[k] = int(r[k] or 0)
         r["editors"] = by_doc.get(r["id"], 0)
     return rows
+
+
+def most_active(db: ReadDB, column: str, since: str, limit: int) -> list[str]:
+    """The ``user_id``s (or ``document_id``s) with the most events since ``since``."""
+    if column not in ("user_id", "document_id"):
+        raise ValueError(column)
+    rows = db.query(_r(db)(
+        f"SELECT {column} AS k, SUM(events) AS n FROM rm_analytics_activity WHERE hour >= ?"
+        f" GROUP BY {column} ORDER BY SUM(events) DESC, {column} LIMIT ?"
+    ), [since, limit])
+    return [str(r["k"]) for r in rows]

@@ -1,0 +1,173 @@
+"""The read cache: tag generations in memory and in Redis, shared by processes, never stale."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import Services, create_app
+from gateway.auth import sign_token
+from gateway.readmodels import READMODELS, Extension
+from gateway.store import Store, StoreConfig
+from projections.cache import ReadCache
+
+pytestmark = [
+    pytest.mark.redis,
+    # gateway.app uses str app keys (aiohttp's NotAppKeyWarning); not this module's concern.
+    pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning"),
+]
+SECRET = b"test-secret"
+
+
+@pytest.fixture
+async def prefix(redis_url: str, redis_prefix: str) -> AsyncIterator[str]:
+    """A Redis key prefix for this test; its keys are deleted afterwards."""
+    yield redis_prefix
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(f"{redis_prefix}*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def _cache(redis_url: str | None, prefix: str = "x:") -> ReadCache:
+    cache = ReadCache(redis_url=redis_url, prefix=prefix)
+    await cache.start()
+    return cache
+
+
+async def test_memory_entries_go_stale_when_their_tag_moves() -> None:
+    """Without Redis, invalidating a tag makes the entries stored under it misses."""
+    cache = await _cache(None)
+    try:
+        calls = []
+
+        async def compute() -> dict[str, int]:
+            calls.append(1)
+            return {"n": len(calls)}
+
+        assert await cache.fetch("k", ["t"], compute) == {"n": 1}
+        assert await cache.fetch("k", ["t"], compute) == {"n": 1}
+        assert await cache.fetch("other", [], compute) == {"n": 2}
+        await cache.invalidate_tags(["t"])
+        assert await cache.fetch("k", ["t"], compute) == {"n": 3}
+        assert await cache.fetch("other", [], compute) == {"n": 2}
+        assert cache.stats()["hits"] == 2 and cache.stats()["stale"] == 1
+    finally:
+        await cache.close()
+
+
+async def test_a_value_computed_across_an_invalidation_is_never_served(
+    redis_url: str, prefix: str
+) -> None:
+    """An entry whose computation overlapped an invalidation is stored but never counts."""
+    cache = await _cache(redis_url, prefix)
+    try:
+        async def racing() -> str:
+            await cache.invalidate_tags(["t"])  # the data changed while we were reading
+            return "old"
+
+        assert await cache.fetch("k", ["t"], racing) == "old"
+        assert await cache.get("k") is None
+
+        async def fresh() -> str:
+            return "new"
+
+        assert await cache.fetch("k", ["t"], fresh) == "new"
+        assert await cache.get("k") == "new"
+    finally:
+        await cache.close()
+
+
+async def test_processes_share_entries_and_invalidations_through_redis(
+    redis_url: str, prefix: str
+) -> None:
+    """One process's entry is the other's hit; one's invalidation is the other's miss."""
+    a, b = await _cache(redis_url, prefix), await _cache(redis_url, prefix)
+    try:
+        async def value() -> list[int]:
+            return [1, 2]
+
+        await a.fetch("k", ["an-all"], value)
+        assert await b.get("k") == [1, 2]
+        assert b.stats()["hits"] == 1
+        await b.invalidate_tags(["an-all"])
+        assert await a.get("k") is None  # a's memory copy is checked against Redis
+        assert a.stats()["redis"] is True
+    finally:
+        await a.close()
+        await b.close()
+
+
+def _app(cfg: StoreConfig, redis_url: str, prefix: str) -> TestClient[Any, Any]:
+    services = Services(store=Store(cfg), secret=SECRET,
+                        extensions=[Extension(redis_url=redis_url, redis_prefix=prefix)])
+    return TestClient(TestServer(create_app(services), host="127.0.0.1", port=0))
+
+
+async def test_two_gateways_never_serve_each_other_stale_analytics(
+    store_config: StoreConfig, redis_url: str, prefix: str
+) -> None:
+    """Gateway A's cached overview reflects an edit made through gateway B at once."""
+    a, b = _app(store_config, redis_url, prefix), _app(store_config, redis_url, prefix)
+    await a.start_server()
+    await b.start_server()
+    headers = {"Authorization": f"Bearer {sign_token(SECRET, 'ann')}"}
+    try:
+        r = await a.post("/v1/documents", json={"title": "shared", "text": ""}, headers=headers)
+        doc = (await r.json())["id"]
+        v = 0
+        for _ in range(4):
+            r = await b.post(f"/v1/documents/{doc}/ops", json={"v": v, "op": ["x"]},
+                             headers=headers)
+            v = (await r.json())["v"]
+            for gateway in (a, a, b):
+                r = await gateway.get("/v1/analytics/overview", headers=headers)
+                assert sum(s["edits"] for s in (await r.json())["series"]) == v
+        stats = (await (await a.get("/v1/projections", headers=headers)).json())["cache"]
+        assert stats["redis"] and stats["hits"] >= 4
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_start_warms_the_busiest_dashboards(
+    store_config: StoreConfig, redis_url: str, prefix: str
+) -> None:
+    """After a restart the busiest user's overview is already cached."""
+    headers = {"Authorization": f"Bearer {sign_token(SECRET, 'ann')}"}
+    first = _app(store_config, redis_url, prefix)
+    await first.start_server()
+    try:
+        r = await first.post("/v1/documents", json={"title": "w", "text": ""}, headers=headers)
+        doc = (await r.json())["id"]
+        await first.post(f"/v1/documents/{doc}/ops", json={"v": 0, "op": ["x"]},
+                         headers=headers)
+    finally:
+        await first.close()
+    # A fresh Redis namespace, so only the warm-up can have filled the second gateway's cache.
+    second = _app(store_config, redis_url, prefix + "2:")
+    await second.start_server()
+    try:
+        rm = second.app[READMODELS]
+        for _ in range(200):
+            if rm.cache.stats()["sets"] >= 3:
+                break
+            await asyncio.sleep(0.02)
+        r = await second.get("/v1/analytics/overview", headers=headers)
+        assert sum(s["edits"] for s in (await r.json())["series"]) == 1
+        assert rm.cache.stats()["hits"] == 1
+    finally:
+        await second.close()
+        client = aioredis.Redis.from_url(redis_url)
+        keys = [k async for k in client.scan_iter(f"{prefix}2:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
