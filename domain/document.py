@@ -17,12 +17,12 @@ from stored events detects an edited or removed row.
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 from uuid import UUID, uuid4
 
+import orjson
 from eventsourcing.domain import Aggregate
 
 from domain import ot
@@ -62,13 +62,11 @@ def chain_hash(
     ``payload`` its own fields (not ``h``). Canonical JSON (sorted keys, no spaces, UTF-8)
     makes the digest independent of the transcoder that stores the event.
     """
-    body = json.dumps(
+    body = orjson.dumps(
         [kind, str(doc_id), position, timestamp.isoformat(), payload],
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
+        option=orjson.OPT_SORT_KEYS,
     )
-    return hashlib.sha256(prev + body.encode("utf-8")).digest()
+    return hashlib.sha256(prev + body).digest()
 
 
 def check_title(title: object) -> str:

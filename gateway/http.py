@@ -171,6 +171,34 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response(body, status=200 if store_ok else 503)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text format counters of this process."""
+    rooms: Rooms = request.app[keys.ROOMS]
+    st = rooms.committer.stats
+    hub = rooms.hub
+    lines = [
+        "# TYPE coscribe_commits_total counter",
+        f"coscribe_commits_total {st.commits}",
+        "# TYPE coscribe_committed_events_total counter",
+        f"coscribe_committed_events_total {st.events}",
+        "# TYPE coscribe_commit_conflicts_total counter",
+        f"coscribe_commit_conflicts_total {st.conflicts}",
+        "# TYPE coscribe_commit_failures_total counter",
+        f"coscribe_commit_failures_total {st.failures}",
+        "# TYPE coscribe_commit_seconds_total counter",
+        f"coscribe_commit_seconds_total {st.commit_seconds:.6f}",
+        "# TYPE coscribe_commit_max_batch gauge",
+        f"coscribe_commit_max_batch {st.max_batch}",
+        "# TYPE coscribe_rooms gauge",
+        f"coscribe_rooms {len(rooms)}",
+        "# TYPE coscribe_sessions gauge",
+        f"coscribe_sessions {len(request.app[keys.SESSIONS])}",
+        "# TYPE coscribe_hub_healthy gauge",
+        f"coscribe_hub_healthy {int(hub.healthy)}",
+    ]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
 async def create_document(request: web.Request) -> web.Response:
     """``POST /v1/documents {"title", "text"?}`` -> 201 with the document at version 0."""
     body = await _body(request)
@@ -278,6 +306,7 @@ def add_routes(app: web.Application) -> None:
     """Register the routes of this module."""
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/documents", create_document)
     app.router.add_get("/v1/documents/{id}", get_document)
     app.router.add_patch("/v1/documents/{id}", rename_document)

@@ -43,6 +43,11 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
             "INSERT INTO {}.{} (doc, client, seq, v) SELECT * FROM unnest("
             "%s::uuid[], %s::text[], %s::bigint[], %s::bigint[])"
         ).format(schema, table)
+        self._insert_fast = SQL(
+            "INSERT INTO {}.{} (originator_id, originator_version, topic, state) "
+            "SELECT * FROM unnest(%b::uuid[], %b::bigint[], %b::text[], %b::bytea[]) "
+            "RETURNING notification_id"
+        ).format(schema, Identifier(self.events_table_name))
         self._select_client_op = SQL(
             "SELECT v FROM {}.{} WHERE doc = %s AND client = %s AND seq = %s"
         ).format(schema, table)
@@ -55,6 +60,28 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
             cols = list(zip(*rows, strict=True))
             curs.execute(self._insert_client_ops, [list(c) for c in cols], prepare=True)
         super()._insert_events(curs, stored_events, **kwargs)
+
+    def _insert_stored_events(
+        self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> None:
+        """The library's lock and NOTIFY, then one INSERT of four base-type arrays.
+
+        Same table, same rows, same RETURNING as the library's composite-type insert, but
+        psycopg dumps base-type arrays in C (binary), where a composite array is dumped in
+        Python: the dominant cost of a large group commit.
+        """
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        curs.execute(
+            self._insert_fast,
+            (
+                [e.originator_id for e in stored_events],
+                [e.originator_version for e in stored_events],
+                [e.topic for e in stored_events],
+                [e.state for e in stored_events],
+            ),
+            prepare=True,
+        )
 
     def find_client_op(self, doc: str, client: str, seq: int) -> int | None:
         """The version the op ``(doc, client, seq)`` produced, or None if never committed."""

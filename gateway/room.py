@@ -35,6 +35,8 @@ MAX_DOCUMENT_CHARS = 8 << 20
 """Longest text a document may reach (code points); longer results get ``too_large``."""
 HISTORY_WINDOW = 2000
 """Committed ops kept in memory per room for transforms and catch-up."""
+CONTENDED_SECONDS = 30.0
+"""How long after seeing another process's events a room checkpoints before each commit."""
 
 
 class Subscriber(Protocol):
@@ -181,6 +183,10 @@ class Room:
         self.position = doc.version
         """The aggregate version of the committed state (the store's sequence position)."""
         self._remote: list[Any] = []
+        self._contended_until = 0.0
+        self._checkpoint: dict[str, Any] | None = None
+        self.needs_reload = False
+        """After a failed commit without a checkpoint: re-read the whole document."""
         self.state = State.READY
         self.inbox: list[Submission] = []
         self.inflight: list[Submission] = []
@@ -294,6 +300,7 @@ class Room:
         the edits as ``ops``, exactly once and in version order.
         """
         self._remote.extend(events)
+        self._contended_until = time.monotonic() + CONTENDED_SECONDS
         if not self.inflight and self.state is State.READY:
             self._apply_remote()
 
@@ -337,8 +344,16 @@ class Room:
     # -- the committer's side -------------------------------------------------------------
 
     def prepare(self) -> list[Any]:
-        """Check, transform and apply every queued submission; return the new events."""
+        """Check, transform and apply every queued submission; return the new events.
+
+        A room that other processes write to as well (it saw their events lately) first
+        takes a checkpoint of the aggregate, so that a conflict costs a rollback and a read
+        of the missed events, not a replay of the whole document.
+        """
         queue, self.inbox = self.inbox, []
+        self._checkpoint = None
+        if queue and time.monotonic() < self._contended_until:
+            self._checkpoint = _capture(self.doc)
         for sub in queue:
             try:
                 if sub.kind == "edit":
@@ -364,6 +379,7 @@ class Room:
         fresh, self._fresh = self._fresh, []
         inflight, self.inflight = self.inflight, []
         self._inflight_keys.clear()
+        self._checkpoint = None
         self.snapshot = self._snap()
         self._broadcast(fresh, inflight)
         for sub in inflight:
@@ -374,18 +390,34 @@ class Room:
 
     def conflicted(self) -> None:
         """Another writer was first: drop tentative state, keep the submissions queued."""
-        self._drop_tentative()
+        self._contended_until = time.monotonic() + CONTENDED_SECONDS
+        self._rollback()
         self.inbox[:0] = self.inflight
         self.inflight = []
         self.state = State.STALE
 
     def unavailable(self, code: Code, message: str) -> None:
         """The store failed: refuse what was in flight (never acked) and re-read later."""
-        self._drop_tentative()
+        self._rollback()
         for sub in self.inflight:
             sub.fail(code, message)
         self.inflight = []
         self.state = State.STALE
+
+    def _rollback(self) -> None:
+        self._drop_tentative()
+        if self._checkpoint is not None:
+            _restore(self.doc, self._checkpoint)
+            self._checkpoint = None
+        else:
+            self.needs_reload = True
+
+    def resynced(self, events: list[Any]) -> None:
+        """After a rollback: the events committed since our position, read from the store."""
+        self.state = State.READY
+        self.remote_events(events)
+        if self.inbox:
+            self._on_dirty(self)
 
     def refreshed(self, doc: Document, missed: list[Document.Edited]) -> None:
         """Install the state re-read from the store and deliver the ops others wrote."""
@@ -397,6 +429,7 @@ class Room:
             prev_len = ot.target_length(e.op, prev_len)
             records.append(_record(e, prev_len))
         self.doc = doc
+        self.needs_reload = False
         self.history.extend(records)
         if not self.history:
             self.first_v = doc.doc_version + 1
@@ -567,6 +600,19 @@ def _ordered_for(doc: str, records: list[OpRecord], mine: list[Submission]) -> l
         if sub.dup_of is not None:
             out.append(Encoded({"t": "ack", "doc": doc, "seq": sub.seq, "v": sub.result}))
     return out
+
+
+def _capture(doc: Document) -> dict[str, Any]:
+    """The aggregate's state, with its containers copied (strings are immutable)."""
+    return {
+        k: (v.copy() if isinstance(v, dict | list | set) else v) for k, v in vars(doc).items()
+    }
+
+
+def _restore(doc: Document, state: dict[str, Any]) -> None:
+    """Put a captured state back (the pending events list is empty in it)."""
+    vars(doc).clear()
+    vars(doc).update(state)
 
 
 def _record(e: Document.Edited, len_after: int) -> OpRecord:

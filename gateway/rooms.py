@@ -202,13 +202,25 @@ class Rooms:
 
     async def _refresh(self, room: Room) -> None:
         try:
+            # Back off only after a failed re-read (the store is down), never after a conflict.
             wait = self._last_refresh.get(room.id, 0.0) + REFRESH_BACKOFF - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            self._last_refresh[room.id] = time.monotonic()
+            if not room.needs_reload:
+                try:
+                    events = await self._read(self.store.events_after, room.id, room.position)
+                except StoreUnavailable as exc:
+                    self._last_refresh[room.id] = time.monotonic()
+                    for sub in room.inbox:
+                        sub.fail(Code.UNAVAILABLE, f"event store unavailable: {exc}")
+                    room.inbox.clear()
+                    return
+                room.resynced(events)
+                return
             try:
                 doc, missed = await self._read(self._reread, room.id, room.snapshot.v)
             except StoreUnavailable as exc:
+                self._last_refresh[room.id] = time.monotonic()
                 for sub in room.inbox:
                     sub.fail(Code.UNAVAILABLE, f"event store unavailable: {exc}")
                 room.inbox.clear()

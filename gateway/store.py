@@ -96,7 +96,6 @@ def library_env(cfg: StoreConfig) -> dict[str, str]:
             POSTGRES_MAX_OVERFLOW="2",
             POSTGRES_CONNECT_TIMEOUT="5",
             POSTGRES_LOCK_TIMEOUT="5",
-            POSTGRES_PRE_PING="y",
             APPLICATION_RECORDER_TOPIC="gateway.recorders:PostgresClientOpsRecorder",
         )
         if cfg.database_schema:

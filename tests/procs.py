@@ -44,12 +44,12 @@ class ServerProcess:
         for k, v in self.settings.items():
             env[f"COSCRIBE_{k.upper()}"] = v
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "serve", "--port", str(self.port),
-             "--data-dir", str(self.data_dir)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ops.cli", "serve", "--port", str(self.port),
+                 "--data-dir", str(self.data_dir)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

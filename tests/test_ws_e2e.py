@@ -429,12 +429,6 @@ async def test_ops_paging(api: Api) -> None:
     assert status == 200 and len(body["ops"]) == 25  # the default limit is 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: tests/procs.py ServerProcess.start opens self.log_path with open('ab') for "
-    "the child's stdout and never closes the parent's handle, so a ResourceWarning fires "
-    "when start() returns (an error under filterwarnings=error)",
-)
 def test_server_process_closes_its_log(tmp_path: Path) -> None:
     """Starting and stopping a ServerProcess leaves no file handle open in the test process."""
     import gc
