@@ -271,3 +271,36 @@ def test_replay_equals_live_postgres(
 ) -> None:
     """Postgres: rebuilding every model from scratch gives the rows following live gave."""
     _replay_equals_live("postgres", history, plan)
+
+
+def test_replay_command_rebuilds_and_reports_throughput(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``coscribe replay`` rebuilds every model (or one), printing events/s; bad names exit."""
+    from gateway.readmodels import read_db_config
+    from gateway.store import Store, StoreConfig
+    from ops.projections_cli import main
+    from projections.db import open_db
+
+    for name in ("DATABASE_URL", "DATABASE_SCHEMA", "DATA_DIR"):
+        monkeypatch.delenv(f"COSCRIBE_{name}", raising=False)
+    cfg = StoreConfig(data_dir=tmp_path)
+    store = Store(cfg)
+    try:
+        total = make_history(store, docs=3, edits=50)
+    finally:
+        store.close()
+    flags = ["--data-dir", str(tmp_path), "--quiet"]
+    assert main(["replay", *flags]) == 0
+    out = capsys.readouterr().out
+    assert f"replayed {total} events into 4 read models" in out and "events/s" in out
+    assert main(["replay", "--projection", "audit", *flags]) == 0
+    assert "audit: swapped in at position" in capsys.readouterr().out
+    db = open_db(read_db_config(cfg))
+    try:
+        assert audit_positions(db) == list(range(1, total + 1))
+        assert set(positions(db).values()) == {total}
+    finally:
+        db.close()
+    with pytest.raises(SystemExit, match="no read model 'nope'"):
+        main(["replay", "--projection", "nope", *flags])
