@@ -562,8 +562,10 @@ def test_check_counts_acked_stamps_missing_from_the_text() -> None:
     report["local_consistent"] = True
     report |= {"length": len(final.text), "digest": text_digest(final.text)}
     m = _metrics_with("d", [s1[1:-1], s2[1:-1]], [report])
+    m.delivery["d"] = [3, 1, 3, 2]  # 3 sessions (one joined at v1) saw 3 ops, acked 2
     got = check([DocState("d", 0, "ab")], [final], m, stamps_exact=True)
     assert (got["lost"], got["converged"], got["version_gap"]) == (1, True, 0)
+    assert (got["ops_owed"], got["ops_received"]) == (3 * 2 - 1 - 2, 3)
     by_version = check([DocState("d", 0, "ab")], [final], m, stamps_exact=False)
     assert by_version["lost"] == 0  # two ops applied for two acks
 
@@ -591,6 +593,8 @@ def _outcome(**counters: int) -> StepOutcome:
         "lost": 0,
         "version_gap": 0,
         "checked_clients": 1,
+        "ops_owed": 10,
+        "ops_received": 10,
         "mismatches": [],
         "method": "stamps",
     }
@@ -638,7 +642,7 @@ def test_slo_failures_cover_loss_convergence_and_thresholds() -> None:
         "lost 3 acknowledged edits",
         "clients did not converge",
         "2 connection failures",
-        "only 50.0% of fan-out deliveries arrived before the end",
+        "only 50.00% of the ops owed to sessions arrived",
         "min_acked_ops_s 0 < 1",
     ]
 

@@ -13,6 +13,9 @@ Pure function of what the coordinator gathered: the documents before and after (
   to versions: ``acked - (final version - initial version)``, floored at 0.
 - ``version_gap``: ops the server applied beyond those acknowledged (positive) — e.g. an op
   whose ack a dropped connection never delivered. Reported, not counted as lost.
+- *Delivery*: a session still connected that joined at version J and had A of its own ops
+  acked owes ``final version - J - A`` ops (the protocol sends every other op, in order,
+  once); ``ops_received / ops_owed`` below 1 means broadcasts were lost or still late.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def check(
     for r in metrics.full_reports:
         by_doc.setdefault(r["doc"], []).append(r)
     mismatches: list[dict[str, Any]] = []
+    owed = received = 0
     lost = 0
     gap = 0
     checked = 0
@@ -59,6 +63,9 @@ def check(
                 reason = "its user's text differs from the confirmed text"
             if reason is not None:
                 mismatches.append({"doc": doc.id, "session": r["session"], "reason": reason})
+        sessions, joins, got, own = metrics.delivery.get(doc.id, (0, 0, 0, 0))
+        owed += sessions * doc.version - joins - own
+        received += got
         acked = metrics.acks_by_doc.get(doc.id, 0)
         applied = doc.version - start.get(doc.id, 0)
         gap += applied - acked
@@ -72,6 +79,8 @@ def check(
         "lost": lost,
         "version_gap": gap,
         "checked_clients": checked,
+        "ops_owed": owed,
+        "ops_received": received,
         "mismatches": mismatches[:20],
         "method": "stamps" if stamps_exact else "versions",
     }

@@ -19,9 +19,11 @@ its reaped children's ``cutime + cstime`` over the window. A tracked process tha
 during the window and is reaped by a tracked parent shows up again in the parent's children's
 time, for its whole life; it then contributes minus what it had used before the window, so
 the window is counted once. A process first seen after the window opened counts from zero if
-it was born after that, else from when it was first seen. Memory is the sum of ``VmRSS`` over
-the tracked processes at each sample; shared pages (PostgreSQL's shared buffers) count once
-per process that touched them.
+it was born after that, else from when it was first seen. Memory is the sum of PSS
+(``/proc/PID/smaps_rollup``: shared pages such as PostgreSQL's shared buffers split among
+the processes using them, so the sum is the memory really used) over the tracked processes
+at each sample, or of ``VmRSS`` where PSS cannot be read; the plain VmRSS sum, which counts
+shared pages once per process, is kept too.
 """
 
 from __future__ import annotations
@@ -79,6 +81,18 @@ def read(pid: int) -> ProcStat | None:
         child_ticks=int(f[13]) + int(f[14]),
         rss_bytes=int(statm[1]) * _PAGE if len(statm) > 1 else 0,
     )
+
+
+def pss_bytes(pid: int) -> int | None:
+    """The process's proportional set size (``smaps_rollup``); None when unreadable."""
+    try:
+        with (PROC / str(pid) / "smaps_rollup").open() as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def all_pids() -> list[int]:
@@ -267,6 +281,7 @@ class CpuAccount:
     pids: dict[str, set[int]] = field(default_factory=dict)
     alive: set[tuple[int, int]] = field(default_factory=set)
     rss_samples: list[dict[str, int]] = field(default_factory=list)
+    vmrss_samples: list[dict[str, int]] = field(default_factory=list)
     begin_ticks: int = 0
     machine_first: int = 0
     machine_last: int = 0
@@ -313,19 +328,28 @@ class CpuAccount:
 
     def _memory(self, items: Iterable[_Tracked]) -> None:
         per: dict[str, int] = {}
+        raw: dict[str, int] = {}
         for t in items:
-            per[t.group] = per.get(t.group, 0) + t.last.rss_bytes
+            pss = pss_bytes(t.last.pid)
+            per[t.group] = per.get(t.group, 0) + (pss if pss is not None else t.last.rss_bytes)
+            raw[t.group] = raw.get(t.group, 0) + t.last.rss_bytes
             self.pids.setdefault(t.group, set()).add(t.last.pid)
-        for group, rss in per.items():
-            self.peak_rss[group] = max(self.peak_rss.get(group, 0), rss)
+        for group, mem in per.items():
+            self.peak_rss[group] = max(self.peak_rss.get(group, 0), mem)
         self.peak_total_rss = max(self.peak_total_rss, sum(per.values()))
         self.rss_samples.append(per)
+        self.vmrss_samples.append(raw)
 
-    def peak_of(self, groups: Iterable[str]) -> int:
-        """The highest summed RSS of ``groups`` seen at any one sample, in bytes."""
+    def peak_of(self, groups: Iterable[str], *, vmrss: bool = False) -> int:
+        """The highest summed memory of ``groups`` at any one sample, in bytes.
+
+        PSS by default (shared pages split among their users, so the sum is real memory);
+        with ``vmrss`` the plain sum of VmRSS, which counts shared pages once per process.
+        """
         wanted = set(groups)
+        samples = self.vmrss_samples if vmrss else self.rss_samples
         return max(
-            (sum(v for g, v in per.items() if g in wanted) for per in self.rss_samples),
+            (sum(v for g, v in per.items() if g in wanted) for per in samples),
             default=0,
         )
 

@@ -28,7 +28,6 @@ COUNTERS = (
     "acks",  # acks received, whole step
     "acks_window",  # acks received in the window
     "acked_edits_window",  # typed edits those acks carried (more than acks when composed)
-    "acked_stamps_window",  # acked inserts typed in the window: each owes a fan-out sample
     "ops_rx",  # remote ops received, whole step
     "ops_rx_window",  # remote ops received in the window
     "frames_rx",  # frames received, whole step
@@ -80,6 +79,8 @@ class StepMetrics:
         self.acks_by_doc: Counter[str] = Counter()
         self.full_reports: list[dict[str, Any]] = []
         self.exceptions: list[str] = []
+        self.delivery: dict[str, list[int]] = {}
+        """Per document: [sessions, sum of join versions, ops received, own acks]."""
 
     def merge(self, other: StepMetrics) -> None:
         """Add everything ``other`` counted (same step, same origin)."""
@@ -94,6 +95,10 @@ class StepMetrics:
         self.acks_by_doc.update(other.acks_by_doc)
         self.full_reports.extend(other.full_reports)
         self.exceptions.extend(other.exceptions[: max(0, 5 - len(self.exceptions))])
+        for doc, row in other.delivery.items():
+            mine = self.delivery.setdefault(doc, [0, 0, 0, 0])
+            for i, v in enumerate(row):
+                mine[i] += v
 
     def to_dict(self) -> dict[str, Any]:
         """A picklable form that :meth:`from_dict` reads back."""
@@ -112,6 +117,7 @@ class StepMetrics:
             "acks_by_doc": dict(self.acks_by_doc),
             "full_reports": list(self.full_reports),
             "exceptions": list(self.exceptions),
+            "delivery": {d: list(r) for d, r in self.delivery.items()},
         }
 
     @classmethod
@@ -128,4 +134,5 @@ class StepMetrics:
         m.acks_by_doc = Counter(data["acks_by_doc"])
         m.full_reports = list(data["full_reports"])
         m.exceptions = list(data.get("exceptions", []))
+        m.delivery = {d: list(r) for d, r in data.get("delivery", {}).items()}
         return m

@@ -86,6 +86,7 @@ class _Procs:
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.pids: list[int] = []
         self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.early: list[dict[str, Any]] = []  # arrived while another kind was awaited
 
     async def start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -121,8 +122,15 @@ class _Procs:
         timeout_s: float,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[int, dict[str, Any]]:
-        """Wait for one ``kind`` message from every process; progress goes to the callback."""
+        """Wait for one ``kind`` message from every process; progress goes to the callback.
+
+        A process may run ahead of the others (send ``closed`` while another is still on its
+        ``result``): messages of a kind not awaited now are kept for the call that wants them.
+        """
         got: dict[int, dict[str, Any]] = {}
+        for msg in [m for m in self.early if m["kind"] == kind]:
+            self.early.remove(msg)
+            got[msg["worker"]] = msg
         deadline = time.monotonic() + timeout_s
         while len(got) < self.count:
             left = deadline - time.monotonic()
@@ -136,8 +144,11 @@ class _Procs:
                 raise RunFailed(f"load process {msg['worker']} failed: {msg['error']}")
             if msg["kind"] == kind:
                 got[msg["worker"]] = msg
-            elif msg["kind"] == "progress" and on_progress is not None:
-                on_progress(msg)
+            elif msg["kind"] == "progress":
+                if on_progress is not None:
+                    on_progress(msg)
+            else:
+                self.early.append(msg)
         return got
 
     async def stop(self) -> None:
@@ -325,6 +336,7 @@ async def _cost_of(
         cost = Cost()
     cost.peak_rss = dict(account.peak_rss)
     cost.peak_server_rss = account.peak_of(SERVER_GROUPS)
+    cost.peak_server_vmrss = account.peak_of(SERVER_GROUPS, vmrss=True)
     cost.pids = {g: sorted(p) for g, p in account.pids.items()}
     cost.server_found = bool(roots["gateway"]) and "gateway" in account.peak_rss
     return cost

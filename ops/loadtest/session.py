@@ -93,6 +93,8 @@ class Session:
         self.ws: WsProtocol | None = None
         self.client: DocClient | None = None
         self.version = -1
+        self.join_version = -1
+        self.ops_received = 0
         self.joined = asyncio.Event()
         self.ended = asyncio.Event()
         self.closing = False
@@ -123,6 +125,8 @@ class Session:
             await self.ws.closed
             if not self.closing:
                 self.metrics.counters["disconnected"] += 1
+                code = self.ws.close_code
+                self.metrics.errors[f"close:{code}" if code is not None else "close:dropped"] += 1
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -133,6 +137,16 @@ class Session:
         self.closing = True
         if self.ws is not None:
             await self.ws.close()
+
+    def delivery(self) -> tuple[int, int, int] | None:
+        """``(join version, ops received, own acks)`` of a session still connected, else None.
+
+        Such a session owes ``final version - join version - own acks`` received ops.
+        """
+        if not self.joined.is_set() or self.ended.is_set():
+            return None
+        acked = self.client.acked if self.client is not None else 0
+        return self.join_version, self.ops_received, acked
 
     def report(self) -> dict[str, Any] | None:
         """A full session's final state for the convergence check, else None."""
@@ -234,6 +248,7 @@ class Session:
             self.client = DocClient(self.spec.doc, version, text, keep_text=self.spec.full)
         else:
             self.version = version
+        self.join_version = version
         m = self.metrics
         m.counters["joined"] += 1
         m.join.add((now - self._connect_started) // 1000)
@@ -291,6 +306,7 @@ class Session:
                     fanout.add(us)
                 series.add(now, us)
         m.counters["ops_rx"] += len(entries)
+        self.ops_received += len(entries)
         if in_window:
             m.counters["ops_rx_window"] += len(entries)
 
@@ -316,11 +332,6 @@ class Session:
             m.counters["acks_window"] += 1
             m.counters["acked_edits_window"] += done.edits
         if done.stamps:
-            typed_in_window = 0
-            for digits in done.stamps:
-                if now - stamp.age_ns(digits, now) in window:
-                    typed_in_window += 1
-            m.counters["acked_stamps_window"] += typed_in_window
             stamps = m.acked_stamps.get(self.spec.doc)
             if stamps is None:
                 stamps = m.acked_stamps[self.spec.doc] = Counter()

@@ -182,17 +182,25 @@ class _Worker:
                 self.send({"kind": "drained", "pending": len(pending)})
                 verify = await self.next_command("verify")
                 versions: dict[str, int] = verify["versions"]
-                full = [s for s in sessions if s.spec.full]
                 await _wait_until(
                     lambda: all(
                         s.known_version >= versions.get(s.spec.doc, 0)
                         or s.ended.is_set()
-                        or s.desynced
-                        for s in full
+                        or not s.joined.is_set()
+                        or (s.desynced and s.client is not None)
+                        for s in sessions
                     ),
                     verify["deadline_ns"],
                 )
-                metrics.full_reports = [_full_report(s) for s in full]
+                metrics.full_reports = [_full_report(s) for s in sessions if s.spec.full]
+                for s in sessions:
+                    d = s.delivery()
+                    if d is not None:
+                        row = metrics.delivery.setdefault(s.spec.doc, [0, 0, 0, 0])
+                        row[0] += 1
+                        row[1] += d[0]
+                        row[2] += d[1]
+                        row[3] += d[2]
                 for task in aux:
                     task.cancel()
                 await self.send_wait({"kind": "result", "metrics": metrics.to_dict()})

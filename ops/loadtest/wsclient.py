@@ -207,6 +207,8 @@ class WsProtocol(asyncio.Protocol):
         self.upgraded: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
         self.close_sent = False
+        self.close_code: int | None = None
+        """The code of the server's close frame, once one arrived (1005: none given)."""
         self._head = bytearray()
         self._parser: FrameParser | None = None
 
@@ -250,6 +252,7 @@ class WsProtocol(asyncio.Protocol):
             elif opcode == OP_PING:
                 self._write(encode_frame(OP_PONG, payload))
             elif opcode == OP_CLOSE:
+                self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
                 if not self.close_sent:
                     self.close_sent = True
                     self._write(encode_frame(OP_CLOSE, payload[:2]))
