@@ -104,7 +104,7 @@ class Conn:
     b: DocState
 
 
-@pytest.fixture(params=list(Codec), ids=["msgpack", "json"])
+@pytest.fixture(params=list(Codec), ids=[c.name.lower() for c in Codec])
 async def conn(request: pytest.FixtureRequest, env: Env) -> AsyncIterator[Conn]:
     """An owner's connection in each codec, with accepted work on two subscriptions."""
     ws = await env.connect(OWNER, request.param)
