@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -101,16 +102,48 @@ class ReadModels:
         self.follower = Follower(self.runner, invalidate=cache.invalidate)
         self.run = run
         self.reader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readmodels")
+        self._stop = threading.Event()
+        self._listener: threading.Thread | None = None
 
     async def start(self) -> None:
-        """Create the tables and start following the log (when running projections here)."""
-        if self.run:
-            await self.follower.start()
+        """Create the tables and start following the log (when running projections here).
+
+        On Postgres a thread also LISTENs to the store's NOTIFY channel and wakes the runner
+        at once; only a hint, the runner polls anyway (a lost NOTIFY must not stall it).
+        """
+        if not self.run:
+            return
+        await self.follower.start()
+        channel = getattr(self.store.app.recorder, "channel_name", None)
+        if self.store.cfg.database_url and channel:
+            self._listener = threading.Thread(
+                target=self._listen, args=(self.store.cfg.database_url, channel),
+                name="projections-listen", daemon=True,
+            )
+            self._listener.start()
+
+    def _listen(self, url: str, channel: str) -> None:
+        import psycopg
+        from psycopg import sql
+
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=0.1, stop_after=1):
+                            self.follower.nudge()
+            except psycopg.Error:
+                log.warning("LISTEN %s failed; polling only for now", channel, exc_info=True)
+                self._stop.wait(2.0)
 
     async def close(self) -> None:
         """Stop the runner, then release connections and threads."""
+        self._stop.set()
         if self.run:
             await self.follower.stop()
+        if self._listener is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._listener.join, 5)
         await asyncio.get_running_loop().run_in_executor(None, self._close_sync)
 
     def _close_sync(self) -> None:
@@ -219,6 +252,12 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     )
 
 
+def _user(request: web.Request) -> str:
+    """The authenticated caller (set by ``gateway.http``'s middleware)."""
+    user: str = request["user"]
+    return user
+
+
 def _rm(request: web.Request) -> ReadModels:
     return request.app[READMODELS]
 
@@ -281,7 +320,7 @@ def decode_cursor(cursor: str | None, kind: str) -> int | None:
 async def _readable_room(request: web.Request) -> Room:
     rooms: Rooms = request.app[keys.ROOMS]
     room = await rooms.get(_doc_id(request))
-    if room is None or not room.doc.can_read(request["user"]):
+    if room is None or not room.doc.can_read(_user(request)):
         raise NotFound("no such document")
     return room
 
@@ -292,10 +331,36 @@ async def _command(room: Room, user: str, command: Callable[[Document], Any]) ->
     return await fut
 
 
-async def _events(request: web.Request, doc_id: UUID) -> list[Any]:
+EVENTS_PAGE = 1000
+"""Events read per store call when walking a document's history."""
+
+
+def events_upto(
+    store: Store, doc_id: UUID, version: int | None = None, when: datetime | None = None
+) -> list[Any]:
+    """The document's events, in order, stopping before the edit producing ``version + 1``
+    or the first event after ``when``: only what time travel to there needs is read."""
+    out: list[Any] = []
+    position = 0
+    while True:
+        page = store.events_after(doc_id, position, EVENTS_PAGE)
+        for e in page:
+            if version is not None and isinstance(e, Document.Edited) and e.v > version:
+                return out
+            if when is not None and e.timestamp > when:
+                return out
+            out.append(e)
+        if len(page) < EVENTS_PAGE:
+            return out
+        position = page[-1].originator_version
+
+
+async def _events(
+    request: web.Request, doc_id: UUID, version: int | None = None, when: datetime | None = None
+) -> list[Any]:
     store: Store = request.app[keys.ROOMS].store
     loop = asyncio.get_running_loop()
-    return list(await loop.run_in_executor(store.reader, store.events_after, doc_id, 0))
+    return await loop.run_in_executor(store.reader, events_upto, store, doc_id, version, when)
 
 
 def parse_time(raw: str, name: str) -> datetime:
@@ -339,7 +404,7 @@ async def list_documents(request: web.Request) -> web.Response:
     headers: dict[str, str] = {}
     await rm.fresh(headers)
     rows = await rm.call(
-        queries.list_documents, rm.db, request["user"], order, before, limit + 1, q
+        queries.list_documents, rm.db, _user(request), order, before, limit + 1, q
     )
     more = len(rows) > limit
     rows = rows[:limit]
@@ -357,7 +422,7 @@ async def bulk_create(request: web.Request) -> web.Response:
         raise Invalid("'documents' must be a non-empty list")
     if len(specs) > MAX_BULK:
         raise TooLarge(f"at most {MAX_BULK} documents per request")
-    user = request["user"]
+    user = _user(request)
     docs: list[Document] = []
     for i, spec in enumerate(specs):
         if not isinstance(spec, dict):
@@ -389,7 +454,7 @@ async def batch_get(request: web.Request) -> web.Response:
     if len(ids) > MAX_BATCH_GET:
         raise TooLarge(f"at most {MAX_BATCH_GET} ids per request")
     rooms: Rooms = request.app[keys.ROOMS]
-    user = request["user"]
+    user = _user(request)
 
     async def one(raw: str) -> dict[str, Any] | None:
         try:
@@ -468,7 +533,7 @@ async def time_travel(request: web.Request) -> web.Response:
     rm = _rm(request)
 
     async def compute() -> dict[str, Any]:
-        events = await _events(request, room.id)
+        events = await _events(request, room.id, version, when)
         state = await rm.call(history.state_at, events, version, when)
         if state is None:
             raise NotFound("the document did not exist at that time")
@@ -523,7 +588,7 @@ async def document_diff(request: web.Request) -> web.Response:
     rm = _rm(request)
 
     async def compute() -> dict[str, Any]:
-        events = await _events(request, room.id)
+        events = await _events(request, room.id, v2)
         result: dict[str, Any] = await rm.call(_diff, events, v1, v2)
         return result
 
@@ -546,9 +611,8 @@ async def document_blame(request: web.Request) -> web.Response:
     rm = _rm(request)
 
     async def compute() -> dict[str, Any]:
-        events = await _events(request, room.id)
-        upto = [e for e in events if not isinstance(e, Document.Edited) or e.v <= v]
-        spans = await rm.call(history.blame, upto)
+        events = await _events(request, room.id, v)
+        spans = await rm.call(history.blame, events)
         return {"version": v, "spans": [{"text": s.text, "by": s.by, "v": s.v} for s in spans]}
 
     return _json(await rm.cache.fetch(f"blame:{room.id}:{v}", (), compute))
@@ -583,7 +647,7 @@ async def add_context(request: web.Request) -> web.Response:
     """``POST /v1/documents/{id}/context {"kind", "title", "body", "position"?}`` -> 201."""
     room = await _readable_room(request)
     body = await _object(request)
-    user = request["user"]
+    user = _user(request)
     # The aggregate checks every field (types included) and answers with a domain error.
     kind: Any = body.get("kind")
     title: Any = body.get("title", "")
@@ -610,7 +674,7 @@ async def update_context(request: web.Request) -> web.Response:
     room = await _readable_room(request)
     body = await _object(request)
     item = request.match_info["item"]
-    user = request["user"]
+    user = _user(request)
     fields = {k: body[k] for k in ("kind", "title", "body", "position") if k in body}
     if any(v is None for v in fields.values()):
         raise Invalid("fields cannot be set to null")
@@ -622,7 +686,7 @@ async def remove_context(request: web.Request) -> web.Response:
     """``DELETE /v1/documents/{id}/context/{item}`` -> 204."""
     room = await _readable_room(request)
     item = request.match_info["item"]
-    user = request["user"]
+    user = _user(request)
     await _command(room, user, lambda d: d.remove_context_item(item, user))
     return web.Response(status=204)
 
@@ -714,7 +778,7 @@ async def analytics_overview(request: web.Request) -> web.Response:
     bucket = _bucket(request)
     start, end = _range(request, bucket)
     await rm.fresh()
-    return _json(await series(rm, queries.Scope(request["user"]), bucket, start, end))
+    return _json(await series(rm, queries.Scope(_user(request)), bucket, start, end))
 
 
 async def analytics_document(request: web.Request) -> web.Response:
@@ -724,7 +788,7 @@ async def analytics_document(request: web.Request) -> web.Response:
     bucket = _bucket(request)
     start, end = _range(request, bucket)
     await rm.fresh()
-    scope = queries.Scope(request["user"], str(room.id))
+    scope = queries.Scope(_user(request), str(room.id))
     return _json({**await series(rm, scope, bucket, start, end), "document": str(room.id)})
 
 
@@ -735,7 +799,7 @@ async def analytics_top(request: web.Request) -> web.Response:
     limit = _int(request, "limit", 10, 1, 100)
     assert limit is not None
     await rm.fresh()
-    return _json(await top(rm, request["user"], start, end, limit))
+    return _json(await top(rm, _user(request), start, end, limit))
 
 
 WARM_USERS = 20

@@ -23,7 +23,7 @@ from gateway.store import Store, StoreConfig
 
 pytestmark = [
     pytest.mark.slow,
-    # gateway.app uses str app keys (aiohttp's NotAppKeyWarning); not this module's concern.
+    # request["user"] is a str key (aiohttp's NotAppKeyWarning); not this module's concern.
     pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning"),
 ]
 

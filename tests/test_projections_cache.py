@@ -18,7 +18,7 @@ from projections.cache import ReadCache
 
 pytestmark = [
     pytest.mark.redis,
-    # gateway.app uses str app keys (aiohttp's NotAppKeyWarning); not this module's concern.
+    # request["user"] is a str key (aiohttp's NotAppKeyWarning); not this module's concern.
     pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning"),
 ]
 SECRET = b"test-secret"

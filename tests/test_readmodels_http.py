@@ -18,7 +18,7 @@ from gateway.auth import sign_token
 from gateway.readmodels import Extension, time_travel
 from gateway.store import Store, StoreConfig
 
-# gateway.app stores its services under str keys, which aiohttp warns about
+# gateway.http keeps the caller in request["user"], a str key aiohttp warns about
 # (NotAppKeyWarning); the suite turns warnings into errors. Not this module's concern.
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
 
