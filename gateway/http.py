@@ -62,7 +62,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Turn every failure into the error envelope; nothing else leaks out."""
     try:
         if request.path not in PUBLIC_PATHS:
-            request["user"] = _authenticate(request)
+            request[keys.USER] = _authenticate(request)
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.code, exc.message)
@@ -129,7 +129,7 @@ async def readable_room(request: web.Request) -> Room:
     """The room of the document in the path, if the caller may read it (else 404)."""
     rooms: Rooms = request.app[keys.ROOMS]
     room = await rooms.get(_doc_id(request))
-    if room is None or not room.doc.can_read(request["user"]):
+    if room is None or not room.doc.can_read(request[keys.USER]):
         raise ApiError(Code.NOT_FOUND, "no such document")
     return room
 
@@ -207,7 +207,7 @@ async def create_document(request: web.Request) -> web.Response:
         raise ApiError(Code.BAD_REQUEST, "'title' must be a string")
     if not isinstance(text, str):
         raise ApiError(Code.BAD_REQUEST, "'text' must be a string")
-    user = request["user"]
+    user = request[keys.USER]
     doc = Document.create(title=title, text=text, owner=user)
     rooms: Rooms = request.app[keys.ROOMS]
     await rooms.create(doc, user)
@@ -237,7 +237,7 @@ async def post_op(request: web.Request) -> web.Response:
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     room.submit(
         Submission(
-            kind="edit", by=request["user"], future=fut, base=v, op=op, client=client, seq=seq
+            kind="edit", by=request[keys.USER], future=fut, base=v, op=op, client=client, seq=seq
         )
     )
     return json_response({"v": await fut})
@@ -269,7 +269,7 @@ async def add_member(request: web.Request) -> web.Response:
     user, role = body.get("user"), body.get("role")
     if not isinstance(user, str) or not isinstance(role, str):
         raise ApiError(Code.BAD_REQUEST, "'user' and 'role' must be strings")
-    by = request["user"]
+    by = request[keys.USER]
     await _run(room, by, lambda d: d.add_member(user, role, by))
     return json_response({"user": user, "role": role}, status=201)
 
@@ -278,7 +278,7 @@ async def remove_member(request: web.Request) -> web.Response:
     """``DELETE /v1/documents/{id}/members/{user}`` (owner only)."""
     room = await readable_room(request)
     user = request.match_info["user"]
-    by = request["user"]
+    by = request[keys.USER]
     await _run(room, by, lambda d: d.remove_member(user, by))
     return web.Response(status=204)
 
@@ -297,7 +297,7 @@ async def rename_document(request: web.Request) -> web.Response:
     title = body.get("title")
     if not isinstance(title, str):
         raise ApiError(Code.BAD_REQUEST, "'title' must be a string")
-    by = request["user"]
+    by = request[keys.USER]
     await _run(room, by, lambda d: d.rename(title, by))
     return json_response(room.snapshot.as_json())
 

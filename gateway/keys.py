@@ -18,3 +18,6 @@ SESSIONS: web.AppKey[set[Any]] = web.AppKey("sessions", set)
 """Open WebSocket sessions (closed with 1001 on shutdown)."""
 SERVICES: web.AppKey[Any] = web.AppKey("services", object)
 """The ``gateway.app.Services`` the app was built from."""
+
+USER = web.RequestKey("user", str)
+"""The authenticated user of an HTTP request (set by ``errors_middleware``)."""

@@ -215,7 +215,10 @@ class Extension:
         db = await asyncio.get_running_loop().run_in_executor(
             None, open_db, read_db_config(store.cfg)
         )
-        cache = ReadCache(redis_url=self.redis_url, prefix=self.redis_prefix)
+        # Without a runner here, only Redis generations (raised by `coscribe projections run
+        # --redis-url`) can tell this process that an entry went stale: no Redis, no cache.
+        cache = ReadCache(redis_url=self.redis_url, prefix=self.redis_prefix,
+                          enabled=self.run_projections or bool(self.redis_url))
         await cache.start()
         rm = ReadModels(store, db, cache, run=self.run_projections)
         app[READMODELS] = rm
@@ -254,7 +257,7 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 def _user(request: web.Request) -> str:
     """The authenticated caller (set by ``gateway.http``'s middleware)."""
-    user: str = request["user"]
+    user: str = request[keys.USER]
     return user
 
 

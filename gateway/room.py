@@ -18,6 +18,7 @@ messages until its catch-up has been sent.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from domain.document import Document
 from domain.errors import BadVersion, DomainError, NotFound, TooLarge
 from schema.codes import Code
 from schema.frames import Encoded
+
+log = logging.getLogger(__name__)
 
 MAX_DOCUMENT_CHARS = 8 << 20
 """Longest text a document may reach (code points); longer results get ``too_large``."""
@@ -362,6 +365,10 @@ class Room:
                     sub.result = sub.command(self.doc)
             except DomainError as exc:
                 sub.fail(exc.code, exc.message)
+                continue
+            except Exception:  # a bug in one submission must not stall the others
+                log.exception("submission failed in prepare")
+                sub.fail(Code.INTERNAL, "internal error; the op was not applied")
                 continue
             if sub.kind in ("parked", "lookup"):
                 continue

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -50,6 +51,32 @@ class SessionLimits:
     max_frame_bytes: int = frames.MAX_FRAME_BYTES
     max_buffer_bytes: int = 16 << 20
     max_subscriptions: int = 1000
+    messages_per_second: float = 1000.0
+    """Sustained rate of incoming messages per connection (token bucket)."""
+    message_burst: float = 2000.0
+    """Messages a connection may send at once before the rate applies."""
+
+
+class TokenBucket:
+    """A token bucket: ``take`` is False once the burst is spent faster than ``rate``."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+
+    def take(self, n: float = 1.0) -> bool:
+        """Spend ``n`` tokens if there are that many."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True
 
 
 class Session:
@@ -79,6 +106,7 @@ class Session:
         self._opcode = WSMsgType.BINARY if codec is Codec.MSGPACK else WSMsgType.TEXT
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writer: asyncio.Task[None] | None = None
+        self._bucket = TokenBucket(limits.messages_per_second, limits.message_burst)
 
     # -- the room's side ---------------------------------------------------------------
 
@@ -182,6 +210,13 @@ class Session:
             return
         for item in items:
             try:
+                if not self._bucket.take():
+                    raise MessageError(
+                        Code.RATE_LIMITED,
+                        f"over {self.limits.messages_per_second:g} messages/s; slow down",
+                        _field(item, "doc", str),
+                        _field(item, "seq", int),
+                    )
                 await self._on_message(messages.parse(item))
             except MessageError as exc:
                 self.error(exc.code, exc.message, exc.doc, exc.seq)
@@ -322,6 +357,12 @@ class Session:
         for room in self.subs.values():
             room.unsubscribe(self)
         self.subs.clear()
+
+
+def _field(item: Any, name: str, kind: type) -> Any:
+    """``item[name]`` when ``item`` is a map and the value has type ``kind``, else None."""
+    value = item.get(name) if isinstance(item, dict) else None
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
 
 async def handle_ws(request: web.Request) -> web.StreamResponse:

@@ -28,14 +28,6 @@ from gateway.store import Store, StoreConfig
 from schema.frames import HARD_FRAME_BYTES, MAX_FRAME_BYTES, Codec
 from tests.wsclient import DocState, Message, WsClient
 
-# BUG (reported, see test_first_request_emits_no_warnings): gateway/http.py stores the user
-# under the str request key "user"; aiohttp warns NotAppKeyWarning on the first such
-# request of the process, and filterwarnings=error turns that request into a 500.
-REQUEST_KEY_WARNING = (
-    "ignore:It is recommended to use web.RequestKey:aiohttp.web_exceptions.NotAppKeyWarning"
-)
-pytestmark = pytest.mark.filterwarnings(REQUEST_KEY_WARNING)
-
 SECRET = b"test-secret"  # what the app_client fixture signs with
 OWNER, EDITOR, VIEWER, STRANGER = "olga", "ed", "vic", "stan"
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -774,12 +766,6 @@ print(asyncio.run(main()))
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gateway/http.py:65 errors_middleware sets request['user'] (a str key; also "
-    "read in http.py and readmodels.py); aiohttp emits NotAppKeyWarning on the first request "
-    "of a process, so under warnings-as-errors that request fails with 500 internal",
-)
 def test_first_request_emits_no_warnings() -> None:
     """In a fresh process with warnings as errors, the first HTTP request succeeds (201)."""
     import subprocess
