@@ -369,3 +369,42 @@ async def test_cached_analytics_are_never_stale_after_a_write(api: Api) -> None:
     blame = [await api.call("GET", f"/v1/documents/{doc}/blame") for _ in range(2)]
     assert blame[0] == blame[1]
     assert (await api.call("GET", "/v1/projections"))["cache"]["stale"] >= 1
+
+
+async def test_reads_wait_for_a_runner_in_another_process(store_config: StoreConfig) -> None:
+    """With run_projections=False, reads wait on the tracking rows another runner moves."""
+    import threading
+
+    from gateway.readmodels import StoreSource, read_db_config
+    from projections.db import open_db
+    from projections.registry import MODELS
+    from projections.runner import Runner
+
+    store = Store(store_config)
+    services = Services(store=store, secret=SECRET,
+                        extensions=[Extension(run_projections=False)])
+    client = TestClient(TestServer(create_app(services), host="127.0.0.1", port=0))
+    db = open_db(read_db_config(store_config))
+    runner = Runner(db, StoreSource(store), MODELS)
+    runner.setup()
+    stop = threading.Event()
+    thread = threading.Thread(target=runner.run_until, args=(stop,), kwargs={"poll": 0.01})
+    thread.start()
+    await client.start_server()
+    try:
+        api = Api(client)
+        doc = await api.create("elsewhere", "abc")
+        await api.edit(doc, 0, ["x"])
+        page = await api.call("GET", "/v1/documents")
+        assert [(i["id"], i["version"]) for i in page["items"]] == [(doc, 1)]
+        status = await api.call("GET", "/v1/projections")
+        assert {p["position"] for p in status["projections"]} == {status["head"]}
+        for v in (2, 3):
+            await api.edit(doc, v - 1, ["y"])
+            over = await api.call("GET", "/v1/analytics/overview")
+            assert sum(s["edits"] for s in over["series"]) == v
+    finally:
+        stop.set()  # before the app closes the store the runner reads
+        await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        await client.close()
+        db.close()
