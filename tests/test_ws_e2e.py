@@ -28,21 +28,6 @@ from tests.conftest import PG_URL
 from tests.procs import TEST_SECRET, ServerProcess
 from tests.wsclient import DocState, WsClient
 
-LEAKED_SERVER_LOG = "ignore:unclosed file <_io.BufferedWriter name=.*server-:ResourceWarning"
-"""BUG (reported, see test_server_process_closes_its_log): ``ServerProcess.start`` in
-tests/procs.py opens the server log and never closes its own handle."""
-
-REQUEST_KEY_WARNING = (
-    "ignore:It is recommended to use web.RequestKey:aiohttp.web_exceptions.NotAppKeyWarning"
-)
-"""BUG (reported, see tests/test_bad_input.py::test_first_request_emits_no_warnings):
-gateway/http.py keeps the user under the str request key "user"."""
-
-pytestmark = [
-    pytest.mark.filterwarnings(LEAKED_SERVER_LOG),
-    pytest.mark.filterwarnings(REQUEST_KEY_WARNING),
-]
-
 OWNER = "olga"
 ALPHABET = ["a", "b", "c", " ", "\n", "é", "\u0301", "😀", "👍🏽", "中", "\U00010348", "x"]
 """Insert material, with code points outside the BMP and combining marks on purpose."""
