@@ -37,16 +37,17 @@ from aiohttp import web
 from domain.document import Document
 from domain.errors import BadVersion, DomainError, Invalid, NotFound, TooLarge
 from gateway import keys
-from gateway.room import Room, Submission
+from gateway.room import Rejected, Room, Submission
 from gateway.rooms import Rooms
 from gateway.store import Store, StoreConfig
 from projections import history, queries
 from projections.cache import ReadCache
-from projections.db import ReadDB, ReadDBConfig, open_db
+from projections.db import ReadDB, ReadDBConfig, ReadDBError, open_db
 from projections.follower import Follower
 from projections.registry import MODELS
 from projections.runner import Runner
 from projections.sql import iso
+from schema.codes import Code
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,15 @@ class ReadModels:
         self.db.close()
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a synchronous read on a reader thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.reader, fn, *args)
+        """Run a synchronous read on a reader thread.
+
+        A failing read-model database (down, or tables not made yet by a runner elsewhere)
+        is answered as ``unavailable`` (503), like a failing event store.
+        """
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.reader, fn, *args)
+        except ReadDBError as exc:
+            raise Rejected(Code.UNAVAILABLE, f"read models unavailable: {exc}") from exc
 
     async def head(self) -> int:
         """The store's latest notification id."""

@@ -408,3 +408,16 @@ async def test_reads_wait_for_a_runner_in_another_process(store_config: StoreCon
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
         await client.close()
         db.close()
+
+
+async def test_missing_read_models_are_unavailable_not_internal(tmp_path: Any) -> None:
+    """Before any runner made the tables, reads answer 503 unavailable."""
+    services = Services(store=Store(StoreConfig(data_dir=tmp_path)), secret=SECRET,
+                        extensions=[Extension(run_projections=False)])
+    client = TestClient(TestServer(create_app(services), host="127.0.0.1", port=0))
+    await client.start_server()
+    try:
+        body = await Api(client).call("GET", "/v1/documents", status=503)
+        assert body["error"]["code"] == "unavailable"
+    finally:
+        await client.close()
