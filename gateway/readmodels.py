@@ -33,13 +33,14 @@ from uuid import UUID
 
 import orjson
 from aiohttp import web
+from eventsourcing.persistence import InterfaceError, OperationalError
 
 from domain.document import Document
 from domain.errors import BadVersion, DomainError, Invalid, NotFound, TooLarge
 from gateway import keys
 from gateway.room import Rejected, Room, Submission
 from gateway.rooms import Rooms
-from gateway.store import Store, StoreConfig
+from gateway.store import Store, StoreConfig, StoreUnavailable
 from projections import history, queries
 from projections.cache import ReadCache
 from projections.db import ReadDB, ReadDBConfig, ReadDBError, open_db
@@ -76,12 +77,18 @@ class StoreSource:
 
     def read(self, after: int, limit: int) -> list[tuple[int, Any]]:
         """Up to ``limit`` events with notification id > ``after``, in order."""
-        notes = self.recorder.select_notifications(after, limit, inclusive_of_start=False)
+        try:
+            notes = self.recorder.select_notifications(after, limit, inclusive_of_start=False)
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
         return [(n.id, self.mapper.to_domain_event(n)) for n in notes]
 
     def head(self) -> int:
         """The highest notification id (0 for an empty store)."""
-        return int(self.recorder.max_notification_id() or 0)
+        try:
+            return int(self.recorder.max_notification_id() or 0)
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
 
 def read_db_config(cfg: StoreConfig) -> ReadDBConfig:
