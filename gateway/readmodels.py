@@ -383,6 +383,8 @@ async def _events(
 
 def parse_time(raw: str, name: str) -> datetime:
     """An ISO 8601 time (``Z`` or an offset; naive means UTC) as an aware datetime."""
+    # An unescaped "+" in a query string arrives as a space: "...T10:00:00 01:00".
+    raw = raw.strip().replace(" ", "+") if "T" in raw else raw
     try:
         ts = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:

@@ -421,3 +421,13 @@ async def test_missing_read_models_are_unavailable_not_internal(tmp_path: Any) -
         assert body["error"]["code"] == "unavailable"
     finally:
         await client.close()
+
+
+async def test_time_travel_accepts_offsets_and_unescaped_plus(api: Api) -> None:
+    """An ISO time with an offset works, even with its '+' left unescaped in the URL."""
+    doc = await api.create("t", "a")
+    await api.edit(doc, 0, ["x"])
+    ops = (await api.call("GET", f"/v1/documents/{doc}/ops?from=0"))["ops"]
+    at = ops[0]["at"].replace("Z", "+00:00")
+    got = await api.call("GET", f"{TIME_TRAVEL.format(id=doc)}?at={at}")
+    assert got["version"] == 1
