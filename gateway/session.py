@@ -89,6 +89,7 @@ class Session:
         rooms: Rooms,
         secret: bytes,
         limits: SessionLimits,
+        transport: asyncio.Transport,
     ) -> None:
         self.ws = ws
         self.codec = codec
@@ -99,28 +100,22 @@ class Session:
         self.user: str | None = None
         self.client: str | None = None
         self.subs: dict[UUID, Room] = {}
-        self._out: list[bytes] = []
-        self._out_bytes = 0
-        self._has_out = asyncio.Event()
+        self._out: list[Encoded] = []
         self._closing = False
-        self._opcode = WSMsgType.BINARY if codec is Codec.MSGPACK else WSMsgType.TEXT
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._writer: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._transport = transport
         self._bucket = TokenBucket(limits.messages_per_second, limits.message_burst)
 
     # -- the room's side ---------------------------------------------------------------
 
     def deliver(self, msg: Encoded) -> None:
-        """Queue an encoded message; it leaves with the next frame. Never blocks."""
+        """Queue an encoded message; it leaves with this loop turn's frame. Never blocks."""
         if self._closing:
             return
-        data = msg.get(self.codec)
-        self._out.append(data)
-        self._out_bytes += len(data)
-        if self._out_bytes > self.limits.max_buffer_bytes:
-            self._overflow()
-            return
-        self._has_out.set()
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(msg)
 
     def send(self, msg: dict[str, Any]) -> None:
         """Queue a message meant for this session only."""
@@ -136,7 +131,6 @@ class Session:
 
     async def run(self) -> None:
         """Serve the connection until it closes; always leaves every room."""
-        writer = self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
             async for msg in self.ws:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -147,49 +141,52 @@ class Session:
                     break
         finally:
             self._leave_all()
-            await self._finish(writer)
+            self._closing = True
+            for task in list(self._tasks):
+                task.cancel()
 
     async def close(self, code: int, message: str) -> None:
-        """Send what is queued (bounded wait), then close the connection with ``code``."""
+        """Send what is queued, then close the connection with ``code``."""
+        self._flush()
         self._closing = True
-        self._has_out.set()
-        if self._writer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._writer), timeout=2)
         with contextlib.suppress(Exception):
             await self.ws.close(code=code, message=message.encode())
 
-    async def _finish(self, writer: asyncio.Task[None]) -> None:
-        self._closing = True
-        self._has_out.set()
-        try:
-            await asyncio.wait_for(writer, timeout=5)
-        except (TimeoutError, asyncio.CancelledError, Exception):
-            writer.cancel()
-        for task in list(self._tasks):
-            task.cancel()
+    def _flush(self) -> None:
+        """Write this loop turn's messages as one frame straight to the transport.
 
-    async def _write_loop(self) -> None:
-        ws = self.ws
-        while True:
-            await self._has_out.wait()
-            self._has_out.clear()
-            if self._out:
-                parts, self._out = self._out, []
-                self._out_bytes = 0
-                try:
-                    await ws.send_frame(frames.join(parts, self.codec), self._opcode)
-                except (ConnectionError, RuntimeError):
-                    self._closing = True
-                    return
-            if self._closing and not self._out:
-                return
+        The common case, one shared message, writes bytes built once for every subscriber.
+        aiohttp's own writer (pings, close) also writes whole frames synchronously, so frames
+        never interleave. The transport's buffer is the send buffer: over the limit, the
+        session is closed (``CLOSE_SLOW_CONSUMER``) and memory stays bounded.
+        """
+        parts, self._out = self._out, []
+        transport = self._transport
+        if not parts or transport.is_closing():
+            return
+        codec = self.codec
+        if len(parts) == 1:
+            data = parts[0].frame(codec)
+        else:
+            data = frames.ws_frame(frames.join([p.get(codec) for p in parts], codec), codec)
+        if transport.get_write_buffer_size() + len(data) > self.limits.max_buffer_bytes:
+            self._overflow()  # what the client has not read yet would pass the limit
+            return
+        transport.write(data)
 
     def _overflow(self) -> None:
         self._out.clear()
-        self._out_bytes = 0
         self._closing = True
-        self._spawn(self.ws.close(code=CLOSE_SLOW_CONSUMER, message=b"send buffer overflow"))
+        self._spawn(self._close_slow())
+
+    async def _close_slow(self) -> None:
+        """Try a 4008 close; a reader that never reads gets its connection aborted."""
+        try:
+            await asyncio.wait_for(
+                self.ws.close(code=CLOSE_SLOW_CONSUMER, message=b"send buffer overflow"), 5
+            )
+        except (TimeoutError, Exception):
+            self._transport.abort()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -378,7 +375,9 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     codec = Codec(ws.ws_protocol) if ws.ws_protocol else Codec.JSON
-    session = Session(ws, codec, app[keys.ROOMS], app[keys.SECRET], limits)
+    transport = request.transport
+    assert transport is not None
+    session = Session(ws, codec, app[keys.ROOMS], app[keys.SECRET], limits, transport)
     sessions: set[Session] = app[keys.SESSIONS]
     sessions.add(session)
     try:

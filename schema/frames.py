@@ -78,15 +78,44 @@ def encode_one(msg: Any, codec: Codec) -> bytes:
     return orjson.dumps(msg)
 
 
-class Encoded:
-    """An outgoing message with its encodings cached: encode once, send to many."""
+def ws_frame(payload: bytes, codec: Codec) -> bytes:
+    """A complete server-to-client WebSocket frame (RFC 6455: FIN, unmasked) of ``payload``.
 
-    __slots__ = ("_json", "_msgpack", "msg")
+    Binary frames for msgpack, text frames for JSON; no extensions (compression is off).
+    """
+    first = 0x82 if codec is Codec.MSGPACK else 0x81
+    n = len(payload)
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 1 << 16:
+        return bytes((first, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((first, 127)) + n.to_bytes(8, "big") + payload
+
+
+class Encoded:
+    """An outgoing message with its encodings cached: encode once, send to many.
+
+    ``frame`` caches the whole WebSocket frame of a one-message frame, so a subscriber whose
+    tick holds only this message costs one write of shared bytes.
+    """
+
+    __slots__ = ("_frames", "_json", "_msgpack", "msg")
 
     def __init__(self, msg: dict[str, Any]) -> None:
         self.msg = msg
         self._json: bytes | None = None
         self._msgpack: bytes | None = None
+        self._frames: dict[Codec, bytes] | None = None
+
+    def frame(self, codec: Codec) -> bytes:
+        """The WebSocket frame carrying ``[msg]`` in ``codec``, built on first use."""
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = {}
+        data = frames.get(codec)
+        if data is None:
+            data = frames[codec] = ws_frame(join([self.get(codec)], codec), codec)
+        return data
 
     def get(self, codec: Codec) -> bytes:
         """The message in ``codec``, encoded on first use."""
