@@ -154,9 +154,7 @@ async def readyz(request: web.Request) -> web.Response:
     store = rooms.store
     loop = asyncio.get_running_loop()
     try:
-        await asyncio.wait_for(
-            loop.run_in_executor(store.reader, store.app.recorder.max_notification_id), 5
-        )
+        await asyncio.wait_for(loop.run_in_executor(store.reader, store.ping), 5)
         store_ok = True
     except Exception:
         store_ok = False

@@ -176,13 +176,13 @@ class Room:
         doc: Document,
         on_dirty: Callable[[Room], None],
         on_gap: Callable[[Room], None] | None = None,
-        on_presence: Callable[[Room, str, list[Any] | None], None] | None = None,
+        on_presence: Callable[[Room, str, str, Any], None] | None = None,
     ) -> None:
         self.id: UUID = doc.id
         self.doc = doc
         self._on_dirty = on_dirty
         self._on_gap = on_gap or (lambda room: None)
-        self._on_presence = on_presence or (lambda room, sid, entry: None)
+        self._on_presence = on_presence or (lambda room, sid, user, data: None)
         self.position = doc.version
         """The aggregate version of the committed state (the store's sequence position)."""
         self._remote: list[Any] = []
@@ -248,7 +248,7 @@ class Room:
         else:
             self.presence[sid] = msg
             self._local_sids[session] = sid
-        self._on_presence(self, sid, None if data is None else [user, data])
+        self._on_presence(self, sid, user, data)
         self._queue_presence(session, sid, msg)
 
     def remote_presence(self, sid: str, user: str, data: Any, proc: str) -> None:

@@ -115,20 +115,10 @@ class Rooms:
         for doc_id, events in by_doc.items():
             self.hub.publish(doc_id, {"k": "e", "p": self.hub.proc, "e": events})
 
-    def _presence(self, room: Room, sid: str, entry: list[Any] | None) -> None:
-        if entry is not None:
-            entry = [*entry, self.hub.proc]
+    def _presence(self, room: Room, sid: str, user: str, data: Any) -> None:
+        entry = None if data is None else [user, data, self.hub.proc]
         self.hub.set_presence(room.id, sid, entry)
-        self.hub.publish(
-            room.id,
-            {
-                "k": "p",
-                "p": self.hub.proc,
-                "s": sid,
-                "u": entry[0] if entry else None,
-                "d": entry[1] if entry else None,
-            },
-        )
+        self.hub.publish(room.id, {"k": "p", "p": self.hub.proc, "s": sid, "u": user, "d": data})
 
     def _on_hub(self, doc_id: UUID, msg: dict[str, Any]) -> None:
         room = self._rooms.get(doc_id)

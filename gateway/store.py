@@ -94,7 +94,7 @@ def library_env(cfg: StoreConfig) -> dict[str, str]:
             POSTGRES_PASSWORD=unquote(url.password or ""),
             POSTGRES_POOL_SIZE=str(cfg.pool_size),
             POSTGRES_MAX_OVERFLOW="2",
-            POSTGRES_CONNECT_TIMEOUT="5",
+            POSTGRES_CONNECT_TIMEOUT="2",
             POSTGRES_LOCK_TIMEOUT="5",
             APPLICATION_RECORDER_TOPIC="gateway.recorders:PostgresClientOpsRecorder",
         )
@@ -111,18 +111,35 @@ def library_env(cfg: StoreConfig) -> dict[str, str]:
     return env
 
 
-def ensure_schema(cfg: StoreConfig) -> None:
-    """Create the Postgres schema named in ``cfg`` if it is missing (the library does not)."""
-    if not (cfg.database_url and cfg.database_schema):
-        return
+SCHEMA_LOCK = 0x636F7363  # "cosc"
+"""Advisory lock key held while a process creates the schema and tables."""
+
+
+def _create_app(cfg: StoreConfig) -> CoscribeApplication:
+    """The library application; on Postgres its tables are created under an advisory lock.
+
+    The library's ``CREATE TYPE``/``CREATE TABLE IF NOT EXISTS`` are not safe when several
+    processes start together on a fresh database (they clash in the catalog), so creation
+    is serialised across processes with ``pg_advisory_lock``. The schema is created too.
+    """
+    env = library_env(cfg)
+    if not cfg.database_url:
+        return CoscribeApplication(env=env)
     import psycopg
     from psycopg import sql
 
-    conninfo = cfg.database_url
-    with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(
-            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(cfg.database_schema))
-        )
+    with psycopg.connect(cfg.database_url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+        try:
+            if cfg.database_schema:
+                conn.execute(
+                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
+                        sql.Identifier(cfg.database_schema)
+                    )
+                )
+            return CoscribeApplication(env=env)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
 
 
 class CoscribeApplication(Application[UUID]):
@@ -143,8 +160,7 @@ class Store:
 
     def __init__(self, cfg: StoreConfig) -> None:
         self.cfg = cfg
-        ensure_schema(cfg)
-        self.app = CoscribeApplication(env=library_env(cfg))
+        self.app = _create_app(cfg)
         self.is_postgres = bool(cfg.database_url)
         self.reader = ThreadPoolExecutor(max_workers=cfg.pool_size, thread_name_prefix="store-read")
         """Threads for reads, so that loading a document never waits behind a commit."""
@@ -182,6 +198,15 @@ class Store:
         except (OperationalError, InterfaceError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         return doc if isinstance(doc, Document) else None
+
+    def ping(self) -> None:
+        """Raise ``StoreUnavailable`` unless the database answers now (one attempt)."""
+        recorder = self.app.recorder
+        assert isinstance(recorder, (PostgresClientOpsRecorder, SQLiteClientOpsRecorder))
+        try:
+            recorder.ping()
+        except Exception as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
     def find_client_op(self, doc_id: UUID, client: str, seq: int) -> int | None:
         """The version that ``client``'s op ``seq`` on the document produced, if committed."""

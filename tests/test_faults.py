@@ -627,15 +627,6 @@ async def test_postgres_down_acks_nothing_then_recovers(
         await stop_all([server])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="BUG: with Postgres down an op is refused only after ~52 s, not promptly: every "
-    "store call is retried by the library 10 times (eventsourcing/postgres.py "
-    "@retry(max_attempts=10) on insert_events/select_events) and each attempt waits the pool "
-    "timeout (POSTGRES_CONNECT_TIMEOUT=5 in gateway/store.py library_env); the one committer "
-    "thread is blocked all that time, so every document's commits stall",
-)
 async def test_postgres_down_refuses_ops_promptly(
     http: aiohttp.ClientSession, tmp_path: Path, own_postgres: OwnPostgres
 ) -> None:

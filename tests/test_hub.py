@@ -428,12 +428,6 @@ async def test_presence_crosses_rooms_of_two_processes(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a presence clear relayed by the hub names user '' (gateway/rooms.py:128 "
-    "publishes u=None on clear, rooms.py:149 turns it into ''), while a local clear and the "
-    "presence message contract name the session's user",
-)
 async def test_remote_presence_clear_names_the_user(
     two_stores: tuple[Store, Store], hub_factory: Callable[[], Hub]
 ) -> None:

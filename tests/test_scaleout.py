@@ -444,14 +444,6 @@ def _start_together(cfg: StoreConfig, n: int) -> list[BaseException]:
     return [exc for f in futures if (exc := f.exception()) is not None]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gateway processes starting at once on a fresh database race on table creation "
-    "(gateway/store.py Store.__init__: ensure_schema, then the library's CREATE TABLE IF NOT "
-    "EXISTS, with no lock or retry): 'duplicate key value violates unique constraint "
-    "pg_type_typname_nsp_index' or 'tuple concurrently updated', and the process exits; "
-    "`coscribe serve --workers N` on a new database does exactly this",
-)
 def test_processes_start_together_on_a_fresh_schema(tmp_path: Path, pg_url: str) -> None:
     """Several gateway processes starting at the same moment on an empty schema all come up."""
     errors: list[BaseException] = []
