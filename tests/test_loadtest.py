@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from domain import ot
-from ops.loadtest import plan, procstat, stamp, wsclient
+from ops.loadtest import httpclient, plan, procstat, stamp, wsclient
 from ops.loadtest.command import register, resolve_secret, shipped
 from ops.loadtest.convergence import check
 from ops.loadtest.editor import DocClient, ProtocolViolation, delete_op, insert_op, transform
@@ -543,6 +543,52 @@ def test_parser_rejects_reserved_bits_and_stray_continuations() -> None:
             wsclient.FrameParser().feed(wire)
 
 
+# --- the HTTP client's parser -------------------------------------------------------------
+
+_RESPONSES = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\nhello"
+    b"HTTP/1.1 100 Continue\r\n\r\n"
+    b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3;ext=1\r\nabc\r\n4\r\ndefg\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    b"HTTP/1.1 204 No Content\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+)
+_PARSED = [
+    httpclient.Response(200, 5, False),
+    httpclient.Response(404, 7, False),
+    httpclient.Response(204, 0, False),
+    httpclient.Response(200, 0, True),
+]
+
+
+@given(cuts=st.lists(st.integers(0, len(_RESPONSES)), max_size=10))
+@PROPERTY
+def test_response_parser_handles_any_split(cuts: list[int]) -> None:
+    """Content-Length, chunked (with extensions and trailers), 1xx and 204 in any pieces."""
+    parser = httpclient.ResponseParser()
+    out: list[httpclient.Response] = []
+    points = sorted({*cuts, 0, len(_RESPONSES)})
+    for a, b in itertools.pairwise(points):
+        out += parser.feed(_RESPONSES[a:b])
+    assert out == _PARSED
+
+
+def test_response_without_length_ends_at_close() -> None:
+    """A body with neither length nor chunking runs to the end of the connection."""
+    parser = httpclient.ResponseParser()
+    assert parser.feed(b"HTTP/1.0 200 OK\r\n\r\nab") == []
+    assert parser.feed(b"cd") == []
+    assert parser.eof() == httpclient.Response(200, 4, True)
+    with pytest.raises(httpclient.HttpError):
+        httpclient.ResponseParser().feed(b"SMTP nonsense\r\n\r\n")
+
+
+def test_request_bytes_are_a_keep_alive_get() -> None:
+    """Requests carry the host and the given headers, and no body."""
+    raw = httpclient.request_bytes("GET", "127.0.0.1", 8080, "/v1/x", {"Authorization": "B t"})
+    assert raw == b"GET /v1/x HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nAuthorization: B t\r\n\r\n"
+
+
 # --- convergence, lost ops and verdicts ---------------------------------------------------
 
 
@@ -637,11 +683,13 @@ def test_slo_failures_cover_loss_convergence_and_thresholds() -> None:
     step["lost"] = 3
     step["converged"] = False
     step["fanout_delivery"] = 0.5
+    step["errors"] = {"bad_op": 2, "http_500": 1}
     failed = slo_failures(Slo(fanout_p99_ms=100, min_acked_ops_s=1), step, has_writers=True)
     assert failed == [
         "lost 3 acknowledged edits",
         "clients did not converge",
         "2 connection failures",
+        "3 errors (bad_op=2, http_500=1)",
         "only 50.00% of the ops owed to sessions arrived",
         "min_acked_ops_s 0 < 1",
     ]
@@ -815,7 +863,7 @@ COSCRIBE = shutil.which("coscribe", path=str(Path(sys.executable).parent))
     reason="needs the coscribe server (gateway/app.py and the coscribe script)",
 )
 def test_tiny_run_against_a_real_server(tmp_path: Path) -> None:
-    """A 2-second run on a real embedded server: report keys present, converged, nothing lost."""
+    """A 2 s run of every client kind on a real server: all keys, converged, nothing lost."""
     assert COSCRIBE is not None
     port = _free_port()
     data = tmp_path / "data"
@@ -823,7 +871,7 @@ def test_tiny_run_against_a_real_server(tmp_path: Path) -> None:
     scenario.write_text(
         'name = "tiny"\ndocuments = 2\nwriters = 3\nobservers = 2\nfull = 2\n'
         'op_interval_ms = 50\nprotocol = "mixed"\nwarmup_s = 0.5\nmeasure_s = 2\n'
-        "presence_interval_s = 0.5\n"
+        "presence_interval_s = 0.5\n[http]\nconcurrency = 2\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("COSCRIBE_")}
     server = subprocess.Popen(
@@ -865,5 +913,8 @@ def test_tiny_run_against_a_real_server(tmp_path: Path) -> None:
     assert report["sessions"]["joined"] == 10
     assert report["acked_ops_s"] > 0 and report["fanout_ms"]["count"] > 0
     assert report["convergence"]["checked_clients"] == 4
-    assert report["fanout_delivery"] == pytest.approx(1.0, abs=0.01)
+    assert report["fanout_delivery"] == 1.0
+    assert report["http"]["req_s"] > 0
+    assert report["errors"] == {}
+    assert report["presence"]["sent"] > 0
     assert report["server"]["cpu_s"] is not None  # found the server by its port

@@ -196,6 +196,11 @@ def slo_failures(slo: Slo, r: dict[str, Any], *, has_writers: bool) -> list[str]
         failed.append(f"{r['connection_failures']} connection failures")
     if r["sessions"]["desynced"]:
         failed.append(f"{r['sessions']['desynced']} writers had an op refused")
+    if r["errors"]:
+        top = ", ".join(
+            f"{k}={v}" for k, v in sorted(r["errors"].items(), key=lambda kv: -kv[1])[:3]
+        )
+        failed.append(f"{sum(r['errors'].values())} errors ({top})")
     if has_writers and r["fanout_ms"]["count"] == 0 and r["sessions"]["planned"] > 1:
         failed.append("no fan-out samples")
     delivery = r.get("fanout_delivery")
@@ -268,7 +273,12 @@ def run_report(
     }
     out.update(figures(merged, window, cost, convergence, procs))
     passing = [s for s in steps if s["slo"]["ok"]]
-    best = max(passing, key=lambda s: s["offered_ops_s"], default=None)
+    editing = any(s["params"]["writers"] for s in steps)
+    best = max(
+        passing,
+        key=lambda s: s["offered_ops_s"] if editing else s["http"]["req_s"],
+        default=None,
+    )
     out["slo_ok"] = len(passing) == len(steps)
     out["best"] = (
         None
@@ -278,6 +288,7 @@ def run_report(
             "offered_ops_s": best["offered_ops_s"],
             "acked_ops_s": best["acked_ops_s"],
             "fanout_p99_ms": best["fanout_ms"]["p99"],
+            "http_req_s": best["http"]["req_s"],
         }
     )
     out["steps"] = steps
@@ -350,9 +361,6 @@ def notes(report: dict[str, Any]) -> list[str]:
                 f"{s['name']}: {s['unacked']:,} edits were still unacknowledged when the "
                 "drain ended (the server fell behind)"
             )
-        if s["errors"]:
-            top = ", ".join(f"{k}={v}" for k, v in list(s["errors"].items())[:6])
-            out.append(f"{s['name']}: errors {top}")
         if s["loadgen"]["saturated"]:
             out.append(
                 f"{s['name']}: the load generator was saturated "
@@ -371,10 +379,13 @@ def notes(report: dict[str, Any]) -> list[str]:
             out.append(f"{s['name']}: no coscribe serve process found; server cost not measured")
     if report["best"] is not None and len(report["steps"]) > 1:
         b = report["best"]
-        out.append(
-            f"best passing step: {b['step']} — {b['offered_ops_s']:,} ops/s offered, "
-            f"{b['acked_ops_s']:,} acked, fan-out p99 {_fmt(b['fanout_p99_ms'])} ms"
-        )
+        if b["offered_ops_s"]:
+            out.append(
+                f"best passing step: {b['step']} — {b['offered_ops_s']:,} ops/s offered, "
+                f"{b['acked_ops_s']:,} acked, fan-out p99 {_fmt(b['fanout_p99_ms'])} ms"
+            )
+        else:
+            out.append(f"best passing step: {b['step']} — {b['http_req_s']:,} requests/s")
     return out
 
 

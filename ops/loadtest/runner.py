@@ -273,7 +273,8 @@ class Runner:
 
         roots = {"gateway": self._server_roots(), "loadgen": {os.getpid()}}
         account = CpuAccount(roots=roots)
-        sampler = asyncio.create_task(self._sample(account, window))
+        stop_sampling = asyncio.Event()
+        sampler = asyncio.create_task(self._sample(account, window, stop_sampling))
         self.progress.begin_step(step, index, len(self.scenario.steps), origin, window, arrivals_s)
         try:
             timeout = (drain_deadline - time.time_ns()) / 1e9 + 30.0
@@ -288,9 +289,11 @@ class Runner:
                 )
             results = await procs.gather("result", VERIFY_S + 60.0, self.progress.update)
             await procs.gather("closed", 60.0, self.progress.update)
-        finally:
-            sampler.cancel()
-            cost = await _cost_of(sampler, account, roots)
+        except BaseException:
+            sampler.cancel()  # the run failed: no figures to finish
+            raise
+        stop_sampling.set()
+        cost = await _cost_of(sampler, account)
         metrics = StepMetrics(origin)
         for i in range(procs.count):
             metrics.merge(StepMetrics.from_dict(results[i]["metrics"]))
@@ -303,42 +306,41 @@ class Runner:
             return set(self.options.server_pids)
         return find_servers(self.port)
 
-    async def _sample(self, account: CpuAccount, window: Window) -> Cost:
-        """Read ``/proc`` until cancelled; the CPU window is exactly ``window``."""
+    async def _sample(self, account: CpuAccount, window: Window, stop: asyncio.Event) -> Cost:
+        """Read ``/proc`` until ``stop``; the CPU figures cover exactly ``window``.
+
+        The window's edges are read on time even when ``stop`` comes early, so a step that
+        ends right after its window still gets its closing reading.
+        """
         frozen: dict[str, float] | None = None
         busy = 0.0
-        try:
-            while True:
-                now = time.time_ns()
-                if not account.started and now >= window.start_ns:
-                    await asyncio.to_thread(account.begin)
-                elif account.started and frozen is None and now >= window.end_ns:
-                    await asyncio.to_thread(account.sample)
-                    frozen = account.cpu_seconds()
-                    busy = account.machine_busy_seconds()
-                else:
-                    await asyncio.to_thread(account.sample)
-                nxt = now + int(SAMPLE_EVERY_S * 1e9)
-                for edge in (window.start_ns, window.end_ns):
-                    if now < edge < nxt:
-                        nxt = edge
-                await asyncio.sleep(max(0.0, (nxt - time.time_ns()) / 1e9))
-        except asyncio.CancelledError:
-            return Cost(cpu_s=frozen or {}, machine_busy_s=busy)
+        while True:
+            now = time.time_ns()
+            if not account.started and now >= window.start_ns:
+                await asyncio.to_thread(account.begin)
+            elif account.started and frozen is None and now >= window.end_ns:
+                await asyncio.to_thread(account.sample)
+                frozen = account.cpu_seconds()
+                busy = account.machine_busy_seconds()
+            else:
+                await asyncio.to_thread(account.sample)
+            if stop.is_set() and (frozen is not None or time.time_ns() < window.start_ns):
+                return Cost(cpu_s=frozen or {}, machine_busy_s=busy)
+            nxt = now + int(SAMPLE_EVERY_S * 1e9)
+            for edge in (window.start_ns, window.end_ns):
+                if now < edge < nxt:
+                    nxt = edge
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, (nxt - time.time_ns()) / 1e9))
 
 
-async def _cost_of(
-    sampler: asyncio.Task[Cost], account: CpuAccount, roots: dict[str, set[int]]
-) -> Cost:
-    try:
-        cost = await sampler
-    except asyncio.CancelledError:
-        cost = Cost()
+async def _cost_of(sampler: asyncio.Task[Cost], account: CpuAccount) -> Cost:
+    cost = await sampler
     cost.peak_rss = dict(account.peak_rss)
     cost.peak_server_rss = account.peak_of(SERVER_GROUPS)
     cost.peak_server_vmrss = account.peak_of(SERVER_GROUPS, vmrss=True)
     cost.pids = {g: sorted(p) for g, p in account.pids.items()}
-    cost.server_found = bool(roots["gateway"]) and "gateway" in account.peak_rss
+    cost.server_found = bool(account.roots["gateway"]) and "gateway" in account.peak_rss
     return cost
 
 

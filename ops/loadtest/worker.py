@@ -26,9 +26,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from ops.loadtest.channel import Channel
+from ops.loadtest.httpclient import HttpConnection, HttpError, open_connection, request_bytes
 from ops.loadtest.recorder import StepMetrics, Window
 from ops.loadtest.session import EditPlan, Session, SessionSpec, loop_time_at
 
@@ -40,7 +39,8 @@ CLOSE_TIMEOUT_S = 10.0
 """Longest all of a process's sessions get, together, for their close handshakes."""
 COMMAND_TIMEOUT_S = 300.0
 """Longest a worker waits for the coordinator's next command within a step."""
-_HTTP_ERRORS = (aiohttp.ClientError, OSError, TimeoutError)
+HTTP_TIMEOUT_S = 30.0
+"""Longest one HTTP read (with its connect) may take."""
 
 
 def main(conn: Connection, index: int) -> None:
@@ -147,77 +147,74 @@ class _Worker:
         base = cmd["base_url"].rstrip("/")
         url = urlsplit(base)
         server = (url.hostname or "127.0.0.1", url.port or 80)
-        timeout = aiohttp.ClientTimeout(total=None, connect=30.0, sock_connect=10.0)
         loops = cmd["http_loops"]
-        connector = aiohttp.TCPConnector(limit=max(1, loops))
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-            gate = asyncio.Semaphore(CONNECT_GATE)
-            seed = cmd["seed"]
-            sessions = [
-                Session(s, plan, metrics, server, gate, seed * 1_000_003 + s.index) for s in specs
-            ]
-            tasks = [asyncio.create_task(s.run()) for s in sessions]
-            rng = random.Random(seed)
-            aux = [
-                asyncio.create_task(self._progress(metrics)),
-                asyncio.create_task(_loop_lag(metrics, window)),
-            ]
-            aux += [
-                asyncio.create_task(
-                    _http_loop(http, base, cmd, metrics, window, random.Random(rng.random()))
-                )
-                for _ in range(loops)
-            ]
-            try:
-                await _sleep_until(window.end_ns)
-                await _wait_until(
-                    lambda: not any(s.pending for s in sessions), cmd["drain_deadline_ns"]
-                )
-                pending = [s for s in sessions if s.pending]
-                metrics.counters["pending_edits"] += sum(
-                    s.client.inflight_edits + s.client.buffer_edits
-                    for s in pending
-                    if s.client is not None
-                )
-                self.send({"kind": "drained", "pending": len(pending)})
-                verify = await self.next_command("verify")
-                versions: dict[str, int] = verify["versions"]
-                await _wait_until(
-                    lambda: all(
-                        s.known_version >= versions.get(s.spec.doc, 0)
-                        or s.ended.is_set()
-                        or not s.joined.is_set()
-                        or (s.desynced and s.client is not None)
-                        for s in sessions
-                    ),
-                    verify["deadline_ns"],
-                )
-                metrics.full_reports = [_full_report(s) for s in sessions if s.spec.full]
-                for s in sessions:
-                    d = s.delivery()
-                    if d is not None:
-                        row = metrics.delivery.setdefault(s.spec.doc, [0, 0, 0, 0])
-                        row[0] += 1
-                        row[1] += d[0]
-                        row[2] += d[1]
-                        row[3] += d[2]
-                for task in aux:
-                    task.cancel()
-                await self.send_wait({"kind": "result", "metrics": metrics.to_dict()})
-            finally:
-                for task in aux:
-                    task.cancel()
-                closing_started = time.monotonic()
-                closes = [asyncio.create_task(s.close()) for s in sessions]
-                if closes:
-                    await asyncio.wait(closes, timeout=CLOSE_TIMEOUT_S)
-                for s in sessions:
-                    if s.ws is not None:
-                        s.ws.abort()  # whatever did not finish its close handshake in time
-                for task in (*tasks, *closes):
-                    task.cancel()
-                await asyncio.gather(*tasks, *closes, *aux, return_exceptions=True)
-                closing_s = time.monotonic() - closing_started
+        gate = asyncio.Semaphore(CONNECT_GATE)
+        seed = cmd["seed"]
+        sessions = [
+            Session(s, plan, metrics, server, gate, seed * 1_000_003 + s.index) for s in specs
+        ]
+        tasks = [asyncio.create_task(s.run()) for s in sessions]
+        rng = random.Random(seed)
+        aux = [
+            asyncio.create_task(self._progress(metrics)),
+            asyncio.create_task(_loop_lag(metrics, window)),
+        ]
+        aux += [
+            asyncio.create_task(
+                _http_loop(server, cmd, metrics, window, random.Random(rng.random()))
+            )
+            for _ in range(loops)
+        ]
+        try:
+            await _sleep_until(window.end_ns)
+            await _wait_until(
+                lambda: not any(s.pending for s in sessions), cmd["drain_deadline_ns"]
+            )
+            pending = [s for s in sessions if s.pending]
+            metrics.counters["pending_edits"] += sum(
+                s.client.inflight_edits + s.client.buffer_edits
+                for s in pending
+                if s.client is not None
+            )
+            self.send({"kind": "drained", "pending": len(pending)})
+            verify = await self.next_command("verify")
+            versions: dict[str, int] = verify["versions"]
+            await _wait_until(
+                lambda: all(
+                    s.known_version >= versions.get(s.spec.doc, 0)
+                    or s.ended.is_set()
+                    or not s.joined.is_set()
+                    or (s.desynced and s.client is not None)
+                    for s in sessions
+                ),
+                verify["deadline_ns"],
+            )
+            metrics.full_reports = [_full_report(s) for s in sessions if s.spec.full]
+            for s in sessions:
+                d = s.delivery()
+                if d is not None:
+                    row = metrics.delivery.setdefault(s.spec.doc, [0, 0, 0, 0])
+                    row[0] += 1
+                    row[1] += d[0]
+                    row[2] += d[1]
+                    row[3] += d[2]
+            for task in aux:
+                task.cancel()
+            await self.send_wait({"kind": "result", "metrics": metrics.to_dict()})
+        finally:
+            for task in aux:
+                task.cancel()
+            closing_started = time.monotonic()
+            closes = [asyncio.create_task(s.close()) for s in sessions]
+            if closes:
+                await asyncio.wait(closes, timeout=CLOSE_TIMEOUT_S)
+            for s in sessions:
+                if s.ws is not None:
+                    s.ws.abort()  # whatever did not finish its close handshake in time
+            for task in (*tasks, *closes):
+                task.cancel()
+            await asyncio.gather(*tasks, *closes, *aux, return_exceptions=True)
+            closing_s = time.monotonic() - closing_started
         self.send({"kind": "closed", "closing_s": round(closing_s, 3)})
 
     async def _progress(self, metrics: StepMetrics) -> None:
@@ -272,43 +269,57 @@ async def _loop_lag(metrics: StepMetrics, window: Window) -> None:
 
 
 async def _http_loop(
-    http: aiohttp.ClientSession,
-    base: str,
+    server: tuple[str, int],
     cmd: dict[str, Any],
     metrics: StepMetrics,
     window: Window,
     rng: random.Random,
 ) -> None:
-    """Closed-loop reads from the step start to the end of the window."""
+    """Closed-loop reads on one keep-alive connection, from the step start to the window end."""
     await _sleep_until(cmd["origin_ns"])
     loop = asyncio.get_running_loop()
     end = loop_time_at(window.end_ns)
-    headers = {"Authorization": f"Bearer {cmd['http_token']}"}
+    host, port = server
+    headers = {"Authorization": f"Bearer {cmd['http_token']}", "User-Agent": "coscribe-loadtest"}
     paths, weights, docs = cmd["http_paths"], cmd["http_weights"], cmd["http_docs"]
+    raw: dict[tuple[str, str], bytes] = {}
     pace = cmd["http_pace_s"]
     at = loop.time() + rng.random() * pace
     counters = metrics.counters
-    while loop.time() < end:
-        if pace:
-            await asyncio.sleep(at - loop.time())
-            at = max(at + pace, loop.time() - pace)
-        path = rng.choices(paths, weights)[0].replace("{doc}", rng.choice(docs))
-        t0 = time.time_ns()
-        try:
-            async with http.get(base + path, headers=headers) as resp:
-                await resp.read()
-                status = resp.status
-        except _HTTP_ERRORS as exc:
-            metrics.errors[f"http:{type(exc).__name__}"] += 1
-            await asyncio.sleep(0.05)
-            continue
-        t1 = time.time_ns()
-        counters["http"] += 1
-        if t1 in window:
-            counters["http_window"] += 1
-            metrics.http.add((t1 - t0) // 1000)
-        if status >= 400:
-            metrics.errors[f"http_{status}"] += 1
+    conn: HttpConnection | None = None
+    try:
+        while loop.time() < end:
+            if pace:
+                await asyncio.sleep(at - loop.time())
+                at = max(at + pace, loop.time() - pace)
+            key = (rng.choices(paths, weights)[0], rng.choice(docs))
+            request = raw.get(key)
+            if request is None:
+                path = key[0].replace("{doc}", key[1])
+                request = raw[key] = request_bytes("GET", host, port, path, headers)
+            t0 = time.time_ns()
+            try:
+                async with asyncio.timeout(HTTP_TIMEOUT_S):
+                    if conn is None or not conn.usable:
+                        conn = await open_connection(host, port)
+                    response = await conn.request(request)
+            except (OSError, TimeoutError, HttpError) as exc:
+                metrics.errors[f"http:{type(exc).__name__}"] += 1
+                if conn is not None:
+                    conn.close()
+                conn = None
+                await asyncio.sleep(0.05)
+                continue
+            t1 = time.time_ns()
+            counters["http"] += 1
+            if t1 in window:
+                counters["http_window"] += 1
+                metrics.http.add((t1 - t0) // 1000)
+            if response.status >= 400:
+                metrics.errors[f"http_{response.status}"] += 1
+    finally:
+        if conn is not None:
+            conn.close()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
