@@ -23,8 +23,6 @@ from gateway.store import Store, StoreConfig
 
 pytestmark = [
     pytest.mark.slow,
-    # request["user"] is a str key (aiohttp's NotAppKeyWarning); not this module's concern.
-    pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning"),
 ]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -18,8 +18,6 @@ from projections.cache import ReadCache
 
 pytestmark = [
     pytest.mark.redis,
-    # request["user"] is a str key (aiohttp's NotAppKeyWarning); not this module's concern.
-    pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning"),
 ]
 SECRET = b"test-secret"
 

@@ -18,10 +18,6 @@ from gateway.auth import sign_token
 from gateway.readmodels import Extension, time_travel
 from gateway.store import Store, StoreConfig
 
-# gateway.http keeps the caller in request["user"], a str key aiohttp warns about
-# (NotAppKeyWarning); the suite turns warnings into errors. Not this module's concern.
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web_exceptions.NotAppKeyWarning")
-
 SECRET = b"test-secret"
 TIME_TRAVEL = "/test/time-travel/{id}"
 """Until ``gateway.http.get_document`` hands ``?at=`` to ``time_travel``, tests mount it here."""
