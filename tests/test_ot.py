@@ -378,3 +378,38 @@ def test_bad_side_raises_value_error() -> None:
         ot.transform([1], [1], "up")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="side"):
         ot.transform_position(0, [], "")  # type: ignore[arg-type]
+
+
+@PROPERTY
+@given(gen.concurrent_ops(), SIDES)
+def test_single_component_fast_path_equals_general(
+    case: tuple[str, ot.Op, ot.Op], side: ot.Side
+) -> None:
+    """The O(1) transform of one insert/delete against another equals the general walk."""
+    _, a, b = case
+    assert ot.transform(a, b, side) == ot._transform_general(a, b, side == "left")
+
+
+@given(st.integers(0, 30), st.integers(1, 5), st.integers(0, 30), st.integers(1, 5), SIDES,
+       st.booleans(), st.booleans())
+def test_fast_path_on_single_edits(
+    p: int, n: int, q: int, m: int, side: ot.Side, a_ins: bool, b_ins: bool
+) -> None:
+    """Every pair of single inserts/deletes transforms like the general walk, and converges."""
+    text = "abcdefghij" * 7
+    a: ot.Op = ot.normalize([p, "X" * n] if a_ins else [p, {"d": n}])
+    b: ot.Op = ot.normalize([q, "Y" * m] if b_ins else [q, {"d": m}])
+    assert ot.transform(a, b, side) == ot._transform_general(a, b, side == "left")
+    other: ot.Side = "right" if side == "left" else "left"
+    left = ot.apply(ot.apply(text, b), ot.transform(a, b, side))
+    right = ot.apply(ot.apply(text, a), ot.transform(b, a, other))
+    assert left == right
+
+
+def test_validate_fast_path_rejects_like_the_general_one() -> None:
+    """The insert-at-position shortcut of validate keeps every rule of the general check."""
+    assert ot.validate([3, "x"], 3) == [3, "x"]
+    for bad, length in (([4, "x"], 3), ([0, "x"], 9), ([True, "x"], 9), ([2, ""], 9),
+                        ([2, "\ud800"], 9)):
+        with pytest.raises(BadOp):
+            ot.validate(bad, length)
