@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -142,6 +143,28 @@ def _sqlite_rows(conn: sqlite3.Connection, sql: str, params: Sequence[Param]) ->
         raise ReadDBError(f"{exc} in {sql[:200]}") from exc
 
 
+WAL_ATTEMPTS = 100
+"""Tries to switch a new file to WAL while other processes hold it (about 5 s in all)."""
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Put the file in WAL mode (persistent), waiting out other processes doing the same.
+
+    Changing the journal mode answers "database is locked" at once, without the busy
+    timeout, while another connection holds the file (two workers starting together).
+    """
+    for attempt in range(WAL_ATTEMPTS):
+        try:
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == WAL_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05)
+
+
 class SQLiteReadDB(ReadDB):
     """Read models in a SQLite file (WAL; one connection per thread)."""
 
@@ -164,7 +187,7 @@ class SQLiteReadDB(ReadDB):
                 conn = sqlite3.connect(
                     self.path, isolation_level=None, check_same_thread=False, timeout=30
                 )
-                conn.execute("PRAGMA journal_mode=WAL")
+                _use_wal(conn)
                 conn.execute("PRAGMA synchronous=NORMAL")
             except sqlite3.Error as exc:
                 raise ReadDBError(str(exc)) from exc

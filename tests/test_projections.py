@@ -304,3 +304,36 @@ def test_replay_command_rebuilds_and_reports_throughput(
         db.close()
     with pytest.raises(SystemExit, match="no read model 'nope'"):
         main(["replay", "--projection", "nope", *flags])
+
+
+def test_runners_starting_together_on_a_new_sqlite_file_all_set_up(tmp_path: Any) -> None:
+    """Several processes' first connections to a fresh read-model file never fail to start."""
+    from projections.db import SQLiteReadDB
+
+    path = tmp_path / "readmodels.sqlite"
+    with store_and_db("sqlite") as (store, _):
+        make_history(store, docs=2, edits=10)
+        dbs = [SQLiteReadDB(path) for _ in range(6)]
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(len(dbs))
+
+        def start(db: Any) -> None:
+            try:
+                barrier.wait()
+                runner = Runner(db, source(store), MODELS)
+                runner.setup()
+                runner.catch_up()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start, args=(db,)) for db in dbs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        try:
+            assert not errors, errors
+            assert audit_positions(dbs[0]) == list(range(1, source(store).head() + 1))
+        finally:
+            for db in dbs:
+                db.close()
