@@ -44,6 +44,7 @@ class Follower:
         self.position = 0
         """Lowest position every model reached, as published on the loop."""
         self.last_error: str | None = None
+        self._ready = False
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -58,9 +59,18 @@ class Follower:
         runner.observe = self._observe
 
     async def start(self) -> None:
-        """Create tables as needed (off the loop), then follow the log on the thread."""
+        """Create tables as needed (off the loop), then follow the log on the thread.
+
+        If the tables cannot be set up now (database down), the thread keeps trying: the
+        gateway still starts, and reads report their lag until the runner is going.
+        """
         self._loop = asyncio.get_running_loop()
-        await self._loop.run_in_executor(None, self.runner.setup)
+        try:
+            await self._loop.run_in_executor(None, self.runner.setup)
+            self._ready = True
+        except Exception as exc:
+            log.exception("read models not set up yet; retrying in the background")
+            self.last_error = f"{type(exc).__name__}: {exc}"
         self.position = self.runner.seen()
         self._consumer = self._loop.create_task(self._consume(), name="projections-publish")
         self._thread = threading.Thread(target=self._run, name="projections", daemon=True)
@@ -104,6 +114,9 @@ class Follower:
         while not self._stop.is_set():
             self._wake.clear()
             try:
+                if not self._ready:
+                    self.runner.setup()
+                    self._ready = True
                 n = self.runner.step()
                 self.last_error = None
             except Exception as exc:  # keep following: the database may come back
