@@ -459,6 +459,20 @@ def test_edits_during_flight_are_composed_into_one_op() -> None:
     assert c.ack(2, 2, 11).stamps == ("s2", "s3")
 
 
+def test_abandoning_the_buffer_keeps_the_texts_consistent() -> None:
+    """Dropping unsent edits leaves the user's text = server state + the op in flight."""
+    full, light = DocClient("d", 0, "abc"), DocClient("d", 0, "abc", keep_text=False)
+    for c in (full, light):
+        c.edit(["x"], 0)
+        c.edit([1, "yy"], 1)
+        c.edit([{"d": 2}], 2)
+        assert c.abandon_buffer() == 2
+        assert c.length == 4 and c.pending and c.buffer is None
+    assert full.text == "xabc" and full.confirmed == "abc"
+    assert full.ack(1, 1, 3).send is None
+    assert full.text == full.confirmed == "xabc"
+
+
 # --- the WebSocket client's framing -------------------------------------------------------
 
 
@@ -596,6 +610,7 @@ def _metrics_with(doc: str, stamps: list[str], reports: list[dict[str, Any]]) ->
     m = StepMetrics(0)
     m.acked_stamps[doc] = Counter(stamps)
     m.acks_by_doc[doc] = len(stamps)
+    m.freeze_lost_basis()
     m.full_reports = reports
     return m
 
@@ -609,11 +624,24 @@ def test_check_counts_acked_stamps_missing_from_the_text() -> None:
     report |= {"length": len(final.text), "digest": text_digest(final.text)}
     m = _metrics_with("d", [s1[1:-1], s2[1:-1]], [report])
     m.delivery["d"] = [3, 1, 3, 2]  # 3 sessions (one joined at v1) saw 3 ops, acked 2
-    got = check([DocState("d", 0, "ab")], [final], m, stamps_exact=True)
+    got = check([DocState("d", 0, "ab")], [final], [final], m, stamps_exact=True)
     assert (got["lost"], got["converged"], got["version_gap"]) == (1, True, 0)
     assert (got["ops_owed"], got["ops_received"]) == (3 * 2 - 1 - 2, 3)
-    by_version = check([DocState("d", 0, "ab")], [final], m, stamps_exact=False)
+    by_version = check([DocState("d", 0, "ab")], [final], [final], m, stamps_exact=False)
     assert by_version["lost"] == 0  # two ops applied for two acks
+
+
+def test_check_ignores_acks_after_the_read_and_matches_the_later_read() -> None:
+    """Acks that came after the read-back are not lost; a client ahead matches the 2nd read."""
+    s1, s2 = stamp.encode(10**15), stamp.encode(2 * 10**15)
+    read, final = DocState("d", 1, s1), DocState("d", 2, s1 + s2)
+    m = _metrics_with("d", [s1[1:-1]], [])
+    m.acked_stamps["d"][s2[1:-1]] += 1  # acked after the freeze, not in the first read
+    ahead = {"doc": "d", "session": 1, "joined": True, "desynced": False, "version": 2}
+    ahead |= {"length": 16, "digest": text_digest(final.text), "local_consistent": True}
+    m.full_reports = [ahead]
+    got = check([DocState("d", 0, "")], [read], [final], m, stamps_exact=True)
+    assert (got["lost"], got["converged"], got["settled"]) == (0, True, False)
 
 
 def test_check_flags_a_client_with_another_text() -> None:
@@ -621,11 +649,15 @@ def test_check_flags_a_client_with_another_text() -> None:
     final = DocState("d", 1, "xyz")
     bad = {"doc": "d", "session": 3, "joined": True, "desynced": False, "version": 1}
     bad |= {"length": 3, "digest": text_digest("xzy")}
-    got = check([DocState("d", 0, "")], [final], _metrics_with("d", [], [bad]), stamps_exact=True)
+    got = check(
+        [DocState("d", 0, "")], [final], [final], _metrics_with("d", [], [bad]), stamps_exact=True
+    )
     assert not got["converged"]
     assert got["mismatches"][0]["session"] == 3
     shown = bad | {"digest": text_digest("xyz"), "local_consistent": False}
-    got = check([DocState("d", 0, "")], [final], _metrics_with("d", [], [shown]), stamps_exact=True)
+    got = check(
+        [DocState("d", 0, "")], [final], [final], _metrics_with("d", [], [shown]), stamps_exact=True
+    )
     assert got["mismatches"][0]["reason"] == "its user's text differs from the confirmed text"
 
 
@@ -639,6 +671,7 @@ def _outcome(**counters: int) -> StepOutcome:
         "lost": 0,
         "version_gap": 0,
         "checked_clients": 1,
+        "settled": True,
         "ops_owed": 10,
         "ops_received": 10,
         "mismatches": [],

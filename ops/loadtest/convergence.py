@@ -7,8 +7,9 @@ Pure function of what the coordinator gathered: the documents before and after (
   and reconstructs the same text as the server's (its *confirmed* text, see
   :class:`~ops.loadtest.editor.DocClient`, so edits still pending do not count against it),
   and, with nothing pending, shows its user exactly that text.
-- *Lost*: acknowledged edits missing from the final text. Each acked edit left a stamp, so
-  lost = acked stamps minus stamps found in the text, as multisets (two writers may stamp
+- *Lost*: edits acknowledged before the documents were read back, missing from that text.
+  Each acked edit left a stamp, so lost = those acked stamps minus the stamps found in the
+  text, as multisets (two writers may stamp
   the same 10 µs). With deletes in the mix a delete can cut a stamp, so the check falls back
   to versions: ``acked - (final version - initial version)``, floored at 0.
 - ``version_gap``: ops the server applied beyond those acknowledged (positive) — e.g. an op
@@ -30,24 +31,36 @@ from ops.loadtest.session import text_digest
 
 
 def check(
-    initial: list[DocState], final: list[DocState], metrics: StepMetrics, *, stamps_exact: bool
+    initial: list[DocState],
+    read: list[DocState],
+    final: list[DocState],
+    metrics: StepMetrics,
+    *,
+    stamps_exact: bool,
 ) -> dict[str, Any]:
-    """``{"converged", "lost", "version_gap", "checked_clients", "mismatches", "method"}``.
+    """``{"converged", "lost", "version_gap", "settled", "checked_clients", "ops_owed",
+    "ops_received", "mismatches", "method"}``.
 
-    ``stamps_exact`` is true when nothing deleted text during the step (no deletes), so
-    the stamp multiset check is valid.
+    ``read`` is each document as read right after every load process drained (and froze
+    its count of acked edits, see :meth:`StepMetrics.freeze_lost_basis`); ``final`` as read
+    again after the clients caught up. Normally both are the same; they differ when the
+    server was still applying late ops, and a full client is then compared with whichever
+    read has its version. ``stamps_exact`` is true when nothing deleted text during the step,
+    so the stamp multiset check is valid.
     """
     start = {d.id: d.version for d in initial}
+    later = {d.id: d for d in final}
     by_doc: dict[str, list[dict[str, Any]]] = {}
     for r in metrics.full_reports:
         by_doc.setdefault(r["doc"], []).append(r)
     mismatches: list[dict[str, Any]] = []
-    owed = received = 0
-    lost = 0
-    gap = 0
-    checked = 0
-    for doc in final:
-        digest = text_digest(doc.text)
+    owed = received = lost = gap = checked = 0
+    settled = True
+    for doc in read:
+        end = later.get(doc.id, doc)
+        settled = settled and end.version == doc.version
+        texts = {doc.version: text_digest(doc.text), end.version: text_digest(end.text)}
+        lengths = {doc.version: len(doc.text), end.version: len(end.text)}
         for r in by_doc.get(doc.id, ()):
             checked += 1
             reason = None
@@ -55,22 +68,23 @@ def check(
                 reason = "never joined"
             elif r.get("desynced"):
                 reason = "an op was refused"
-            elif r["version"] != doc.version:
-                reason = f"at v{r['version']}, server at v{doc.version}"
-            elif r["digest"] != digest:
-                reason = f"text differs (length {r['length']} vs {len(doc.text)})"
+            elif r["version"] not in texts:
+                reason = f"at v{r['version']}, server at v{end.version}"
+            elif r["digest"] != texts[r["version"]]:
+                reason = f"text differs (length {r['length']} vs {lengths[r['version']]})"
             elif not r.get("local_consistent", True):
                 reason = "its user's text differs from the confirmed text"
             if reason is not None:
                 mismatches.append({"doc": doc.id, "session": r["session"], "reason": reason})
         sessions, joins, got, own = metrics.delivery.get(doc.id, (0, 0, 0, 0))
-        owed += sessions * doc.version - joins - own
+        top = max(end.version, metrics.max_version.get(doc.id, -1))
+        owed += sessions * top - joins - own
         received += got
-        acked = metrics.acks_by_doc.get(doc.id, 0)
+        acked = metrics.basis_acks.get(doc.id, 0)
         applied = doc.version - start.get(doc.id, 0)
         gap += applied - acked
         if stamps_exact:
-            want = metrics.acked_stamps.get(doc.id, Counter())
+            want = metrics.basis_stamps.get(doc.id, Counter())
             lost += sum((want - Counter(stamp.find(doc.text))).values())
         else:
             lost += max(0, acked - applied)
@@ -78,6 +92,7 @@ def check(
         "converged": not mismatches,
         "lost": lost,
         "version_gap": gap,
+        "settled": settled and not metrics.counters["pending_edits"],
         "checked_clients": checked,
         "ops_owed": owed,
         "ops_received": received,

@@ -155,6 +155,27 @@ class DocClient:
         send = self._send(now_ns) if self.inflight is not None else None
         return Acked(done[0], done[1], done[2], send)
 
+    def abandon_buffer(self) -> int:
+        """Give up the edits not sent yet (the run is over); return how many were dropped.
+
+        What the user sees goes back to the server state plus the op in flight, so the
+        texts stay consistent; only the op in flight is still to be acknowledged.
+        """
+        if self.buffer is None:
+            return 0
+        dropped = self.buffer_edits
+        if self.confirmed is not None:
+            self.text = (
+                self.confirmed if self.inflight is None else ot.apply(self.confirmed, self.inflight)
+            )
+            self.length = len(self.text)
+        else:
+            self.length -= ot.inserted_chars(self.buffer) - ot.deleted_chars(self.buffer)
+        self.buffer = None
+        self.buffer_edits = 0
+        self.buffer_stamps = ()
+        return dropped
+
     def reject(self) -> tuple[int, int]:
         """Drop the op in flight and the buffer after the server refused the op.
 

@@ -37,7 +37,8 @@ COUNTERS = (
     "http_window",  # HTTP responses in the window
     "rejected_edits",  # edits dropped with an op the server refused
     "clock_anomalies",  # stamps that looked older than an hour (clock stepped back)
-    "pending_edits",  # edits still unacknowledged when the drain timed out
+    "pending_edits",  # edits still unacknowledged when the drain timed out (twice)
+    "abandoned_edits",  # edits never sent: the drain timed out once, buffers were dropped
 )
 
 
@@ -81,6 +82,20 @@ class StepMetrics:
         self.exceptions: list[str] = []
         self.delivery: dict[str, list[int]] = {}
         """Per document: [sessions, sum of join versions, ops received, own acks]."""
+        self.max_version: dict[str, int] = {}
+        """Per document: the highest version any session saw by the end."""
+        self.basis_stamps: dict[str, Counter[str]] = {}
+        self.basis_acks: Counter[str] = Counter()
+        """Acked stamps and acks as they were when the process reported drained."""
+
+    def freeze_lost_basis(self) -> None:
+        """Remember what was acked so far: the documents are read back after this moment.
+
+        Everything acknowledged before the read must be in its text (ack after commit);
+        acks that come later, for ops the read may not show, are kept out of the count.
+        """
+        self.basis_stamps = {d: Counter(c) for d, c in self.acked_stamps.items()}
+        self.basis_acks = Counter(self.acks_by_doc)
 
     def merge(self, other: StepMetrics) -> None:
         """Add everything ``other`` counted (same step, same origin)."""
@@ -95,6 +110,11 @@ class StepMetrics:
         self.acks_by_doc.update(other.acks_by_doc)
         self.full_reports.extend(other.full_reports)
         self.exceptions.extend(other.exceptions[: max(0, 5 - len(self.exceptions))])
+        for doc, stamps in other.basis_stamps.items():
+            self.basis_stamps.setdefault(doc, Counter()).update(stamps)
+        self.basis_acks.update(other.basis_acks)
+        for doc, v in other.max_version.items():
+            self.max_version[doc] = max(self.max_version.get(doc, -1), v)
         for doc, row in other.delivery.items():
             mine = self.delivery.setdefault(doc, [0, 0, 0, 0])
             for i, v in enumerate(row):
@@ -118,6 +138,9 @@ class StepMetrics:
             "full_reports": list(self.full_reports),
             "exceptions": list(self.exceptions),
             "delivery": {d: list(r) for d, r in self.delivery.items()},
+            "max_version": dict(self.max_version),
+            "basis_stamps": {d: dict(c) for d, c in self.basis_stamps.items()},
+            "basis_acks": dict(self.basis_acks),
         }
 
     @classmethod
@@ -135,4 +158,7 @@ class StepMetrics:
         m.full_reports = list(data["full_reports"])
         m.exceptions = list(data.get("exceptions", []))
         m.delivery = {d: list(r) for d, r in data.get("delivery", {}).items()}
+        m.max_version = dict(data.get("max_version", {}))
+        m.basis_stamps = {d: Counter(c) for d, c in data.get("basis_stamps", {}).items()}
+        m.basis_acks = Counter(data.get("basis_acks", {}))
         return m

@@ -123,6 +123,7 @@ def figures(
         "connection_failures": c["connect_failed"],
         "lost": convergence["lost"],
         "unacked": c["pending_edits"],
+        "abandoned_edits": c["abandoned_edits"],
         "converged": convergence["converged"],
         "convergence": convergence,
         "machine_cpu": {
@@ -257,6 +258,7 @@ def run_report(
         "converged": all(s["converged"] for s in steps),
         "lost": sum(s["lost"] for s in steps),
         "version_gap": sum(s["convergence"]["version_gap"] for s in steps),
+        "settled": all(s["convergence"]["settled"] for s in steps),
         "checked_clients": sum(s["convergence"]["checked_clients"] for s in steps),
         "ops_owed": sum(s["convergence"]["ops_owed"] for s in steps),
         "ops_received": sum(s["convergence"]["ops_received"] for s in steps),
@@ -356,10 +358,11 @@ def notes(report: dict[str, Any]) -> list[str]:
     for s in report["steps"]:
         for why in s["slo"]["failed"]:
             out.append(f"{s['name']}: {why}")
-        if s["unacked"]:
+        abandoned = s["abandoned_edits"]
+        if s["unacked"] or abandoned:
             out.append(
-                f"{s['name']}: {s['unacked']:,} edits were still unacknowledged when the "
-                "drain ended (the server fell behind)"
+                f"{s['name']}: the server fell behind: {abandoned:,} buffered edits were "
+                f"dropped unsent after the drain, {s['unacked']:,} still unacknowledged at the end"
             )
         if s["loadgen"]["saturated"]:
             out.append(

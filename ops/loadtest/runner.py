@@ -280,14 +280,15 @@ class Runner:
             timeout = (drain_deadline - time.time_ns()) / 1e9 + 30.0
             await procs.gather("drained", timeout, self.progress.update)
             self.progress.stage(step, index, len(self.scenario.steps), "verifying")
-            final = await http.fetch_many(doc_ids)
-            versions = {d.id: d.version for d in final}
+            read = await http.fetch_many(doc_ids)
+            versions = {d.id: d.version for d in read}
             verify_deadline = time.time_ns() + int(VERIFY_S * 1e9)
             for i in range(procs.count):
                 await procs.send(
                     i, {"cmd": "verify", "versions": versions, "deadline_ns": verify_deadline}
                 )
             results = await procs.gather("result", VERIFY_S + 60.0, self.progress.update)
+            final = await http.fetch_many(doc_ids)  # the same, unless late ops still landed
             await procs.gather("closed", 60.0, self.progress.update)
         except BaseException:
             sampler.cancel()  # the run failed: no figures to finish
@@ -297,7 +298,7 @@ class Runner:
         metrics = StepMetrics(origin)
         for i in range(procs.count):
             metrics.merge(StepMetrics.from_dict(results[i]["metrics"]))
-        convergence = check(initial, final, metrics, stamps_exact=step.delete_ratio == 0)
+        convergence = check(initial, read, final, metrics, stamps_exact=step.delete_ratio == 0)
         self.progress.end_step()
         return StepOutcome(step, metrics, window.seconds, cost, convergence, procs.count)
 

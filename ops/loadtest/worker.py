@@ -167,15 +167,23 @@ class _Worker:
         ]
         try:
             await _sleep_until(window.end_ns)
+            drain_ns = cmd["drain_deadline_ns"] - window.end_ns
             await _wait_until(
-                lambda: not any(s.pending for s in sessions), cmd["drain_deadline_ns"]
+                lambda: not any(s.pending for s in sessions), window.end_ns + drain_ns
             )
+            if any(s.pending for s in sessions):
+                # The server fell behind: stop feeding it, wait once more for the ops in flight.
+                for s in sessions:
+                    if s.client is not None:
+                        metrics.counters["abandoned_edits"] += s.client.abandon_buffer()
+                await _wait_until(
+                    lambda: not any(s.pending for s in sessions), window.end_ns + 2 * drain_ns
+                )
             pending = [s for s in sessions if s.pending]
             metrics.counters["pending_edits"] += sum(
-                s.client.inflight_edits + s.client.buffer_edits
-                for s in pending
-                if s.client is not None
+                s.client.inflight_edits for s in pending if s.client is not None
             )
+            metrics.freeze_lost_basis()  # before the coordinator reads the documents back
             self.send({"kind": "drained", "pending": len(pending)})
             verify = await self.next_command("verify")
             versions: dict[str, int] = verify["versions"]
@@ -191,6 +199,9 @@ class _Worker:
             )
             metrics.full_reports = [_full_report(s) for s in sessions if s.spec.full]
             for s in sessions:
+                if s.joined.is_set():
+                    seen = metrics.max_version.get(s.spec.doc, -1)
+                    metrics.max_version[s.spec.doc] = max(seen, s.known_version)
                 d = s.delivery()
                 if d is not None:
                     row = metrics.delivery.setdefault(s.spec.doc, [0, 0, 0, 0])
