@@ -74,21 +74,19 @@ def project(e: Any, pos: int) -> list[Stmt]:
             Stmt(_ACTIVITY, (doc, hour, day, e.owner, 0)),
         ]
     if isinstance(e, Document.Edited):
+        # The editor's activity row first, so the hourly row can count distinct editors.
         return [
-            Stmt(
-                "INSERT INTO $analytics_hourly AS h (document_id, hour, day, edits,"
-                " chars_inserted, chars_deleted, distinct_editors) VALUES (?, ?, ?, 1, ?, ?, 0)"
-                " ON CONFLICT (document_id, hour) DO UPDATE SET edits = h.edits + 1,"
-                " chars_inserted = h.chars_inserted + excluded.chars_inserted,"
-                " chars_deleted = h.chars_deleted + excluded.chars_deleted",
-                (doc, hour, day, ot.inserted_chars(e.op), ot.deleted_chars(e.op)),
-            ),
             Stmt(_ACTIVITY, (doc, hour, day, e.by, 1)),
             Stmt(
-                "UPDATE $analytics_hourly SET distinct_editors = (SELECT COUNT(*)"
-                " FROM $analytics_activity a WHERE a.document_id = ? AND a.hour = ?"
-                " AND a.edits > 0) WHERE document_id = ? AND hour = ?",
-                (doc, hour, doc, hour),
+                "INSERT INTO $analytics_hourly AS h (document_id, hour, day, edits,"
+                " chars_inserted, chars_deleted, distinct_editors) VALUES (?, ?, ?, 1, ?, ?,"
+                " (SELECT COUNT(*) FROM $analytics_activity a WHERE a.document_id = ?"
+                " AND a.hour = ? AND a.edits > 0))"
+                " ON CONFLICT (document_id, hour) DO UPDATE SET edits = h.edits + 1,"
+                " chars_inserted = h.chars_inserted + excluded.chars_inserted,"
+                " chars_deleted = h.chars_deleted + excluded.chars_deleted,"
+                " distinct_editors = excluded.distinct_editors",
+                (doc, hour, day, ot.inserted_chars(e.op), ot.deleted_chars(e.op), doc, hour),
             ),
         ]
     actor = getattr(e, "by", None)
@@ -99,7 +97,7 @@ def project(e: Any, pos: int) -> list[Stmt]:
 
 MODEL = ReadModel(
     name="analytics",
-    version=1,
+    version=2,
     tables=("analytics_hourly", "analytics_activity", "analytics_documents"),
     ddl=DDL,
     mapping=project,

@@ -2,7 +2,8 @@
 
 ``summary`` is JSON that says what the event did (see ``schema/read_models.md``). A rename
 records the title it replaced; since a mapping does no I/O, the previous title comes from
-this model's own ``audit_docs`` table inside the same statement (``INSERT ... SELECT``).
+this model's own ``audit_docs`` table inside the same statement (``INSERT ... SELECT``), and
+the version of an event that is not an edit from the document's latest audit row.
 ``hash`` is the event's hash-chain link (hex), so a row can be checked against the store.
 """
 
@@ -33,8 +34,7 @@ DDL = (
     "CREATE INDEX ${audit}_actor_$gen ON $audit (actor, position)",
     """CREATE TABLE $audit_docs (
         document_id $uuid PRIMARY KEY,
-        title_json TEXT NOT NULL,
-        version $bigint NOT NULL
+        title_json TEXT NOT NULL
     )""",
 )
 
@@ -51,9 +51,12 @@ ACTIONS: dict[type[Any], str] = {
 """The ``action`` of each event class; other document events get their snake-case name."""
 
 _COLUMNS = "position, document_id, at, actor, action, version, event_version, hash, summary"
-_FROM_STATE = (
-    f"INSERT INTO $audit ({_COLUMNS}) SELECT ?, ?, ?, ?, ?, s.version, ?, ?, CAST(? AS $json)"
-    " FROM $audit_docs s WHERE s.document_id = ?"
+_VERSION = (
+    "(SELECT p.version FROM $audit p WHERE p.document_id = ? ORDER BY p.position DESC LIMIT 1)"
+)
+"""The document version as of its latest audit row (an index walk of one row)."""
+_OTHER = (
+    f"INSERT INTO $audit ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, {_VERSION}, ?, ?, CAST(? AS $json))"
 )
 
 
@@ -105,7 +108,7 @@ def project(e: Any, pos: int) -> list[Stmt]:
                 (pos, doc, at, e.owner, n, h, _json(summary_of(e))),
             ),
             Stmt(
-                "INSERT INTO $audit_docs (document_id, title_json, version) VALUES (?, ?, 0)",
+                "INSERT INTO $audit_docs (document_id, title_json) VALUES (?, ?)",
                 (doc, _json(e.title)),
             ),
         ]
@@ -116,15 +119,14 @@ def project(e: Any, pos: int) -> list[Stmt]:
                 " CAST(? AS $json))",
                 (pos, doc, at, e.by, e.v, n, h, _json(summary_of(e))),
             ),
-            Stmt("UPDATE $audit_docs SET version = ? WHERE document_id = ?", (e.v, doc)),
         ]
     if isinstance(e, Document.Renamed):
         return [
             Stmt(
-                f"INSERT INTO $audit ({_COLUMNS}) SELECT ?, ?, ?, ?, 'renamed', s.version, ?, ?,"
+                f"INSERT INTO $audit ({_COLUMNS}) SELECT ?, ?, ?, ?, 'renamed', {_VERSION}, ?, ?,"
                 " CAST('{\"from\":' || s.title_json || ',\"to\":' || ? || '}' AS $json)"
                 " FROM $audit_docs s WHERE s.document_id = ?",
-                (pos, doc, at, e.by, n, h, _json(e.title), doc),
+                (pos, doc, at, e.by, doc, n, h, _json(e.title), doc),
             ),
             Stmt(
                 "UPDATE $audit_docs SET title_json = ? WHERE document_id = ?",
@@ -133,16 +135,13 @@ def project(e: Any, pos: int) -> list[Stmt]:
         ]
     actor = getattr(e, "by", "")
     return [
-        Stmt(
-            _FROM_STATE,
-            (pos, doc, at, actor, action_of(e), n, h, _json(summary_of(e)), doc),
-        )
+        Stmt(_OTHER, (pos, doc, at, actor, action_of(e), doc, n, h, _json(summary_of(e))))
     ]
 
 
 MODEL = ReadModel(
     name="audit",
-    version=1,
+    version=2,
     tables=("audit", "audit_docs"),
     ddl=DDL,
     mapping=project,
