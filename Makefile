@@ -17,6 +17,7 @@ run: $(STAMP)
 
 services:
 	bash ops/ensure-services.sh
+	bash ops/ensure-browser.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -215,7 +215,11 @@ async def create_document(request: web.Request) -> web.Response:
 
 
 async def get_document(request: web.Request) -> web.Response:
-    """``GET /v1/documents/{id}``: the committed text and version."""
+    """``GET /v1/documents/{id}``: the committed text and version (``?at=`` time travel)."""
+    if "at" in request.query:
+        from gateway.readmodels import time_travel  # the read side lives above this module
+
+        return await time_travel(request)
     room = await readable_room(request)
     return json_response(room.snapshot.as_json())
 

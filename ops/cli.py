@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from ops.settings import Settings
@@ -19,7 +20,7 @@ from ops.settings import Settings
 
 def _settings(args: argparse.Namespace) -> Settings:
     names = ("host", "port", "data_dir", "database_url", "database_schema", "redis_url",
-             "redis_prefix", "secret", "workers", "log_level")
+             "redis_prefix", "secret", "workers", "log_level", "projections")
     return Settings.load(overrides={n: getattr(args, n, None) for n in names})
 
 
@@ -44,7 +45,9 @@ def _serve_one(settings: Settings) -> None:
         uvloop.install()
     app = build_app(settings)
     print(f"coscribe serving on http://{settings.host}:{settings.port}", flush=True)
-    web.run_app(app, host=settings.host, port=settings.port, print=None,
+    # A log line per request costs more than serving a cached read: access logs are debug.
+    access_log = logging.getLogger("aiohttp.access") if settings.log_level == "debug" else None
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=access_log,
                 shutdown_timeout=10, reuse_port=settings.workers > 1)
 
 
@@ -60,8 +63,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     settings.secret_bytes()  # create the embedded secret once, before the workers race
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(settings,), name=f"coscribe-worker-{i}")
-             for i in range(settings.workers)]
+    # One projection runner is enough: the first worker runs it, the others only read.
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(settings if i == 0 else replace(settings, projections="off"),),
+            name=f"coscribe-worker-{i}",
+        )
+        for i in range(settings.workers)
+    ]
     for p in procs:
         p.start()
 
@@ -110,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-prefix", help="prefix of Redis keys and channels (coscribe:)")
     serve.add_argument("--workers", type=int, help="processes sharing the port (1)")
     serve.add_argument("--log-level", help="debug, info, warning (info)")
+    serve.add_argument("--projections", choices=["inline", "off"],
+                       help="run the projection runner in this process (inline) or not (off)")
     _add_common(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -125,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register(sub)
+    from ops.projections_cli import register as register_projections
+
+    register_projections(sub)
     return parser
 
 

@@ -27,6 +27,9 @@ class Settings:
     redis_prefix: str = "coscribe:"
     secret: str | None = None
     workers: int = 1
+    projections: str = "inline"
+    """``inline``: this process runs the projection runner; ``off``: another one does
+    (``coscribe projections run``). With ``--workers N`` only the first worker runs it."""
     log_level: str = "info"
     max_frame_bytes: int = 1 << 20
     max_buffer_bytes: int = 16 << 20

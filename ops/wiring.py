@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway.app import Services, create_app
 from gateway.hub import Hub, LocalHub
+from gateway.readmodels import Extension
 from gateway.session import SessionLimits
 from gateway.store import Store, StoreConfig
 from ops.settings import Settings
@@ -40,5 +41,12 @@ def build_app(settings: Settings) -> web.Application:
             max_frame_bytes=settings.max_frame_bytes,
             max_buffer_bytes=settings.max_buffer_bytes,
         ),
+        extensions=[
+            Extension(
+                run_projections=settings.projections == "inline",
+                redis_url=settings.redis_url,
+                redis_prefix=settings.redis_prefix,
+            )
+        ],
     )
     return create_app(services)
