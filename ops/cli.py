@@ -48,7 +48,7 @@ def _serve_one(settings: Settings) -> None:
     # A log line per request costs more than serving a cached read: access logs are debug.
     access_log = logging.getLogger("aiohttp.access") if settings.log_level == "debug" else None
     web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=access_log,
-                shutdown_timeout=10, reuse_port=settings.workers > 1)
+                shutdown_timeout=10, reuse_port=settings.workers > 1, backlog=4096)
 
 
 def _worker(settings: Settings) -> None:
@@ -61,6 +61,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.workers <= 1:
         _serve_one(settings)
         return 0
+    if not settings.redis_url:
+        print("coscribe serve: --workers > 1 needs --redis-url (COSCRIBE_REDIS_URL): processes "
+              "tell each other about committed ops through Redis", file=sys.stderr)
+        return 2
     settings.secret_bytes()  # create the embedded secret once, before the workers race
     ctx = multiprocessing.get_context("spawn")
     # One projection runner is enough: the first worker runs it, the others only read.
