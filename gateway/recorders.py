@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor, SQLiteDatastore
 from psycopg import Cursor
@@ -55,15 +55,20 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
-        """One attempt, without the library's 10 retries.
+        """Two attempts without waiting, not the library's ten with waits.
 
         With the database down those retries (each waiting the pool timeout) stall the
-        single writer, and so every document of the process, for about a minute. One
-        attempt fails in about ``POSTGRES_CONNECT_TIMEOUT``; the room refuses the ops with
-        ``unavailable`` and the clients resend with the same ``seq``.
+        single writer, and so every document of the process, for about a minute. The second
+        attempt is there for a connection that went stale (the server restarted): it gets a
+        fresh one. A database that is really down fails in about twice
+        ``POSTGRES_CONNECT_TIMEOUT``; the room refuses the ops with ``unavailable`` and the
+        clients resend with the same ``seq``.
         """
         undecorated = PostgresApplicationRecorder.insert_events.__wrapped__  # type: ignore[attr-defined]
-        result: Sequence[int] | None = undecorated(self, stored_events, **kwargs)
+        try:
+            result: Sequence[int] | None = undecorated(self, stored_events, **kwargs)
+        except (InterfaceError, OperationalError):
+            result = undecorated(self, stored_events, **kwargs)
         return result
 
     def ping(self) -> None:

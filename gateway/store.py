@@ -74,11 +74,16 @@ class StoreConfig:
     pool_size: int = 4
 
 
-def library_env(cfg: StoreConfig) -> dict[str, str]:
-    """The ``eventsourcing`` environment for ``cfg`` (persistence module and connection)."""
+def library_env(cfg: StoreConfig, *, writer: bool = False) -> dict[str, str]:
+    """The ``eventsourcing`` environment for ``cfg`` (persistence module and connection).
+
+    ``writer``: the committer's own application: one connection, tables already created.
+    """
     env: dict[str, str] = {
         "TRANSCODER_TOPIC": "schema.transcoder:MsgpackTranscoder",
     }
+    if writer:
+        env["CREATE_TABLE"] = "n"
     if cfg.database_url:
         url = urlsplit(cfg.database_url)
         if url.scheme not in ("postgres", "postgresql"):
@@ -92,8 +97,8 @@ def library_env(cfg: StoreConfig) -> dict[str, str]:
             POSTGRES_PORT=str(url.port or 5432),
             POSTGRES_USER=unquote(url.username or "postgres"),
             POSTGRES_PASSWORD=unquote(url.password or ""),
-            POSTGRES_POOL_SIZE=str(cfg.pool_size),
-            POSTGRES_MAX_OVERFLOW="2",
+            POSTGRES_POOL_SIZE="1" if writer else str(cfg.pool_size),
+            POSTGRES_MAX_OVERFLOW="1" if writer else str(cfg.pool_size),
             POSTGRES_CONNECT_TIMEOUT="2",
             POSTGRES_LOCK_TIMEOUT="5",
             APPLICATION_RECORDER_TOPIC="gateway.recorders:PostgresClientOpsRecorder",
@@ -161,6 +166,11 @@ class Store:
     def __init__(self, cfg: StoreConfig) -> None:
         self.cfg = cfg
         self.app = _create_app(cfg)
+        """Reads (any thread): loads, catch-ups, lookups, the projection runner."""
+        self._writer_app = CoscribeApplication(env=library_env(cfg, writer=True))
+        """Writes only, from the committer's thread: its own connection, so that reads (even
+        a burst of catch-ups, or the library's retries of a failing read) never hold the
+        connection a commit needs."""
         self.is_postgres = bool(cfg.database_url)
         self.reader = ThreadPoolExecutor(max_workers=cfg.pool_size, thread_name_prefix="store-read")
         """Threads for reads, so that loading a document never waits behind a commit."""
@@ -168,6 +178,7 @@ class Store:
     def close(self) -> None:
         """Release the pool and the threads."""
         self.reader.shutdown(wait=True, cancel_futures=True)
+        self._writer_app.close()
         self.app.close()
 
     # -- writes (the committer's thread) ---------------------------------------------------
@@ -181,7 +192,7 @@ class Store:
         that was recorded before is a conflict too.
         """
         try:
-            return self.app.save(*events, client_ops=client_ops)
+            return self._writer_app.save(*events, client_ops=client_ops)
         except IntegrityError as exc:
             raise VersionConflict(str(exc), _conflicting_doc(exc)) from exc
         except (OperationalError, InterfaceError) as exc:
