@@ -191,34 +191,24 @@ class Rooms:
         self._spawn(self._fetch_older(room))
 
     async def _refresh(self, room: Room) -> None:
+        """Bring a STALE room back: read what it missed (or, without a checkpoint, all)."""
         try:
             # Back off only after a failed re-read (the store is down), never after a conflict.
             wait = self._last_refresh.get(room.id, 0.0) + REFRESH_BACKOFF - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            if not room.needs_reload:
-                try:
-                    events = await self._read(self.store.events_after, room.id, room.position)
-                except StoreUnavailable as exc:
-                    self._last_refresh[room.id] = time.monotonic()
-                    for sub in room.inbox:
-                        sub.fail(Code.UNAVAILABLE, f"event store unavailable: {exc}")
-                    room.inbox.clear()
-                    return
-                room.resynced(events)
-                return
             try:
+                if not room.needs_reload:
+                    events = await self._read(self.store.events_after, room.id, room.position)
+                    room.resynced(events)
+                    return
                 doc, missed = await self._read(self._reread, room.id, room.snapshot.v)
             except StoreUnavailable as exc:
                 self._last_refresh[room.id] = time.monotonic()
-                for sub in room.inbox:
-                    sub.fail(Code.UNAVAILABLE, f"event store unavailable: {exc}")
-                room.inbox.clear()
+                _fail_inbox(room, Code.UNAVAILABLE, f"event store unavailable: {exc}")
                 return
             if doc is None:
-                for sub in room.inbox:
-                    sub.fail(Code.NOT_FOUND, "no such document")
-                room.inbox.clear()
+                _fail_inbox(room, Code.NOT_FOUND, "no such document")
                 self._rooms.pop(room.id, None)
                 return
             room.refreshed(doc, missed)
@@ -288,3 +278,10 @@ class Rooms:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _fail_inbox(room: Room, code: Code, message: str) -> None:
+    """Refuse everything queued in ``room`` (never acked; clients may resend)."""
+    for sub in room.inbox:
+        sub.fail(code, message)
+    room.inbox.clear()
