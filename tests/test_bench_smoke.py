@@ -1,0 +1,73 @@
+"""Smoke runs of the benchmarks in ``ops/bench``: the smallest parameters, real databases.
+
+These check that each benchmark runs end to end, reports positive rates and leaves no schema
+behind; they assert nothing about speed (the figures are in ``ops/bench/README.md``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+
+from ops.bench import frames, projections, store
+
+
+def _report(path: Path) -> Any:
+    return orjson.loads(path.read_bytes())
+
+
+def _leftover_schemas(pg_url: str, names: list[str]) -> list[str]:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", (names,)
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_frames_bench_reports_positive_rates(tmp_path: Path) -> None:
+    """The frames benchmark reports positive codec and broadcast rates for every case."""
+    out = tmp_path / "frames.json"
+    assert frames.main(["--quick", "--json", str(out)]) == 0
+    report = _report(out)
+    assert len(report["codec"]) == 2 * 2 * 2 * len(frames.OPS_PER_FRAME)
+    assert all(r["frames_s"] > 0 and r["ops_s"] >= r["frames_s"] for r in report["codec"])
+    assert len(report["broadcast"]) == 3 * len(frames.SUBSCRIBERS)
+    for r in report["broadcast"]:
+        assert r["encode_once_broadcasts_s"] > 0 and r["per_subscriber_broadcasts_s"] > 0
+
+
+@pytest.mark.postgres
+def test_store_bench_reports_rates_and_drops_its_schemas(tmp_path: Path, pg_url: str) -> None:
+    """The store benchmark reports positive events/s and a COPY ratio, and drops its schemas."""
+    out = tmp_path / "store.json"
+    argv = ["--quick", "--seconds", "0.05", "--database-url", pg_url, "--json", str(out)]
+    assert store.main(argv) == 0
+    report = _report(out)
+    methods = {r["method"] for r in report["cases"]}
+    assert {"Store.save", "raw COPY (bare table)", "SQLite Store.save"} <= methods
+    assert any(m.startswith("library as-is") for m in methods)
+    for r in report["cases"]:
+        assert r["events"] > 0 and r["events_s"] > 0
+        assert r["ratio_to_raw_copy"] is not None and r["ratio_to_raw_copy"] > 0
+    assert all(r["us_per_event"] > 0 for r in report["cpu"] if "us_per_event" in r)
+    assert report["schemas"]
+    assert _leftover_schemas(pg_url, report["schemas"]) == []
+
+
+@pytest.mark.postgres
+def test_projections_bench_rebuilds_every_event(tmp_path: Path, pg_url: str) -> None:
+    """The rebuild benchmark generates, reads and replays every event, then drops its schema."""
+    out = tmp_path / "projections.json"
+    argv = ["--events", "1500", "--events-per-doc", "50", "--docs", "5", "--database-url",
+            pg_url, "--json", str(out)]
+    assert projections.main(argv) == 0
+    report = _report(out)
+    assert report["events"] >= 1500
+    assert report["rebuild_events"] == report["events"]
+    assert report["read_events_s"] > 0 and report["rebuild_events_s"] > 0
+    assert report["generate_events_s"] > 0
+    assert _leftover_schemas(pg_url, report["schemas"]) == []
