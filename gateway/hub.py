@@ -11,7 +11,8 @@ hubs on one ``LocalBroker`` behave like processes on one Redis) and ``gateway.re
 
 Wire format (msgpack maps, one per publish; see ``schema/protocol.md``):
 ``{"k": "e", "p": PROC, "e": [[position, topic, state], ...]}`` for events and
-``{"k": "p", "p": PROC, "s": SESSION, "u": USER, "d": DATA|None}`` for presence.
+``{"k": "p", "p": PROC, "s": SESSION, "u": USER, "d": DATA|None}`` for presence;
+``{"k": "c", "p": PROC}``: PROC lost a commit race on the document (others pace theirs).
 """
 
 from __future__ import annotations

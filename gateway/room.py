@@ -39,7 +39,14 @@ MAX_DOCUMENT_CHARS = 8 << 20
 HISTORY_WINDOW = 2000
 """Committed ops kept in memory per room for transforms and catch-up."""
 CONTENDED_SECONDS = 30.0
-"""How long after seeing another process's events a room checkpoints before each commit."""
+"""How long after seeing another process's events a room counts as contended."""
+CONTENDED_INTERVAL = 0.010
+"""Least time between two commits of a contended room by this process (seconds).
+
+Without it the process that commits a document most often wins every race on the store's
+optimistic concurrency and starves the other (measured: one of two workers stuck, every
+attempt a conflict). The pause gives the other process a window to commit and this one
+time to receive its events before preparing again; both batch more per commit."""
 
 
 class Subscriber(Protocol):
@@ -187,6 +194,7 @@ class Room:
         """The aggregate version of the committed state (the store's sequence position)."""
         self._remote: list[Any] = []
         self._contended_until = 0.0
+        self._last_commit = 0.0
         self._checkpoint: dict[str, Any] | None = None
         self.needs_reload = False
         """After a failed commit without a checkpoint: re-read the whole document."""
@@ -200,6 +208,7 @@ class Room:
         self.first_v = doc.doc_version + 1
         self.base_len = len(doc.text)
         self.snapshot = self._snap()
+        self.position = doc.version - len(doc.pending_events)  # a new document: 0
         self.last_used = time.monotonic()
         self._fresh: list[OpRecord] = []
         self._inflight_keys: dict[tuple[str, int], Submission] = {}
@@ -375,6 +384,16 @@ class Room:
             self.inflight.append(sub)
         return list(self.doc.collect_events())
 
+    def mark_contended(self) -> None:
+        """Another process lost a race on this document: pace our commits of it too."""
+        self._contended_until = time.monotonic() + CONTENDED_SECONDS
+
+    def due_at(self) -> float:
+        """When this room may commit next (``time.monotonic``); 0 when it may now."""
+        if time.monotonic() >= self._contended_until:
+            return 0.0
+        return self._last_commit + CONTENDED_INTERVAL
+
     def client_ops(self) -> list[tuple[str, str, int, int]]:
         """``(doc, client, seq, v)`` of the ops prepared for this commit that carry a client."""
         doc = str(self.id)
@@ -387,6 +406,7 @@ class Room:
         inflight, self.inflight = self.inflight, []
         self._inflight_keys.clear()
         self._checkpoint = None
+        self._last_commit = time.monotonic()
         self.snapshot = self._snap()
         self._broadcast(fresh, inflight)
         for sub in inflight:

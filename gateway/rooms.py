@@ -137,6 +137,8 @@ class Rooms:
                 room.remote_events(events)
             elif kind == "p":
                 room.remote_presence(msg["s"], msg.get("u") or "", msg.get("d"), msg["p"])
+            elif kind == "c":
+                room.mark_contended()
         except Exception:
             log.exception("dropped a malformed hub message for %s", doc_id)
             self._gap(room)
@@ -183,6 +185,10 @@ class Rooms:
         task.add_done_callback(self._tasks.discard)
 
     def _stale(self, room: Room) -> None:
+        if room.state is State.STALE and not room.needs_reload:
+            # We lost a race: ask the winners to pace their commits of this document, or the
+            # process that commits it most often starves the others.
+            self.hub.publish(room.id, {"k": "c", "p": self.hub.proc})
         if room.id not in self._refreshing:
             self._refreshing.add(room.id)
             self._spawn(self._refresh(room))

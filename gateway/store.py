@@ -24,6 +24,7 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import (
     IntegrityError,
     InterfaceError,
+    Notification,
     OperationalError,
     Recording,
     Transcoder,
@@ -209,6 +210,48 @@ class Store:
         except (OperationalError, InterfaceError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         return doc if isinstance(doc, Document) else None
+
+    @property
+    def checks_heads(self) -> bool:
+        """Whether ``save_checked`` is available (Postgres)."""
+        return isinstance(self._writer_app.recorder, PostgresClientOpsRecorder)
+
+    def save_checked(
+        self, events: Sequence[Any], client_ops: Sequence[ClientOp], heads: dict[UUID, int]
+    ) -> tuple[list[Recording[UUID]], set[UUID]]:
+        """Append the events of the documents whose store head is still ``heads[doc]``.
+
+        One transaction; the library's mapper and table, written through our recorder
+        (``PostgresClientOpsRecorder.insert_checked``), not ``Application.save``: it would
+        fail the whole batch on one stale document. Returns the recordings of what was
+        appended and the ids of the stale documents (nothing of theirs was written).
+        """
+        recorder = self._writer_app.recorder
+        assert isinstance(recorder, PostgresClientOpsRecorder)
+        mapper = self._writer_app.mapper
+        stored = [mapper.to_stored_event(e) for e in events]
+        try:
+            ids, stale = recorder.insert_checked(stored, client_ops, heads)
+        except IntegrityError as exc:
+            raise VersionConflict(str(exc), _conflicting_doc(exc)) from exc
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        kept = [(e, st) for e, st in zip(events, stored, strict=True)
+                if st.originator_id not in stale]
+        recordings = [
+            Recording(
+                e,
+                Notification(
+                    originator_id=st.originator_id,
+                    originator_version=st.originator_version,
+                    topic=st.topic,
+                    state=st.state,
+                    id=n,
+                ),
+            )
+            for (e, st), n in zip(kept, ids, strict=True)
+        ]
+        return recordings, stale
 
     def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the database answers now (one attempt)."""

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 from ops.settings import Settings
@@ -55,6 +55,15 @@ def _worker(settings: Settings) -> None:
     _serve_one(settings)
 
 
+def _projections_worker(settings: Settings) -> None:
+    """``coscribe projections run`` with the parent's settings (passed as COSCRIBE_*)."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if value is not None and f.name != "extra":
+            os.environ[f"COSCRIBE_{f.name.upper()}"] = str(value)
+    main(["projections", "run"])
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve HTTP and WebSocket; ``--workers N`` runs N processes on one port."""
     settings = _settings(args)
@@ -67,15 +76,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     settings.secret_bytes()  # create the embedded secret once, before the workers race
     ctx = multiprocessing.get_context("spawn")
-    # One projection runner is enough: the first worker runs it, the others only read.
+    # The gateways only serve; one process of its own follows the log for the read models
+    # (a runner inside a gateway competes with its event loop for the GIL).
     procs = [
-        ctx.Process(
-            target=_worker,
-            args=(settings if i == 0 else replace(settings, projections="off"),),
-            name=f"coscribe-worker-{i}",
-        )
+        ctx.Process(target=_worker, args=(replace(settings, projections="off"),),
+                    name=f"coscribe-worker-{i}")
         for i in range(settings.workers)
     ]
+    if settings.projections == "inline":
+        procs.append(ctx.Process(target=_projections_worker, args=(settings,),
+                                 name="coscribe-projections"))
     for p in procs:
         p.start()
 

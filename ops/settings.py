@@ -29,7 +29,7 @@ class Settings:
     workers: int = 1
     projections: str = "inline"
     """``inline``: this process runs the projection runner; ``off``: another one does
-    (``coscribe projections run``). With ``--workers N`` only the first worker runs it."""
+    (``coscribe projections run``). With ``--workers N`` a process of its own runs it."""
     log_level: str = "info"
     max_frame_bytes: int = 1 << 20
     max_buffer_bytes: int = 16 << 20
