@@ -12,6 +12,7 @@ connection becomes ``StoreUnavailable``.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -173,6 +174,10 @@ class Store:
         a burst of catch-ups, or the library's retries of a failing read) never hold the
         connection a commit needs."""
         self.is_postgres = bool(cfg.database_url)
+        self.encode_seconds = 0.0
+        """Writer thread: time spent turning events into stored events (mapper)."""
+        self.insert_seconds = 0.0
+        """Writer thread: time from the start of the insert transaction to its commit."""
         self.reader = ThreadPoolExecutor(max_workers=cfg.pool_size, thread_name_prefix="store-read")
         """Threads for reads, so that loading a document never waits behind a commit."""
 
@@ -229,9 +234,14 @@ class Store:
         recorder = self._writer_app.recorder
         assert isinstance(recorder, PostgresClientOpsRecorder)
         mapper = self._writer_app.mapper
+        t0 = time.perf_counter()
         stored = [mapper.to_stored_event(e) for e in events]
+        t1 = time.perf_counter()
         try:
             ids, stale = recorder.insert_checked(stored, client_ops, heads)
+            t2 = time.perf_counter()
+            self.encode_seconds += t1 - t0
+            self.insert_seconds += t2 - t1
         except IntegrityError as exc:
             raise VersionConflict(str(exc), _conflicting_doc(exc)) from exc
         except (OperationalError, InterfaceError) as exc:
