@@ -104,22 +104,32 @@ class Committer:
         count = 0
         now = time.monotonic()
         for room in rooms:
-            if room.state is State.STALE:
-                self._on_stale(room)
-                continue
-            due = room.due_at()
-            if due > now:
-                self._defer(room, due - now)
-                continue
-            if count >= self.max_events:
-                self._dirty[room] = None
-                continue
-            events = room.prepare()
-            if room.parked or room.lookups:
-                self._on_parked(room)
-            if events or room.inflight:
-                batch.append((room, events))
-                count += len(events)
+            try:
+                if room.state is State.STALE:
+                    self._on_stale(room)
+                    continue
+                due = room.due_at()
+                if due > now:
+                    self._defer(room, due - now)
+                    continue
+                if count >= self.max_events:
+                    self._dirty[room] = None
+                    continue
+                events = room.prepare()
+                if room.parked or room.lookups:
+                    self._on_parked(room)
+                if events or room.inflight:
+                    batch.append((room, events))
+                    count += len(events)
+            except Exception:
+                # A bug around one room must not orphan it (prepared but never committed,
+                # rolled back or refused) nor stop the other rooms of the tick.
+                log.exception("preparing room %s failed", room.id)
+                if room.inflight:
+                    self._refuse([(room, [])], Code.INTERNAL, "internal error; not applied")
+                for sub in room.inbox:
+                    sub.fail(Code.INTERNAL, "internal error; not applied")
+                room.inbox.clear()
         if self._dirty:
             self._wake.set()
         if batch:
@@ -191,7 +201,7 @@ class Committer:
                     if room.id in stale:
                         self._conflicted(room)
                     else:
-                        room.committed()
+                        self._committed(room)
                 return
         pending = batch
         while pending:
@@ -214,7 +224,7 @@ class Committer:
                 self._refuse(pending, Code.INTERNAL, f"commit failed: {type(exc).__name__}")
                 return
             for room, _ in pending:
-                room.committed()
+                self._committed(room)
             return
 
     async def _commit_each(self, pending: list[tuple[Room, list[Any]]]) -> None:
@@ -228,7 +238,25 @@ class Committer:
             except StoreUnavailable as exc:
                 self._refuse([(room, events)], Code.UNAVAILABLE, f"event store unavailable: {exc}")
                 continue
+            self._committed(room)
+
+    def _committed(self, room: Room) -> None:
+        """Resolve a room whose events are durable; a bug here must not strand the others."""
+        subs = list(room.inflight)
+        try:
             room.committed()
+        except Exception:
+            # The ops are in the store: resolve their submitters with their versions (HTTP
+            # waits on them) and re-read the document; the reload delivers the ops to the
+            # subscribers with their client and seq, which counts as their ack.
+            log.exception("resolving committed room %s failed; reloading it", room.id)
+            for sub in subs:
+                if not sub.future.done():
+                    sub.future.set_result(sub.result)
+            room.inflight = []
+            room.needs_reload = True
+            room.state = State.STALE
+            self._on_stale(room)
 
     def _conflicted(self, room: Room) -> None:
         room.conflicted()

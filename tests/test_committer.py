@@ -1,0 +1,87 @@
+"""The committer isolates failures: a bug around one room never strands another."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from domain.document import Document
+from gateway.room import Rejected, Room, State, Submission
+from gateway.rooms import Rooms
+from gateway.store import Store, StoreConfig
+
+
+@pytest.fixture
+async def rooms(tmp_path: Path) -> AsyncIterator[Rooms]:
+    """Rooms over a SQLite store with the committer running."""
+    store = Store(StoreConfig(data_dir=tmp_path))
+    r = Rooms(store)
+    await r.start()
+    task = asyncio.create_task(r.committer.run())
+    try:
+        yield r
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await r.close()
+        r.committer.close()
+        store.close()
+
+
+async def _room(rooms: Rooms, text: str) -> Room:
+    doc = Document.create("t", text, "alice")
+    await rooms.create(doc, "alice")
+    room = rooms.peek(doc.id)
+    assert room is not None
+    return room
+
+
+def _edit(room: Room, op: list[Any], base: int = 0) -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    room.submit(Submission(kind="edit", by="alice", future=fut, base=base, op=op))
+    return fut
+
+
+async def test_a_failure_before_prepare_refuses_that_room_only(rooms: Rooms) -> None:
+    """An exception around one room refuses its ops (internal); the others commit."""
+    bad, good = await _room(rooms, "aaa"), await _room(rooms, "bbb")
+
+    def boom() -> float:
+        raise RuntimeError("injected")
+
+    bad.due_at = boom  # type: ignore[method-assign]
+    f_bad, f_good = _edit(bad, ["x"]), _edit(good, ["y"])
+    assert await asyncio.wait_for(f_good, 5) == 1
+    with pytest.raises(Rejected) as err:
+        await asyncio.wait_for(f_bad, 5)
+    assert err.value.code == "internal"
+    assert not bad.inflight and not bad.inbox and bad.snapshot.text == "aaa"
+    assert good.snapshot.text == "ybbb"
+
+
+async def test_a_failure_after_commit_reloads_that_room(rooms: Rooms) -> None:
+    """If resolving one committed room fails, the others resolve and it re-reads the store."""
+    bad, good = await _room(rooms, "aaa"), await _room(rooms, "bbb")
+    real = bad.committed
+    calls = 0
+
+    def flaky() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected")
+        real()
+
+    bad.committed = flaky  # type: ignore[method-assign]
+    f_bad, f_good = _edit(bad, ["x"]), _edit(good, ["y"])
+    assert await asyncio.wait_for(f_good, 5) == 1
+    for _ in range(100):
+        if bad.state is State.READY and bad.snapshot.v == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert (bad.snapshot.text, bad.snapshot.v, bad.inflight) == ("xaaa", 1, [])
+    assert await asyncio.wait_for(f_bad, 5) == 1
