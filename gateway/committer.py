@@ -64,6 +64,7 @@ class Committer:
         self._dirty: dict[Room, None] = {}
         self._deferred: dict[Room, None] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -136,10 +137,20 @@ class Committer:
             await self._commit(batch)
 
     def _defer(self, room: Room, delay: float) -> None:
-        """Take ``room`` into a later tick (a contended room that committed just now)."""
+        """Take ``room`` into a later tick (a contended room yielding its turn).
+
+        One timer, at the earliest deadline (tracked here: uvloop's handles have no
+        ``when()``); a room whose turn comes earlier (the other process committed) is
+        marked dirty by its own events.
+        """
         self._deferred[room] = None
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(delay, self._undefer)
+        loop = asyncio.get_running_loop()
+        at = loop.time() + delay
+        if self._timer is None or at < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = at
+            self._timer = loop.call_at(at, self._undefer)
 
     def _undefer(self) -> None:
         self._timer = None

@@ -40,13 +40,14 @@ HISTORY_WINDOW = 2000
 """Committed ops kept in memory per room for transforms and catch-up."""
 CONTENDED_SECONDS = 30.0
 """How long after seeing another process's events a room counts as contended."""
-CONTENDED_INTERVAL = 0.010
-"""Least time between two commits of a contended room by this process (seconds).
+CONTENDED_YIELD = 0.050
+"""After committing a contended room, wait this long at most for another process's commit.
 
-Without it the process that commits a document most often wins every race on the store's
-optimistic concurrency and starves the other (measured: one of two workers stuck, every
-attempt a conflict). The pause gives the other process a window to commit and this one
-time to receive its events before preparing again; both batch more per commit."""
+Without it the process that commits a document most often wins most races on the store's
+optimistic concurrency and starves the other (measured: one of two workers nearly stuck).
+After its own commit a process yields the document until it has received the other's next
+commit of it (or this much time passed), so the processes take turns; each batches what its
+sessions queued meanwhile."""
 
 
 class Subscriber(Protocol):
@@ -194,7 +195,7 @@ class Room:
         """The aggregate version of the committed state (the store's sequence position)."""
         self._remote: list[Any] = []
         self._contended_until = 0.0
-        self._last_commit = 0.0
+        self._yield_until = 0.0
         self._checkpoint: dict[str, Any] | None = None
         self.needs_reload = False
         """After a failed commit without a checkpoint: re-read the whole document."""
@@ -336,10 +337,13 @@ class Room:
             if isinstance(e, Document.Edited):
                 records.append(_record(e, len(self.doc.text)))
         if changed:
+            self._yield_until = 0.0  # the other process had its turn: ours now
             self.history.extend(records)
             self.snapshot = self._snap()
             self._broadcast(records, [])
             self._trim()
+            if self.inbox:
+                self._on_dirty(self)
 
     def ops_since(self, v: int) -> list[OpRecord] | None:
         """Committed ops after ``v`` from memory, or None if the window does not reach."""
@@ -392,7 +396,7 @@ class Room:
         """When this room may commit next (``time.monotonic``); 0 when it may now."""
         if time.monotonic() >= self._contended_until:
             return 0.0
-        return self._last_commit + CONTENDED_INTERVAL
+        return self._yield_until
 
     def client_ops(self) -> list[tuple[str, str, int, int]]:
         """``(doc, client, seq, v)`` of the ops prepared for this commit that carry a client."""
@@ -406,7 +410,7 @@ class Room:
         inflight, self.inflight = self.inflight, []
         self._inflight_keys.clear()
         self._checkpoint = None
-        self._last_commit = time.monotonic()
+        self._yield_until = time.monotonic() + CONTENDED_YIELD
         self.snapshot = self._snap()
         self._broadcast(fresh, inflight)
         for sub in inflight:
