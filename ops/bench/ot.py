@@ -15,7 +15,6 @@ import os
 import platform
 import random
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from domain import ot
+from ops.bench.harness import time_calls
 
 INPUTS = 64
 """Distinct random inputs per case, cycled through while timing."""
@@ -65,22 +65,6 @@ def scattered_op(length: int, edits: int, rng: random.Random) -> ot.Op:
         else:
             op.append("y" * rng.randint(1, 8))
     return ot.normalize(op)
-
-
-def _time(fn: Callable[[int], object], seconds: float) -> tuple[int, float]:
-    """Call ``fn(i)`` for i = 0, 1, ... until ``seconds`` pass; (calls, elapsed)."""
-    calls = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    batch = 1
-    while True:
-        for _ in range(batch):
-            fn(calls)
-            calls += 1
-        now = time.perf_counter()
-        if now >= deadline:
-            return calls, now - start
-        batch = min(batch * 2, 1024)
 
 
 def cases(size: int, edits: int, seed: int) -> list[tuple[str, Callable[[int], object]]]:
@@ -129,7 +113,7 @@ def run(size: int, edits: int, seconds: float, seed: int) -> list[dict[str, Any]
     rows = []
     for name, fn in cases(size, edits, seed):
         fn(0)  # warm up (and fail fast on a broken case)
-        calls, elapsed = _time(fn, seconds)
+        calls, elapsed = time_calls(fn, seconds)
         rows.append(
             {
                 "case": name,
