@@ -160,18 +160,28 @@ class Committer:
         if self._dirty:
             self._wake.set()
 
-    async def _save_checked(self, batch: list[tuple[Room, list[Any]]]) -> set[UUID]:
-        """One transaction for every room whose store head is still its position."""
+    async def _save(self, batch: list[tuple[Room, list[Any]]], *, checked: bool) -> set[UUID]:
+        """One transaction for ``batch``; returns the ids of rooms left out as stale.
+
+        ``checked`` (Postgres): rooms whose store head moved are left out, not the whole
+        batch failed; unchecked, any clash raises ``VersionConflict``.
+        """
         events = [e for _, evs in batch for e in evs]
-        heads = {room.id: room.position for room, evs in batch if evs}
         if not events:
             return set()
         client_ops = [row for room, _ in batch for row in room.client_ops()]
         loop = asyncio.get_running_loop()
         started = loop.time()
-        recordings, stale = await loop.run_in_executor(
-            self._writer, self.store.save_checked, events, client_ops, heads
-        )
+        stale: set[UUID] = set()
+        if checked:
+            heads = {room.id: room.position for room, evs in batch if evs}
+            recordings, stale = await loop.run_in_executor(
+                self._writer, self.store.save_checked, events, client_ops, heads
+            )
+        else:
+            recordings = await loop.run_in_executor(
+                self._writer, self.store.save, events, client_ops
+            )
         self.stats.commits += 1
         self.stats.events += len(recordings)
         self.stats.conflicts += len(stale)
@@ -180,46 +190,17 @@ class Committer:
         self._on_committed(recordings)
         return stale
 
-    async def _save(self, batch: list[tuple[Room, list[Any]]]) -> None:
-        events = [e for _, evs in batch for e in evs]
-        if not events:
-            return
-        client_ops = [row for room, _ in batch for row in room.client_ops()]
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        recordings = await loop.run_in_executor(self._writer, self.store.save, events, client_ops)
-        self.stats.commits += 1
-        self.stats.events += len(events)
-        self.stats.max_batch = max(self.stats.max_batch, len(events))
-        self.stats.commit_seconds += loop.time() - started
-        self._on_committed(recordings)
-
     async def _commit(self, batch: list[tuple[Room, list[Any]]]) -> None:
-        if self.store.checks_heads:
-            try:
-                stale = await self._save_checked(batch)
-            except VersionConflict:
-                self.stats.conflicts += 1  # a (doc, client, seq) clash: find it room by room
-            except StoreUnavailable as exc:
-                self._refuse(batch, Code.UNAVAILABLE, f"event store unavailable: {exc}")
-                return
-            except Exception as exc:
-                log.exception("commit failed")
-                self._refuse(batch, Code.INTERNAL, f"commit failed: {type(exc).__name__}")
-                return
-            else:
-                for room, _ in batch:
-                    if room.id in stale:
-                        self._conflicted(room)
-                    else:
-                        self._committed(room)
-                return
         pending = batch
+        checked = self.store.checks_heads
         while pending:
             try:
-                await self._save(pending)
+                stale = await self._save(pending, checked=checked)
             except VersionConflict as exc:
                 self.stats.conflicts += 1
+                if checked:  # a (doc, client, seq) clash: find it without the head check
+                    checked = False
+                    continue
                 culprit = next((b for b in pending if b[0].id == exc.doc_id), None)
                 if culprit is None:
                     await self._commit_each(pending)
@@ -227,22 +208,21 @@ class Committer:
                 self._conflicted(culprit[0])
                 pending = [b for b in pending if b is not culprit]
                 continue
-            except StoreUnavailable as exc:
-                self._refuse(pending, Code.UNAVAILABLE, f"event store unavailable: {exc}")
-                return
             except Exception as exc:
-                log.exception("commit failed")
-                self._refuse(pending, Code.INTERNAL, f"commit failed: {type(exc).__name__}")
+                self._failed(pending, exc)
                 return
             for room, _ in pending:
-                self._committed(room)
+                if room.id in stale:
+                    self._conflicted(room)
+                else:
+                    self._committed(room)
             return
 
     async def _commit_each(self, pending: list[tuple[Room, list[Any]]]) -> None:
         """The store did not say which document clashed: commit room by room."""
         for room, events in pending:
             try:
-                await self._save([(room, events)])
+                await self._save([(room, events)], checked=False)
             except VersionConflict:
                 self._conflicted(room)
                 continue
@@ -272,6 +252,14 @@ class Committer:
     def _conflicted(self, room: Room) -> None:
         room.conflicted()
         self._on_stale(room)
+
+    def _failed(self, pending: list[tuple[Room, list[Any]]], exc: Exception) -> None:
+        """Refuse a batch the store did not take: ``unavailable``, or ``internal`` for a bug."""
+        if isinstance(exc, StoreUnavailable):
+            self._refuse(pending, Code.UNAVAILABLE, f"event store unavailable: {exc}")
+        else:
+            log.exception("commit failed", exc_info=exc)
+            self._refuse(pending, Code.INTERNAL, f"commit failed: {type(exc).__name__}")
 
     def _refuse(self, pending: list[tuple[Room, list[Any]]], code: Code, message: str) -> None:
         self.stats.failures += 1

@@ -452,7 +452,7 @@ class Room:
 
     def refreshed(self, doc: Document, missed: list[Document.Edited]) -> None:
         """Install the state re-read from the store and deliver the ops others wrote."""
-        prev_len = self.snapshot_len()
+        prev_len = len(self.snapshot.text)
         records = []
         for e in missed:
             if e.v <= self.snapshot.v:
@@ -471,10 +471,6 @@ class Room:
         self._apply_remote()
         if self.inbox:
             self._on_dirty(self)
-
-    def snapshot_len(self) -> int:
-        """Length of the committed text."""
-        return len(self.snapshot.text)
 
     def looked_up(self, answers: list[tuple[Submission, int | None]]) -> None:
         """The store answered whether each parked resend was committed; queue them again."""
