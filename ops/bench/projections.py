@@ -19,13 +19,19 @@ In a fresh PostgreSQL schema (dropped afterwards):
    callback), into the same schema. ``--per-model`` also rebuilds each model alone.
 
 Reports events/s for each step, and the rebuild's rate in its first and second half (does
-it slow down as the tables grow?). Events are generated in real time, so their timestamps
-fall within a few minutes: the analytics model updates few hourly rows, as in a busy hour.
+it slow down as the tables grow?). Wall-clock rates move with whatever else shares the cores,
+so the read and rebuild steps also report CPU seconds: this process's (``process_time``, all
+threads) and that of the PostgreSQL backends serving its connections (``/proc/PID/stat`` of
+every backend whose ``application_name`` is this run's, set through ``PGAPPNAME``; only when
+the server runs on this machine), as µs per event. Events are generated in real time, so
+their timestamps fall within a few minutes: the analytics model updates few hourly rows, as
+in a busy hour.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -137,6 +143,52 @@ def read_all(source: StoreSource, page: int) -> tuple[int, float]:
     return events, time.perf_counter() - started
 
 
+APP_NAME = f"coscribe-bench-{os.getpid()}"
+"""``application_name`` of every connection this run opens (libpq reads ``PGAPPNAME``)."""
+
+
+def backend_cpu(db: Any) -> float | None:
+    """CPU seconds used so far by the PostgreSQL backends of this run's connections.
+
+    None when a backend's ``/proc`` entry cannot be read (the server runs elsewhere).
+    """
+    rows = db.query(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (APP_NAME,)
+    )
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for r in rows:
+        try:
+            fields = Path(f"/proc/{int(r['pid'])}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+class CpuMeter:
+    """CPU seconds of this process and of its PostgreSQL backends between two ``mark``s."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.proc = time.process_time()
+        self.pg = backend_cpu(db)
+
+    def since(self, events: int) -> dict[str, float | None]:
+        """CPU used since construction, in seconds and in µs per event."""
+        proc = time.process_time() - self.proc
+        pg_now = backend_cpu(self.db)
+        pg = None if pg_now is None or self.pg is None else pg_now - self.pg
+        per = 1e6 / max(events, 1)
+        return {
+            "cpu_process_s": round(proc, 2),
+            "cpu_postgres_s": None if pg is None else round(pg, 2),
+            "cpu_us_per_event": round((proc + (pg or 0.0)) * per, 2),
+            "cpu_process_us_per_event": round(proc * per, 2),
+            "cpu_postgres_us_per_event": None if pg is None else round(pg * per, 2),
+        }
+
+
 def halves(curve: list[tuple[float, int]]) -> tuple[float, float]:
     """Events/s over the first and the second half of a ``(seconds, position)`` curve."""
     if len(curve) < 3:
@@ -152,6 +204,7 @@ def run(args: argparse.Namespace, created: list[str]) -> dict[str, Any]:
     """Generate, read, rebuild in one fresh schema; the figures as a dict."""
     url = args.database_url
     out: dict[str, Any] = {}
+    os.environ["PGAPPNAME"] = APP_NAME
     with tempfile.TemporaryDirectory() as tmp, fresh_schema(url, created) as schema:
         cfg = StoreConfig(data_dir=Path(tmp), database_url=url, database_schema=schema)
         store = Store(cfg)
@@ -161,11 +214,14 @@ def run(args: argparse.Namespace, created: list[str]) -> dict[str, Any]:
             head = source.head()
             out.update(events=head, generate_s=round(gen_s, 2),
                        generate_events_s=round(head / gen_s, 1))
-            n, read_s = read_all(source, args.page)
-            assert n == head, (n, head)
-            out.update(read_s=round(read_s, 2), read_events_s=round(n / read_s, 1))
             db = open_db(read_db_config(cfg))
             try:
+                meter = CpuMeter(db)
+                n, read_s = read_all(source, args.page)
+                assert n == head, (n, head)
+                out.update(read_s=round(read_s, 2), read_events_s=round(n / read_s, 1))
+                out["read_cpu"] = meter.since(n)
+                meter = CpuMeter(db)
                 curve: list[tuple[float, int]] = []
                 started = time.perf_counter()
 
@@ -175,6 +231,7 @@ def run(args: argparse.Namespace, created: list[str]) -> dict[str, Any]:
                 results = rebuild_all(db, source, list(MODELS), page_size=args.page,
                                       progress=progress)
                 r = results[0]
+                out["rebuild_cpu"] = meter.since(r.events)
                 first, second = halves(curve)
                 out.update(
                     rebuild_s=round(r.seconds, 2), rebuild_events=r.events,
@@ -223,24 +280,32 @@ def main(argv: list[str] | None = None) -> int:
     server = server_facts(args.database_url)
     created: list[str] = []
     out = run(args, created)
+
+    def cpu(c: dict[str, Any]) -> list[str]:
+        pg = c["cpu_postgres_us_per_event"]
+        return [num(c["cpu_process_us_per_event"], 2), "?" if pg is None else num(pg, 2),
+                num(c["cpu_us_per_event"], 2)]
+
     rows = [
         ["generate (domain + mapper + COPY, VACUUM ANALYZE)", num(out["events"]),
-         num(out["generate_s"], 2), num(out["generate_events_s"])],
+         num(out["generate_s"], 2), num(out["generate_events_s"]), "", "", ""],
         ["read + decode (select_notifications + to_domain_event)", num(out["events"]),
-         num(out["read_s"], 2), num(out["read_events_s"])],
+         num(out["read_s"], 2), num(out["read_events_s"]), *cpu(out["read_cpu"])],
         [f"rebuild_all, {len(out['models'])} models (coscribe replay)",
-         num(out["rebuild_events"]), num(out["rebuild_s"], 2), num(out["rebuild_events_s"])],
-        ["  rebuild, first half", "", "", num(out["rebuild_first_half_events_s"])],
-        ["  rebuild, second half", "", "", num(out["rebuild_second_half_events_s"])],
+         num(out["rebuild_events"]), num(out["rebuild_s"], 2), num(out["rebuild_events_s"]),
+         *cpu(out["rebuild_cpu"])],
+        ["  rebuild, first half", "", "", num(out["rebuild_first_half_events_s"]), "", "", ""],
+        ["  rebuild, second half", "", "", num(out["rebuild_second_half_events_s"]), "", "", ""],
     ]
     for m in out.get("per_model", []):
         rows.append([f"rebuild {m['model']} alone", num(out["events"]), num(m["seconds"], 2),
-                     num(m["events_s"])])
+                     num(m["events_s"]), "", "", ""])
     print_table(
         f"projections rebuild from {out['events']:,} events "
         f"(coscribe_events {out['events_table_mb']:,} MB; PostgreSQL "
         f"{server['server_version'].split()[0]}; {load_note(facts)})",
-        ["step", "events", "seconds", "events/s"], rows, make_console(),
+        ["step", "events", "seconds", "events/s", "CPU µs/ev (python)", "(postgres)", "(sum)"],
+        rows, make_console(),
     )
     if args.json_out is not None:
         write_json(args.json_out, {
