@@ -68,7 +68,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             await task
     await rooms.close()
     await rooms.hub.close()
-    rooms.committer.close()
+    await rooms.committer.aclose()
     services: Services = app[keys.SERVICES]
     if services.close_store:
         await asyncio.get_running_loop().run_in_executor(None, services.store.close)

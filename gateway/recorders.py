@@ -18,7 +18,7 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastor
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor, SQLiteDatastore
 from psycopg import Cursor
 from psycopg.rows import DictRow
-from psycopg.sql import SQL, Identifier
+from psycopg.sql import SQL, Composed, Identifier
 
 CLIENT_OPS_TABLE = "coscribe_client_ops"
 """Table of ``(doc, client, seq) -> v``: one row per op submitted with a client id."""
@@ -68,6 +68,13 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
             "SELECT (SELECT array_agg(notification_id ORDER BY notification_id) FROM ins) AS ids,"
             " (SELECT array_agg(id) FROM stale) AS stale"
         ).format(s=schema, ev=events, ops=table)
+        self._missed_events = SQL(
+            "SELECT e.originator_id, e.originator_version, e.topic, e.state "
+            "FROM unnest(%b::uuid[], %b::bigint[]) AS w(id, head) CROSS JOIN LATERAL ("
+            "  SELECT * FROM {s}.{ev} x WHERE x.originator_id = w.id "
+            "  AND x.originator_version > w.head ORDER BY x.originator_version LIMIT %b) e "
+            "ORDER BY e.originator_id, e.originator_version"
+        ).format(s=schema, ev=events)
         self._select_client_op = SQL(
             "SELECT v FROM {}.{} WHERE doc = %s AND client = %s AND seq = %s"
         ).format(schema, table)
@@ -116,17 +123,18 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
         except (InterfaceError, OperationalError):  # a stale connection: once more, fresh
             return self._insert_checked(stored_events, client_ops, heads)
 
-    def _insert_checked(
+    def checked_params(
         self,
         stored_events: Sequence[StoredEvent],
         client_ops: Sequence[ClientOp],
         heads: dict[UUID, int],
-    ) -> tuple[list[int], set[UUID]]:
+    ) -> tuple[Any, ...]:
+        """The parameters of the checked insert (shared with ``gateway.writer``)."""
         docs = list(heads)
         cols: list[list[Any]] = (
             [list(c) for c in zip(*client_ops, strict=True)] if client_ops else [[], [], [], []]
         )
-        params = (
+        return (
             docs,
             [heads[d] for d in docs],
             *cols,
@@ -135,6 +143,37 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
             [e.topic for e in stored_events],
             [e.state for e in stored_events],
         )
+
+    @staticmethod
+    def checked_result(row: Any) -> tuple[list[int], set[UUID]]:
+        """``(notification ids, stale document ids)`` from the checked insert's row."""
+        assert row is not None
+        ids = [int(n) for n in row["ids"] or ()]
+        stale = {UUID(str(d)) for d in row["stale"] or ()}
+        return ids, stale
+
+    @property
+    def checked_insert(self) -> Composed:
+        """The checked insert statement (one round trip with the lock and the NOTIFY)."""
+        return self._checked_insert
+
+    @property
+    def missed_events(self) -> Composed:
+        """The events after each ``(document, head)`` (at most a limit per document)."""
+        return self._missed_events
+
+    @property
+    def notify_statement(self) -> Composed:
+        """``NOTIFY`` of the library's channel, which followers of the log LISTEN on."""
+        return SQL("NOTIFY {0}").format(Identifier(self.channel_name))
+
+    def _insert_checked(
+        self,
+        stored_events: Sequence[StoredEvent],
+        client_ops: Sequence[ClientOp],
+        heads: dict[UUID, int],
+    ) -> tuple[list[int], set[UUID]]:
+        params = self.checked_params(stored_events, client_ops, heads)
         # One round trip: lock, check, both inserts and the commit go out in one pipeline
         # (each round trip cost 1.5-3 ms on a busy 2-core machine: 8 of them were 30 ms).
         with self.datastore.get_connection() as conn, conn.cursor() as curs, conn.pipeline():
@@ -143,10 +182,7 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
                 self._notify_channel(curs)
                 curs.execute(self._checked_insert, params, prepare=True)
             row = curs.fetchone()
-        assert row is not None
-        ids = [int(n) for n in row["ids"] or ()]
-        stale = {UUID(str(d)) for d in row["stale"] or ()}
-        return ids, stale
+        return self.checked_result(row)
 
     def _insert_events(
         self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any

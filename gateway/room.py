@@ -40,16 +40,6 @@ HISTORY_WINDOW = 2000
 """Committed ops kept in memory per room for transforms and catch-up."""
 CONTENDED_SECONDS = 30.0
 """How long after seeing another process's events a room counts as contended."""
-CONTENDED_YIELD = 0.050
-"""After committing a contended room, wait this long at most for another process's commit.
-
-Without it the process that commits a document most often wins most races on the store's
-optimistic concurrency and starves the other (measured: one of two workers nearly stuck).
-After its own commit a process yields the document until it has received the other's next
-commit of it (or this much time passed), so the processes take turns; each batches what its
-sessions queued meanwhile."""
-
-
 class Subscriber(Protocol):
     """What a room needs of a session: a place to put encoded messages, in order."""
 
@@ -195,7 +185,6 @@ class Room:
         """The aggregate version of the committed state (the store's sequence position)."""
         self._remote: list[Any] = []
         self._contended_until = 0.0
-        self._yield_until = 0.0
         self._checkpoint: dict[str, Any] | None = None
         self.needs_reload = False
         """After a failed commit without a checkpoint: re-read the whole document."""
@@ -337,7 +326,6 @@ class Room:
             if isinstance(e, Document.Edited):
                 records.append(_record(e, len(self.doc.text)))
         if changed:
-            self._yield_until = 0.0  # the other process had its turn: ours now
             self.history.extend(records)
             self.snapshot = self._snap()
             self._broadcast(records, [])
@@ -392,11 +380,10 @@ class Room:
         """Another process lost a race on this document: pace our commits of it too."""
         self._contended_until = time.monotonic() + CONTENDED_SECONDS
 
-    def due_at(self) -> float:
-        """When this room may commit next (``time.monotonic``); 0 when it may now."""
-        if time.monotonic() >= self._contended_until:
-            return 0.0
-        return self._yield_until
+    @property
+    def contended(self) -> bool:
+        """Other processes wrote this document lately: commit it under the lock, reads first."""
+        return time.monotonic() < self._contended_until
 
     def client_ops(self) -> list[tuple[str, str, int, int]]:
         """``(doc, client, seq, v)`` of the ops prepared for this commit that carry a client."""
@@ -410,7 +397,6 @@ class Room:
         inflight, self.inflight = self.inflight, []
         self._inflight_keys.clear()
         self._checkpoint = None
-        self._yield_until = time.monotonic() + CONTENDED_YIELD
         self.snapshot = self._snap()
         self._broadcast(fresh, inflight)
         for sub in inflight:

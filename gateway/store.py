@@ -28,6 +28,7 @@ from eventsourcing.persistence import (
     Notification,
     OperationalError,
     Recording,
+    StoredEvent,
     Transcoder,
 )
 
@@ -60,7 +61,7 @@ _KEY_RE = re.compile(
 )
 
 
-def _conflicting_doc(exc: Exception) -> UUID | None:
+def conflicting_doc(exc: Exception) -> UUID | None:
     """The document id named in a primary-key violation message, if it names one."""
     m = _KEY_RE.search(str(exc))
     return UUID(m.group(1)) if m else None
@@ -159,6 +160,27 @@ class CoscribeApplication(Application[UUID]):
         return MsgpackTranscoder()
 
 
+def recordings_of(
+    events: Sequence[Any], stored: Sequence[StoredEvent], ids: Sequence[int], stale: set[UUID]
+) -> list[Recording[UUID]]:
+    """The recordings of a checked insert: the events not of ``stale`` documents, with ids."""
+    kept = [(e, st) for e, st in zip(events, stored, strict=True)
+            if st.originator_id not in stale]
+    return [
+        Recording(
+            e,
+            Notification(
+                originator_id=st.originator_id,
+                originator_version=st.originator_version,
+                topic=st.topic,
+                state=st.state,
+                id=n,
+            ),
+        )
+        for (e, st), n in zip(kept, ids, strict=True)
+    ]
+
+
 class Store:
     """Synchronous access to the events of documents. Thread-safe; never call on the loop.
 
@@ -200,7 +222,7 @@ class Store:
         try:
             return self._writer_app.save(*events, client_ops=client_ops)
         except IntegrityError as exc:
-            raise VersionConflict(str(exc), _conflicting_doc(exc)) from exc
+            raise VersionConflict(str(exc), conflicting_doc(exc)) from exc
         except (OperationalError, InterfaceError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 
@@ -215,6 +237,16 @@ class Store:
         except (OperationalError, InterfaceError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         return doc if isinstance(doc, Document) else None
+
+    @property
+    def writer_recorder(self) -> Any:
+        """The recorder of the writer application (its SQL, for ``gateway.writer``)."""
+        return self._writer_app.recorder
+
+    @property
+    def writer_mapper(self) -> Any:
+        """The writer application's mapper (events to stored events)."""
+        return self._writer_app.mapper
 
     @property
     def checks_heads(self) -> bool:
@@ -243,25 +275,10 @@ class Store:
             self.encode_seconds += t1 - t0
             self.insert_seconds += t2 - t1
         except IntegrityError as exc:
-            raise VersionConflict(str(exc), _conflicting_doc(exc)) from exc
+            raise VersionConflict(str(exc), conflicting_doc(exc)) from exc
         except (OperationalError, InterfaceError) as exc:
             raise StoreUnavailable(str(exc)) from exc
-        kept = [(e, st) for e, st in zip(events, stored, strict=True)
-                if st.originator_id not in stale]
-        recordings = [
-            Recording(
-                e,
-                Notification(
-                    originator_id=st.originator_id,
-                    originator_version=st.originator_version,
-                    topic=st.topic,
-                    state=st.state,
-                    id=n,
-                ),
-            )
-            for (e, st), n in zip(kept, ids, strict=True)
-        ]
-        return recordings, stale
+        return recordings_of(events, stored, ids, stale), stale
 
     def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the database answers now (one attempt)."""

@@ -71,3 +71,15 @@ def test_projections_bench_rebuilds_every_event(tmp_path: Path, pg_url: str) -> 
     assert report["read_events_s"] > 0 and report["rebuild_events_s"] > 0
     assert report["generate_events_s"] > 0
     assert _leftover_schemas(pg_url, report["schemas"]) == []
+
+
+def test_commit_bench_times_both_writers(tmp_path: Path, pg_url: str) -> None:
+    """The commit-latency benchmark runs both writers against PostgreSQL and cleans up."""
+    from ops.bench import commit
+
+    out = tmp_path / "commit.json"
+    argv = ["--database-url", pg_url, "--commits", "20", "--batch", "5", "--json", str(out)]
+    assert commit.main(argv) == 0
+    results = _report(out)["results"]
+    assert set(results) == {"thread", "asyncio"}
+    assert all(r["commits"] == 10 and r["wall_ms_p50"] > 0 for r in results.values())

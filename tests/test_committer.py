@@ -28,7 +28,7 @@ async def rooms(tmp_path: Path) -> AsyncIterator[Rooms]:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await r.close()
-        r.committer.close()
+        await r.committer.aclose()
         store.close()
 
 
@@ -46,14 +46,14 @@ def _edit(room: Room, op: list[Any], base: int = 0) -> asyncio.Future[Any]:
     return fut
 
 
-async def test_a_failure_before_prepare_refuses_that_room_only(rooms: Rooms) -> None:
+async def test_a_failure_in_prepare_refuses_that_room_only(rooms: Rooms) -> None:
     """An exception around one room refuses its ops (internal); the others commit."""
     bad, good = await _room(rooms, "aaa"), await _room(rooms, "bbb")
 
-    def boom() -> float:
+    def boom() -> list[Any]:
         raise RuntimeError("injected")
 
-    bad.due_at = boom  # type: ignore[method-assign]
+    bad.prepare = boom  # type: ignore[method-assign]
     f_bad, f_good = _edit(bad, ["x"]), _edit(good, ["y"])
     assert await asyncio.wait_for(f_good, 5) == 1
     with pytest.raises(Rejected) as err:

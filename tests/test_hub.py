@@ -313,7 +313,7 @@ async def running(store: Store, hub: Hub) -> AsyncIterator[Rooms]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await rooms.close()
-        rooms.committer.close()
+        await rooms.committer.aclose()
 
 
 def _submit(room: Room, op: Any, base: int, client: str, seq: int) -> asyncio.Future[Any]:
