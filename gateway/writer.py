@@ -1,8 +1,9 @@
 """The committer's writes to PostgreSQL, on the event loop (psycopg's asyncio connection).
 
-A commit is one pipelined round trip (the library's table lock and NOTIFY, then the checked
-insert of ``gateway.recorders``, then COMMIT) into the library's own table, with events
-mapped by the library's mapper: the same rows ``Store.save_checked`` writes from a thread.
+A commit is one statement in its own transaction: the server-side function of
+``gateway.recorders`` (``coscribe_append``: the library's table lock and NOTIFY, then the
+checked insert) writes into the library's own table the events mapped by the library's
+mapper: the same rows ``Store.save_checked`` writes from a thread.
 
 Why not that thread: its work is Python (it holds the GIL whenever it runs), so it buys no
 parallelism, and each time it comes back from the database it waits for the loop thread to
@@ -95,12 +96,10 @@ class AsyncWriter:
 
     async def _begin(self, ids: list[UUID], heads: list[int]) -> list[Any]:
         conn = await self._connection()
-        rec = self._recorder
         async with conn.cursor() as curs, conn.pipeline():
             await curs.execute("BEGIN")
-            for stmt in rec.lock_table_statements:
-                await curs.execute(stmt, prepare=True)
-            await curs.execute(rec.missed_events, (ids, heads, MISSED_LIMIT), prepare=True)
+            await curs.execute(self._recorder.missed_events, (ids, heads, MISSED_LIMIT),
+                               prepare=True)
             return await curs.fetchall()
 
     async def abort(self) -> None:
@@ -169,16 +168,15 @@ class AsyncWriter:
 
     async def _attempt(self, params: tuple[Any, ...], locked: bool) -> Any:
         conn = await self._connection()
-        rec = self._recorder
-        async with conn.cursor() as curs, conn.pipeline():
-            if not locked:
-                await curs.execute("BEGIN")
-                for stmt in rec.lock_table_statements:
-                    await curs.execute(stmt, prepare=True)
-            await curs.execute(rec.notify_statement)
-            await curs.execute(rec.checked_insert, params, prepare=True)
-            await conn.execute("COMMIT")
-            return await curs.fetchone()
+        insert = self._recorder.checked_insert
+        async with conn.cursor() as curs:
+            if not locked:  # one statement, its own transaction (autocommit)
+                await curs.execute(insert, params, prepare=True)
+                return await curs.fetchone()
+            async with conn.pipeline():
+                await curs.execute(insert, params, prepare=True)
+                await conn.execute("COMMIT")
+                return await curs.fetchone()
 
     async def _connection(self) -> psycopg.AsyncConnection[dict[str, Any]]:
         conn = self._conn
