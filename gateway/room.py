@@ -30,7 +30,7 @@ from domain import ot
 from domain.document import Document
 from domain.errors import BadVersion, DomainError, NotFound, TooLarge
 from schema.codes import Code
-from schema.frames import Encoded
+from schema.frames import Encoded, OpsMessage
 
 log = logging.getLogger(__name__)
 
@@ -582,33 +582,39 @@ class Room:
         for sub in inflight:
             if sub.session is not None and sub.session in self.members:
                 own.setdefault(sub.session, []).append(sub)
-        shared = Encoded({"t": "ops", "doc": doc, "ops": [r.entry() for r in records]})
+        entries = [Encoded(r.entry()) for r in records]
+        shared = OpsMessage(doc, entries)
         for session, member in self.members.items():
             mine = own.get(session)
             if mine is None:
                 if records:
                     member.send(shared)
                 continue
-            for msg in _ordered_for(doc, records, mine):
+            for msg in _ordered_for(doc, records, entries, mine):
                 member.send(msg)
 
 
-def _ordered_for(doc: str, records: list[OpRecord], mine: list[Submission]) -> list[Encoded]:
-    """Messages for a member that submitted ``mine``: ops and acks interleaved by version."""
+def _ordered_for(
+    doc: str, records: list[OpRecord], entries: list[Encoded], mine: list[Submission]
+) -> list[Encoded]:
+    """Messages for a member that submitted ``mine``: ops and acks interleaved by version.
+
+    ``entries`` are the records' entries, encoded once for every member.
+    """
     acks = {sub.result: sub for sub in mine if sub.dup_of is None}
     out: list[Encoded] = []
-    run: list[dict[str, Any]] = []
-    for rec in records:
+    run: list[Encoded] = []
+    for rec, entry in zip(records, entries, strict=True):
         sub = acks.get(rec.v)
         if sub is None:
-            run.append(rec.entry())
+            run.append(entry)
             continue
         if run:
-            out.append(Encoded({"t": "ops", "doc": doc, "ops": run}))
+            out.append(OpsMessage(doc, run))
             run = []
         out.append(Encoded({"t": "ack", "doc": doc, "seq": sub.seq, "v": rec.v}))
     if run:
-        out.append(Encoded({"t": "ops", "doc": doc, "ops": run}))
+        out.append(OpsMessage(doc, run))
     for sub in mine:
         if sub.dup_of is not None:
             out.append(Encoded({"t": "ack", "doc": doc, "seq": sub.seq, "v": sub.result}))

@@ -70,6 +70,23 @@ def test_join_of_encoded_messages_equals_encoding_the_list(
     assert frames.decode(frame, codec) == msgs
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    doc=st.text(max_size=40),
+    entries=st.lists(wire_messages, max_size=20),
+    codec=CODECS,
+)
+def test_ops_message_from_encoded_entries_equals_encoding_the_map(
+    doc: str, entries: list[dict[str, Any]], codec: Codec
+) -> None:
+    """An ``ops`` message joined from once-encoded entries is the codec's encoding of it."""
+    msg = {"t": "ops", "doc": doc, "ops": entries}
+    joined = frames.OpsMessage(doc, [Encoded(e) for e in entries])
+    assert joined.get(codec) == frames.encode_one(msg, codec)
+    assert joined.frame(codec) == frames.ws_frame(frames.encode([msg], codec), codec)
+    assert joined.msg == msg
+
+
 @pytest.mark.parametrize("codec", list(Codec))
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 65535, 65536, 70000])
 def test_join_array_headers_at_size_boundaries(codec: Codec, n: int) -> None:
