@@ -83,3 +83,13 @@ def test_commit_bench_times_both_writers(tmp_path: Path, pg_url: str) -> None:
     results = _report(out)["results"]
     assert set(results) == {"thread", "asyncio"}
     assert all(r["commits"] == 10 and r["wall_ms_p50"] > 0 for r in results.values())
+
+
+def test_fanout_bench_reports_the_cost_of_a_write(tmp_path: Path) -> None:
+    """The fan-out floor benchmark writes to real sockets and reports CPU per write."""
+    from ops.bench import fanout
+
+    out = tmp_path / "fanout.json"
+    assert fanout.main(["--sockets", "3", "--rounds", "50", "--json", str(out)]) == 0
+    result = _report(out)["result"]
+    assert result["writes"] == 150 and result["wall_us_per_write"] > 0
