@@ -15,8 +15,9 @@ from typing import Any
 
 from domain import ot
 from domain.document import Document
-from projections.model import ReadModel
-from projections.sql import Stmt, iso
+from projections.facts import chars
+from projections.model import Page, ReadModel
+from projections.sql import Param, Rows, Statement, Stmt, iso, text_of
 
 DDL = (
     """CREATE TABLE $audit (
@@ -92,6 +93,15 @@ def summary_of(e: Any) -> dict[str, Any]:
     return {}
 
 
+def summary_json(e: Any) -> str:
+    """``summary_of(e)`` as stored: canonical JSON (sorted keys, no spaces)."""
+    if isinstance(e, Document.Edited):
+        # The commonest row, spelled out: the same text as _json() gives.
+        return (f'{{"chars_deleted":{ot.deleted_chars(e.op)},'
+                f'"chars_inserted":{ot.inserted_chars(e.op)}}}')
+    return _json(summary_of(e))
+
+
 def project(e: Any, pos: int) -> list[Stmt]:
     """The statements that record event ``e`` (notification ``pos``) in this read model."""
     if not isinstance(e, Document.Event):
@@ -105,7 +115,7 @@ def project(e: Any, pos: int) -> list[Stmt]:
             Stmt(
                 f"INSERT INTO $audit ({_COLUMNS}) VALUES (?, ?, ?, ?, 'created', 0, ?, ?,"
                 " CAST(? AS $json))",
-                (pos, doc, at, e.owner, n, h, _json(summary_of(e))),
+                (pos, doc, at, e.owner, n, h, summary_json(e)),
             ),
             Stmt(
                 "INSERT INTO $audit_docs (document_id, title_json) VALUES (?, ?)",
@@ -117,7 +127,7 @@ def project(e: Any, pos: int) -> list[Stmt]:
             Stmt(
                 f"INSERT INTO $audit ({_COLUMNS}) VALUES (?, ?, ?, ?, 'edited', ?, ?, ?,"
                 " CAST(? AS $json))",
-                (pos, doc, at, e.by, e.v, n, h, _json(summary_of(e))),
+                (pos, doc, at, e.by, e.v, n, h, summary_json(e)),
             ),
         ]
     if isinstance(e, Document.Renamed):
@@ -135,7 +145,114 @@ def project(e: Any, pos: int) -> list[Stmt]:
         ]
     actor = getattr(e, "by", "")
     return [
-        Stmt(_OTHER, (pos, doc, at, actor, action_of(e), doc, n, h, _json(summary_of(e))))
+        Stmt(_OTHER, (pos, doc, at, actor, action_of(e), doc, n, h, summary_json(e)))
+    ]
+
+
+# -- a page at once --------------------------------------------------------------------------
+
+_EDITED = Document.Edited
+_ROW = (("position", "bigint"), ("document_id", "uuid"), ("at", "ts"), ("actor", "text"),
+        ("action", "text"), ("version", "bigint"), ("event_version", "bigint"),
+        ("hash", "text"))
+_KNOWN = Rows(
+    f"INSERT INTO $audit ({_COLUMNS}) SELECT r.position, r.document_id, r.at, r.actor, r.action,"
+    " r.version, r.event_version, r.hash, r.summary FROM $rows",
+    (*_ROW, ("summary", "json")),
+    (),
+)
+# Rows of events whose document version, or (renames) previous title, the page does not tell:
+# NULL ``version`` is read from the document's latest audit row, NULL ``summary`` is made from
+# the title in audit_docs (a rename of a document without one records no row, as one by one).
+_LOOKUP = Rows(
+    f"INSERT INTO $audit ({_COLUMNS}) SELECT r.position, r.document_id, r.at, r.actor, r.action,"
+    " COALESCE(r.version, (SELECT p.version FROM $audit p WHERE p.document_id = r.document_id"
+    " ORDER BY p.position DESC LIMIT 1)), r.event_version, r.hash,"
+    " CAST(COALESCE(r.summary, '{\"from\":' || s.title_json || ',\"to\":' || r.to_json || '}')"
+    " AS $json) FROM $rows LEFT JOIN $audit_docs s ON s.document_id = r.document_id"
+    " WHERE r.summary IS NOT NULL OR s.document_id IS NOT NULL",
+    (*_ROW, ("summary", "text"), ("to_json", "text")),
+    (),
+)
+_NEW_TITLES = Rows(
+    "INSERT INTO $audit_docs (document_id, title_json) SELECT r.document_id, r.title_json"
+    " FROM $rows",
+    (("document_id", "uuid"), ("title_json", "text")),
+    (),
+)
+_TITLES = Rows(
+    "UPDATE $audit_docs AS s SET title_json = r.title_json FROM $rows"
+    " WHERE s.document_id = r.document_id",
+    (("document_id", "uuid"), ("title_json", "text")),
+    (),
+)
+
+
+def project_page(page: Page) -> list[Statement]:
+    """The statements that record ``page`` in this read model: at most four.
+
+    The page itself tells the version of a document's event once the page holds one of its
+    edits or its creation, and the title a rename replaced once it holds its creation or an
+    earlier rename; such rows go in whole. Rows that need the tables (a document's first
+    events in the page) are inserted first, so that they see only what came before the page.
+    Titles are stored last.
+    """
+    version: dict[str, int] = {}
+    title: dict[str, str] = {}
+    created: dict[str, str] = {}
+    renamed: dict[str, str] = {}
+    known: list[tuple[Param, ...]] = []
+    lookup: list[tuple[Param, ...]] = []
+    for pos, e in page:
+        if type(e) is _EDITED:  # most events: tested first, by class identity
+            doc = text_of(e.originator_id)
+            version[doc] = e.v
+            inserted, deleted = chars(e.op)
+            known.append((pos, doc, iso(e.timestamp), e.by, "edited", e.v,
+                          e.originator_version, e.h.hex(),
+                          f'{{"chars_deleted":{deleted},"chars_inserted":{inserted}}}'))
+            continue
+        if not isinstance(e, Document.Event):
+            continue
+        doc = text_of(e.originator_id)
+        at = iso(e.timestamp)
+        h = e.h.hex()
+        n = e.originator_version
+        if isinstance(e, Document.Edited):
+            version[doc] = e.v
+            known.append((pos, doc, at, e.by, "edited", e.v, n, h, summary_json(e)))
+            continue
+        if isinstance(e, Document.Created):
+            version[doc] = 0
+            title[doc] = created[doc] = _json(e.title)
+            renamed.pop(doc, None)
+            known.append((pos, doc, at, e.owner, "created", 0, n, h, summary_json(e)))
+            continue
+        v = version.get(doc)
+        if isinstance(e, Document.Renamed):
+            to = _json(e.title)
+            before = title.get(doc)
+            summary = None if before is None else '{"from":' + before + ',"to":' + to + "}"
+            title[doc] = to
+            if doc in created:
+                created[doc] = to
+            else:
+                renamed[doc] = to
+            if v is None or summary is None:
+                lookup.append((pos, doc, at, e.by, "renamed", v, n, h, summary, to))
+            else:
+                known.append((pos, doc, at, e.by, "renamed", v, n, h, summary))
+            continue
+        row = (pos, doc, at, getattr(e, "by", ""), action_of(e), v, n, h, summary_json(e))
+        if v is None:
+            lookup.append((*row, None))
+        else:
+            known.append(row)
+    return [
+        Rows(_LOOKUP.sql, _LOOKUP.columns, lookup),
+        Rows(_KNOWN.sql, _KNOWN.columns, known),
+        Rows(_NEW_TITLES.sql, _NEW_TITLES.columns, list(created.items())),
+        Rows(_TITLES.sql, _TITLES.columns, list(renamed.items())),
     ]
 
 
@@ -145,4 +262,5 @@ MODEL = ReadModel(
     tables=("audit", "audit_docs"),
     ddl=DDL,
     mapping=project,
+    page_mapping=project_page,
 )

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from domain.document import Document
-from projections.model import ReadModel
-from projections.sql import Stmt, iso
+from projections.model import Page, ReadModel
+from projections.sql import Statement, Stmt, iso
 
 DDL = (
     """CREATE TABLE $context_items (
@@ -32,8 +32,14 @@ DDL = (
 )
 
 
+_CONTEXT_EVENTS = (Document.ContextItemAdded, Document.ContextItemUpdated,
+                   Document.ContextItemRemoved)
+
+
 def project(e: Any, pos: int) -> list[Stmt]:
     """The statements that record event ``e`` (notification ``pos``) in this read model."""
+    if not isinstance(e, _CONTEXT_EVENTS):
+        return []
     doc = str(e.originator_id)
     at = iso(e.timestamp)
     if isinstance(e, Document.ContextItemAdded):
@@ -64,10 +70,16 @@ def project(e: Any, pos: int) -> list[Stmt]:
     return []
 
 
+def project_page(page: Page) -> list[Statement]:
+    """``project`` for each event of ``page`` (context events are rare: no need to coalesce)."""
+    return [s for p, e in page if isinstance(e, _CONTEXT_EVENTS) for s in project(e, p)]
+
+
 MODEL = ReadModel(
     name="context",
     version=1,
     tables=("context_items",),
     ddl=DDL,
     mapping=project,
+    page_mapping=project_page,
 )

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from projections.sql import Dialect, Param, Renderer, Stmt, plain
+import orjson
+
+from projections.sql import Dialect, Param, Renderer, Rows, Statement, plain
 
 Row = dict[str, Any]
 """A result row by column name, values made plain (``projections.sql.plain``)."""
@@ -54,7 +56,7 @@ class Tx(ABC):
         """Run a rendered query inside the transaction."""
 
     @abstractmethod
-    def run(self, stmts: Sequence[Stmt], render: Renderer) -> None:
+    def run(self, stmts: Sequence[Statement], render: Renderer) -> None:
         """Run mapping statements, rendered by ``render``, in order."""
 
 
@@ -92,11 +94,19 @@ def open_db(cfg: ReadDBConfig) -> ReadDB:
     return SQLiteReadDB(cfg.sqlite_path)
 
 
-def _runs(stmts: Sequence[Stmt]) -> Iterator[tuple[str, list[tuple[Param, ...]]]]:
-    """Consecutive statements of the same text grouped, for ``executemany``."""
+def _runs(stmts: Sequence[Statement]) -> Iterator[Rows | tuple[str, list[tuple[Param, ...]]]]:
+    """Consecutive ``Stmt`` of the same text grouped, for ``executemany``; ``Rows`` as they are
+    (empty ones left out)."""
     current: str | None = None
     batch: list[tuple[Param, ...]] = []
     for s in stmts:
+        if isinstance(s, Rows):
+            if current is not None:
+                yield current, batch
+                current, batch = None, []
+            if s.rows:
+                yield s
+            continue
         if s.sql != current:
             if current is not None:
                 yield current, batch
@@ -122,9 +132,12 @@ class _SQLiteTx(Tx):
     def query(self, sql: str, params: Sequence[Param] = ()) -> list[Row]:
         return _sqlite_rows(self.conn, sql, params)
 
-    def run(self, stmts: Sequence[Stmt], render: Renderer) -> None:
-        for sql, batch in _runs(stmts):
-            text = render(sql)
+    def run(self, stmts: Sequence[Statement], render: Renderer) -> None:
+        for run in _runs(stmts):
+            if isinstance(run, Rows):
+                text, batch = render.rows(run), run.rows
+            else:
+                text, batch = render(run[0]), run[1]
             try:
                 if len(batch) == 1:
                     self.conn.execute(text, batch[0])
@@ -252,7 +265,7 @@ class _PostgresTx(Tx):
     def query(self, sql: str, params: Sequence[Param] = ()) -> list[Row]:
         return _pg_rows(self.conn, sql, params)
 
-    def run(self, stmts: Sequence[Stmt], render: Renderer) -> None:
+    def run(self, stmts: Sequence[Statement], render: Renderer) -> None:
         import psycopg
 
         if not stmts:
@@ -260,12 +273,15 @@ class _PostgresTx(Tx):
         try:
             # One round trip for the whole page instead of one per statement.
             with self.conn.pipeline(), self.conn.cursor() as cur:
-                for sql, batch in _runs(stmts):
-                    if len(batch) == 1:
-                        cur.execute(render(sql), batch[0])
+                for run in _runs(stmts):
+                    if isinstance(run, Rows):
+                        # The whole set as one JSON array (``$rows`` unpacks it).
+                        cur.execute(render.rows(run), (orjson.dumps(run.rows).decode(),))
+                    elif len(run[1]) == 1:
+                        cur.execute(render(run[0]), run[1][0])
                     else:
-                        cur.executemany(render(sql), batch)
-        except psycopg.Error as exc:
+                        cur.executemany(render(run[0]), run[1])
+        except (psycopg.Error, orjson.JSONEncodeError) as exc:
             raise ReadDBError(str(exc)) from exc
 
 

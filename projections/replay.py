@@ -12,14 +12,20 @@ Once it has caught up with the log, one transaction:
 
 A live runner then finds its tracking row moved (its compare-and-set fails), re-reads it and
 carries on from there on the new tables.
+
+While the rebuild applies one page, the next is read and decoded on a thread of its own
+(``ReadAhead``): decoding is Python work that fits in the time the database spends on the
+page's statements.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from projections.db import ReadDB
 from projections.model import ReadModel
@@ -50,6 +56,43 @@ class RebuildResult:
         return self.events / self.seconds if self.seconds > 0 else float("inf")
 
 
+class ReadAhead:
+    """An ``EventSource`` that reads the page after the one it returns, on a thread.
+
+    A read that asks for exactly the page read ahead gets it (waiting if need be); any other
+    read goes to ``source`` directly. ``source`` must allow reads from two threads (the
+    store's recorder has a connection per thread). ``close`` when done.
+    """
+
+    def __init__(self, source: EventSource) -> None:
+        self.source = source
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-read")
+        self._ahead: tuple[int, int, Future[list[tuple[int, Any]]]] | None = None
+
+    def read(self, after: int, limit: int) -> list[tuple[int, Any]]:
+        """Up to ``limit`` events after ``after``; starts reading the next page."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (after, limit):
+            page = ahead[2].result()
+        else:
+            if ahead is not None:
+                ahead[2].cancel()
+            page = self.source.read(after, limit)
+        if len(page) == limit:  # a full page: there is probably more
+            last = page[-1][0]
+            self._ahead = (last, limit, self._pool.submit(self.source.read, last, limit))
+        return page
+
+    def head(self) -> int:
+        """The log's head, from ``source``."""
+        return self.source.head()
+
+    def close(self) -> None:
+        """Stop the thread (a read in flight is waited for and dropped)."""
+        self._ahead = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def rebuild(
     db: ReadDB,
     source: EventSource,
@@ -72,16 +115,20 @@ def rebuild_all(
 ) -> list[RebuildResult]:
     """Rebuild ``models`` in one pass over the log (each event decoded once), swap them in."""
     started = time.perf_counter()
-    runner = Runner(db, source, models, page_size=page_size, suffix=NEXT)
-    runner.setup(fresh=True)
-    events = 0
-    while True:
-        n = runner.step()
-        events += n
-        if progress is not None:
-            progress(runner.seen(), max(source.head(), runner.seen()))
-        if n == 0:
-            break
+    ahead = ReadAhead(source)
+    runner = Runner(db, ahead, models, page_size=page_size, suffix=NEXT)
+    try:
+        runner.setup(fresh=True)
+        events = 0
+        while True:
+            n = runner.step()
+            events += n
+            if progress is not None:
+                progress(runner.seen(), max(source.head(), runner.seen()))
+            if n == 0:
+                break
+    finally:
+        ahead.close()
     extra = {m.name: swap(db, source, runner, m) for m in models}
     seconds = time.perf_counter() - started
     return [

@@ -3,12 +3,14 @@
 Exactly once, across crashes and competing runners:
 
 - Each read model has a tracking row ``(name, position)`` in ``rm_tracking``, in the same
-  database as its tables. A page of events is applied in ONE transaction that first moves the
-  tracking row with a compare-and-set (``UPDATE ... WHERE position = <what we read>``), then
-  runs the page's statements. A crash loses the whole transaction or none of it; a second
-  runner that read the same page finds the position moved, rolls back, and re-reads it. So an
-  event is never applied twice and never skipped (the log is read in notification order, and
-  the store's commits are serialised, so no id appears behind one already read).
+  database as its tables. A page of events is applied to every model in ONE transaction; each
+  model's part first moves its tracking row with a compare-and-set (``UPDATE ... WHERE
+  position = <what we read>``), then runs the model's statements for the page (its page
+  mapping's: a handful of set-based statements, see ``projections.model``). A crash loses
+  the whole transaction or none of it; a second runner that read the same page finds the
+  position moved, leaves that model out, and re-reads it. So an event is never applied twice
+  and never skipped (the log is read in notification order, and the store's commits are
+  serialised, so no id appears behind one already read).
 - ``seen`` is how far this runner has *observed* the log per model: events it applied, or
   saw applied by another runner. It only moves over events it has read and passed to
   ``observe`` (the cache invalidation hook), so a reader that waits for ``seen`` to reach a
@@ -30,7 +32,7 @@ from typing import Any, Protocol
 
 from projections.db import ReadDB, Tx
 from projections.model import ReadModel
-from projections.sql import Renderer, iso
+from projections.sql import Renderer, Statement, iso
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +164,7 @@ class Runner:
         page = self.source.read(start, self.page_size)
         if not page:
             return 0
-        for model in self.models:
-            self._apply_page(model, page)
+        self._apply_page(page)
         return len(page)
 
     def apply_in(self, tx: Tx, model: ReadModel, page: Sequence[tuple[int, Any]]) -> int:
@@ -175,8 +176,7 @@ class Runner:
         todo = [(p, e) for p, e in page if p > track.position]
         if not todo:
             return track.position
-        stmts = [s for p, e in todo for s in model.mapping(e, p)]
-        tx.run(stmts, self._renderers[model.name])
+        tx.run(model.statements(todo), self._renderers[model.name])
         last, event = todo[-1]
         tx.execute(
             self._plain(
@@ -187,40 +187,57 @@ class Runner:
         track.position = track.seen = last
         return last
 
-    def _apply_page(self, model: ReadModel, page: Sequence[tuple[int, Any]]) -> None:
-        track = self.tracks[model.name]
-        fresh = [(p, e) for p, e in page if p > track.seen]
-        if not fresh:
+    def _apply_page(self, page: Sequence[tuple[int, Any]]) -> None:
+        """Apply ``page`` to every model that has not taken it in, in ONE transaction.
+
+        Each model's part is guarded by its own compare-and-set of its tracking row: a model
+        whose row moved (another runner applied the page) is left out of the transaction and
+        follows the row afterwards; the others commit together. Rows are locked in the order
+        of ``models`` (the registry's), the same in every runner.
+        """
+        plans: list[tuple[ReadModel, list[tuple[int, Any]], list[Statement]]] = []
+        for model in self.models:
+            track = self.tracks[model.name]
+            if page[0][0] > track.position:  # the usual case: all of it is new
+                plans.append((model, list(page), model.statements(page)))
+                continue
+            fresh = [(p, e) for p, e in page if p > track.seen]
+            if not fresh:
+                continue
+            done = [(p, e) for p, e in fresh if p <= track.position]
+            todo = [(p, e) for p, e in fresh if p > track.position]
+            if done:
+                self._observed(model, done, done[-1][0])
+            if todo:
+                plans.append((model, todo, model.statements(todo)))
+        if not plans:
             return
-        done = [(p, e) for p, e in fresh if p <= track.position]
-        todo = [(p, e) for p, e in fresh if p > track.position]
-        if done:
-            self._observed(model, done, done[-1][0])
-        if not todo:
-            return
-        stmts = [s for p, e in todo for s in model.mapping(e, p)]
-        last, event = todo[-1]
-        name = self.tracking_name(model)
+        moved: list[bool] = []
         with self.db.transaction() as tx:
-            moved = tx.execute(
-                self._plain(
-                    "UPDATE rm_tracking SET position = ?, event_at = ?, updated_at = ?"
-                    " WHERE name = ? AND position = ?"
-                ),
-                (last, _event_at(event), _now(), name, track.position),
-            )
-            if moved == 1:
-                tx.run(stmts, self._renderers[model.name])
-        if moved == 1:
-            track.position = last
-            self._observed(model, todo, last)
-            return
-        # Another runner got there first (or a rebuild swapped tables in): follow it.
-        self._reload(model)
-        track = self.tracks[model.name]
-        done = [(p, e) for p, e in todo if p <= track.position]
-        if done:
-            self._observed(model, done, done[-1][0])
+            for model, todo, stmts in plans:
+                last, event = todo[-1]
+                n = tx.execute(
+                    self._plain(
+                        "UPDATE rm_tracking SET position = ?, event_at = ?, updated_at = ?"
+                        " WHERE name = ? AND position = ?"
+                    ),
+                    (last, _event_at(event), _now(), self.tracking_name(model),
+                     self.tracks[model.name].position),
+                )
+                if n == 1:
+                    tx.run(stmts, self._renderers[model.name])
+                moved.append(n == 1)
+        for (model, todo, _), ok in zip(plans, moved, strict=True):
+            if ok:
+                self.tracks[model.name].position = todo[-1][0]
+                self._observed(model, todo, todo[-1][0])
+                continue
+            # Another runner got there first (or a rebuild swapped tables in): follow it.
+            self._reload(model)
+            track = self.tracks[model.name]
+            done = [(p, e) for p, e in todo if p <= track.position]
+            if done:
+                self._observed(model, done, done[-1][0])
 
     def _reload(self, model: ReadModel) -> None:
         rows = self.db.query(

@@ -12,6 +12,12 @@ statement uses three conventions so that one spelling serves both databases:
   rebuilds).
 - ``?`` is a parameter. Parameters are plain values: ``str``, ``int``, ``None``. Times are
   ISO 8601 strings in UTC (``iso``), JSON is text; Postgres casts them to the column types.
+- ``$rows`` (only in a ``Rows`` statement) stands for a set of rows given with the statement,
+  as a table ``r`` with named, typed columns: the statement changes many rows at once
+  (``INSERT ... SELECT ... FROM $rows``, ``UPDATE ... FROM $rows WHERE ...``). On Postgres
+  the rows travel as ONE JSON parameter unpacked by ``jsonb_array_elements`` (one statement
+  for the set: cheap to encode in Python, one execution in the server); on SQLite the
+  statement runs once per row (``executemany``, ``$rows`` being one row of parameters).
 
 Nothing here does I/O.
 """
@@ -19,12 +25,13 @@ Nothing here does I/O.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import lru_cache
 from typing import Any
+from uuid import UUID
 
 Param = str | int | None
 """A statement parameter: text (times, ids and JSON included), an integer or NULL."""
@@ -38,6 +45,30 @@ class Stmt:
     params: tuple[Param, ...] = ()
 
 
+Column = tuple[str, str]
+"""A column of a ``Rows`` set: its name and its type token (``bigint``, ``uuid``, ``ts``,
+``json`` or ``text``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """One set-based statement: ``sql`` reads ``rows`` through ``$rows``, a table ``r``.
+
+    ``r`` has ``columns``; each row holds one plain value per column, in that order (JSON
+    columns hold JSON text). The result must not depend on whether the rows are taken one at
+    a time, in order (SQLite), or all at once (Postgres): a mapping coalesces its changes so
+    that no two rows touch the same key. An empty ``rows`` runs nothing.
+    """
+
+    sql: str
+    columns: tuple[Column, ...]
+    rows: Sequence[tuple[Param, ...]]
+
+
+Statement = Stmt | Rows
+"""What a mapping returns: one statement with its parameters, or one over a set of rows."""
+
+
 class Dialect(StrEnum):
     """The SQL dialects a read model is rendered for."""
 
@@ -46,8 +77,10 @@ class Dialect(StrEnum):
 
 
 TYPES: dict[Dialect, dict[str, str]] = {
-    Dialect.SQLITE: {"ts": "TEXT", "json": "TEXT", "uuid": "TEXT", "bigint": "INTEGER"},
-    Dialect.POSTGRES: {"ts": "timestamptz", "json": "jsonb", "uuid": "uuid", "bigint": "bigint"},
+    Dialect.SQLITE: {"ts": "TEXT", "json": "TEXT", "uuid": "TEXT", "bigint": "INTEGER",
+                     "text": "TEXT"},
+    Dialect.POSTGRES: {"ts": "timestamptz", "json": "jsonb", "uuid": "uuid", "bigint": "bigint",
+                       "text": "TEXT"},
 }
 """Column types behind the ``$ts``-style tokens."""
 
@@ -74,9 +107,34 @@ def render(sql: str, dialect: Dialect, names: Mapping[str, str]) -> str:
     return text
 
 
+def rows_source(columns: Sequence[Column], dialect: Dialect) -> str:
+    """What ``$rows`` stands for: a derived table ``r`` with ``columns``.
+
+    Postgres: the elements of one JSON array parameter (each row an array of its values),
+    cast to the column types. SQLite: one row of parameters (the statement runs per row).
+    """
+    if dialect is Dialect.SQLITE:
+        return "(SELECT " + ", ".join(f"? AS {name}" for name, _ in columns) + ") AS r"
+    types = TYPES[dialect]
+    cols = []
+    for i, (name, kind) in enumerate(columns):
+        value = f"x.e->>{i}"
+        cols.append(f"{value} AS {name}" if kind == "text"
+                    else f"CAST({value} AS {types[kind]}) AS {name}")
+    return ("(SELECT " + ", ".join(cols)
+            + " FROM jsonb_array_elements(CAST(? AS jsonb)) AS x(e)) AS r")
+
+
 @lru_cache(maxsize=4096)
 def _render_cached(sql: str, dialect: Dialect, names: tuple[tuple[str, str], ...]) -> str:
     return render(sql, dialect, dict(names))
+
+
+@lru_cache(maxsize=1024)
+def _render_rows_cached(
+    sql: str, columns: tuple[Column, ...], dialect: Dialect, names: tuple[tuple[str, str], ...]
+) -> str:
+    return render(sql, dialect, {**dict(names), "rows": rows_source(columns, dialect)})
 
 
 class Renderer:
@@ -93,26 +151,43 @@ class Renderer:
         """The rendered text of ``sql``."""
         return _render_cached(sql, self.dialect, self._names)
 
+    def rows(self, stmt: Rows) -> str:
+        """The rendered text of a ``Rows`` statement, ``$rows`` filled in."""
+        return _render_rows_cached(stmt.sql, stmt.columns, self.dialect, self._names)
 
-# Every read model formats the same event's timestamp: remember the last few thousand.
+
+# Every read model formats the same event's timestamp and document id: remember the last few
+# thousand (a page of events is mapped by each model in turn).
 
 
 @lru_cache(maxsize=8192)
 def iso(ts: datetime) -> str:
     """A time as the ISO 8601 text stored in read models: UTC, microseconds, ``Z``."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if ts.tzinfo is not UTC:
+        ts = ts.astimezone(UTC)
+    # The same text as strftime("%Y-%m-%dT%H:%M:%S.%fZ"), at a fraction of the cost.
+    return ts.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
-@lru_cache(maxsize=8192)
 def hour_of(ts: datetime) -> str:
     """The start of the UTC hour of ``ts``, as stored in the analytics tables."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:00:00.000000Z")
+    return iso(ts)[:13] + ":00:00.000000Z"
+
+
+def day_of(ts: datetime) -> str:
+    """The start of the UTC day of ``ts``, as stored in the analytics tables."""
+    return iso(ts)[:10] + "T00:00:00.000000Z"
+
+
+def text_of(doc_id: UUID) -> str:
+    """``str(doc_id)``, remembered: a page names the same few documents again and again."""
+    # Keyed by the UUID's int: hashing and comparing a UUID itself runs Python code.
+    return _uuid_text(doc_id.int)
 
 
 @lru_cache(maxsize=8192)
-def day_of(ts: datetime) -> str:
-    """The start of the UTC day of ``ts``, as stored in the analytics tables."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT00:00:00.000000Z")
+def _uuid_text(n: int) -> str:
+    return str(UUID(int=n))
 
 
 def plain(value: Any) -> Any:

@@ -159,7 +159,8 @@ def test_a_new_model_version_rebuilds_its_tables(kind: str) -> None:
 
 
 def _fields(model: ReadModel) -> dict[str, Any]:
-    return {f: getattr(model, f) for f in ("name", "version", "tables", "ddl", "mapping")}
+    return {f: getattr(model, f)
+            for f in ("name", "version", "tables", "ddl", "mapping", "page_mapping")}
 
 
 def test_audit_rows_say_what_each_event_did() -> None:
