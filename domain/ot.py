@@ -422,14 +422,17 @@ def transform(op: Op, other: Op, side: Side) -> Op:
     the other side of the replacement. Raises ValueError for a bad ``side``.
     """
     left = _check_side(side)
+    b = _single(other)
+    if b is None:
+        return _transform_general(op, other, left)
     a = _single(op)
     if a is not None:
-        b = _single(other)
-        if b is not None:
-            fast = _transform_single(a, b, left)
-            if fast is not None:
-                return fast
-    return _transform_general(op, other, left)
+        fast = _transform_single(a, b, left)
+        if fast is not None:
+            return fast
+    if b[0] == _INSERT:
+        return _past_insert(op, b[1], len(b[2]), left)  # type: ignore[arg-type]
+    return _past_delete(op, b[1], b[2])  # type: ignore[arg-type]
 
 
 def _single(op: Op) -> tuple[int, int, str | int] | None:
@@ -490,6 +493,97 @@ def _transform_single(
     if q < p:
         p -= min(j, p - q)
     return _edit(ka, p, k - overlap)
+
+
+def _push(out: Op, c: Component) -> None:
+    """Append ``c`` to ``out``, merging it into a last component of the same kind."""
+    if out:
+        last = out[-1]
+        if isinstance(c, int) and isinstance(last, int):
+            out[-1] = last + c
+            return
+        if isinstance(c, str) and isinstance(last, str):
+            out[-1] = last + c
+            return
+        if isinstance(c, dict) and isinstance(last, dict):
+            out[-1] = {"d": last["d"] + c["d"]}
+            return
+    out.append(c)
+
+
+def _rest(out: Op, op: Op, start: int) -> Op:
+    """``out`` followed by ``op[start:]``, merged where neighbours are of one kind."""
+    for k in range(start, len(op)):
+        _push(out, op[k])
+    return out
+
+
+def _finish(out: Op) -> Op:
+    if out and type(out[-1]) is int:
+        out.pop()
+    return out
+
+
+def _past_insert(op: Op, q: int, m: int, left: bool) -> Op:
+    """``transform(op, [q, <m chars>])``: ``op`` with ``m`` more retained at ``q``, in O(len(op)).
+
+    At ``q`` itself ``op``'s inserts go first when ``left``; inside one of ``op``'s deletes
+    the inserted text is kept between its two halves. Equal to the general walk (property).
+    """
+    out: Op = []
+    pos = 0
+    n = len(op)
+    i = 0
+    while i < n:
+        c = op[i]
+        if type(c) is str:
+            if pos == q and not left:
+                break
+            _push(out, c)
+            i += 1
+            continue
+        size: int = c if type(c) is int else c["d"]  # type: ignore[index, assignment]
+        if pos >= q:
+            break
+        if pos + size <= q:
+            _push(out, c)
+            pos += size
+            i += 1
+            continue
+        k = q - pos  # q falls inside this retain or delete: split it there
+        if type(c) is int:
+            _push(out, size + m)  # k before, m inserted, size - k after: one retain
+        else:
+            _push(out, {"d": k})
+            out.append(m)
+            out.append({"d": size - k})
+        return _finish(_rest(out, op, i + 1))
+    if i == n:
+        return _finish(out)  # ``q`` is past everything ``op`` does: it only retains there
+    _push(out, m)
+    return _finish(_rest(out, op, i))
+
+
+def _past_delete(op: Op, q: int, j: int) -> Op:
+    """``transform(op, [q, {"d": j}])``: ``op`` without the deleted range, in O(len(op)).
+
+    Retains and deletes lose what falls in ``[q, q + j)``; inserts stay, those inside the
+    range land at ``q``. Equal to the general walk (property).
+    """
+    out: Op = []
+    pos = 0
+    end = q + j
+    for c in op:
+        if type(c) is str:
+            _push(out, c)
+            continue
+        size: int = c if type(c) is int else c["d"]  # type: ignore[index, assignment]
+        cut = min(pos + size, end) - max(pos, q)
+        pos += size
+        keep = size - cut if cut > 0 else size
+        if keep:
+            _push(out, keep if type(c) is int else {"d": keep})
+    return _finish(out)
 
 
 def _transform_general(op: Op, other: Op, left: bool) -> Op:

@@ -390,6 +390,18 @@ def test_single_component_fast_path_equals_general(
     assert ot.transform(a, b, side) == ot._transform_general(a, b, side == "left")
 
 
+@PROPERTY
+@given(gen.concurrent_ops(), st.integers(0, 40), st.integers(1, 6), SIDES, st.booleans())
+def test_fast_path_against_one_edit_equals_general(
+    case: tuple[str, ot.Op, ot.Op], q: int, m: int, side: ot.Side, insert: bool
+) -> None:
+    """Any op transformed against a single insert or delete equals the general walk."""
+    text, a, _ = case
+    q = min(q, len(text))
+    b: ot.Op = ot.normalize([q, "Y" * m] if insert else [q, {"d": min(m, len(text) - q)}])
+    assert ot.transform(a, b, side) == ot._transform_general(a, b, side == "left")
+
+
 @given(st.integers(0, 30), st.integers(1, 5), st.integers(0, 30), st.integers(1, 5), SIDES,
        st.booleans(), st.booleans())
 def test_fast_path_on_single_edits(

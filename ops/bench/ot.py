@@ -93,6 +93,10 @@ def cases(size: int, edits: int, seed: int) -> list[tuple[str, Callable[[int], o
             lambda i: ot.transform(typing[i % k], scattered[i % ks], "left"),
         ),
         (
+            "transform · scattered vs typing",
+            lambda i: ot.transform(scattered[i % ks], typing[i % k], "left"),
+        ),
+        (
             "transform · scattered vs scattered",
             lambda i: ot.transform(scattered[i % ks], scattered_b[i % ks], "right"),
         ),
