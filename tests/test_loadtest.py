@@ -17,21 +17,37 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from domain import ot
-from ops.loadtest import httpclient, plan, procstat, stamp, wsclient
+from ops.loadtest import httpclient, plan, procstat, receipts, stamp, wsclient
 from ops.loadtest.command import register, resolve_secret, shipped
 from ops.loadtest.convergence import check
-from ops.loadtest.editor import DocClient, ProtocolViolation, delete_op, insert_op, transform
+from ops.loadtest.editor import (
+    DocClient,
+    LightEditor,
+    ProtocolViolation,
+    delete_op,
+    insert_op,
+    transform,
+)
 from ops.loadtest.provision import DocState, filler_text
 from ops.loadtest.recorder import StepMetrics, Window
 from ops.loadtest.report import Cost, StepOutcome, run_report, slo_failures
 from ops.loadtest.scenario import Phase, ScenarioError, Slo, load, parse, parse_size
 from ops.loadtest.session import text_digest
-from ops.loadtest.stats import Histogram, Series, bucket, bucket_bounds, percentile, summary_ms
+from ops.loadtest.stats import (
+    Histogram,
+    SampleLog,
+    Series,
+    bucket,
+    bucket_bounds,
+    percentile,
+    summary_ms,
+)
 from tests import strategies as gen
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -341,34 +357,34 @@ class _SimServer:
                 box.append({"t": "ops", "ops": [{"v": v, "op": op}]})
 
 
-def _deliver(client: DocClient, msg: dict[str, Any], now: int) -> dict[str, Any] | None:
-    if msg["t"] == "ack":
-        return client.ack(msg["seq"], msg["v"], now).send
-    for entry in msg["ops"]:
-        client.remote(entry["v"], entry["op"])
-    return None
-
-
 @given(
     seed=st.integers(0, 2**32),
     clients=st.integers(2, 4),
-    keep_text=st.lists(st.booleans(), min_size=4, max_size=4),
+    kinds=st.lists(st.sampled_from(["full", "length", "light"]), min_size=4, max_size=4),
     steps=st.integers(1, 120),
 )
 @PROPERTY
 def test_clients_converge_with_the_simulated_server(
-    seed: int, clients: int, keep_text: list[bool], steps: int
+    seed: int, clients: int, kinds: list[str], steps: int
 ) -> None:
-    """Random edits, deliveries and interleavings: every client ends on the server's text."""
+    """Random edits, deliveries and interleavings: every client ends on the server's text.
+
+    Full clients (both texts), length-only DocClients and LightEditors (lazy buffers) mix.
+    """
     rng = random.Random(seed)
     server = _SimServer("hello world")
-    docs = [
-        DocClient("d", 0, server.text, keep_text=keep_text[i] or i == 0) for i in range(clients)
+    kinds[0] = "full"
+    docs: list[DocClient | LightEditor] = [
+        LightEditor("d", 0, len(server.text), random.Random(i))
+        if kinds[i] == "light"
+        else DocClient("d", 0, server.text, keep_text=kinds[i] == "full")
+        for i in range(clients)
     ]
     uplinks: list[deque[dict[str, Any]]] = [deque() for _ in docs]
     for i in range(clients):
         server.outboxes[i] = deque()
     acked: Counter[str] = Counter()
+    typed: Counter[str] = Counter()
     now = 0
 
     def pump(i: int, kind: str) -> None:
@@ -384,26 +400,37 @@ def test_clients_converge_with_the_simulated_server(
                 if done.send is not None:
                     uplinks[i].append(done.send)
             else:
-                _deliver(docs[i], msg, now)
+                for entry in msg["ops"]:
+                    docs[i].remote(entry["v"], entry["op"])
 
     for _ in range(steps):
         i = rng.randrange(clients)
         action = rng.random()
         c = docs[i]
         if action < 0.4:
+            msg: dict[str, Any] | None
             if c.can_delete and c.length > 3 and rng.random() < 0.3:
                 n = rng.randint(1, 3)
-                msg = c.edit(delete_op(rng.randrange(c.length - n + 1), n), now)
+                if isinstance(c, LightEditor):
+                    msg = c.delete(n, now)
+                else:
+                    msg = c.edit(delete_op(rng.randrange(c.length - n + 1), n), now)
             else:
                 s = stamp.encode(rng.randrange(2**50))
-                msg = c.edit(insert_op(rng.randrange(c.length + 1), s), now, (s[1:-1],))
+                typed[s[1:-1]] += 1
+                if isinstance(c, LightEditor):
+                    msg = c.insert(s, now)
+                else:
+                    msg = c.edit(insert_op(rng.randrange(c.length + 1), s), now, (s[1:-1],))
             if msg is not None:
                 uplinks[i].append(msg)
         else:
             pump(i, "up" if action < 0.7 else "down")
     for c in docs:  # mid-flight: the confirmed text is the server's at the client's version
-        if c.confirmed is not None:
+        if isinstance(c, DocClient) and c.confirmed is not None:
             assert c.confirmed == server.text_at(c.version)
+        if isinstance(c, LightEditor):
+            assert c.length == len(server.text_at(c.version))
     while any(uplinks) or any(server.outboxes.values()):
         for i in range(clients):
             pump(i, "up")
@@ -412,9 +439,10 @@ def test_clients_converge_with_the_simulated_server(
         assert not c.pending
         assert c.version == len(server.log)
         assert c.length == len(server.text)
-        if c.text is not None:
+        if isinstance(c, DocClient) and c.text is not None:
             assert c.text == c.confirmed == server.text
     assert sum(c.acked for c in docs) == len(server.log)
+    assert acked == typed  # every typed stamp went out once and was acknowledged
 
 
 @given(
@@ -471,6 +499,115 @@ def test_abandoning_the_buffer_keeps_the_texts_consistent() -> None:
     assert full.text == "xabc" and full.confirmed == "abc"
     assert full.ack(1, 1, 3).send is None
     assert full.text == full.confirmed == "xabc"
+
+
+def test_light_editor_sends_what_was_typed_meanwhile_as_one_insert() -> None:
+    """Edits typed while an op is in flight leave together on the ack, as one insert."""
+    c = LightEditor("d", 0, 10, random.Random(1))
+    first = c.insert("[000001]", 1)
+    assert first is not None and first["v"] == 0 and c.pending
+    assert c.insert("[000002]", 2) is None and c.insert("[000003]", 3) is None
+    assert not c.can_delete
+    c.remote(1, [4, "abc"])  # another client's op: length only, nothing transformed
+    done = c.ack(1, 2, 10)
+    assert (done.edits, done.stamps, done.sent_ns) == (1, ("000001",), 1)
+    assert c.length == 10 + 3 + 8
+    assert done.send is not None and done.send["v"] == 2 and done.send["seq"] == 2
+    op = done.send["op"]
+    assert op[-1] == "[000002][000003]" and (len(op) == 1 or 0 < op[0] <= c.length)
+    assert c.ack(2, 3, 11).stamps == ("000002", "000003")
+    assert c.length == 10 + 3 + 8 + 16 and not c.pending
+
+
+def test_light_editor_keeps_a_delete_in_flight_exact() -> None:
+    """A delete in flight shrinks against a concurrent delete; the length stays exact."""
+    rng = random.Random(3)
+    c = LightEditor("d", 0, 20, rng)
+    msg = c.delete(4, 0)
+    assert msg is not None
+    ours = msg["op"]
+    start = ours[0] if isinstance(ours[0], int) else 0
+    theirs = [start, {"d": 2}] if start else [{"d": 2}]  # deletes 2 of our 4
+    c.remote(1, theirs)
+    assert c.length == 18
+    c.ack(1, 2, 1)
+    assert c.length == 20 - 2 - 2
+
+
+def test_light_editor_abandons_and_rejects_like_a_doc_client() -> None:
+    """Dropping the buffer or a refused op leaves nothing pending and counts the edits."""
+    c = LightEditor("d", 0, 5, random.Random(1))
+    c.insert("[000001]", 0)
+    c.insert("[000002]", 1)
+    c.insert("[000003]", 2)
+    assert c.abandon_buffer() == 2 and c.pending
+    assert c.ack(1, 1, 3).send is None and c.length == 13
+    c.insert("[000004]", 4)
+    c.insert("[000005]", 5)
+    assert c.reject() == (2, 2) and not c.pending
+
+
+def _ops_msg(doc: str, *entries: tuple[int, list[Any]]) -> dict[str, Any]:
+    return {"t": "ops", "doc": doc, "ops": [{"v": v, "op": op, "by": "u"} for v, op in entries]}
+
+
+def test_ops_run_summarises_versions_length_and_stamps() -> None:
+    """A run knows its versions, whether they are consecutive, its length change, stamps."""
+    a, b = stamp.encode(10**18), stamp.encode(2 * 10**18)
+    run = receipts.ops_run(
+        [_ops_msg("d", (4, [3, a]), (5, [{"d": 2}])), _ops_msg("d", (6, [1, b + a, {"d": 1}]))]
+    )
+    assert (run.count, run.first_v, run.last_v, run.in_order) == (3, 4, 6, True)
+    assert run.delta == 8 - 2 + 16 - 1
+    assert sorted(run.stamps) == sorted(stamp.units(x[1:-1]) for x in (a, b, a))
+    assert [v for v, _ in run.entries] == [4, 5, 6]
+    assert not receipts.ops_run([_ops_msg("d", (4, ["x"]), (6, ["y"]))]).in_order
+    assert receipts.ops_run([_ops_msg("d")]).count == 0
+    with pytest.raises(receipts.Malformed):
+        receipts.ops_run([{"t": "ops", "ops": [{"v": "1", "op": []}]}])
+
+
+def test_frame_cache_decodes_each_ops_payload_once_and_memo_checks_the_op() -> None:
+    """Equal ops payloads share one Frame; other frames are not kept; the memo compares ops."""
+    cache = receipts.FrameCache(msgpack.unpackb)
+    shared = msgpack.packb([_ops_msg("d", (1, [2, "[000001]"]))])
+    first = cache.get(bytes(shared))
+    assert cache.get(bytes(shared)) is first and first.run is not None
+    ack = msgpack.packb([{"t": "ack", "doc": "d", "seq": 1, "v": 2}])
+    assert cache.get(ack).run is None and cache.get(ack) is not cache.get(ack)
+    # Another op under the same (doc, v) is not taken from the memo.
+    other = cache.run([_ops_msg("d", (1, ["[000002]", {"d": 3}]))])
+    assert (other.delta, other.stamps) == (5, (stamp.units("000002"),))
+    with pytest.raises(ValueError):
+        cache.get(b"\xc1")
+
+
+def test_sample_log_folds_by_start_time_and_bins_by_observation() -> None:
+    """Samples count when their edit began in the window; series bins by receipt time."""
+    log = SampleLog(origin_ns=0)
+    log.add(1_100_000_000, 200_000)  # began at 0.9 s: before the window
+    log.add(1_300_000_000, 200_000)  # began at 1.1 s: inside
+    log.add(2_050_000_000, 100_000)  # began at 1.95 s: inside
+    assert log.tail(2_000_000_000).count == 1
+    h, series = Histogram(), Series(origin_ns=0)
+    log.fold(h, series, 1_000_000_000, 2_000_000_000)
+    assert (h.count, h.min, h.max) == (2, 100_000, 200_000)
+    assert [(t, n) for t, n, _, _, _ in series.rows()] == [(1.0, 2), (2.0, 1)]
+    assert len(log) == 0
+
+
+def test_metrics_settle_moves_the_tally_and_log_into_the_shipped_figures() -> None:
+    """Hot counters and fan-out samples reach to_dict only through settle, once."""
+    m = StepMetrics(origin_ns=0)
+    m.tally.ops_rx += 3
+    m.counters["joined"] += 1
+    m.fanout_log.add(1_500_000_000, 1000)
+    assert m.counts() == {"joined": 1, "ops_rx": 3}
+    m.settle(Window(1_000_000_000, 2_000_000_000))
+    m.settle(Window(1_000_000_000, 2_000_000_000))
+    back = StepMetrics.from_dict(m.to_dict())
+    assert back.counters["ops_rx"] == 3 and back.fanout.count == 1
+    assert back.fanout_series.rows()[0][1] == 1
 
 
 # --- the WebSocket client's framing -------------------------------------------------------
@@ -533,6 +670,47 @@ def test_parser_reassembles_any_byte_split(
     want = [(wsclient.OP_BINARY, p) for p in payloads]
     want += [(wsclient.OP_PING, b"!"), (wsclient.OP_TEXT, b"abcd")]
     assert out == want
+
+
+class _NullTransport:
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+@given(
+    payloads=st.lists(st.binary(max_size=300), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(0, 2_000), max_size=8),
+)
+@PROPERTY
+def test_protocol_delivers_the_same_messages_however_reads_fall(
+    payloads: list[bytes], cuts: list[int]
+) -> None:
+    """One whole frame per read (the fast path) or any split: the same messages, in order."""
+    got: list[tuple[int, bytes]] = []
+    errors: list[BaseException] = []
+    proto = wsclient.WsProtocol.__new__(wsclient.WsProtocol)
+    proto.on_message, proto.on_error = lambda o, p: got.append((o, p)), errors.append
+    proto.transport, proto.close_sent, proto._parser = _NullTransport(), False, None
+    proto.key, proto.subprotocol = "k", "p"
+    proto._head = bytearray()
+    proto._parser = wsclient.FrameParser()
+    frames = [_server_frame(wsclient.OP_BINARY, p) for p in payloads]
+    for f in frames[:2]:
+        proto.data_received(f)  # whole frames
+    wire = b"".join(frames[2:])
+    points = sorted({min(c, len(wire)) for c in cuts} | {0, len(wire)})
+    for a, b in itertools.pairwise(points):
+        proto.data_received(wire[a:b])
+    assert got == [(wsclient.OP_BINARY, p) for p in payloads] and not errors
 
 
 @given(st.binary(max_size=70_000), st.binary(min_size=4, max_size=4))

@@ -21,6 +21,7 @@ when edits are still pending; with nothing pending both texts must be equal. A l
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,8 +122,14 @@ class DocClient:
         if v != self.version + 1:
             raise ProtocolViolation(f"{self.doc}: op v{v} after v{self.version}")
         self.version = v
-        if self.confirmed is not None:
-            self.confirmed = ot.apply(self.confirmed, op)
+        before = self.confirmed
+        if before is not None:
+            self.confirmed = ot.apply(before, op)
+            if self.inflight is None and self.text is before:
+                # Nothing pending and the user's text is the confirmed one: apply once.
+                self.text = self.confirmed
+                self.length = len(self.confirmed)
+                return
         if self.inflight is not None:
             op, self.inflight = (
                 transform(op, self.inflight, "right"),
@@ -153,6 +160,8 @@ class DocClient:
         self.buffer_edits = 0
         self.buffer_stamps = ()
         send = self._send(now_ns) if self.inflight is not None else None
+        if send is None and self.text is not None and self.text == self.confirmed:
+            self.text = self.confirmed  # one string from now on (see remote); unequal stays
         return Acked(done[0], done[1], done[2], send)
 
     def abandon_buffer(self) -> int:
@@ -203,6 +212,176 @@ class DocClient:
             self.length = len(self.text)
         else:
             self.length += ot.inserted_chars(op) - ot.deleted_chars(op)
+
+
+class LightEditor:
+    """An editor that keeps only the document's length: most writers of a run are these.
+
+    The protocol is an editor's (one op in flight; edits typed meanwhile go out together
+    with the ack), but the edits typed meanwhile are not composed into an op that would
+    then have to be transformed against every remote op: the client keeps their stamps
+    (and at most one delete, typed first) and turns them into one op when it sends,
+    at a random place in the text of the version it knows then, the way a user's
+    keystrokes accumulate in one place. So a remote op costs a version check and a length
+    update; the op in flight is transformed only when it deletes (a concurrent delete can
+    shrink it, and the length must stay exact). The ``random.Random`` given picks places.
+
+    Same driver interface as :class:`DocClient` (``pending``, ``remote``, ``ack``,
+    ``abandon_buffer``, ``reject``, ...), with :meth:`insert` and :meth:`delete` in place
+    of ``edit``.
+    """
+
+    __slots__ = (
+        "acked",
+        "buffer_delete",
+        "buffer_edits",
+        "buffer_stamps",
+        "doc",
+        "inflight",
+        "inflight_deletes",
+        "inflight_delta",
+        "inflight_edits",
+        "inflight_seq",
+        "inflight_stamps",
+        "length",
+        "rng",
+        "sent_ns",
+        "seq",
+        "version",
+    )
+
+    def __init__(self, doc: str, version: int, length: int, rng: random.Random) -> None:
+        self.doc = doc
+        self.version = version
+        self.length = length
+        """The server's length at ``version`` (what the buffer will be placed in)."""
+        self.rng = rng
+        self.inflight: ot.Op | None = None
+        self.inflight_seq = -1
+        self.inflight_edits = 0
+        self.inflight_stamps: tuple[str, ...] = ()
+        self.inflight_delta = 0
+        self.inflight_deletes = False
+        self.sent_ns = 0
+        self.buffer_edits = 0
+        self.buffer_stamps: list[str] = []
+        self.buffer_delete = 0
+        self.seq = 0
+        self.acked = 0
+
+    @property
+    def pending(self) -> bool:
+        """True while an edit of this client is not acknowledged yet."""
+        return self.inflight is not None
+
+    @property
+    def can_delete(self) -> bool:
+        """True when nothing is buffered (a delete is only ever typed first)."""
+        return self.buffer_edits == 0
+
+    def insert(self, text: str, now_ns: int) -> dict[str, Any] | None:
+        """Type a stamp (``stamp.encode``); return the op message to send, if one is due."""
+        self.buffer_stamps.append(text)
+        self.buffer_edits += 1
+        return self._send(now_ns) if self.inflight is None else None
+
+    def delete(self, n: int, now_ns: int) -> dict[str, Any] | None:
+        """Type a delete of ``n`` code points (only while :attr:`can_delete`)."""
+        if not self.can_delete:
+            raise ValueError("a delete must be typed before anything else is buffered")
+        self.buffer_delete = n
+        self.buffer_edits = 1
+        return self._send(now_ns) if self.inflight is None else None
+
+    def remote(self, v: int, op: ot.Op) -> None:
+        """Take another client's op, which produced server version ``v``."""
+        if v != self.version + 1:
+            raise ProtocolViolation(f"{self.doc}: op v{v} after v{self.version}")
+        self.version = v
+        self.length += ot.inserted_chars(op) - ot.deleted_chars(op)
+        if self.inflight_deletes and self.inflight is not None:
+            self.inflight = transform(self.inflight, op, "left")
+            self.inflight_delta = ot.inserted_chars(self.inflight) - ot.deleted_chars(self.inflight)
+
+    def remote_run(self, first_v: int, last_v: int, delta: int, in_order: bool) -> bool:
+        """Take consecutive remote ops ``first_v..last_v`` that change the length by
+        ``delta``, without looking at them. False (nothing taken) when the op in flight
+        deletes: then each op must go through :meth:`remote`.
+        """
+        if first_v != self.version + 1 or not in_order:
+            raise ProtocolViolation(f"{self.doc}: ops v{first_v}..v{last_v} after v{self.version}")
+        if self.inflight_deletes:
+            return False
+        self.version = last_v
+        self.length += delta
+        return True
+
+    def ack(self, seq: int, v: int, now_ns: int) -> Acked:
+        """Take the ack of the op in flight (version ``v``); send what was typed meanwhile."""
+        if self.inflight is None or seq != self.inflight_seq:
+            raise ProtocolViolation(f"{self.doc}: ack of seq {seq}, in flight {self.inflight_seq}")
+        if v != self.version + 1:
+            raise ProtocolViolation(f"{self.doc}: ack v{v} after v{self.version}")
+        self.version = v
+        self.acked += 1
+        self.length += self.inflight_delta
+        done = (self.inflight_edits, self.inflight_stamps, self.sent_ns)
+        self.inflight = None
+        self.inflight_edits = 0
+        self.inflight_stamps = ()
+        self.inflight_delta = 0
+        self.inflight_deletes = False
+        send = self._send(now_ns) if self.buffer_edits else None
+        return Acked(done[0], done[1], done[2], send)
+
+    def abandon_buffer(self) -> int:
+        """Give up the edits not sent yet (the run is over); return how many were dropped."""
+        dropped = self.buffer_edits
+        self._clear_buffer()
+        return dropped
+
+    def reject(self) -> tuple[int, int]:
+        """Drop the op in flight and the buffer after the server refused the op.
+
+        Returns ``(ops, edits)`` dropped, as :meth:`DocClient.reject`.
+        """
+        dropped = (
+            int(self.inflight is not None) + int(self.buffer_edits > 0),
+            self.inflight_edits + self.buffer_edits,
+        )
+        self.inflight = None
+        self.inflight_edits = 0
+        self.inflight_stamps = ()
+        self.inflight_delta = 0
+        self.inflight_deletes = False
+        self._clear_buffer()
+        return dropped
+
+    def _clear_buffer(self) -> None:
+        self.buffer_edits = 0
+        self.buffer_stamps = []
+        self.buffer_delete = 0
+
+    def _send(self, now_ns: int) -> dict[str, Any]:
+        text = "".join(self.buffer_stamps)
+        n = min(self.buffer_delete, self.length)
+        position = self.rng.randrange(self.length - n + 1)
+        op: ot.Op = [position] if position and (text or n) else []
+        if text:
+            op.append(text)
+        if n:
+            op.append({"d": n})
+        # (Nothing left to delete in an empty text: the op is [], a valid no-op.)
+        self.inflight = op
+        self.inflight_edits = self.buffer_edits
+        self.inflight_stamps = tuple(t[1:-1] for t in self.buffer_stamps)
+        self.inflight_delta = len(text) - n
+        self.inflight_deletes = n > 0
+        self._clear_buffer()
+        self.seq += 1
+        self.inflight_seq = self.seq
+        self.sent_ns = now_ns
+        return {"t": "op", "doc": self.doc, "v": self.version, "op": op, "seq": self.seq}
 
 
 def _single_insert(op: ot.Op) -> tuple[int, str] | None:

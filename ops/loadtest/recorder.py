@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from ops.loadtest.stats import Histogram, Series
+from ops.loadtest.stats import Histogram, SampleLog, Series
 
 COUNTERS = (
     "sessions",  # sessions planned in this process
@@ -41,6 +41,51 @@ COUNTERS = (
     "abandoned_edits",  # edits never sent: the drain timed out once, buffers were dropped
 )
 
+HOT_COUNTERS = (
+    "frames_rx",
+    "ops_rx",
+    "ops_rx_window",
+    "presence_rx",
+    "clock_anomalies",
+    "edits",
+    "edits_window",
+    "acks",
+    "acks_window",
+    "acked_edits_window",
+)
+"""The counters bumped for every receipt or edit: kept in a :class:`Tally`."""
+
+
+class Tally:
+    """The hot counters of one process as plain int slots (cheaper than a Counter's keys).
+
+    Only :class:`StepMetrics` reads them, into ``counters`` (see :meth:`StepMetrics.counts`).
+    """
+
+    __slots__ = HOT_COUNTERS
+    frames_rx: int
+    ops_rx: int
+    ops_rx_window: int
+    presence_rx: int
+    clock_anomalies: int
+    edits: int
+    edits_window: int
+    acks: int
+    acks_window: int
+    acked_edits_window: int
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Set every counter to 0 (in place: sessions hold this object)."""
+        for name in HOT_COUNTERS:
+            setattr(self, name, 0)
+
+    def items(self) -> list[tuple[str, int]]:
+        """``(name, value)`` of every counter that is not 0."""
+        return [(n, v) for n in HOT_COUNTERS if (v := getattr(self, n))]
+
 
 @dataclass(frozen=True, slots=True)
 class Window:
@@ -64,10 +109,16 @@ class StepMetrics:
     Latencies: ``fanout`` (edit typed -> another client received it), ``ack`` (op sent ->
     its ack), ``join`` (connect started -> snapshot), ``http`` (request -> response body),
     ``lag`` (event-loop lateness of a 100 ms timer, to spot a saturated load process).
+
+    In a load process the hot path writes fan-out samples to ``fanout_log`` and the hot
+    counters to ``tally``; :meth:`settle` moves them into ``fanout``, ``fanout_series`` and
+    ``counters`` before the metrics are shipped (:meth:`to_dict` carries only those).
     """
 
     def __init__(self, origin_ns: int) -> None:
         self.counters: Counter[str] = Counter()
+        self.tally = Tally()
+        self.fanout_log = SampleLog(origin_ns)
         self.errors: Counter[str] = Counter()
         self.fanout = Histogram()
         self.ack = Histogram()
@@ -87,6 +138,22 @@ class StepMetrics:
         self.basis_stamps: dict[str, Counter[str]] = {}
         self.basis_acks: Counter[str] = Counter()
         """Acked stamps and acks as they were when the process reported drained."""
+
+    def counts(self) -> dict[str, int]:
+        """Every counter so far, the tally's included (for progress messages)."""
+        out = dict(self.counters)
+        for name, v in self.tally.items():
+            out[name] = out.get(name, 0) + v
+        return out
+
+    def settle(self, window: Window) -> None:
+        """Fold the tally into ``counters`` and the fan-out log into ``fanout`` (samples
+        whose edit was typed inside ``window``) and ``fanout_series``. Idempotent.
+        """
+        for name, v in self.tally.items():
+            self.counters[name] += v
+        self.tally.reset()
+        self.fanout_log.fold(self.fanout, self.fanout_series, window.start_ns, window.end_ns)
 
     def freeze_lost_basis(self) -> None:
         """Remember what was acked so far: the documents are read back after this moment.

@@ -146,6 +146,7 @@ def figures(
             "cpu_util": round(util, 3),
             "loop_lag_ms": lag,
             "edits_skipped": c["edits_skipped"],
+            "ops_per_frame": round(c["ops_rx"] / c["frames_rx"], 2) if c["frames_rx"] else None,
             "saturated": util > SATURATED_UTIL
             or (lag["p99"] is not None and lag["p99"] > SATURATED_LAG_MS)
             or c["edits_skipped"] > 0,

@@ -1,11 +1,16 @@
 """One simulated collaborator: a WebSocket session on one document, driven by asyncio.
 
-The protocol logic lives in :class:`~ops.loadtest.editor.DocClient`; this module connects
+The protocol logic lives in :mod:`ops.loadtest.editor` (:class:`DocClient` for the full
+clients, :class:`LightEditor` for the other writers); this module connects
 (:mod:`ops.loadtest.wsclient`), sends ``hello`` + ``sub`` in one frame, handles every
 incoming frame in the connection's callback, and runs an edit timer (writers) and a presence
-timer until the worker closes it. Receipt handling is the load generator's hot path, so a
-light session (most of them) does no OT at all: it checks the version sequence, reads the
-stamps and counts.
+timer (plain loop timers, no task each) until the worker closes it.
+
+Receipt handling is the load generator's hot path: every op reaches every other session of
+its document. Frames are decoded once per process (:class:`~ops.loadtest.receipts.FrameCache`,
+the server sends the same bytes to all), and a light session (most of them) does no OT at
+all: it checks the version sequence, updates its length, timestamps the stamps the run
+carries into the process's sample log and counts.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import random
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +28,8 @@ import msgpack
 import orjson
 
 from ops.loadtest import stamp, wsclient
-from ops.loadtest.editor import DocClient, ProtocolViolation, delete_op, insert_op
+from ops.loadtest.editor import DocClient, LightEditor, ProtocolViolation, delete_op, insert_op
+from ops.loadtest.receipts import FrameCache, Malformed, OpsRun
 from ops.loadtest.recorder import StepMetrics, Window
 from ops.loadtest.wsclient import WsError, WsProtocol
 
@@ -36,6 +41,8 @@ CONNECT_TIMEOUT_S = 10.0
 MAX_EXCEPTIONS = 5
 """Tracebacks of handler bugs kept per process for the report."""
 _STAMP_MASK = stamp.MODULUS - 1
+_UNIT_US = stamp.UNIT_NS // 1000
+_MAX_AGE_US = stamp.MAX_AGE_NS // 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +79,8 @@ class Session:
     """A collaborator on one document. Call :meth:`run` once; :meth:`close` ends it.
 
     Everything the server sends is handled synchronously in the connection's receive
-    callback; sends are synchronous writes. Only the timers (edits, presence) are tasks.
+    callback; sends are synchronous writes; edits and presence run on loop timers.
+    ``frames`` is the process's cache for this session's codec (see :func:`frame_caches`).
     """
 
     def __init__(
@@ -83,15 +91,21 @@ class Session:
         server: tuple[str, int],
         connect_gate: asyncio.Semaphore,
         seed: int,
+        frames: FrameCache,
     ) -> None:
         self.spec = spec
         self.plan = plan
         self.metrics = metrics
         self.server = server
         self.gate = connect_gate
+        self.frames = frames
         self.rng = random.Random(seed)
         self.ws: WsProtocol | None = None
-        self.client: DocClient | None = None
+        self.client: DocClient | LightEditor | None = None
+        self.full: DocClient | None = None
+        """The same object as ``client`` for a full session, else None."""
+        self.light: LightEditor | None = None
+        """The same object as ``client`` for a light writer, else None."""
         self.version = -1
         self.join_version = -1
         self.ops_received = 0
@@ -100,10 +114,19 @@ class Session:
         self.closing = False
         self.desynced = False
         self.outbox: list[dict[str, Any]] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._edit_timer: asyncio.TimerHandle | None = None
+        self._presence_timer: asyncio.TimerHandle | None = None
+        self._edit_at = 0.0
+        self._edit_end = 0.0
         self._connect_started = 0
         self._binary = spec.codec == "msgpack"
-        self._decode: Callable[[bytes], Any] = msgpack.unpackb if self._binary else orjson.loads
+        # Bound once: the receive path runs for every op of every other session.
+        self._tally = metrics.tally
+        self._log_at = metrics.fanout_log.at.append
+        self._log_value = metrics.fanout_log.values.append
+        self._origin_ns = metrics.fanout_log.origin_ns
+        self._start_ns = plan.window.start_ns
+        self._end_ns = plan.window.end_ns
 
     @property
     def pending(self) -> bool:
@@ -128,15 +151,21 @@ class Session:
                 code = self.ws.close_code
                 self.metrics.errors[f"close:{code}" if code is not None else "close:dropped"] += 1
         finally:
-            for task in self._tasks:
-                task.cancel()
+            self._cancel_timers()
             self.ended.set()
 
     async def close(self) -> None:
         """Close the connection (idempotent); :meth:`run` then returns."""
         self.closing = True
+        self._cancel_timers()
         if self.ws is not None:
             await self.ws.close()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._edit_timer, self._presence_timer):
+            if timer is not None:
+                timer.cancel()
+        self._edit_timer = self._presence_timer = None
 
     def delivery(self) -> tuple[int, int, int] | None:
         """``(join version, ops received, own acks)`` of a session still connected, else None.
@@ -150,8 +179,8 @@ class Session:
 
     def report(self) -> dict[str, Any] | None:
         """A full session's final state for the convergence check, else None."""
-        c = self.client
-        if not self.spec.full or c is None or c.text is None or c.confirmed is None:
+        c = self.full
+        if c is None or c.text is None or c.confirmed is None:
             return None
         pending = c.inflight_edits + c.buffer_edits
         return {
@@ -181,7 +210,7 @@ class Session:
                         WS_PATH,
                         SUBPROTOCOL[self.spec.codec],
                         self._on_message,
-                        self._on_error,
+                        self._on_exception,
                     )
             except (OSError, TimeoutError, WsError) as exc:
                 m.counters["connect_failed"] += 1
@@ -206,18 +235,20 @@ class Session:
 
     def _on_message(self, opcode: int, payload: bytes) -> None:
         now = time.time_ns()
-        m = self.metrics
         try:
-            frame = self._decode(payload)
+            frame = self.frames.get(payload)
         except ValueError:
-            m.errors["client:undecodable_frame"] += 1
+            self.metrics.errors["client:undecodable_frame"] += 1
             return
-        m.counters["frames_rx"] += 1
-        self._on_frame(frame if isinstance(frame, list) else [frame], now)
+        self._tally.frames_rx += 1
+        if frame.run is not None:
+            self._on_run(frame.run, now)
+        else:
+            self._on_frame(frame.messages, now)
         if self.outbox:
             self._flush()
 
-    def _on_error(self, exc: BaseException) -> None:
+    def _on_exception(self, exc: BaseException) -> None:
         m = self.metrics
         m.errors[f"client:{type(exc).__name__}"] += 1
         if len(m.exceptions) < MAX_EXCEPTIONS:
@@ -229,23 +260,30 @@ class Session:
         for msg in frame:
             t = msg.get("t") if isinstance(msg, dict) else None
             if t == "ops":
-                self._on_ops(msg.get("ops", ()), now)
+                try:
+                    run = self.frames.run([msg])
+                except Malformed:
+                    self.metrics.errors["client:bad_ops"] += 1
+                    continue
+                self._on_run(run, now)
             elif t == "ack":
                 self._on_ack(msg, now)
             elif t == "presence":
-                self.metrics.counters["presence_rx"] += 1
+                self._tally.presence_rx += 1
             elif t == "snapshot":
                 self._on_snapshot(msg, now)
             elif t == "error":
-                self._on_error(msg)
+                self._on_server_error(msg)
             elif t not in ("welcome", "pong"):
                 self.metrics.errors["client:unknown_message"] += 1
 
     def _on_snapshot(self, msg: dict[str, Any], now: int) -> None:
         text = msg.get("text", "")
         version = msg.get("v", 0)
-        if self.spec.writer or self.spec.full:
-            self.client = DocClient(self.spec.doc, version, text, keep_text=self.spec.full)
+        if self.spec.full:
+            self.client = self.full = DocClient(self.spec.doc, version, text)
+        elif self.spec.writer:
+            self.client = self.light = LightEditor(self.spec.doc, version, len(text), self.rng)
         else:
             self.version = version
         self.join_version = version
@@ -253,62 +291,52 @@ class Session:
         m.counters["joined"] += 1
         m.join.add((now - self._connect_started) // 1000)
         self.joined.set()
+        loop = asyncio.get_running_loop()
         if self.spec.writer:
-            self._tasks.append(asyncio.create_task(self._edit_loop()))
+            interval = self.plan.interval_s
+            self._edit_end = loop_time_at(self.plan.window.end_ns)
+            self._edit_at = loop.time() + self.rng.random() * interval
+            self._schedule_edit(loop)
         if self.plan.presence_interval_s > 0:
-            self._tasks.append(asyncio.create_task(self._presence_loop()))
+            delay = self.rng.random() * self.plan.presence_interval_s
+            self._presence_timer = loop.call_later(delay, self._presence_tick)
 
-    def _on_ops(self, entries: list[dict[str, Any]], now: int) -> None:
+    def _on_run(self, run: OpsRun, now: int) -> None:
         # The load generator's hot path: every receipt of every op by every session.
-        m = self.metrics
-        window = self.plan.window
-        start, end = window.start_ns, window.end_ns
-        in_window = start <= now < end
-        client = self.client
-        fanout, series = m.fanout, m.fanout_series
-        now_units = now // stamp.UNIT_NS
-        for entry in entries:
-            op = entry["op"]
-            v = entry["v"]
-            if client is not None:
-                if not self.desynced:
-                    try:
-                        client.remote(v, op)
-                    except ProtocolViolation:
-                        m.errors["client:version_gap"] += 1
-                        self._desync()
-            elif v != self.version + 1 and self.version >= 0:
-                m.errors["client:version_gap"] += 1
-                self.version = v
-            else:
-                self.version = v
-            last = op[-1] if op else None
-            if (
-                type(last) is str
-                and len(last) == stamp.WIDTH
-                and last[0] == stamp.OPEN
-                and last[-1] == stamp.CLOSE
-                and len(op) <= 2
-            ):
-                found: list[str] | tuple[str] = (last[1:-1],)  # one edit: [pos, "[digits]"]
-            else:
-                found = stamp.in_op(op)
-            for digits in found:
+        c = self.client
+        if run.count:
+            if c is None:
+                if self.version >= 0 and (run.first_v != self.version + 1 or not run.in_order):
+                    self.metrics.errors["client:version_gap"] += 1
+                self.version = run.last_v
+            elif not self.desynced:
+                light = self.light
                 try:
-                    age = ((now_units - int(digits, 32)) & _STAMP_MASK) * stamp.UNIT_NS
-                except ValueError:
-                    continue  # eight characters that were not a stamp after all
-                if age > stamp.MAX_AGE_NS:
-                    m.counters["clock_anomalies"] += 1
+                    if light is None or not light.remote_run(
+                        run.first_v, run.last_v, run.delta, run.in_order
+                    ):
+                        for v, op in run.entries:
+                            c.remote(v, op)
+                except ProtocolViolation:
+                    self.metrics.errors["client:version_gap"] += 1
+                    self._desync()
+        tally = self._tally
+        n = run.count
+        tally.ops_rx += n
+        self.ops_received += n
+        if self._start_ns <= now < self._end_ns:
+            tally.ops_rx_window += n
+        if run.stamps:
+            now_units = now // stamp.UNIT_NS
+            at = (now - self._origin_ns) // 1000
+            log_at, log_value = self._log_at, self._log_value
+            for units in run.stamps:
+                age = ((now_units - units) & _STAMP_MASK) * _UNIT_US
+                if age > _MAX_AGE_US:
+                    tally.clock_anomalies += 1
                     continue
-                us = age // 1000
-                if start <= now - age < end:
-                    fanout.add(us)
-                series.add(now, us)
-        m.counters["ops_rx"] += len(entries)
-        self.ops_received += len(entries)
-        if in_window:
-            m.counters["ops_rx_window"] += len(entries)
+                log_at(at)
+                log_value(age)
 
     def _on_ack(self, msg: dict[str, Any], now: int) -> None:
         client = self.client
@@ -321,16 +349,16 @@ class Session:
             m.errors["client:bad_ack"] += 1
             self._desync()
             return
-        window = self.plan.window
         us = (now - done.sent_ns) // 1000
-        if done.sent_ns in window:
+        if self._start_ns <= done.sent_ns < self._end_ns:
             m.ack.add(us)
         m.ack_series.add(now, us)
-        m.counters["acks"] += 1
+        tally = self._tally
+        tally.acks += 1
         m.acks_by_doc[self.spec.doc] += 1
-        if now in window:
-            m.counters["acks_window"] += 1
-            m.counters["acked_edits_window"] += done.edits
+        if self._start_ns <= now < self._end_ns:
+            tally.acks_window += 1
+            tally.acked_edits_window += done.edits
         if done.stamps:
             stamps = m.acked_stamps.get(self.spec.doc)
             if stamps is None:
@@ -339,7 +367,7 @@ class Session:
         if done.send is not None:
             self.outbox.append(done.send)
 
-    def _on_error(self, msg: dict[str, Any]) -> None:
+    def _on_server_error(self, msg: dict[str, Any]) -> None:
         m = self.metrics
         code = str(msg.get("code", "unknown"))
         m.errors[code] += 1
@@ -364,63 +392,84 @@ class Session:
 
     # --- outgoing -----------------------------------------------------------------------
 
-    async def _edit_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        plan = self.plan
-        rng = self.rng
-        m = self.metrics
-        interval = plan.interval_s
-        end = loop_time_at(plan.window.end_ns)
-        at = loop.time() + rng.random() * interval
-        while at < end:
-            await asyncio.sleep(at - loop.time())
-            if self.desynced or self.ws is None or not self.ws.open:
+    def _schedule_edit(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._edit_at < self._edit_end and not self.closing:
+            self._edit_timer = loop.call_at(self._edit_at, self._edit_tick)
+
+    def _edit_tick(self) -> None:
+        try:
+            if self.desynced or self.closing or self.ws is None or not self.ws.open:
                 return
             now = time.time_ns()
             self._edit(now)
-            m.counters["edits"] += 1
-            if now in plan.window:
-                m.counters["edits_window"] += 1
+            tally = self._tally
+            tally.edits += 1
+            if self._start_ns <= now < self._end_ns:
+                tally.edits_window += 1
             if self.outbox and not self._flush():
                 return
+            plan = self.plan
+            interval = plan.interval_s
             step = interval
             if plan.jitter:
-                step *= 1.0 + plan.jitter * (2.0 * rng.random() - 1.0)
-            at += step
-            behind = loop.time() - at
+                step *= 1.0 + plan.jitter * (2.0 * self.rng.random() - 1.0)
+            self._edit_at += step
+            loop = asyncio.get_running_loop()
+            behind = loop.time() - self._edit_at
             if behind > interval:
                 # The process fell behind; offer what it can rather than a burst.
-                m.counters["edits_skipped"] += int(behind / interval)
-                at = loop.time()
+                self.metrics.counters["edits_skipped"] += int(behind / interval)
+                self._edit_at = loop.time()
+            self._schedule_edit(loop)
+        except Exception as exc:  # a bug here must not pass silently to the loop's handler
+            self._on_exception(exc)
 
     def _edit(self, now: int) -> None:
         c = self.client
         assert c is not None
+        light, full = self.light, self.full
         rng = self.rng
         length = c.length
         deleting = self.plan.delete_ratio and c.can_delete and length > 2 * stamp.WIDTH
+        msg: dict[str, Any] | None
         if deleting and rng.random() < self.plan.delete_ratio:
             n = rng.randint(1, stamp.WIDTH)
-            msg = c.edit(delete_op(rng.randrange(length - n + 1), n), now)
-            if msg is not None:
-                self.outbox.append(msg)
-            return
-        text = stamp.encode(now)
-        msg = c.edit(insert_op(rng.randrange(length + 1), text), now, (text[1:-1],))
+            if light is not None:
+                msg = light.delete(n, now)
+            else:
+                assert full is not None
+                msg = full.edit(delete_op(rng.randrange(length - n + 1), n), now)
+        else:
+            text = stamp.encode(now)
+            if light is not None:
+                msg = light.insert(text, now)
+            else:
+                assert full is not None
+                msg = full.edit(insert_op(rng.randrange(length + 1), text), now, (text[1:-1],))
         if msg is not None:
             self.outbox.append(msg)
 
-    async def _presence_loop(self) -> None:
-        interval = self.plan.presence_interval_s
-        await asyncio.sleep(self.rng.random() * interval)
-        while not self.closing:
+    def _presence_tick(self) -> None:
+        try:
+            if self.closing or self.ws is None or not self.ws.open:
+                return
             length = self.client.length if self.client is not None else 0
             data = {"cursor": self.rng.randrange(length + 1)}
             self.outbox.append({"t": "presence", "doc": self.spec.doc, "data": data})
             self.metrics.counters["presence_tx"] += 1
             if not self._flush():
                 return
-            await asyncio.sleep(interval)
+            loop = asyncio.get_running_loop()
+            self._presence_timer = loop.call_later(
+                self.plan.presence_interval_s, self._presence_tick
+            )
+        except Exception as exc:
+            self._on_exception(exc)
+
+
+def frame_caches() -> dict[str, FrameCache]:
+    """One frame cache per codec, to be shared by every session of a load process."""
+    return {"msgpack": FrameCache(msgpack.unpackb), "json": FrameCache(orjson.loads)}
 
 
 def text_digest(text: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -237,3 +238,63 @@ class Series:
                 (t, len(values), percentile(values, 0.5), percentile(values, 0.99), values[-1])
             )
         return out
+
+
+class SampleLog:
+    """Latency samples as they are observed, kept raw: two flat arrays, nothing per sample.
+
+    The hot path appends with the two bound ``append`` methods (:attr:`at`, µs since
+    ``origin_ns`` when the sample was observed; :attr:`values`, the latency in µs, >= 0),
+    in observation order. Which samples count, their histogram and their time bins are
+    worked out once, by :meth:`fold`, after the measured window; :meth:`tail` is for
+    progress lines.
+    """
+
+    __slots__ = ("at", "origin_ns", "values")
+
+    def __init__(self, origin_ns: int) -> None:
+        self.origin_ns = origin_ns
+        self.at = array("q")
+        self.values = array("q")
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def add(self, at_ns: int, value: int) -> None:
+        """Record ``value`` (µs) observed at wall-clock ``at_ns`` (for tests; not the hot path)."""
+        self.at.append((at_ns - self.origin_ns) // 1000)
+        self.values.append(max(0, value))
+
+    def tail(self, since_ns: int, limit: int = 2000) -> Histogram:
+        """The samples observed at or after ``since_ns``, thinned to about ``limit`` (max exact).
+
+        Observation times only grow, so the start is found by bisection.
+        """
+        start = bisect_left(self.at, (since_ns - self.origin_ns) // 1000)
+        h = Histogram()
+        n = len(self.values) - start
+        if n <= 0:
+            return h
+        recent = self.values[start:]
+        h.extend(recent[:: max(1, n // limit)])
+        top = max(recent)
+        if top > h.max:
+            h.add(top)  # progress shows the true maximum of the interval
+        return h
+
+    def fold(self, into: Histogram, series: Series, start_ns: int, end_ns: int) -> None:
+        """Add every sample to ``series`` (by observation time) and those that *began* in
+        ``[start_ns, end_ns)`` (observation time minus latency) to ``into``, then empty the log.
+
+        ``series`` must have the same origin.
+        """
+        origin = self.origin_ns
+        lo, hi = (start_ns - origin) / 1000, (end_ns - origin) / 1000
+        add = into.add
+        for at, value in zip(self.at, self.values, strict=True):
+            if lo <= at - value < hi:
+                add(value)
+        series.times.extend(max(0, at) // 1000 for at in self.at)
+        series.values.extend(min(value, _U32) for value in self.values)
+        del self.at[:]  # in place: the hot path holds the arrays' bound methods
+        del self.values[:]

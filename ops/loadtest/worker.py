@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from ops.loadtest.channel import Channel
 from ops.loadtest.httpclient import HttpConnection, HttpError, open_connection, request_bytes
 from ops.loadtest.recorder import StepMetrics, Window
-from ops.loadtest.session import EditPlan, Session, SessionSpec, loop_time_at
+from ops.loadtest.session import EditPlan, Session, SessionSpec, frame_caches, loop_time_at
 
 PROGRESS_EVERY_S = 0.5
 """How often a worker reports its counters."""
@@ -150,8 +150,10 @@ class _Worker:
         loops = cmd["http_loops"]
         gate = asyncio.Semaphore(CONNECT_GATE)
         seed = cmd["seed"]
+        frames = frame_caches()
         sessions = [
-            Session(s, plan, metrics, server, gate, seed * 1_000_003 + s.index) for s in specs
+            Session(s, plan, metrics, server, gate, seed * 1_000_003 + s.index, frames[s.codec])
+            for s in specs
         ]
         tasks = [asyncio.create_task(s.run()) for s in sessions]
         rng = random.Random(seed)
@@ -211,6 +213,7 @@ class _Worker:
                     row[3] += d[2]
             for task in aux:
                 task.cancel()
+            metrics.settle(window)
             await self.send_wait({"kind": "result", "metrics": metrics.to_dict()})
         finally:
             for task in aux:
@@ -229,14 +232,14 @@ class _Worker:
         self.send({"kind": "closed", "closing_s": round(closing_s, 3)})
 
     async def _progress(self, metrics: StepMetrics) -> None:
-        series = metrics.fanout_series
+        log = metrics.fanout_log
         while True:
             await asyncio.sleep(PROGRESS_EVERY_S)
-            recent = series.tail(time.time_ns() - int(PROGRESS_EVERY_S * 1e9))
+            recent = log.tail(time.time_ns() - int(PROGRESS_EVERY_S * 1e9))
             self.send(
                 {
                     "kind": "progress",
-                    "counters": dict(metrics.counters),
+                    "counters": metrics.counts(),
                     "errors": dict(metrics.errors),
                     "recent": recent.to_dict() if recent.count else None,
                 }

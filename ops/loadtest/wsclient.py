@@ -116,6 +116,11 @@ class FrameParser:
         self._frags: list[bytes] = []
         self._frag_opcode = -1
 
+    @property
+    def idle(self) -> bool:
+        """True between messages: no partial frame buffered, no fragmented message open."""
+        return not self._buf and self._frag_opcode < 0
+
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         buf = self._buf
         buf += data
@@ -179,6 +184,9 @@ class FrameParser:
             raise WsError(f"unknown opcode {opcode:#x}")
 
 
+_FINAL_DATA = frozenset((0x80 | OP_TEXT, 0x80 | OP_BINARY))
+"""First bytes of a final, unfragmented text or binary frame without reserved bits."""
+
 OnMessage = Callable[[int, bytes], None]
 """Called with (opcode, payload) for every complete text or binary message."""
 
@@ -237,8 +245,25 @@ class WsProtocol(asyncio.Protocol):
             if not rest:
                 return
             data = rest
+        parser = self._parser
+        if parser.idle and len(data) >= 2 and data[0] in _FINAL_DATA:
+            # The usual read: exactly one whole, unfragmented, unmasked data message.
+            n = data[1]
+            if n < 126:
+                head = 2
+            elif n == 126 and len(data) >= 4:
+                n = (data[2] << 8) | data[3]
+                head = 4
+            else:
+                head = -1
+            if head > 0 and len(data) == head + n:
+                try:
+                    self.on_message(data[0] & 0x0F, data[head:])
+                except Exception as exc:  # a bug in a handler must not kill the others
+                    self.on_error(exc)
+                return
         try:
-            messages = self._parser.feed(data)
+            messages = parser.feed(data)
         except WsError as exc:
             self.on_error(exc)
             self.abort()
