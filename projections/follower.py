@@ -2,7 +2,9 @@
 
 The runner's database calls are synchronous, so they run on one dedicated thread that polls
 the log every ``poll`` seconds when idle, sooner when ``nudge``d (a write this process knows
-about, or a Postgres NOTIFY). Coroutines on the loop see how far it got through
+about, or a Postgres NOTIFY). Steps that find only a few events are spaced ``batch`` seconds
+apart, so that a busy store's commits are taken in by a few steps rather than one each;
+``wait_for`` does not wait for that. Coroutines on the loop see how far it got through
 ``position`` and can ``wait_for`` a position: read-your-writes for the read models.
 
 ``position`` only moves after the runner's observer ran for the events it covers, and the
@@ -25,6 +27,11 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05
 """How often an idle runner looks at the log (a fallback: writes nudge it)."""
+BATCH_SECONDS = 0.02
+"""After a step that found less than a full page, the next one waits this long even when
+nudged, so that the commits of a busy store (each one a NOTIFY) are taken in one step: a
+step's fixed cost (a read, a transaction) is paid once per this interval, not per commit.
+A coroutine waiting for a position (``wait_for``) cuts the wait short."""
 ERROR_BACKOFF = 1.0
 """Pause after a failed step before retrying (the database may be restarting)."""
 
@@ -36,10 +43,15 @@ class Follower:
     """Runs ``runner`` on a thread; ``start``/``stop`` from the loop."""
 
     def __init__(
-        self, runner: Runner, poll: float = POLL_SECONDS, invalidate: Invalidate | None = None
+        self,
+        runner: Runner,
+        poll: float = POLL_SECONDS,
+        invalidate: Invalidate | None = None,
+        batch: float = BATCH_SECONDS,
     ) -> None:
         self.runner = runner
         self.poll = poll
+        self.batch = batch
         self.invalidate = invalidate
         self.position = 0
         """Lowest position every model reached, as published on the loop."""
@@ -47,6 +59,7 @@ class Follower:
         self._ready = False
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._urgent = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._moved = asyncio.Event()
@@ -79,6 +92,7 @@ class Follower:
     async def stop(self) -> None:
         """Stop the thread after its current step (which commits or rolls back whole)."""
         self._stop.set()
+        self._urgent.set()
         self._wake.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
@@ -95,6 +109,7 @@ class Follower:
         """Wait until every model took in events up to ``position``; False on timeout."""
         if self.position >= position:
             return True
+        self._urgent.set()
         self.nudge()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max_wait
@@ -113,6 +128,7 @@ class Follower:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
+            self._urgent.clear()
             try:
                 if not self._ready:
                     self.runner.setup()
@@ -127,6 +143,8 @@ class Follower:
             self._publish(self.runner.seen())
             if n == 0:
                 self._wake.wait(self.poll)
+            elif n < self.runner.page_size and self.batch > 0:
+                self._urgent.wait(self.batch)  # let a few more commits arrive first
 
     def _observe(self, name: str, events: Sequence[tuple[int, Any]]) -> None:
         if self.invalidate is not None:

@@ -212,21 +212,21 @@ class Runner:
                 plans.append((model, todo, model.statements(todo)))
         if not plans:
             return
-        moved: list[bool] = []
+        cas = self._plain(
+            "UPDATE rm_tracking SET position = ?, event_at = ?, updated_at = ?"
+            " WHERE name = ? AND position = ?"
+        )
+        now = _now()
         with self.db.transaction() as tx:
-            for model, todo, stmts in plans:
-                last, event = todo[-1]
-                n = tx.execute(
-                    self._plain(
-                        "UPDATE rm_tracking SET position = ?, event_at = ?, updated_at = ?"
-                        " WHERE name = ? AND position = ?"
-                    ),
-                    (last, _event_at(event), _now(), self.tracking_name(model),
-                     self.tracks[model.name].position),
-                )
-                if n == 1:
-                    tx.run(stmts, self._renderers[model.name])
-                moved.append(n == 1)
+            # Every compare-and-set in one round trip, then every statement in another.
+            counts = tx.counts([
+                (cas, (todo[-1][0], _event_at(todo[-1][1]), now, self.tracking_name(model),
+                       self.tracks[model.name].position))
+                for model, todo, _ in plans
+            ])
+            moved = [n == 1 for n in counts]
+            tx.run_parts([(stmts, self._renderers[model.name])
+                          for (model, _, stmts), ok in zip(plans, moved, strict=True) if ok])
         for (model, todo, _), ok in zip(plans, moved, strict=True):
             if ok:
                 self.tracks[model.name].position = todo[-1][0]
