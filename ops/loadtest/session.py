@@ -200,8 +200,9 @@ class Session:
     async def _connect(self) -> bool:
         m = self.metrics
         host, port = self.server
+        # Join time counts from here: a wait for the gate is the server's slowness too.
+        self._connect_started = time.time_ns()
         async with self.gate:
-            self._connect_started = time.time_ns()
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
                     self.ws = await wsclient.connect(

@@ -33,8 +33,9 @@ from ops.loadtest.session import EditPlan, Session, SessionSpec, frame_caches, l
 
 PROGRESS_EVERY_S = 0.5
 """How often a worker reports its counters."""
-CONNECT_GATE = 500
-"""Most WebSocket handshakes one process has open at once."""
+CONNECT_GATE = 100
+"""Most WebSocket handshakes one process has open at once. More only lengthens the
+server's queue: past the connect timeout it answers clients that already gave up."""
 CLOSE_TIMEOUT_S = 10.0
 """Longest all of a process's sessions get, together, for their close handshakes."""
 COMMAND_TIMEOUT_S = 300.0
