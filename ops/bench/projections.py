@@ -17,6 +17,11 @@ In a fresh PostgreSQL schema (dropped afterwards):
    ``projections.registry.MODELS``, called exactly as ``coscribe replay`` does (``Store``,
    ``StoreSource``, ``open_db(read_db_config(cfg))``, ``page_size`` 2000, a progress
    callback), into the same schema. ``--per-model`` also rebuilds each model alone.
+   Then, as a floor, the server alone writes the rebuilt audit rows (one per event) again
+   into an empty copy of ``rm_audit`` with its indexes (``INSERT ... SELECT``).
+4. **Follow**: the first ``--follow-events`` (50,000) events again, into fresh tables, by a
+   plain ``Runner`` in pages of ``--follow-page`` (25): what a live runner costs per event
+   when a few events arrive per step (one read, one transaction and commit per page).
 
 Reports events/s for each step, and the rebuild's rate in its first and second half (does
 it slow down as the tables grow?). Wall-clock rates move with whatever else shares the cores,
@@ -58,6 +63,7 @@ from ops.bench.harness import (
 from projections.db import open_db
 from projections.registry import MODELS
 from projections.replay import REPLAY_PAGE, rebuild, rebuild_all
+from projections.runner import Runner
 
 COPY_ROWS = 50_000
 """Rows per COPY transaction while generating."""
@@ -200,6 +206,53 @@ def halves(curve: list[tuple[float, int]]) -> tuple[float, float]:
     return first, second
 
 
+def audit_floor(db: Any, events: int) -> dict[str, Any]:
+    """The server alone writing the rebuilt audit rows again: ``INSERT ... SELECT`` into an
+    empty copy of ``rm_audit`` with the same indexes (no Python, no parameters, no parsing).
+
+    One row per event and three indexes: a floor for any rebuild of this model here.
+    """
+    with db.transaction() as tx:
+        tx.execute("CREATE TABLE bench_audit_floor (LIKE rm_audit INCLUDING ALL)")
+    meter = CpuMeter(db)
+    started = time.perf_counter()
+    with db.transaction() as tx:
+        rows = tx.execute("INSERT INTO bench_audit_floor SELECT * FROM rm_audit")
+    seconds = time.perf_counter() - started
+    cpu = meter.since(rows)
+    with db.transaction() as tx:
+        tx.execute("DROP TABLE bench_audit_floor")
+    return {"rows": rows, "seconds": round(seconds, 2), "events_s": round(events / seconds, 1),
+            **cpu}
+
+
+class _Upto:
+    """The log as far as ``upto``: a follower that catches up and stops there."""
+
+    def __init__(self, source: StoreSource, upto: int) -> None:
+        self.source, self.upto = source, upto
+
+    def read(self, after: int, limit: int) -> list[tuple[int, Any]]:
+        return [(p, e) for p, e in self.source.read(after, min(limit, self.upto - after))
+                if p <= self.upto] if after < self.upto else []
+
+    def head(self) -> int:
+        return min(self.upto, self.source.head())
+
+
+def follow(db: Any, source: StoreSource, events: int, page: int) -> dict[str, Any]:
+    """Apply the first ``events`` events to fresh tables in pages of ``page``, as a live
+    runner does when a few events arrive at a time (read, decode, apply, commit per page)."""
+    runner = Runner(db, _Upto(source, events), list(MODELS), page_size=page, suffix="__follow")
+    runner.setup(fresh=True)
+    meter = CpuMeter(db)
+    started = time.perf_counter()
+    runner.catch_up()
+    seconds = time.perf_counter() - started
+    return {"events": events, "page": page, "seconds": round(seconds, 2),
+            "events_s": round(events / seconds, 1), **meter.since(events)}
+
+
 def run(args: argparse.Namespace, created: list[str]) -> dict[str, Any]:
     """Generate, read, rebuild in one fresh schema; the figures as a dict."""
     url = args.database_url
@@ -240,6 +293,10 @@ def run(args: argparse.Namespace, created: list[str]) -> dict[str, Any]:
                     models=[m.name for m in MODELS],
                     curve=[[round(t, 3), p] for t, p in curve[:: max(1, len(curve) // 200)]],
                 )
+                out["floor_audit"] = audit_floor(db, r.events)
+                if args.follow_events > 0:
+                    out["follow"] = follow(db, source, min(args.follow_events, head),
+                                           args.follow_page)
                 if args.per_model:
                     out["per_model"] = []
                     for model in MODELS:
@@ -268,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=100, help="documents active at a time")
     parser.add_argument("--page", type=int, default=REPLAY_PAGE,
                         help="events per page/transaction (coscribe replay's default)")
+    parser.add_argument("--follow-events", type=int, default=50_000,
+                        help="events to follow in small pages afterwards (0: skip)")
+    parser.add_argument("--follow-page", type=int, default=25,
+                        help="events per page when following (a live runner's steps)")
     parser.add_argument("--per-model", action="store_true", help="also rebuild each model alone")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", dest="json_out", type=Path, metavar="OUT")
@@ -297,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         ["  rebuild, first half", "", "", num(out["rebuild_first_half_events_s"]), "", "", ""],
         ["  rebuild, second half", "", "", num(out["rebuild_second_half_events_s"]), "", "", ""],
     ]
+    fl = out["floor_audit"]
+    rows.append(["  floor: the server writing the audit rows alone (INSERT … SELECT)",
+                 num(fl["rows"]), num(fl["seconds"], 2), num(fl["events_s"]), *cpu(fl)])
+    if "follow" in out:
+        f = out["follow"]
+        rows.append([f"follow in pages of {f['page']} (live runner: read, apply, commit)",
+                     num(f["events"]), num(f["seconds"], 2), num(f["events_s"]), *cpu(f)])
     for m in out.get("per_model", []):
         rows.append([f"rebuild {m['model']} alone", num(out["events"]), num(m["seconds"], 2),
                      num(m["events_s"]), "", "", ""])
