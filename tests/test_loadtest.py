@@ -948,6 +948,19 @@ def test_coscribe_serve_is_recognised_by_argv(argv: list[str], serve: bool) -> N
     assert procstat.is_coscribe_serve(argv) is serve
 
 
+def test_cpu_account_reads_pss_every_few_scans() -> None:
+    """PSS (smaps_rollup) is read again only every PSS_EVERY scans; VmRSS every scan."""
+    account = procstat.CpuAccount(roots={"me": {os.getpid()}}, databases=False)
+    account.begin()
+    for _ in range(procstat.PSS_EVERY - 1):
+        account.sample()
+    (key,) = account.pss_cache
+    assert account.pss_cache[key][1] == 1  # read at the first scan only
+    account.sample()
+    assert account.pss_cache[key][1] == procstat.PSS_EVERY + 1
+    assert len(account.vmrss_samples) == procstat.PSS_EVERY + 1
+
+
 def test_cpu_account_counts_a_reaped_child_once() -> None:
     """A grandchild that burns CPU and is reaped inside the window is charged once, in full."""
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"

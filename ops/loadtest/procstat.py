@@ -40,6 +40,10 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 DATABASE_COMMS = {"postgres": "postgres", "postmaster": "postgres", "redis-server": "redis"}
 """Process names (``comm``) that may be the server's databases, and their group."""
 _PG_CLIENT = re.compile(r"\((\d+)\)")
+RECLASSIFY_EVERY = 40
+"""Scans between two full classifications of the database processes."""
+PSS_EVERY = 3
+"""Scans between two PSS readings of one process (VmRSS is read at every scan)."""
 _REDIS_PORT = re.compile(r":(\d+)$")
 
 
@@ -63,9 +67,12 @@ class ProcStat:
 
 def read(pid: int) -> ProcStat | None:
     """Read ``/proc/PID``; None if the process is gone or unreadable."""
+    base = f"{PROC}/{pid}/"  # plain strings: this runs for every process every second
     try:
-        raw = (PROC / str(pid) / "stat").read_text()
-        statm = (PROC / str(pid) / "statm").read_text().split()
+        with open(base + "stat", encoding="utf-8", errors="replace") as f:
+            raw = f.read()
+        with open(base + "statm", encoding="ascii") as f:
+            statm = f.read().split()
     except (OSError, ValueError):
         return None
     lpar, rpar = raw.find("("), raw.rfind(")")
@@ -174,35 +181,43 @@ def connection_ports(pids: Iterable[int]) -> tuple[set[int], set[int]]:
     return local, remote
 
 
+def classify_database(st: ProcStat, local: set[int], remote: set[int]) -> str | None:
+    """``st``'s group if it works for a gateway whose TCP ports are ``local``/``remote``.
+
+    ``"postgres"``/``"redis"`` for a backend of the gateway's connections or the Redis it
+    talks to, ``"shared"`` for a PostgreSQL process serving no one client (postmaster, WAL
+    writer...), None for anything else.
+    """
+    group = DATABASE_COMMS.get(st.comm)
+    if group is None:
+        return None
+    argv = cmdline(st.pid)
+    if group == "redis":
+        m = _REDIS_PORT.search(argv[1] if len(argv) > 1 else "")
+        port = int(m.group(1)) if m else 6379
+        if "--port" in argv[:-1]:
+            port = int(argv[argv.index("--port") + 1])
+        return group if port in remote else None
+    title = " ".join(argv)
+    m = _PG_CLIENT.search(title)
+    if m is not None:
+        return group if int(m.group(1)) in local else None
+    return None if "[local]" in title else "shared"
+
+
 def database_groups(stats: dict[int, ProcStat], gateway: set[int]) -> dict[int, str]:
     """The database processes working for the ``gateway`` pids, with their group."""
     if not gateway:
         return {}
     local, remote = connection_ports(gateway)
-    out: dict[int, str] = {}
-    shared: list[int] = []
-    for st in stats.values():
-        group = DATABASE_COMMS.get(st.comm)
-        if group is None:
-            continue
-        argv = cmdline(st.pid)
-        if group == "redis":
-            m = _REDIS_PORT.search(argv[1] if len(argv) > 1 else "")
-            port = int(m.group(1)) if m else 6379
-            if "--port" in argv[:-1]:
-                port = int(argv[argv.index("--port") + 1])
-            if port in remote:
-                out[st.pid] = group
-            continue
-        title = " ".join(argv)
-        m = _PG_CLIENT.search(title)
-        if m is not None:
-            if int(m.group(1)) in local:
-                out[st.pid] = group
-        elif "[local]" not in title:
-            shared.append(st.pid)
+    return _with_shared({pid: classify_database(st, local, remote) for pid, st in stats.items()})
+
+
+def _with_shared(classes: dict[int, str | None]) -> dict[int, str]:
+    """The classified processes; the shared ones count (as postgres) once a backend does."""
+    out = {pid: g for pid, g in classes.items() if g is not None and g != "shared"}
     if any(g == "postgres" for g in out.values()):
-        out.update(dict.fromkeys(shared, "postgres"))
+        out.update({pid: "postgres" for pid, g in classes.items() if g == "shared"})
     return out
 
 
@@ -285,6 +300,11 @@ class CpuAccount:
     begin_ticks: int = 0
     machine_first: int = 0
     machine_last: int = 0
+    db_classes: dict[tuple[int, int], str | None] = field(default_factory=dict)
+    """Database processes by key, classified once (see :func:`classify_database`)."""
+    scans: int = 0
+    pss_cache: dict[tuple[int, int], tuple[int | None, int]] = field(default_factory=dict)
+    """Per process: (last PSS read, scan it was read at)."""
 
     def _scan(self) -> dict[tuple[int, int], tuple[str, ProcStat]]:
         stats = {pid: st for pid in all_pids() if (st := read(pid)) is not None}
@@ -294,9 +314,31 @@ class CpuAccount:
                 found.setdefault(stats[pid].key, (group, stats[pid]))  # first group wins
         if self.databases:
             gateway = {st.pid for g, st in found.values() if g == "gateway"}
-            for pid, group in database_groups(stats, gateway).items():
+            for pid, group in self._database_groups(stats, gateway).items():
                 found.setdefault(stats[pid].key, (group, stats[pid]))
+        self.scans += 1
         return found
+
+    def _database_groups(self, stats: dict[int, ProcStat], gateway: set[int]) -> dict[int, str]:
+        """:func:`database_groups`, reading the gateway's sockets only for new processes.
+
+        A backend's client port is fixed when it is forked, after the connection is up, so
+        one look decides it. Every ``RECLASSIFY_EVERY`` scans all are looked at again (a
+        Redis the gateway connected to later, a pid reused).
+        """
+        if not gateway:
+            return {}
+        if self.scans % RECLASSIFY_EVERY == 0:
+            self.db_classes.clear()
+        classes = self.db_classes
+        new = [st for st in stats.values() if st.comm in DATABASE_COMMS and st.key not in classes]
+        if new:
+            local, remote = connection_ports(gateway)  # the costly part: every socket
+            for st in new:
+                classes[st.key] = classify_database(st, local, remote)
+        return _with_shared(
+            {pid: classes[st.key] for pid, st in stats.items() if st.key in classes}
+        )
 
     def begin(self) -> None:
         """Open the window now: what every process used so far is not counted."""
@@ -326,11 +368,22 @@ class CpuAccount:
         self._memory(alive)
         self.alive = set(found)
 
+    def _pss(self, st: ProcStat) -> int | None:
+        """``st``'s PSS, read again only every ``PSS_EVERY`` scans (``smaps_rollup`` walks
+        the page tables: costly for backends that map all of PostgreSQL's shared buffers).
+        """
+        seen = self.pss_cache.get(st.key)
+        if seen is not None and self.scans - seen[1] < PSS_EVERY:
+            return seen[0]
+        pss = pss_bytes(st.pid)
+        self.pss_cache[st.key] = (pss, self.scans)
+        return pss
+
     def _memory(self, items: Iterable[_Tracked]) -> None:
         per: dict[str, int] = {}
         raw: dict[str, int] = {}
         for t in items:
-            pss = pss_bytes(t.last.pid)
+            pss = self._pss(t.last)
             per[t.group] = per.get(t.group, 0) + (pss if pss is not None else t.last.rss_bytes)
             raw[t.group] = raw.get(t.group, 0) + t.last.rss_bytes
             self.pids.setdefault(t.group, set()).add(t.last.pid)

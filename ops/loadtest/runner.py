@@ -41,7 +41,7 @@ READY_TIMEOUT_S = 60.0
 """Longest a load process may take to start."""
 VERIFY_S = 10.0
 """Longest the full clients get to catch up with the final version."""
-SAMPLE_EVERY_S = 0.5
+SAMPLE_EVERY_S = 1.0
 """How often ``/proc`` is read for memory (and new processes)."""
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 """The only hosts the tool sends traffic to."""
