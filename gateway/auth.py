@@ -43,6 +43,11 @@ def sign_token(secret: bytes, user: str, ttl: float | None = None) -> str:
 
 def verify_token(secret: bytes, token: str, now: float | None = None) -> str:
     """The user a valid token names; raise ``BadToken`` otherwise. Constant-time compare."""
+    return _verify(secret, token, now)[0]
+
+
+def _verify(secret: bytes, token: str, now: float | None) -> tuple[str, float | None]:
+    """``verify_token``, also giving the expiry (None: never)."""
     if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
         raise BadToken("malformed token")
     parts = token.split(".")
@@ -62,4 +67,35 @@ def verify_token(secret: bytes, token: str, now: float | None = None) -> str:
     exp = payload.get("exp")
     if exp is not None and (now if now is not None else time.time()) >= exp:
         raise BadToken("token expired")
-    return str(payload["u"])
+    return str(payload["u"]), None if exp is None else float(exp)
+
+
+class TokenCache:
+    """``verify_token`` with memory: each distinct token is checked (HMAC, base64, JSON) once.
+
+    A hit still enforces the expiry on every call, and only tokens that verified are kept, so
+    the answers are the ones ``verify_token`` gives (a bad token is re-checked each time and
+    raises the same ``BadToken``). At most ``size`` tokens are kept; past that the oldest
+    half is dropped. One cache per secret; not thread-safe (use it from the event loop).
+    """
+
+    def __init__(self, secret: bytes, size: int = 10_000) -> None:
+        self.secret = secret
+        self.size = size
+        self._users: dict[str, tuple[str, float | None]] = {}
+
+    def verify(self, token: str, now: float | None = None) -> str:
+        """The user a valid token names; raise ``BadToken`` otherwise."""
+        hit = self._users.get(token)
+        if hit is None:
+            hit = _verify(self.secret, token, now)
+            if len(self._users) >= self.size:
+                for old in list(self._users)[: self.size // 2]:  # dicts keep insertion order
+                    del self._users[old]
+            self._users[token] = hit
+            return hit[0]
+        user, exp = hit
+        if exp is not None and (now if now is not None else time.time()) >= exp:
+            del self._users[token]
+            raise BadToken("token expired")
+        return user

@@ -3,6 +3,12 @@
 Errors are ``{"error": {"code", "message"}}`` with the status of ``schema.codes.HTTP_STATUS``.
 Non-members get ``404 not_found`` for a document (its existence is not revealed); members
 whose role does not allow the request get ``403 forbidden``.
+
+The hot read, ``GET /v1/documents/{id}``, serves bytes rendered once per committed snapshot
+of the room (``Bodies``), with a strong ``ETag`` (a hash of those bytes) and ``304`` for a
+matching ``If-None-Match``. A room replaces its snapshot before it acks a write, so a read
+after an acknowledged write renders again and shows it. The caller's token and role are
+still checked on every request; only verified tokens are remembered (``TokenCache``).
 """
 
 from __future__ import annotations
@@ -10,19 +16,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from domain.document import Document
 from domain.errors import DomainError
 from gateway import keys
-from gateway.auth import BadToken, verify_token
-from gateway.room import Rejected, Room, Submission, iso_time
+from gateway.auth import BadToken, TokenCache
+from gateway.room import Rejected, Room, Snapshot, Submission, iso_time
 from gateway.rooms import Rooms
 from gateway.store import StoreUnavailable
+from projections.cache import etag_of
 from schema.codes import HTTP_STATUS, Code
 
 log = logging.getLogger(__name__)
@@ -55,14 +64,30 @@ def error_response(code: Code, message: str) -> web.Response:
 
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v1/ws", "/metrics"})
+"""Paths served without a token (the WebSocket authenticates in its first frame)."""
+
+
+@dataclass(slots=True)
+class Gate:
+    """What ``errors_middleware`` checks a request against: one per app (``GATE``)."""
+
+    public: set[str] = field(default_factory=lambda: set(PUBLIC_PATHS))
+    """Paths served without a token; extensions may add theirs before the app starts."""
+    tokens: TokenCache | None = None
+    """Made on the first request, from the app's secret (set by then, not before routes)."""
+
+
+GATE = web.AppKey("gate", Gate)
+"""The app's ``Gate`` (set by ``add_routes``)."""
 
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every failure into the error envelope; nothing else leaks out."""
     try:
-        if request.path not in PUBLIC_PATHS:
-            request[keys.USER] = _authenticate(request)
+        gate = request.app[GATE]
+        if request.path not in gate.public:
+            request[keys.USER] = _authenticate(gate, request)
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.code, exc.message)
@@ -83,13 +108,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(Code.INTERNAL, "internal error")
 
 
-def _authenticate(request: web.Request) -> str:
+def _authenticate(gate: Gate, request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise ApiError(Code.UNAUTHORIZED, "send Authorization: Bearer <token>")
+    tokens = gate.tokens
+    if tokens is None:
+        tokens = gate.tokens = TokenCache(request.app[keys.SECRET])
     try:
-        return verify_token(request.app[keys.SECRET], token.strip())
+        return tokens.verify(token.strip())
     except BadToken as exc:
         raise ApiError(Code.UNAUTHORIZED, str(exc)) from None
 
@@ -132,6 +160,75 @@ async def readable_room(request: web.Request) -> Room:
     if room is None or not room.doc.can_read(request[keys.USER]):
         raise ApiError(Code.NOT_FOUND, "no such document")
     return room
+
+
+def not_modified(request: web.Request, etag: str) -> bool:
+    """Whether the request's ``If-None-Match`` names ``etag`` (weak comparison, or ``*``)."""
+    header = request.headers.get("If-None-Match")
+    if header is None:
+        return False
+    if header.strip() == "*":
+        return True
+    return any(t.strip().removeprefix("W/") == etag for t in header.split(","))
+
+
+def cached_response(
+    request: web.Request, body: bytes, headers: CIMultiDict[str], status: int = 200
+) -> web.Response:
+    """``body`` with ``headers`` (``Content-Type`` and ``ETag`` among them), or ``304`` with
+    the headers but no body when the client already holds that ETag."""
+    if not_modified(request, headers["ETag"]):
+        return web.Response(status=304, headers={"ETag": headers["ETag"]})
+    return web.Response(body=body, status=status, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A document's ``GET`` response as bytes, for one committed snapshot of one room."""
+
+    room: Room
+    snapshot: Snapshot
+    body: bytes
+    headers: CIMultiDict[str]
+
+    def current(self, rooms: Rooms) -> bool:
+        """Still what a fresh render would give: the room is open here and has not moved."""
+        return self.room.snapshot is self.snapshot and rooms.peek(self.room.id) is self.room
+
+
+class Bodies:
+    """Rendered document bodies by the id as written in the path; one app's, on its loop.
+
+    An entry is used only while ``Rendered.current`` holds, so nothing is ever invalidated
+    explicitly: a commit, a remote event or a re-read replaces the room's snapshot, a swept
+    room is no longer the open one, and either makes the next read render again. At most
+    ``size`` entries; past that the oldest half is dropped.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._by_id: dict[str, Rendered] = {}
+
+    def get(self, key: str, rooms: Rooms) -> Rendered | None:
+        """The current rendering stored under ``key``, if any."""
+        hit = self._by_id.get(key)
+        return hit if hit is not None and hit.current(rooms) else None
+
+    def render(self, key: str, room: Room) -> Rendered:
+        """Render ``room``'s committed snapshot and keep it under ``key``."""
+        snapshot = room.snapshot
+        body = orjson.dumps(snapshot.as_json())
+        headers = CIMultiDict({"Content-Type": "application/json", "ETag": etag_of(body)})
+        out = Rendered(room, snapshot, body, headers)
+        if key not in self._by_id and len(self._by_id) >= self.size:
+            for old in list(self._by_id)[: self.size // 2]:  # dicts keep insertion order
+                del self._by_id[old]
+        self._by_id[key] = out
+        return out
+
+
+BODIES = web.AppKey("bodies", Bodies)
+"""The app's ``Bodies`` (set by ``add_routes``)."""
 
 
 async def _run(room: Room, user: str, command: Callable[[Document], Any]) -> Any:
@@ -219,13 +316,24 @@ async def create_document(request: web.Request) -> web.Response:
 
 
 async def get_document(request: web.Request) -> web.Response:
-    """``GET /v1/documents/{id}``: the committed text and version (``?at=`` time travel)."""
-    if "at" in request.query:
+    """``GET /v1/documents/{id}``: the committed text and version (``?at=`` time travel).
+
+    With an ``ETag``; ``304`` when ``If-None-Match`` names it. The role is checked on the
+    room's document each time, cached body or not.
+    """
+    if request.query_string and "at" in request.query:
         from gateway.readmodels import time_travel  # the read side lives above this module
 
         return await time_travel(request)
-    room = await readable_room(request)
-    return json_response(room.snapshot.as_json())
+    key = request.match_info["id"]
+    rooms: Rooms = request.app[keys.ROOMS]
+    bodies = request.app[BODIES]
+    hit = bodies.get(key, rooms)
+    if hit is None:
+        hit = bodies.render(key, await readable_room(request))
+    elif not hit.room.doc.can_read(request[keys.USER]):
+        raise ApiError(Code.NOT_FOUND, "no such document")
+    return cached_response(request, hit.body, hit.headers)
 
 
 async def post_op(request: web.Request) -> web.Response:
@@ -309,7 +417,9 @@ async def rename_document(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    """Register the routes of this module."""
+    """Register the routes of this module, and the ``GATE`` and ``BODIES`` they use."""
+    app[GATE] = Gate()
+    app[BODIES] = Bodies()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

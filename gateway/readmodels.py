@@ -8,7 +8,12 @@ arithmetic in ``projections.history``; both run on reader threads, never on the 
 Read-your-writes: a handler that reads a read model first waits (up to ``FRESH_SECONDS``)
 until the projections have taken in every event committed before the request arrived, so a
 client sees its own writes. If they are further behind, the answer is served anyway with
-header ``X-Projection-Lag`` (events not yet in it).
+header ``X-Projection-Lag`` (events not yet in it). "Committed before the request arrived"
+is the log's head as read by a query that started after the request arrived; concurrent
+requests share that query (``projections.cache.HeadProbe``).
+
+Document list pages are kept rendered (``projections.cache.PageCache``) and served again,
+with their ``ETag`` or as ``304``, while the log's head has not moved since they were read.
 
 Access: list and analytics queries join ``rm_members`` on the caller; routes about one
 document check the caller's role on the document itself (its room), like ``gateway.http``.
@@ -34,15 +39,17 @@ from uuid import UUID
 import orjson
 from aiohttp import web
 from eventsourcing.persistence import InterfaceError, OperationalError
+from multidict import CIMultiDict
 
 from domain.document import Document
 from domain.errors import BadVersion, DomainError, Invalid, NotFound, TooLarge
 from gateway import keys
+from gateway.http import GATE, cached_response
 from gateway.room import Rejected, Room, Submission
 from gateway.rooms import Rooms
 from gateway.store import Store, StoreConfig, StoreUnavailable
 from projections import history, queries
-from projections.cache import ReadCache
+from projections.cache import HeadProbe, PageCache, ReadCache
 from projections.db import ReadDB, ReadDBConfig, ReadDBError, open_db
 from projections.follower import Follower
 from projections.registry import MODELS
@@ -110,6 +117,11 @@ class ReadModels:
         self.follower = Follower(self.runner, invalidate=cache.invalidate)
         self.run = run
         self.reader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readmodels")
+        self.heads = HeadProbe(self.head)
+        """The log's head for requests: one store query shared by concurrent readers."""
+        self.positions = HeadProbe(self.position)
+        """The read models' position, likewise (polled when another process runs them)."""
+        self.pages = PageCache()
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
 
@@ -183,19 +195,24 @@ class ReadModels:
 
     async def fresh(self, response_headers: dict[str, str] | None = None) -> int:
         """Wait until the read models hold every event committed so far; returns the lag."""
-        head = await self.head()
+        lag = await self.reach(await self.heads.read())
+        if response_headers is not None and lag > 0:
+            response_headers["X-Projection-Lag"] = str(lag)
+        return lag
+
+    async def reach(self, head: int) -> int:
+        """Wait (up to ``FRESH_SECONDS``) until the read models hold every event up to
+        ``head``; returns how many they still lack (0: caught up)."""
         if self.run:
             ok = await self.follower.wait_for(head, FRESH_SECONDS)
             lag = 0 if ok else head - self.follower.position
         else:
             # Another process runs the projections: poll its tracking rows.
             for _ in range(int(FRESH_SECONDS / 0.02)):
-                lag = head - await self.position()
+                lag = head - await self.positions.read()
                 if lag <= 0:
                     break
                 await asyncio.sleep(0.02)
-        if response_headers is not None and lag > 0:
-            response_headers["X-Projection-Lag"] = str(lag)
         return max(lag, 0)
 
 
@@ -221,7 +238,9 @@ class Extension:
     def __call__(self, app: web.Application) -> None:
         """Add the routes, the dashboard and the runner's lifecycle to ``app``."""
         add_routes(app)
-        app.middlewares.insert(0, _dashboard_middleware)
+        app.router.add_get("/dashboard", dashboard)
+        app.router.add_get("/dashboard/", dashboard)
+        app[GATE].public.update(("/dashboard", "/dashboard/"))
         app.cleanup_ctx.append(self._lifecycle)
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
@@ -421,17 +440,23 @@ async def list_documents(request: web.Request) -> web.Response:
     q = request.query.get("q") or None
     if q is not None and len(q) > 200:
         raise TooLarge("q is longer than 200 characters")
-    headers: dict[str, str] = {}
-    await rm.fresh(headers)
-    rows = await rm.call(
-        queries.list_documents, rm.db, _user(request), order, before, limit + 1, q
-    )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    key = "created_pos" if order == "created" else "updated_pos"
-    next_cursor = encode_cursor(order, int(rows[-1][key])) if more else None
-    return _json({"items": [_doc_item(r) for r in rows], "next_cursor": next_cursor},
-                 headers=headers)
+    user = _user(request)
+    key = ("documents", user, order, before, limit, q)
+    head = await rm.heads.read()
+    page = rm.pages.get(key, head)
+    if page is None:
+        lag = await rm.reach(head)
+        rows = await rm.call(queries.list_documents, rm.db, user, order, before, limit + 1, q)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        pos = "created_pos" if order == "created" else "updated_pos"
+        next_cursor = encode_cursor(order, int(rows[-1][pos])) if more else None
+        data = {"items": [_doc_item(r) for r in rows], "next_cursor": next_cursor}
+        if lag:  # not caught up: say so, and keep nothing
+            return _json(data, headers={"X-Projection-Lag": str(lag)})
+        page = rm.pages.put(key, head, orjson.dumps(data))
+    headers = CIMultiDict({"Content-Type": "application/json", "ETag": page.etag})
+    return cached_response(request, page.body, headers)
 
 
 async def bulk_create(request: web.Request) -> web.Response:
@@ -527,6 +552,8 @@ async def projections_status(request: web.Request) -> web.Response:
             for n in rebuilding
         ]
     data["cache"] = rm.cache.stats()
+    data["pages"] = {"hits": rm.pages.hits, "misses": rm.pages.misses,
+                     "head_reads": rm.heads.calls}
     return _json(data)
 
 
@@ -847,19 +874,10 @@ async def warm(rm: ReadModels, rooms: Rooms) -> None:
 # -- dashboard ------------------------------------------------------------------------------
 
 
-@web.middleware
-async def _dashboard_middleware(
-    request: web.Request, handler: Callable[[web.Request], Any]
-) -> web.StreamResponse:
-    """Serve the static dashboard page without a token (its API calls send one).
-
-    Outermost middleware, because the gateway's error middleware authenticates every other
-    path; the page itself holds no data.
-    """
-    if request.method == "GET" and request.path in ("/dashboard", "/dashboard/"):
-        return web.FileResponse(STATIC / "dashboard.html")
-    response: web.StreamResponse = await handler(request)
-    return response
+async def dashboard(request: web.Request) -> web.FileResponse:
+    """``GET /dashboard``: the static dashboard page, without a token (its API calls send
+    one; the page itself holds no data). A public path of ``gateway.http.Gate``."""
+    return web.FileResponse(STATIC / "dashboard.html")
 
 
 def add_routes(app: web.Application) -> None:

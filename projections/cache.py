@@ -17,10 +17,16 @@ Staleness is ruled out with *tag generations* rather than by deleting keys:
 Entries without tags (time travel at a version, diffs, blame at a version) never change.
 Redis errors are logged and turn the second level off for the call; the cache is an
 optimisation, never a source of failures.
+
+``PageCache`` keeps rendered response bodies of read-model pages (document lists) in this
+process, each valid only while the event log's head is still the one it was computed at;
+``HeadProbe`` reads that head for many concurrent requests with one query.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -216,3 +222,99 @@ class ReadCache:
                 await self._redis.set(self.prefix + key, orjson.dumps(entry), ex=TTL_SECONDS)
             except Exception:
                 log.warning("redis set failed", exc_info=True)
+
+
+class HeadProbe:
+    """Reads a monotonic counter (the log's head) for many waiters with one call at a time.
+
+    ``read`` returns a value read by a call that *started after* ``read`` was called, so it
+    is at least the counter's value at that moment: everything committed before a request
+    arrived is at or below what it gets. Concurrent callers share the next call rather than
+    each making one (the one in flight may have started before they arrived, so they wait for
+    the one after it). ``probe`` is called on the loop and may raise; its error goes to every
+    caller that shared it.
+    """
+
+    def __init__(self, probe: Callable[[], Awaitable[int]]) -> None:
+        self._probe = probe
+        self._next: asyncio.Future[int] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.calls = 0
+
+    async def read(self) -> int:
+        """The counter, read after this call began."""
+        fut = self._next
+        if fut is None:
+            loop = asyncio.get_running_loop()
+            fut = self._next = loop.create_future()
+            if self._task is None:
+                self._task = loop.create_task(self._run(), name="head-probe")
+        return await asyncio.shield(fut)
+
+    async def _run(self) -> None:
+        try:
+            while (fut := self._next) is not None:
+                self._next = None  # later callers wait for the next call: this one starts now
+                self.calls += 1
+                try:
+                    value = await self._probe()
+                except asyncio.CancelledError:
+                    fut.cancel()
+                    raise
+                except Exception as exc:
+                    fut.set_exception(exc)
+                    fut.exception()  # mark retrieved: each waiter re-raises it itself
+                else:
+                    fut.set_result(value)
+        finally:
+            self._task = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A rendered response: its bytes and strong ETag, and the log head it is valid for."""
+
+    head: int
+    body: bytes
+    etag: str
+
+
+def etag_of(body: bytes) -> str:
+    """A strong entity tag for ``body``: the same bytes give the same tag in every process."""
+    return '"' + hashlib.blake2b(body, digest_size=16).hexdigest() + '"'
+
+
+class PageCache:
+    """Rendered pages by key, in this process only; no invalidation messages needed.
+
+    A page is stored with the log head ``h`` that the read models were known to have reached
+    before it was queried, so it shows every event up to ``h``. It is handed out only to a
+    request whose own head (read after it arrived, see ``HeadProbe``) is not past ``h``:
+    nothing was committed since, so a fresh query would say the same. Any commit anywhere
+    therefore retires every page (coarse, but exact, and free of cross-process messages).
+    At most ``size`` pages; past that the oldest half is dropped. Use from the loop only.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.hits = 0
+        self.misses = 0
+        self._pages: dict[Any, Page] = {}
+
+    def get(self, key: Any, head: int) -> Page | None:
+        """The page under ``key`` if it is valid for a request that read ``head``."""
+        page = self._pages.get(key)
+        if page is None or page.head < head:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return page
+
+    def put(self, key: Any, head: int, body: bytes) -> Page:
+        """Keep ``body``, computed once the read models had reached ``head``."""
+        page = Page(head, body, etag_of(body))
+        if key not in self._pages and len(self._pages) >= self.size:
+            for old in list(self._pages)[: self.size // 2]:  # dicts keep insertion order
+                del self._pages[old]
+        self._pages[key] = page
+        return page
