@@ -161,11 +161,13 @@ class FrameCache:
     Only frames of ``ops`` messages, the ones shared by every subscriber, are kept.
     """
 
-    __slots__ = ("_decode", "_frames", "_memo")
+    __slots__ = ("_decode", "_memo", "frames")
 
     def __init__(self, decode: Callable[[bytes], Any]) -> None:
         self._decode = decode
-        self._frames: dict[bytes, Frame] = {}
+        self.frames: dict[bytes, Frame] = {}
+        """The kept frames: a receiver may look here first (``dict.get``) and call
+        :meth:`get` only on a miss."""
         self._memo: Memo = {}
 
     def run(self, messages: list[Any]) -> OpsRun:
@@ -174,12 +176,12 @@ class FrameCache:
 
     def get(self, payload: bytes) -> Frame:
         """The frame ``payload`` carries; raises ``ValueError`` when it cannot be decoded."""
-        frame = self._frames.get(payload)
+        frame = self.frames.get(payload)
         if frame is not None:
             return frame
         frame = parse(payload, self._decode, self._memo)
         if frame.run is not None and len(payload) <= CACHE_MAX_BYTES:
-            frames = self._frames
+            frames = self.frames
             if len(frames) >= CACHE_SIZE:
                 frames.clear()
             frames[payload] = frame

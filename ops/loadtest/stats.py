@@ -265,7 +265,7 @@ class SampleLog:
         self.at.append((at_ns - self.origin_ns) // 1000)
         self.values.append(max(0, value))
 
-    def tail(self, since_ns: int, limit: int = 2000) -> Histogram:
+    def tail(self, since_ns: int, limit: int = 500) -> Histogram:
         """The samples observed at or after ``since_ns``, thinned to about ``limit`` (max exact).
 
         Observation times only grow, so the start is found by bisection.

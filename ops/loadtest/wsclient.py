@@ -116,11 +116,6 @@ class FrameParser:
         self._frags: list[bytes] = []
         self._frag_opcode = -1
 
-    @property
-    def idle(self) -> bool:
-        """True between messages: no partial frame buffered, no fragmented message open."""
-        return not self._buf and self._frag_opcode < 0
-
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         buf = self._buf
         buf += data
@@ -246,7 +241,8 @@ class WsProtocol(asyncio.Protocol):
                 return
             data = rest
         parser = self._parser
-        if parser.idle and len(data) >= 2 and data[0] in _FINAL_DATA:
+        idle = not parser._buf and parser._frag_opcode < 0  # between two messages
+        if idle and len(data) >= 2 and data[0] in _FINAL_DATA:
             # The usual read: exactly one whole, unfragmented, unmasked data message.
             n = data[1]
             if n < 126:
