@@ -575,6 +575,9 @@ def test_frame_cache_decodes_each_ops_payload_once_and_memo_checks_the_op() -> N
     assert cache.get(bytes(shared)) is first and first.run is not None
     ack = msgpack.packb([{"t": "ack", "doc": "d", "seq": 1, "v": 2}])
     assert cache.get(ack).run is None and cache.get(ack) is not cache.get(ack)
+    presence = {"t": "presence", "doc": "d", "session": "s", "user": "u", "data": None}
+    both = cache.get(msgpack.packb([presence, _ops_msg("d", (2, ["x"])), presence]))
+    assert both.presence == 2 and both.run is not None and both.run.count == 1
     # Another op under the same (doc, v) is not taken from the memo.
     other = cache.run([_ops_msg("d", (1, ["[000002]", {"d": 3}]))])
     assert (other.delta, other.stamps) == (5, (stamp.units("000002"),))

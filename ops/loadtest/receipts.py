@@ -51,10 +51,14 @@ class OpsRun:
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A decoded frame: its messages, and their :class:`OpsRun` when all are ``ops``."""
+    """A decoded frame: its messages, and when all are ``ops`` or ``presence`` (the ones
+    the server sends alike to every subscriber) the :class:`OpsRun` of its ops and how many
+    presence messages it holds; else ``run`` is None and ``presence`` 0.
+    """
 
     messages: list[Any]
     run: OpsRun | None
+    presence: int = 0
 
 
 class Malformed(Exception):
@@ -146,19 +150,21 @@ def parse(payload: bytes, decode: Callable[[bytes], Any], memo: Memo | None = No
     """Decode one frame; raises ``ValueError`` when it cannot be decoded."""
     decoded = decode(payload)
     messages = decoded if isinstance(decoded, list) else [decoded]
-    run = None
-    if messages and all(type(m) is dict and m.get("t") == "ops" for m in messages):
-        try:
-            run = ops_run(messages, memo)
-        except Malformed:
-            run = None  # handled message by message, where the error is counted
-    return Frame(messages, run)
+    kinds = [m.get("t") if type(m) is dict else None for m in messages]
+    if not messages or not all(k == "ops" or k == "presence" for k in kinds):
+        return Frame(messages, None)
+    try:
+        run = ops_run([m for m, k in zip(messages, kinds, strict=True) if k == "ops"], memo)
+    except Malformed:
+        return Frame(messages, None)  # handled message by message, where the error is counted
+    return Frame(messages, run, kinds.count("presence"))
 
 
 class FrameCache:
     """Frames by payload for one codec: ``get(payload)`` decodes only the first copy.
 
-    Only frames of ``ops`` messages, the ones shared by every subscriber, are kept.
+    Only frames of ``ops`` and ``presence`` messages, the ones shared by every
+    subscriber, are kept.
     """
 
     __slots__ = ("_decode", "_memo", "frames")

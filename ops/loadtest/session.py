@@ -246,6 +246,8 @@ class Session:
                 return
         self._tally.frames_rx += 1
         if frame.run is not None:
+            if frame.presence:
+                self._tally.presence_rx += frame.presence
             self._on_run(frame.run, now)
         else:
             self._on_frame(frame.messages, now)
