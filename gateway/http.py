@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ from gateway.auth import BadToken, TokenCache
 from gateway.room import Rejected, Room, Snapshot, Submission, iso_time
 from gateway.rooms import Rooms
 from gateway.store import StoreUnavailable
-from projections.cache import etag_of
+from projections.cache import Bounded, etag_of
 from schema.codes import HTTP_STATUS, Code
 
 log = logging.getLogger(__name__)
@@ -184,16 +185,22 @@ def cached_response(
 
 @dataclass(frozen=True, slots=True)
 class Rendered:
-    """A document's ``GET`` response as bytes, for one committed snapshot of one room."""
+    """A document's ``GET`` response as bytes, for one committed snapshot of one room.
 
-    room: Room
+    The room is held weakly: a swept room is freed even while its rendering is kept."""
+
+    room: weakref.ref[Room]
     snapshot: Snapshot
     body: bytes
     headers: CIMultiDict[str]
 
-    def current(self, rooms: Rooms) -> bool:
-        """Still what a fresh render would give: the room is open here and has not moved."""
-        return self.room.snapshot is self.snapshot and rooms.peek(self.room.id) is self.room
+    def current(self, rooms: Rooms) -> Room | None:
+        """The room, if this is still what a fresh render would give: the room is the one
+        open here and its committed snapshot has not moved on."""
+        room = self.room()
+        if room is None or room.snapshot is not self.snapshot or rooms.peek(room.id) is not room:
+            return None
+        return room
 
 
 class Bodies:
@@ -202,28 +209,28 @@ class Bodies:
     An entry is used only while ``Rendered.current`` holds, so nothing is ever invalidated
     explicitly: a commit, a remote event or a re-read replaces the room's snapshot, a swept
     room is no longer the open one, and either makes the next read render again. At most
-    ``size`` entries; past that the oldest half is dropped.
+    ``size`` entries and about ``max_bytes`` of bodies (``projections.cache.Bounded``).
     """
 
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
-        self._by_id: dict[str, Rendered] = {}
+    def __init__(self, size: int = 4096, max_bytes: int = 128 << 20) -> None:
+        self._kept: Bounded[Rendered] = Bounded(size, max_bytes)
 
-    def get(self, key: str, rooms: Rooms) -> Rendered | None:
-        """The current rendering stored under ``key``, if any."""
-        hit = self._by_id.get(key)
-        return hit if hit is not None and hit.current(rooms) else None
+    def get(self, key: str, rooms: Rooms) -> tuple[Room, Rendered] | None:
+        """The room and its current rendering stored under ``key``, if any."""
+        hit = self._kept.get(key)
+        if hit is None:
+            return None
+        room = hit.current(rooms)
+        return None if room is None else (room, hit)
 
     def render(self, key: str, room: Room) -> Rendered:
         """Render ``room``'s committed snapshot and keep it under ``key``."""
         snapshot = room.snapshot
         body = orjson.dumps(snapshot.as_json())
         headers = CIMultiDict({"Content-Type": "application/json", "ETag": etag_of(body)})
-        out = Rendered(room, snapshot, body, headers)
-        if key not in self._by_id and len(self._by_id) >= self.size:
-            for old in list(self._by_id)[: self.size // 2]:  # dicts keep insertion order
-                del self._by_id[old]
-        self._by_id[key] = out
+        out = Rendered(weakref.ref(room), snapshot, body, headers)
+        # The old snapshot's text stays alive with the entry: count it as well as the body.
+        self._kept.put(key, out, 2 * len(body))
         return out
 
 
@@ -278,10 +285,6 @@ async def metrics(request: web.Request) -> web.Response:
         f"coscribe_committed_events_total {st.events}",
         "# TYPE coscribe_commit_conflicts_total counter",
         f"coscribe_commit_conflicts_total {st.conflicts}",
-        "# TYPE coscribe_commit_locked_total counter",
-        f"coscribe_commit_locked_total {st.locked}",
-        "# TYPE coscribe_commit_caught_up_events_total counter",
-        f"coscribe_commit_caught_up_events_total {st.caught_up}",
         "# TYPE coscribe_commit_failures_total counter",
         f"coscribe_commit_failures_total {st.failures}",
         "# TYPE coscribe_commit_seconds_total counter",
@@ -332,11 +335,13 @@ async def get_document(request: web.Request) -> web.Response:
     key = request.match_info["id"]
     rooms: Rooms = request.app[keys.ROOMS]
     bodies = request.app[BODIES]
-    hit = bodies.get(key, rooms)
-    if hit is None:
+    found = bodies.get(key, rooms)
+    if found is None:
         hit = bodies.render(key, await readable_room(request))
-    elif not hit.room.doc.can_read(request[keys.USER]):
-        raise ApiError(Code.NOT_FOUND, "no such document")
+    else:
+        room, hit = found
+        if not room.doc.can_read(request[keys.USER]):
+            raise ApiError(Code.NOT_FOUND, "no such document")
     return cached_response(request, hit.body, hit.headers)
 
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -292,16 +292,15 @@ class PageCache:
     request whose own head (read after it arrived, see ``HeadProbe``) is not past ``h``:
     nothing was committed since, so a fresh query would say the same. Any commit anywhere
     therefore retires every page (coarse, but exact, and free of cross-process messages).
-    At most ``size`` pages; past that the oldest half is dropped. Use from the loop only.
+    Bounded like ``Bounded``. Use from the loop only.
     """
 
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
+    def __init__(self, size: int = 4096, max_bytes: int = 64 << 20) -> None:
         self.hits = 0
         self.misses = 0
-        self._pages: dict[Any, Page] = {}
+        self._pages: Bounded[Page] = Bounded(size, max_bytes)
 
-    def get(self, key: Any, head: int) -> Page | None:
+    def get(self, key: Hashable, head: int) -> Page | None:
         """The page under ``key`` if it is valid for a request that read ``head``."""
         page = self._pages.get(key)
         if page is None or page.head < head:
@@ -310,11 +309,46 @@ class PageCache:
         self.hits += 1
         return page
 
-    def put(self, key: Any, head: int, body: bytes) -> Page:
+    def put(self, key: Hashable, head: int, body: bytes) -> Page:
         """Keep ``body``, computed once the read models had reached ``head``."""
         page = Page(head, body, etag_of(body))
-        if key not in self._pages and len(self._pages) >= self.size:
-            for old in list(self._pages)[: self.size // 2]:  # dicts keep insertion order
-                del self._pages[old]
-        self._pages[key] = page
+        self._pages.put(key, page, len(body))
         return page
+
+
+V = TypeVar("V")
+
+
+class Bounded(Generic[V]):
+    """Values by key, at most ``size`` of them and about ``max_bytes`` in all (their sizes as
+    given to ``put``); the oldest go first. A value over a sixteenth of ``max_bytes`` is not
+    kept at all, so one huge document cannot push out everything else. Not thread-safe."""
+
+    def __init__(self, size: int, max_bytes: int) -> None:
+        self.size = size
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._items: dict[Hashable, tuple[V, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable) -> V | None:
+        """The value under ``key``, if kept."""
+        item = self._items.get(key)
+        return None if item is None else item[0]
+
+    def put(self, key: Hashable, value: V, nbytes: int) -> None:
+        """Keep ``value`` under ``key`` (replacing what was there), evicting the oldest."""
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.nbytes -= old[1]
+        if nbytes > self.max_bytes // 16:
+            return
+        while self._items and (
+            len(self._items) >= self.size or self.nbytes + nbytes > self.max_bytes
+        ):
+            oldest = next(iter(self._items))  # dicts keep insertion order
+            self.nbytes -= self._items.pop(oldest)[1]
+        self._items[key] = (value, nbytes)
+        self.nbytes += nbytes

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from uuid import UUID
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -15,7 +16,7 @@ from gateway.app import Services, create_app
 from gateway.auth import BadToken, TokenCache, sign_token
 from gateway.readmodels import Extension
 from gateway.store import Store, StoreConfig
-from projections.cache import HeadProbe, PageCache
+from projections.cache import Bounded, HeadProbe, PageCache
 
 SECRET = b"test-secret"
 
@@ -185,3 +186,38 @@ def test_page_cache_serves_a_page_only_while_the_head_has_not_moved() -> None:
     pages.put("a", 1, b"1")
     pages.put("b", 1, b"2")
     assert len(pages._pages) <= 2
+
+
+def test_bounded_keeps_to_its_count_and_byte_budget() -> None:
+    """The oldest values go first past either limit; a value over 1/16 of the budget is not
+    kept; replacing a value frees its bytes."""
+    kept: Bounded[str] = Bounded(size=3, max_bytes=1600)
+    for k in "abc":
+        kept.put(k, k, 100)
+    kept.put("d", "d", 100)
+    assert [kept.get(k) for k in "abcd"] == [None, "b", "c", "d"] and kept.nbytes == 300
+    kept.put("b", "B", 50)
+    assert kept.get("b") == "B" and kept.nbytes == 250
+    kept.put("huge", "x", 101)
+    assert kept.get("huge") is None and len(kept) == 3
+    kept.put("c", "gone", 10_000)  # too big to keep: the old value goes too
+    assert kept.get("c") is None and kept.nbytes == 150
+
+
+async def test_a_swept_room_is_rendered_again_and_freed(http: Client) -> None:
+    """After the room is dropped, the next read loads a new room; the old one is not kept."""
+    import gc
+    import weakref
+
+    from gateway import keys
+
+    doc = await http.ok("POST", "/v1/documents", json={"title": "t", "text": "x"}, status=201)
+    path = f"/v1/documents/{doc['id']}"
+    first = await http.send("GET", path)
+    rooms = http.client.server.app[keys.ROOMS]
+    old = weakref.ref(rooms.peek(UUID(doc["id"])))
+    assert rooms.sweep(idle=-1) == 1
+    gc.collect()
+    assert old() is None
+    again = await http.send("GET", path, headers={"If-None-Match": first[1]["ETag"]})
+    assert again[0] == 304 and rooms.peek(UUID(doc["id"])) is not None
