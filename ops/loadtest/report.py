@@ -101,6 +101,7 @@ def figures(
             "connected": c["connected"],
             "joined": c["joined"],
             "connect_failed": c["connect_failed"],
+            "never_connected": max(0, c["sessions"] - c["connected"] - c["connect_failed"]),
             "join_failed": c["join_failed"],
             "disconnected": c["disconnected"],
             "desynced": c["desynced"],
@@ -196,6 +197,11 @@ def slo_failures(slo: Slo, r: dict[str, Any], *, has_writers: bool) -> list[str]
         failed.append("clients did not converge")
     if r["connection_failures"]:
         failed.append(f"{r['connection_failures']} connection failures")
+    if r["sessions"].get("never_connected"):
+        failed.append(
+            f"{r['sessions']['never_connected']} sessions were still waiting to connect at the"
+            " end (the server was slow to finish earlier handshakes)"
+        )
     if r["sessions"]["desynced"]:
         failed.append(f"{r['sessions']['desynced']} writers had an op refused")
     if r["errors"]:
