@@ -127,12 +127,19 @@ class Rooms:
         kind = msg.get("k")
         try:
             if kind == "e":
+                # Events at or below the committed head are here already (a room that
+                # committed under the lock read them from the store first): not decoded.
+                known = room.position
+                fresh = [e for e in msg["e"] if e[0] > known]
+                if not fresh:
+                    room.mark_contended()
+                    return
                 mapper = self.store.app.mapper
                 events = [
                     mapper.to_domain_event(
                         StoredEvent(originator_id=doc_id, originator_version=pos, topic=t, state=st)
                     )
-                    for pos, t, st in msg["e"]
+                    for pos, t, st in fresh
                 ]
                 room.remote_events(events)
             elif kind == "p":
