@@ -373,10 +373,17 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
         decode_text=False,
         compress=False,
     )
-    await ws.prepare(request)
-    codec = Codec(ws.ws_protocol) if ws.ws_protocol else Codec.JSON
     transport = request.transport
-    assert transport is not None
+    if transport is None or transport.is_closing():
+        return ws  # the client left while its upgrade waited in line
+    try:
+        await ws.prepare(request)
+    except ConnectionResetError:  # aiohttp raises its ClientConnectionResetError, a subclass
+        # Under a connect storm a client may give up before its upgrade is answered: not an
+        # error of ours, and a traceback per such client cost more than the handshake.
+        log.debug("client left during the WebSocket upgrade")
+        return ws
+    codec = Codec(ws.ws_protocol) if ws.ws_protocol else Codec.JSON
     session = Session(ws, codec, app[keys.ROOMS], app[keys.SECRET], limits, transport)
     sessions: set[Session] = app[keys.SESSIONS]
     sessions.add(session)
