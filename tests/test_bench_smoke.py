@@ -93,3 +93,21 @@ def test_fanout_bench_reports_the_cost_of_a_write(tmp_path: Path) -> None:
     assert fanout.main(["--sockets", "3", "--rounds", "50", "--json", str(out)]) == 0
     result = _report(out)["result"]
     assert result["writes"] == 150 and result["wall_us_per_write"] > 0
+
+
+def test_summary_plots_are_drawn_from_reports(tmp_path: Path) -> None:
+    """ops.perf.plots draws its three PNGs from loadtest and rebuild reports."""
+    pytest.importorskip("matplotlib")
+    from ops.perf import plots
+
+    step = {"acked_edits_s": 2000.0, "fanout_ms": {"p50": 50.0, "p99": 150.0},
+            "sessions": {"joined": 200}, "server": {"peak_rss_mb": 400.0, "peak_vmrss_mb": 900.0}}
+    load = tmp_path / "load.json"
+    load.write_bytes(orjson.dumps({"steps": [step, step]}))
+    rebuild = tmp_path / "rebuild.json"
+    rebuild.write_bytes(orjson.dumps({"rebuild_events": 1000, "rebuild_s": 0.5}))
+    argv = ["--saturate", str(load), "--sessions", str(load), "--rebuild", str(rebuild),
+            "--out", str(tmp_path)]
+    assert plots.main(argv) == 0
+    for name in ("latency-vs-rate", "memory-vs-sessions", "rebuild-vs-events"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000

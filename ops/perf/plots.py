@@ -1,0 +1,94 @@
+"""The summary plots of ``ops/PERFORMANCE.md``, drawn from JSON reports of the tools.
+
+    python -m ops.perf.plots --saturate SAT.json --sessions A.json B.json ... \\
+        --rebuild R1.json R2.json ... --out ops/perf
+
+- ``latency-vs-rate.png``: fan-out p50/p99 against acknowledged edits/s, one point per step
+  of a ``coscribe loadtest saturate --json`` report.
+- ``memory-vs-sessions.png``: server peak memory (PSS of gateways + PostgreSQL + Redis, and
+  the sum of their VmRSS) against sessions joined, one point per loadtest report.
+- ``rebuild-vs-events.png``: rebuild time against stored events, one point per
+  ``python -m ops.bench.projections --json`` report.
+
+Needs matplotlib (``pip install 'coscribe[plot]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+def _steps(path: Path) -> list[dict[str, Any]]:
+    report = orjson.loads(path.read_bytes())
+    return list(report.get("steps") or [report])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ops.perf.plots", description=__doc__)
+    p.add_argument("--saturate", type=Path)
+    p.add_argument("--sessions", type=Path, nargs="*", default=[])
+    p.add_argument("--rebuild", type=Path, nargs="*", default=[])
+    p.add_argument("--out", type=Path, default=Path("ops/perf"))
+    args = p.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.saturate:
+        steps = _steps(args.saturate)
+        rate = [s["acked_edits_s"] for s in steps]
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=90)
+        for q in ("p50", "p99"):
+            ax.plot(rate, [s["fanout_ms"][q] for s in steps], marker="o", label=f"fan-out {q}")
+        ax.set_xlabel("acknowledged edits/s")
+        ax.set_ylabel("ms")
+        ax.set_title("saturate, --workers 2: latency against load")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.out / "latency-vs-rate.png")
+        plt.close(fig)
+    if args.sessions:
+        points = sorted(
+            (s["sessions"]["joined"], s["server"]["peak_rss_mb"], s["server"]["peak_vmrss_mb"])
+            for path in args.sessions for s in _steps(path)
+        )
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=90)
+        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], marker="o",
+                label="PSS, gateways + PostgreSQL + Redis")
+        ax.plot([x for x, _, _ in points], [z for _, _, z in points], marker="s",
+                label="sum of VmRSS (counts shared pages twice)")
+        ax.axhline(1536, color="grey", linestyle="--", label="target 1.5 GB")
+        ax.set_xlabel("sessions joined")
+        ax.set_ylabel("MB")
+        ax.set_title("server memory against sessions")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.out / "memory-vs-sessions.png")
+        plt.close(fig)
+    if args.rebuild:
+        runs = [orjson.loads(path.read_bytes()) for path in args.rebuild]
+        pts = sorted((r["rebuild_events"], r["rebuild_s"]) for r in runs)
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=90)
+        ax.plot([e / 1000 for e, _ in pts], [s for _, s in pts], marker="o", linestyle="none")
+        ax.set_xlabel("stored events (thousands)")
+        ax.set_ylabel("rebuild seconds")
+        ax.set_title("projections rebuild time against events (each run)")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.out / "rebuild-vs-events.png")
+        plt.close(fig)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
