@@ -825,6 +825,17 @@ def test_check_ignores_acks_after_the_read_and_matches_the_later_read() -> None:
     assert (got["lost"], got["converged"], got["settled"]) == (0, True, False)
 
 
+def test_check_judges_loss_on_the_later_read() -> None:
+    """A first read from a process a commit behind does not count an acked edit as lost."""
+    s1, s2 = stamp.encode(10**15), stamp.encode(2 * 10**15)
+    stale, final = DocState("d", 1, s1), DocState("d", 2, s1 + s2)
+    m = _metrics_with("d", [s1[1:-1], s2[1:-1]], [])
+    got = check([DocState("d", 0, "")], [stale], [final], m, stamps_exact=True)
+    assert (got["lost"], got["version_gap"]) == (0, 0)
+    gone = check([DocState("d", 0, "")], [stale], [stale], m, stamps_exact=True)
+    assert gone["lost"] == 1  # still missing once everything settled: lost
+
+
 def test_check_flags_a_client_with_another_text() -> None:
     """A full client whose digest or version differs from the server's is a mismatch."""
     final = DocState("d", 1, "xyz")
