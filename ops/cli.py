@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import fields, replace
 from typing import Any
 
+from ops.runtime import tune_gc
 from ops.settings import Settings
 
 
@@ -44,6 +45,7 @@ def _serve_one(settings: Settings) -> None:
     if uvloop is not None:
         uvloop.install()
     app = build_app(settings)
+    tune_gc()
     print(f"coscribe serving on http://{settings.host}:{settings.port}", flush=True)
     # A log line per request costs more than serving a cached read: access logs are debug.
     access_log = logging.getLogger("aiohttp.access") if settings.log_level == "debug" else None

@@ -30,6 +30,7 @@ from ops.loadtest.channel import Channel
 from ops.loadtest.httpclient import HttpConnection, HttpError, open_connection, request_bytes
 from ops.loadtest.recorder import StepMetrics, Window
 from ops.loadtest.session import EditPlan, Session, SessionSpec, frame_caches, loop_time_at
+from ops.runtime import tune_gc
 
 PROGRESS_EVERY_S = 0.5
 """How often a worker reports its counters."""
@@ -47,6 +48,7 @@ HTTP_TIMEOUT_S = 30.0
 def main(conn: Connection, index: int) -> None:
     """Process entry point: serve steps until told to exit or the coordinator goes away."""
     _raise_fd_limit()
+    tune_gc()  # its own pauses would count as server latency
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_Worker(conn, index).serve())
 
