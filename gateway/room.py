@@ -523,8 +523,9 @@ class Room:
             self.parked.append(sub)
             return
         op = ot.validate(sub.op, self._len_at(sub.base))
-        for rec in self.history[sub.base - self.first_v + 1 :]:
-            op = ot.transform(op, rec.op, "left")
+        start = sub.base - self.first_v + 1
+        if start < len(self.history):
+            op = ot.transform_many(op, [rec.op for rec in self.history[start:]], "left")
         if ot.target_length(op, len(doc.text)) > MAX_DOCUMENT_CHARS:
             raise TooLarge(f"the document would exceed {MAX_DOCUMENT_CHARS} characters")
         v = doc.edit(op, sub.by, sub.client, sub.seq)

@@ -402,6 +402,42 @@ def test_fast_path_against_one_edit_equals_general(
     assert ot.transform(a, b, side) == ot._transform_general(a, b, side == "left")
 
 
+@st.composite
+def _op_and_history(draw: st.DrawFn) -> tuple[ot.Op, list[ot.Op]]:
+    """An op on a text and a run of ops applied to that text meanwhile (mostly single)."""
+    text = draw(gen.texts(max_size=30))
+    op = draw(gen.ops(text))
+    history: list[ot.Op] = []
+    cur = text
+    for _ in range(draw(st.integers(0, 8))):
+        if draw(st.integers(0, 3)) == 0:
+            other = draw(gen.ops(cur))
+        else:
+            q = draw(st.integers(0, len(cur)))
+            if draw(st.booleans()) or q == len(cur):
+                other = ot.normalize([q, draw(st.text(alphabet="xyz", min_size=1, max_size=3))])
+            else:
+                other = ot.normalize([q, {"d": draw(st.integers(1, len(cur) - q))}])
+        history.append(other)
+        cur = ot.apply(cur, other)
+    return op, history
+
+
+@PROPERTY
+@given(_op_and_history(), SIDES, st.booleans())
+def test_transform_many_equals_a_loop_of_transform(
+    case: tuple[ot.Op, list[ot.Op]], side: ot.Side, inserts_only: bool
+) -> None:
+    """transform_many(op, others) is transform applied past each of others in turn."""
+    op, history = case
+    if inserts_only:  # typing, like a client's composed buffer: deletes become retains
+        op = ot.normalize([c if not isinstance(c, dict) else c["d"] for c in op])
+    want = op
+    for other in history:
+        want = ot.transform(want, other, side)
+    assert ot.transform_many(op, history, side) == want
+
+
 @given(st.integers(0, 30), st.integers(1, 5), st.integers(0, 30), st.integers(1, 5), SIDES,
        st.booleans(), st.booleans())
 def test_fast_path_on_single_edits(
