@@ -197,16 +197,12 @@ class Committer:
         loop = asyncio.get_running_loop()
         started = loop.time()
         stale: set[UUID] = set()
-        if checked:
+        if checked:  # PostgreSQL: the asyncio writer (checks_heads made it)
+            assert self._async_writer is not None
             heads = {room.id: room.position for room, evs in batch if evs}
-            if self._async_writer is not None:
-                recordings, stale = await self._async_writer.save_checked(
-                    events, client_ops, heads, locked=locked
-                )
-            else:
-                recordings, stale = await loop.run_in_executor(
-                    self._writer, self.store.save_checked, events, client_ops, heads
-                )
+            recordings, stale = await self._async_writer.save_checked(
+                events, client_ops, heads, locked=locked
+            )
         else:
             recordings = await loop.run_in_executor(
                 self._writer, self.store.save, events, client_ops
