@@ -141,11 +141,13 @@ class Committer:
             if self._dirty:
                 self._wake.set()
             if batch:
-                done, locked = locked, False
-                await self._commit(batch, locked=done)
+                await self._commit(batch, locked=locked)
         finally:
-            if locked and self._async_writer is not None:
-                await self._async_writer.abort()
+            # Whatever happened in between (nothing to commit, a bug), never leave the table
+            # lock held: every writer of every process would wait on it.
+            writer = self._async_writer
+            if writer is not None and writer.in_transaction:
+                await writer.abort()
 
     async def _lock_contended(self, rooms: list[Room]) -> bool:
         """Take the table lock and catch up contended rooms before preparing them.

@@ -75,7 +75,7 @@ class AsyncWriter:
         """
         ids = list(heads)
         try:
-            rows = await asyncio.wait_for(self._begin([*ids], [heads[d] for d in ids]),
+            rows = await asyncio.wait_for(self._begin(ids, [heads[d] for d in ids]),
                                           COMMIT_TIMEOUT)
         except (psycopg.Error, OSError, TimeoutError) as exc:
             await self._discard()
@@ -101,6 +101,11 @@ class AsyncWriter:
             await curs.execute(self._recorder.missed_events, (ids, heads, MISSED_LIMIT),
                                prepare=True)
             return await curs.fetchall()
+
+    @property
+    def in_transaction(self) -> bool:
+        """A ``begin_locked`` transaction is open (holding the table lock)."""
+        return self._locked
 
     async def abort(self) -> None:
         """End the transaction of ``begin_locked`` without writing anything."""

@@ -295,6 +295,34 @@ async def test_contended_rooms_commit_under_the_lock_without_conflicts(
     assert sorted(final.text) == sorted(marks)
 
 
+async def test_a_failure_under_the_lock_releases_it(store: Store, other_store: Store) -> None:
+    """A bug between the lock-first read and the commit must not leave the table locked."""
+    if not store.checks_heads:
+        pytest.skip("the lock-first commit is PostgreSQL's")
+    doc = _saved(store)
+    async with running(store) as a, running(other_store) as b:
+        room_a, room_b = await a.get(doc.id), await b.get(doc.id)
+        assert room_a is not None and room_b is not None
+        await result(submit(room_a, ["x"], 0))
+        await result(submit(room_b, ["y"], 0))  # conflicts once: now contended
+        await result(submit(room_a, ["z"], room_a.snapshot.v))
+        assert room_b.contended
+        real = room_b.client_ops
+
+        def boom() -> list[tuple[str, str, int, int]]:
+            raise RuntimeError("injected")
+
+        room_b.client_ops = boom  # type: ignore[method-assign]
+        with pytest.raises(Rejected):
+            await result(submit(room_b, ["w"], room_b.snapshot.v))
+        assert b.committer.stats.locked > 0
+        room_b.client_ops = real  # type: ignore[method-assign]
+        # The other process can still commit (the lock was released), and so can this one.
+        v = await result(submit(room_a, ["q"], room_a.snapshot.v))
+        assert v == 4
+        await result(submit(room_b, ["r"], room_b.snapshot.v))
+
+
 async def test_late_op_is_transformed_after_conflict(store: Store, other_store: Store) -> None:
     """An op made on an old version and clashing in the store is transformed like a late op."""
     doc = _saved(store, "abc")
