@@ -198,6 +198,7 @@ class Room:
         self.first_v = doc.doc_version + 1
         self.base_len = len(doc.text)
         self.snapshot = self._snap()
+        self._snapshot_msg: tuple[Snapshot, Encoded] | None = None
         self.position = doc.version - len(doc.pending_events)  # a new document: 0
         self.last_used = time.monotonic()
         self._fresh: list[OpRecord] = []
@@ -332,6 +333,20 @@ class Room:
             self._trim()
             if self.inbox:
                 self._on_dirty(self)
+
+    def snapshot_message(self) -> Encoded:
+        """The ``snapshot`` message of the committed state, encoded once for every joiner.
+
+        A storm of joins on a large document would otherwise encode (and frame) the whole
+        text once per session.
+        """
+        snap = self.snapshot
+        cached = self._snapshot_msg
+        if cached is None or cached[0] is not snap:
+            msg = {"t": "snapshot", "doc": str(self.id), "v": snap.v, "text": snap.text,
+                   "title": snap.title}
+            cached = self._snapshot_msg = (snap, Encoded(msg))
+        return cached[1]
 
     def ops_since(self, v: int) -> list[OpRecord] | None:
         """Committed ops after ``v`` from memory, or None if the window does not reach."""

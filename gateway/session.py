@@ -298,9 +298,7 @@ class Session:
         self.subs[msg.doc] = room
         member = room.subscribe(self)
         if msg.v is None:
-            self.send(
-                {"t": "snapshot", "doc": doc, "v": snap.v, "text": snap.text, "title": snap.title}
-            )
+            self.deliver(room.snapshot_message())
         else:
             records = room.ops_since(msg.v)
             if records is not None:
