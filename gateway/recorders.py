@@ -150,33 +150,13 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
         with self.datastore.transaction(commit=False) as curs:
             curs.execute("SELECT 1")
 
-    def insert_checked(
-        self,
-        stored_events: Sequence[StoredEvent],
-        client_ops: Sequence[ClientOp],
-        heads: dict[UUID, int],
-    ) -> tuple[list[int], set[UUID]]:
-        """Insert the events of every document whose head is still ``heads[doc]``.
-
-        Under the library's table lock (which serialises writers anyway) the current heads
-        are read; documents whose head moved (another process committed first) are left
-        out and returned as stale, and the rest commit in this one transaction. A lost race
-        on one document then costs that document a retry, not the whole batch a failed
-        transaction (measured: a second worker starved, ~5 failed transactions per commit).
-        Returns the notification ids of the inserted events, in order, and the stale ids.
-        """
-        try:
-            return self._insert_checked(stored_events, client_ops, heads)
-        except (InterfaceError, OperationalError):  # a stale connection: once more, fresh
-            return self._insert_checked(stored_events, client_ops, heads)
-
     def checked_params(
         self,
         stored_events: Sequence[StoredEvent],
         client_ops: Sequence[ClientOp],
         heads: dict[UUID, int],
     ) -> tuple[Any, ...]:
-        """The parameters of the checked insert (shared with ``gateway.writer``)."""
+        """The parameters of ``checked_insert``, in its order."""
         docs = list(heads)
         cols: list[list[Any]] = (
             [list(c) for c in zip(*client_ops, strict=True)] if client_ops else [[], [], [], []]
@@ -208,19 +188,6 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
     def missed_events(self) -> Composed:
         """Take the table lock; the events after each ``(document, head)`` (up to a limit)."""
         return self._missed_events
-
-    def _insert_checked(
-        self,
-        stored_events: Sequence[StoredEvent],
-        client_ops: Sequence[ClientOp],
-        heads: dict[UUID, int],
-    ) -> tuple[list[int], set[UUID]]:
-        params = self.checked_params(stored_events, client_ops, heads)
-        # One statement in its own transaction (autocommit): the function does the rest.
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(self._checked_insert, params, prepare=True)
-            row = curs.fetchone()
-        return self.checked_result(row)
 
     def _insert_events(
         self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any

@@ -12,7 +12,6 @@ connection becomes ``StoreUnavailable``.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -250,35 +249,8 @@ class Store:
 
     @property
     def checks_heads(self) -> bool:
-        """Whether ``save_checked`` is available (Postgres)."""
+        """Whether checked commits are available (Postgres: ``gateway.writer``)."""
         return isinstance(self._writer_app.recorder, PostgresClientOpsRecorder)
-
-    def save_checked(
-        self, events: Sequence[Any], client_ops: Sequence[ClientOp], heads: dict[UUID, int]
-    ) -> tuple[list[Recording[UUID]], set[UUID]]:
-        """Append the events of the documents whose store head is still ``heads[doc]``.
-
-        One transaction; the library's mapper and table, written through our recorder
-        (``PostgresClientOpsRecorder.insert_checked``), not ``Application.save``: it would
-        fail the whole batch on one stale document. Returns the recordings of what was
-        appended and the ids of the stale documents (nothing of theirs was written).
-        """
-        recorder = self._writer_app.recorder
-        assert isinstance(recorder, PostgresClientOpsRecorder)
-        mapper = self._writer_app.mapper
-        t0 = time.perf_counter()
-        stored = [mapper.to_stored_event(e) for e in events]
-        t1 = time.perf_counter()
-        try:
-            ids, stale = recorder.insert_checked(stored, client_ops, heads)
-            t2 = time.perf_counter()
-            self.encode_seconds += t1 - t0
-            self.insert_seconds += t2 - t1
-        except IntegrityError as exc:
-            raise VersionConflict(str(exc), conflicting_doc(exc)) from exc
-        except (OperationalError, InterfaceError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        return recordings_of(events, stored, ids, stale), stale
 
     def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the database answers now (one attempt)."""

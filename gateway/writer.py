@@ -3,7 +3,7 @@
 A commit is one statement in its own transaction: the server-side function of
 ``gateway.recorders`` (``coscribe_append``: the library's table lock and NOTIFY, then the
 checked insert) writes into the library's own table the events mapped by the library's
-mapper: the same rows ``Store.save_checked`` writes from a thread.
+mapper.
 
 Why not that thread: its work is Python (it holds the GIL whenever it runs), so it buys no
 parallelism, and each time it comes back from the database it waits for the loop thread to
@@ -129,7 +129,10 @@ class AsyncWriter:
         *,
         locked: bool = False,
     ) -> tuple[list[Recording[UUID]], set[UUID]]:
-        """As ``Store.save_checked``: append what is not stale, return recordings and stale.
+        """Append the events of the documents whose head is still ``heads[doc]``.
+
+        Returns the recordings of what was appended and the ids of the stale documents
+        (another process moved their head; nothing of theirs was written).
 
         ``locked``: inside the transaction of ``begin_locked`` (which this commits).
         """
