@@ -191,9 +191,7 @@ class Committer:
         batch failed; unchecked, any clash raises ``VersionConflict``.
         """
         events = [e for _, evs in batch for e in evs]
-        if not events:
-            if locked and self._async_writer is not None:
-                await self._async_writer.abort()
+        if not events:  # a locked transaction left open here is ended by the tick
             return set()
         client_ops = [row for room, _ in batch for row in room.client_ops()]
         loop = asyncio.get_running_loop()
