@@ -5,7 +5,6 @@ and two processes' rooms sharing one Postgres schema through one hub (in-process
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import random
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,9 +20,9 @@ from domain.document import Document
 from gateway.hub import Hub, LocalBroker, LocalHub, pack
 from gateway.redis_hub import RedisHub
 from gateway.room import Room, Submission
-from gateway.rooms import Rooms
 from gateway.store import Store, StoreConfig
 from schema.frames import Encoded
+from tests.running import running
 
 OWNER = "olga"
 
@@ -296,24 +295,6 @@ def two_stores(pg_config: StoreConfig) -> Iterator[tuple[Store, Store]]:
     finally:
         a.close()
         b.close()
-
-
-@contextlib.asynccontextmanager
-async def running(store: Store, hub: Hub) -> AsyncIterator[Rooms]:
-    """Rooms over ``store`` and ``hub`` with the committer running; drained and closed after."""
-    rooms = Rooms(store, hub)
-    await rooms.start()
-    task = asyncio.create_task(rooms.committer.run())
-    try:
-        yield rooms
-    finally:
-        async with asyncio.timeout(10):
-            await rooms.committer.drain()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await rooms.close()
-        await rooms.committer.aclose()
 
 
 def _submit(room: Room, op: Any, base: int, client: str, seq: int) -> asyncio.Future[Any]:

@@ -7,9 +7,8 @@ connections, and neither sees the other's in-memory state.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 from uuid import uuid4
 
@@ -18,9 +17,9 @@ import pytest
 from domain import ot
 from domain.document import Document
 from gateway.room import Rejected, Room, Submission
-from gateway.rooms import Rooms
 from gateway.store import Store, StoreConfig, VersionConflict
 from schema.codes import Code
+from tests.running import running
 
 OWNER = "olga"
 
@@ -42,26 +41,6 @@ def other_store(store_config: StoreConfig, store: Store) -> Iterator[Store]:
         yield s
     finally:
         s.close()
-
-
-@contextlib.asynccontextmanager
-async def running(store: Store) -> AsyncIterator[Rooms]:
-    """Rooms over ``store`` (own in-process hub: no fan-out between processes) with the
-    committer running as a task; drained and closed after, as the app does."""
-    rooms = Rooms(store)
-    await rooms.start()
-    task = asyncio.create_task(rooms.committer.run())
-    try:
-        yield rooms
-    finally:
-        async with asyncio.timeout(10):
-            await rooms.committer.drain()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await rooms.close()
-        await rooms.hub.close()
-        await rooms.committer.aclose()
 
 
 def submit(
