@@ -76,19 +76,15 @@ STATIC = Path(__file__).parent / "static"
 
 
 class StoreSource:
-    """The event store's notification log, decoded with the application's mapper."""
+    """The event store's notification log, decoded (``Store.notifications``)."""
 
     def __init__(self, store: Store) -> None:
+        self.store = store
         self.recorder = store.app.recorder
-        self.mapper = store.app.mapper
 
     def read(self, after: int, limit: int) -> list[tuple[int, Any]]:
         """Up to ``limit`` events with notification id > ``after``, in order."""
-        try:
-            notes = self.recorder.select_notifications(after, limit, inclusive_of_start=False)
-        except (OperationalError, InterfaceError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        return [(n.id, self.mapper.to_domain_event(n)) for n in notes]
+        return self.store.notifications(after, limit)
 
     def head(self) -> int:
         """The highest notification id (0 for an empty store)."""

@@ -17,7 +17,7 @@ from eventsourcing.persistence import InterfaceError, OperationalError, StoredEv
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor, SQLiteDatastore
 from psycopg import Cursor
-from psycopg.rows import DictRow
+from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Composed, Identifier, Literal
 
 CLIENT_OPS_TABLE = "coscribe_client_ops"
@@ -30,6 +30,8 @@ LOCK_READ_FUNCTION = "coscribe_lock_read"
 
 ClientOp = tuple[str, str, int, int]
 """``(document id, client id, seq, version produced)``."""
+EventRow = tuple[int, UUID, int, str, bytes]
+"""``(notification id, originator id, originator version, topic, state)``: one stored event."""
 
 
 class PostgresClientOpsRecorder(PostgresApplicationRecorder):
@@ -125,6 +127,10 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
         self._select_client_op = SQL(
             "SELECT v FROM {}.{} WHERE doc = %s AND client = %s AND seq = %s"
         ).format(schema, table)
+        self._select_rows = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state"
+            " FROM {}.{} WHERE notification_id > %b ORDER BY notification_id LIMIT %b"
+        ).format(schema, events)
 
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
@@ -219,6 +225,19 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
             ),
             prepare=True,
         )
+
+    def select_rows(self, after: int, limit: int) -> list[EventRow]:
+        """Up to ``limit`` rows of the log after notification ``after``, as plain tuples.
+
+        The library's ``select_notifications`` without its per-row work (a dict per row, a
+        ``Notification``, a copy of the state): binary results straight into tuples. One
+        attempt: the caller (the projection runner) retries a failed step itself.
+        """
+        with self.datastore.get_connection() as conn, conn.cursor(
+            row_factory=tuple_row, binary=True
+        ) as curs:
+            curs.execute(self._select_rows, (after, limit), prepare=True)
+            return curs.fetchall()
 
     def find_client_op(self, doc: str, client: str, seq: int) -> int | None:
         """The version the op ``(doc, client, seq)`` produced, or None if never committed."""

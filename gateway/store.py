@@ -20,20 +20,28 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
+import msgpack
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import (
     IntegrityError,
     InterfaceError,
+    MapperDeserialisationError,
     Notification,
     OperationalError,
     Recording,
     StoredEvent,
     Transcoder,
 )
+from eventsourcing.utils import resolve_topic
 
 from domain.document import Document
-from gateway.recorders import ClientOp, PostgresClientOpsRecorder, SQLiteClientOpsRecorder
-from schema.transcoder import MsgpackTranscoder
+from gateway.recorders import (
+    ClientOp,
+    EventRow,
+    PostgresClientOpsRecorder,
+    SQLiteClientOpsRecorder,
+)
+from schema.transcoder import MsgpackTranscoder, ext_hook
 
 APP_NAME = "coscribe"
 """The application name: tables are ``coscribe_events`` (and later ``*_tracking``)."""
@@ -159,6 +167,65 @@ class CoscribeApplication(Application[UUID]):
         return MsgpackTranscoder()
 
 
+class EventDecoder:
+    """Stored rows to domain events: the library mapper's ``to_domain_event``, per page.
+
+    The same objects (the event class from the topic, the decoded state as ``__dict__``, the
+    originator's id and version, the class-version upcasts), without the per-event lookups:
+    the topic's class and version are resolved once per topic. Only for a mapper with neither
+    cipher nor compressor (the store's); anything else goes through the mapper.
+    """
+
+    def __init__(self, mapper: Any) -> None:
+        self.mapper = mapper
+        self.direct = (
+            mapper.cipher is None
+            and mapper.compressor is None
+            and isinstance(mapper.transcoder, MsgpackTranscoder)
+        )
+        self._classes: dict[str, tuple[type, int]] = {}
+
+    def _resolve(self, topic: str) -> tuple[type, int]:
+        cls = resolve_topic(topic)
+        found = self._classes[topic] = (cls, int(getattr(cls, "class_version", 1)))
+        return found
+
+    def decode(self, rows: Sequence[EventRow]) -> list[tuple[int, Any]]:
+        """``(notification id, event)`` for each row, in order."""
+        if not self.direct:
+            return [
+                (nid, self.mapper.to_domain_event(StoredEvent(oid, ver, topic, bytes(state))))
+                for nid, oid, ver, topic, state in rows
+            ]
+        classes = self._classes
+        unpack = msgpack.unpackb
+        new = object.__new__
+        setattr_ = object.__setattr__
+        out: list[tuple[int, Any]] = []
+        append = out.append
+        for nid, oid, ver, topic, state in rows:
+            found = classes.get(topic)
+            cls, class_version = found if found is not None else self._resolve(topic)
+            try:
+                d = unpack(state, ext_hook=ext_hook, timestamp=3, raw=False)
+            except Exception as exc:
+                raise MapperDeserialisationError(
+                    f"Failed to deserialise state of stored event with topic {topic!r},"
+                    f" originator_id {oid!s} and originator_version {ver}: {exc}"
+                ) from exc
+            d["originator_id"] = oid
+            d["originator_version"] = ver
+            if class_version != 1 or "class_version" in d:
+                from_version = d.pop("class_version", 1)
+                while from_version < class_version:
+                    getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(d)
+                    from_version += 1
+            event = new(cls)
+            setattr_(event, "__dict__", d)
+            append((nid, event))
+        return out
+
+
 def recordings_of(
     events: Sequence[Any], stored: Sequence[StoredEvent], ids: Sequence[int], stale: set[UUID]
 ) -> list[Recording[UUID]]:
@@ -201,6 +268,7 @@ class Store:
         """Writer thread: time from the start of the insert transaction to its commit."""
         self.reader = ThreadPoolExecutor(max_workers=cfg.pool_size, thread_name_prefix="store-read")
         """Threads for reads, so that loading a document never waits behind a commit."""
+        self.decoder = EventDecoder(self.app.mapper)
 
     def close(self) -> None:
         """Release the pool and the threads."""
@@ -269,6 +337,29 @@ class Store:
             return recorder.find_client_op(str(doc_id), client, seq)
         except (OperationalError, InterfaceError) as exc:
             raise StoreUnavailable(str(exc)) from exc
+
+    def notifications(self, after: int, limit: int) -> list[tuple[int, Any]]:
+        """Up to ``limit`` ``(notification id, event)`` after notification ``after``, in order.
+
+        The log as the projections read it. On Postgres the rows are read by
+        ``PostgresClientOpsRecorder.select_rows`` (a second attempt for a connection that went
+        stale) and decoded by ``EventDecoder``: 13.7 -> see the commit for CPU µs per event.
+        """
+        recorder = self.app.recorder
+        try:
+            if isinstance(recorder, PostgresClientOpsRecorder):
+                try:
+                    rows = recorder.select_rows(after, limit)
+                except (OperationalError, InterfaceError):
+                    rows = recorder.select_rows(after, limit)
+            else:
+                rows = [
+                    (n.id, n.originator_id, n.originator_version, n.topic, n.state)
+                    for n in recorder.select_notifications(after, limit, inclusive_of_start=False)
+                ]
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return self.decoder.decode(rows)
 
     def events_after(self, doc_id: UUID, position: int, limit: int | None = None) -> list[Any]:
         """The document's events with aggregate version > ``position``, in order."""

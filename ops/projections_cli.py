@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
+from ops.runtime import tune_gc
 from ops.settings import Settings
 
 
@@ -73,6 +74,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     models = _models(args.projection)
     store, source, db = _open(args)
+    tune_gc()
     try:
         columns = (
             TextColumn("{task.description:<10}"),
@@ -146,6 +148,7 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
                         observe=_redis_bump(settings.redis_url,
                                              getattr(settings, "redis_prefix", "coscribe:")))
         runner.setup()
+        tune_gc()
         log.info("following the log from %s for %s", runner.seen(),
                  ", ".join(m.name for m in models))
         print(f"projections running from position {runner.seen()}", flush=True)

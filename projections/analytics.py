@@ -31,7 +31,6 @@ DDL = (
         distinct_editors $bigint NOT NULL,
         PRIMARY KEY (document_id, hour)
     )""",
-    "CREATE INDEX ${analytics_hourly}_hour_$gen ON $analytics_hourly (hour)",
     """CREATE TABLE $analytics_activity (
         document_id $uuid NOT NULL,
         hour $ts NOT NULL,
@@ -41,7 +40,6 @@ DDL = (
         edits $bigint NOT NULL,
         PRIMARY KEY (document_id, hour, user_id)
     )""",
-    "CREATE INDEX ${analytics_activity}_hour_$gen ON $analytics_activity (hour)",
     """CREATE TABLE $analytics_documents (
         document_id $uuid PRIMARY KEY,
         owner TEXT NOT NULL,
@@ -49,8 +47,13 @@ DDL = (
         hour $ts NOT NULL,
         day $ts NOT NULL
     )""",
+)
+READ_INDEXES = (
+    "CREATE INDEX ${analytics_hourly}_hour_$gen ON $analytics_hourly (hour)",
+    "CREATE INDEX ${analytics_activity}_hour_$gen ON $analytics_activity (hour)",
     "CREATE INDEX ${analytics_documents}_hour_$gen ON $analytics_documents (hour)",
 )
+"""Indexes of the queries only (a rebuild makes them after its last page)."""
 
 _ACTIVITY = (
     "INSERT INTO $analytics_activity AS a (document_id, hour, day, user_id, events, edits)"
@@ -186,6 +189,7 @@ MODEL = ReadModel(
     version=2,
     tables=("analytics_hourly", "analytics_activity", "analytics_documents"),
     ddl=DDL,
+    read_indexes=READ_INDEXES,
     mapping=project,
     page_mapping=project_page,
 )

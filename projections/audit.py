@@ -32,12 +32,15 @@ DDL = (
         summary $json NOT NULL
     )""",
     "CREATE INDEX ${audit}_doc_$gen ON $audit (document_id, position)",
-    "CREATE INDEX ${audit}_actor_$gen ON $audit (actor, position)",
     """CREATE TABLE $audit_docs (
         document_id $uuid PRIMARY KEY,
         title_json TEXT NOT NULL
     )""",
 )
+READ_INDEXES = (
+    "CREATE INDEX ${audit}_actor_$gen ON $audit (actor, position)",
+)
+"""Indexes of the queries only (a rebuild makes them after its last page)."""
 
 ACTIONS: dict[type[Any], str] = {
     Document.Created: "created",
@@ -261,6 +264,7 @@ MODEL = ReadModel(
     version=2,
     tables=("audit", "audit_docs"),
     ddl=DDL,
+    read_indexes=READ_INDEXES,
     mapping=project,
     page_mapping=project_page,
 )

@@ -27,9 +27,12 @@ DDL = (
         created_pos $bigint NOT NULL,
         PRIMARY KEY (document_id, item_id)
     )""",
+)
+READ_INDEXES = (
     "CREATE INDEX ${context_items}_order_$gen ON $context_items"
     " (document_id, position, created_pos)",
 )
+"""Indexes of the queries only (a rebuild makes them after its last page)."""
 
 
 _CONTEXT_EVENTS = (Document.ContextItemAdded, Document.ContextItemUpdated,
@@ -70,9 +73,13 @@ def project(e: Any, pos: int) -> list[Stmt]:
     return []
 
 
+_EDITED = Document.Edited
+
+
 def project_page(page: Page) -> list[Statement]:
     """``project`` for each event of ``page`` (context events are rare: no need to coalesce)."""
-    return [s for p, e in page if isinstance(e, _CONTEXT_EVENTS) for s in project(e, p)]
+    return [s for p, e in page
+            if type(e) is not _EDITED and isinstance(e, _CONTEXT_EVENTS) for s in project(e, p)]
 
 
 MODEL = ReadModel(
@@ -80,6 +87,7 @@ MODEL = ReadModel(
     version=1,
     tables=("context_items",),
     ddl=DDL,
+    read_indexes=READ_INDEXES,
     mapping=project,
     page_mapping=project_page,
 )

@@ -32,7 +32,6 @@ DDL = (
         updated_pos $bigint NOT NULL,
         events $bigint NOT NULL
     )""",
-    "CREATE INDEX ${documents}_updated_$gen ON $documents (updated_pos)",
     """CREATE TABLE $members (
         document_id $uuid NOT NULL,
         user_id TEXT NOT NULL,
@@ -41,8 +40,12 @@ DDL = (
         added_at $ts NOT NULL,
         PRIMARY KEY (document_id, user_id)
     )""",
+)
+READ_INDEXES = (
+    "CREATE INDEX ${documents}_updated_$gen ON $documents (updated_pos)",
     "CREATE INDEX ${members}_user_$gen ON $members (user_id, created_pos)",
 )
+"""Indexes of the queries only (a rebuild makes them after its last page)."""
 
 _TOUCH = "UPDATE $documents SET updated_at = ?, updated_pos = ?, events = events + 1 WHERE id = ?"
 
@@ -254,6 +257,7 @@ MODEL = ReadModel(
     version=1,
     tables=("documents", "members"),
     ddl=DDL,
+    read_indexes=READ_INDEXES,
     mapping=project,
     page_mapping=project_page,
 )

@@ -51,6 +51,10 @@ class ReadModel:
     """The pure event -> statements function."""
     page_mapping: PageMapping | None = None
     """The pure page -> statements function, equal in effect to ``mapping`` event by event."""
+    read_indexes: tuple[str, ...] = ()
+    """``CREATE INDEX`` templates that only reads use (the mappings never need them): made
+    with the tables, except by a rebuild, which builds them once after its last page instead
+    of row by row (``projections.replay``)."""
 
     def statements(self, page: Page) -> list[Statement]:
         """The statements that apply ``page`` (the page mapping's, else event by event)."""

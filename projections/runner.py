@@ -62,6 +62,19 @@ class EventSource(Protocol):
         """The highest position in the log (0 when empty)."""
 
 
+class PreparedPage(list[tuple[int, Any]]):
+    """A page with every model's statements for the whole of it, computed in advance.
+
+    ``statements[model name]`` is ``model.statements(page)``: what the runner would compute,
+    so it uses them for a model that takes the whole page in (a rebuild's read-ahead thread
+    prepares pages while the database works on the one before).
+    """
+
+    def __init__(self, page: Sequence[tuple[int, Any]], statements: dict[str, list[Statement]]):
+        super().__init__(page)
+        self.statements = statements
+
+
 @dataclass(slots=True)
 class Track:
     """What a runner knows of one read model's tracking row."""
@@ -112,13 +125,20 @@ class Runner:
     def setup(self, fresh: bool = False) -> None:
         """Create missing tables and tracking rows; rebuild models of another version.
 
-        ``fresh`` drops this runner's tables first (a rebuild starts from nothing).
+        ``fresh`` drops this runner's tables first (a rebuild starts from nothing) and leaves
+        out the indexes only reads use: the rebuild makes them when it has caught up.
         """
         for model in self.models:
             with self.db.transaction() as tx:
                 self.db.lock(tx, "coscribe-readmodels-setup")
                 tx.execute(self._plain(TRACKING_DDL))
                 self._setup_model(tx, model, fresh)
+
+    def create_read_indexes(self) -> None:
+        """Create every model's read indexes (after a ``fresh`` setup has caught up)."""
+        for model in self.models:
+            with self.db.transaction() as tx:
+                create_read_indexes(tx, self.db, model, self.suffix, self.tracks[model.name].gen)
 
     def _setup_model(self, tx: Tx, model: ReadModel, fresh: bool) -> None:
         name = self.tracking_name(model)
@@ -135,7 +155,7 @@ class Runner:
             log.warning("read model %s changed (v%s -> v%s): rebuilding from the first event",
                         model.name, row["version"], model.version)
         gen = secrets.token_hex(3)
-        create_tables(tx, self.db, model, self.suffix, gen)
+        create_tables(tx, self.db, model, self.suffix, gen, read_indexes=not fresh)
         tx.execute(self._plain("DELETE FROM rm_tracking WHERE name = ?"), (name,))
         tx.execute(
             self._plain(
@@ -196,10 +216,13 @@ class Runner:
         of ``models`` (the registry's), the same in every runner.
         """
         plans: list[tuple[ReadModel, list[tuple[int, Any]], list[Statement]]] = []
+        prepared = page.statements if isinstance(page, PreparedPage) else {}
         for model in self.models:
             track = self.tracks[model.name]
             if page[0][0] > track.position:  # the usual case: all of it is new
-                plans.append((model, list(page), model.statements(page)))
+                stmts = prepared.get(model.name)
+                plans.append((model, list(page),
+                              model.statements(page) if stmts is None else stmts))
                 continue
             fresh = [(p, e) for p, e in page if p > track.seen]
             if not fresh:
@@ -295,10 +318,22 @@ def _event_at(event: Any) -> str | None:
     return iso(ts) if isinstance(ts, datetime) else None
 
 
-def create_tables(tx: Tx, db: ReadDB, model: ReadModel, suffix: str, gen: str) -> None:
-    """Drop (if present) and create the tables of ``model`` with ``suffix``, in ``tx``."""
+def create_tables(
+    tx: Tx, db: ReadDB, model: ReadModel, suffix: str, gen: str, read_indexes: bool = True
+) -> None:
+    """Drop (if present) and create the tables of ``model`` with ``suffix``, in ``tx``.
+
+    Without ``read_indexes`` the indexes only queries use are left for ``create_read_indexes``.
+    """
     render = Renderer(db.dialect, {**model.physical(suffix), "gen": gen})
     for table in model.physical(suffix).values():
         tx.execute(f"DROP TABLE IF EXISTS {table}")
-    for ddl in model.ddl:
+    for ddl in (*model.ddl, *model.read_indexes) if read_indexes else model.ddl:
+        tx.execute(render(ddl))
+
+
+def create_read_indexes(tx: Tx, db: ReadDB, model: ReadModel, suffix: str, gen: str) -> None:
+    """Create the ``read_indexes`` of ``model``'s tables with ``suffix`` (left out before)."""
+    render = Renderer(db.dialect, {**model.physical(suffix), "gen": gen})
+    for ddl in model.read_indexes:
         tx.execute(render(ddl))

@@ -159,14 +159,24 @@ class Renderer:
 # Every read model formats the same event's timestamp and document id: remember the last few
 # thousand (a page of events is mapped by each model in turn).
 
+_ISO: dict[datetime, str] = {}
+_ISO_MAX = 16_384
+"""Formatted timestamps kept; the whole memo is dropped when full (a page's events are new:
+an ``lru_cache`` spent more evicting, per miss, than the formatting itself)."""
 
-@lru_cache(maxsize=8192)
+
 def iso(ts: datetime) -> str:
     """A time as the ISO 8601 text stored in read models: UTC, microseconds, ``Z``."""
-    if ts.tzinfo is not UTC:
-        ts = ts.astimezone(UTC)
+    text = _ISO.get(ts)
+    if text is not None:
+        return text
+    utc = ts if ts.tzinfo is UTC else ts.astimezone(UTC)
     # The same text as strftime("%Y-%m-%dT%H:%M:%S.%fZ"), at a fraction of the cost.
-    return ts.isoformat(timespec="microseconds")[:-6] + "Z"
+    text = utc.isoformat(timespec="microseconds")[:-6] + "Z"
+    if len(_ISO) >= _ISO_MAX:
+        _ISO.clear()
+    _ISO[ts] = text
+    return text
 
 
 def hour_of(ts: datetime) -> str:

@@ -25,7 +25,7 @@ def test_every_table_is_documented_as_created() -> None:
     doc = (ROOT / "schema" / "read_models.md").read_text()
     for model in MODELS:
         assert f"### `{model.name}` (version {model.version})" in doc
-        for ddl in model.ddl:
+        for ddl in (*model.ddl, *model.read_indexes):
             text = render(ddl, Dialect.POSTGRES, {**model.physical(), "gen": "<gen>"})
             assert _ddl_as_documented(text) + ";" in doc, text
 

@@ -104,6 +104,32 @@ def test_save_load_and_read_back(store: Store) -> None:
     assert [e.originator_version for e in events] == [1, 2, 3, 4, 5, 6]
 
 
+def test_notifications_decode_as_the_library_mapper_does(store: Store) -> None:
+    """The log as projections read it: the events the library's own read and mapper give."""
+    doc = Document.create(title="T", text="héllo", owner=OWNER)
+    doc.edit([5, " 😀"], by=OWNER, client="c", seq=1)
+    doc.rename("N", by=OWNER)
+    doc.add_member("ed", "editor", by=OWNER)
+    item = doc.add_context_item("note", "a", "body", by="ed")
+    doc.update_context_item(item, by="ed", title="b")
+    doc.remove_context_item(item, by=OWNER)
+    doc.remove_member("ed", by=OWNER)
+    other = Document.create(title="O", text="", owner=OWNER)
+    store.save([*doc.collect_events(), *other.collect_events()])
+
+    recorder, mapper = store.app.recorder, store.app.mapper
+    expected = [(n.id, mapper.to_domain_event(n))
+                for n in recorder.select_notifications(0, 100, inclusive_of_start=False)]
+    got = store.notifications(0, 100)
+    assert len(got) == 9
+    assert [(p, type(e), e.__dict__) for p, e in got] == [
+        (p, type(e), e.__dict__) for p, e in expected
+    ]
+    first = got[0][0]
+    assert [p for p, _ in store.notifications(first + 2, 3)] == [first + 3, first + 4, first + 5]
+    assert store.notifications(got[-1][0], 10) == []
+
+
 def test_load_unknown_document_is_none(store: Store) -> None:
     """Loading or reading an id that was never saved gives None and no events."""
     assert store.load(uuid4()) is None

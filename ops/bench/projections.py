@@ -60,6 +60,7 @@ from ops.bench.harness import (
     server_facts,
     write_json,
 )
+from ops.runtime import tune_gc
 from projections.db import open_db
 from projections.registry import MODELS
 from projections.replay import REPLAY_PAGE, rebuild, rebuild_all
@@ -265,6 +266,7 @@ def run(args: argparse.Namespace, created: list[str]) -> dict[str, Any]:
             gen_s = generate(store, schema, args.events, args.events_per_doc, args.docs, args.seed)
             source = StoreSource(store)
             head = source.head()
+            tune_gc()  # as `coscribe replay` and `coscribe projections run` do
             out.update(events=head, generate_s=round(gen_s, 2),
                        generate_events_s=round(head / gen_s, 1))
             db = open_db(read_db_config(cfg))
@@ -300,9 +302,11 @@ def run(args: argparse.Namespace, created: list[str]) -> dict[str, Any]:
                 if args.per_model:
                     out["per_model"] = []
                     for model in MODELS:
+                        meter = CpuMeter(db)
                         one = rebuild(db, source, model, page_size=args.page)
                         out["per_model"].append({"model": model.name, "seconds": round(
-                            one.seconds, 2), "events_s": round(one.rate, 1)})
+                            one.seconds, 2), "events_s": round(one.rate, 1),
+                            "cpu": meter.since(one.events)})
                 rows = db.query("SELECT pg_total_relation_size('coscribe_events') AS b")
                 out["events_table_mb"] = round(int(rows[0]["b"]) / 2**20, 1)
             finally:
@@ -367,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                      num(f["events"]), num(f["seconds"], 2), num(f["events_s"]), *cpu(f)])
     for m in out.get("per_model", []):
         rows.append([f"rebuild {m['model']} alone", num(out["events"]), num(m["seconds"], 2),
-                     num(m["events_s"]), "", "", ""])
+                     num(m["events_s"]), *cpu(m["cpu"])])
     print_table(
         f"projections rebuild from {out['events']:,} events "
         f"(coscribe_events {out['events_table_mb']:,} MB; PostgreSQL "
