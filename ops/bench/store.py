@@ -61,6 +61,7 @@ from ops.bench.harness import (
 )
 from ops.bench.writers import (
     DOCS_PER_WRITER,
+    CommitWorker,
     CopyWorker,
     Counter,
     EditStream,
@@ -181,6 +182,26 @@ def _store_case(
         store.close()
 
 
+def run_commit(
+    url: str, batch: int, threads: int, seconds: float, created: list[str], seed: int
+) -> Case:
+    """The server's checked commit (``AsyncWriter.save_checked``) with client-op rows."""
+    with tempfile.TemporaryDirectory() as tmp, fresh_schema(url, created) as schema:
+        store = Store(_pg_config(url, schema, Path(tmp), threads))
+        workers = [CommitWorker(store, EditStream(random.Random(seed + i), client_ops=True),
+                                batch) for i in range(threads)]
+        try:
+            for w in workers:  # warm up (connection, prepared statement), untimed
+                w.execute(w.prepare(1))
+            measured = measure(workers, seconds)
+        finally:
+            for w in workers:
+                w.close()
+            store.close()
+    return Case("server commit (coscribe_append) + client_ops", batch, threads, measured,
+                None)
+
+
 def run_copy(
     url: str, batch: int, threads: int, seconds: float, created: list[str], states: list[bytes],
     events_layout: bool = False,
@@ -297,6 +318,7 @@ def plan(args: argparse.Namespace, created: list[str]) -> list[Callable[[], Case
         for t in args.threads:
             todo.append(lambda b=b, t=t: run_copy(url, b, t, seconds, created, states))
             todo.append(lambda b=b, t=t: run_store(url, b, t, seconds, created, seed))
+            todo.append(lambda b=b, t=t: run_commit(url, b, t, seconds, created, seed))
             if t != 1:
                 continue
             if b == 1 or (extras and b in (100, 1000)):

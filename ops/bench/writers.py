@@ -7,6 +7,7 @@ round (untimed), then all ``execute`` at once (timed, one thread each). See
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -205,6 +206,48 @@ class StoreWorker:
             for events, rows in work:
                 self.store.save(events, rows)
         return sum(len(e) for e, _ in work)
+
+
+class CommitWorker:
+    """The server's commit: ``gateway.writer.AsyncWriter.save_checked`` (one statement,
+    ``coscribe_append``: the table lock, NOTIFY, the head check and the inserts), awaited on
+    an event loop of the worker's own, exactly as the committer calls it with each tick's
+    events, client-op rows and the documents' heads before the batch."""
+
+    def __init__(self, store: Store, stream: EditStream, batch: int) -> None:
+        from gateway.writer import AsyncWriter
+
+        self.store = store
+        self.stream = stream
+        self.batch = batch
+        self.loop = asyncio.new_event_loop()
+        self.writer = AsyncWriter(store)
+
+    def prepare(self, batches: int) -> list[tuple[list[Any], list[ClientOp], dict[UUID, int]]]:
+        work = []
+        for _ in range(batches):
+            events, rows = self.stream.take(self.batch)
+            heads: dict[UUID, int] = {}
+            for e in events:
+                heads.setdefault(e.originator_id, e.originator_version - 1)
+            work.append((events, rows, heads))
+        return work
+
+    def execute(self, work: list[tuple[list[Any], list[ClientOp], dict[UUID, int]]]) -> int:
+        async def commit_all() -> int:
+            n = 0
+            for events, rows, heads in work:
+                recordings, stale = await self.writer.save_checked(events, rows, heads)
+                assert not stale and len(recordings) == len(events)
+                n += len(events)
+            return n
+
+        return self.loop.run_until_complete(commit_all())
+
+    def close(self) -> None:
+        """Close the writer's connection and the loop."""
+        self.loop.run_until_complete(self.writer.close())
+        self.loop.close()
 
 
 @dataclass
