@@ -13,16 +13,19 @@ Once it has caught up with the log, one transaction:
 A live runner then finds its tracking row moved (its compare-and-set fails), re-reads it and
 carries on from there on the new tables.
 
-While the rebuild applies one page, the next is read, decoded and mapped to the models'
-statements on a thread of its own (``ReadAhead``): that Python work fits in the time the
-database spends on the page before.
+While the rebuild applies one page, the next ones are read, decoded and mapped to the
+models' statements on a thread of its own (``PageFeed``): that Python work fits in the time
+the database spends on the pages before.
 """
 
 from __future__ import annotations
 
+import gc
+import queue
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +39,10 @@ NEXT = "__next"
 """Suffix of the tables and the tracking row of a rebuild in progress."""
 REPLAY_PAGE = 2000
 """Events per transaction during a rebuild."""
+AHEAD_PAGES = 3
+"""Pages a rebuild keeps read, decoded and mapped ahead of the one the database applies."""
+SWITCH_SECONDS = 0.0005
+"""The interpreter's switch interval during a rebuild (``sys.setswitchinterval``)."""
 
 Progress = Callable[[int, int], None]
 """``progress(position, head)``: called after every page."""
@@ -56,51 +63,88 @@ class RebuildResult:
         return self.events / self.seconds if self.seconds > 0 else float("inf")
 
 
-class ReadAhead:
-    """An ``EventSource`` that reads and maps the page after the one it returns, on a thread.
+_END = object()
+"""What a feed's queue holds after the last page it read ahead."""
 
-    A read that asks for exactly the page read ahead gets it (waiting if need be); any other
-    read goes to ``source`` directly. With ``models``, each page comes back as a
-    ``PreparedPage``: the models' statements for it were computed on the thread too (page
-    mappings are pure functions of the page), so that the Python work of page N+1 overlaps
-    the database's work on page N. ``source`` must allow reads from two threads (the store's
-    recorder has a connection per thread). ``close`` when done.
+
+class PageFeed:
+    """An ``EventSource`` whose pages are read, decoded and mapped ahead, on a thread.
+
+    The thread reads the log in order from position ``start`` (``limit`` events a page),
+    turns each page into a ``PreparedPage`` (every model's statements, computed there: page
+    mappings are pure functions of the page) and keeps up to ``depth`` of them ready, so
+    that the Python work of the next pages overlaps the database's work on this one. It
+    stops after the first page shorter than ``limit`` (the head of the log then).
+
+    A read that asks for the feed's next page gets it (waiting if need be); any other read,
+    or any read after the feed has ended, goes to ``source`` directly. ``source`` must allow
+    reads from two threads (the store's recorder has a connection per thread). ``close``
+    when done.
     """
 
-    def __init__(self, source: EventSource, models: Sequence[ReadModel] = ()) -> None:
+    def __init__(
+        self,
+        source: EventSource,
+        models: Sequence[ReadModel],
+        start: int,
+        limit: int,
+        depth: int = AHEAD_PAGES,
+    ) -> None:
         self.source = source
         self.models = list(models)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-read")
-        self._ahead: tuple[int, int, Future[list[tuple[int, Any]]]] | None = None
+        self.limit = limit
+        self._queue: queue.Queue[Any] | None = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(start, self._queue),
+                                        name="replay-read", daemon=True)
+        self._thread.start()
 
-    def _read(self, after: int, limit: int) -> list[tuple[int, Any]]:
-        page = self.source.read(after, limit)
-        if not self.models or not page:
-            return page
-        return PreparedPage(page, {m.name: m.statements(page) for m in self.models})
+    def _run(self, after: int, q: queue.Queue[Any]) -> None:
+        try:
+            while not self._stop.is_set():
+                page = self.source.read(after, self.limit)
+                if page:
+                    page = PreparedPage(page, {m.name: m.statements(page) for m in self.models})
+                    self._put(q, (after, page))
+                    after = page[-1][0]
+                if len(page) < self.limit:
+                    break
+        except BaseException as exc:  # handed to the reader, which raises it
+            self._put(q, exc)
+            return
+        self._put(q, _END)
+
+    def _put(self, q: queue.Queue[Any], item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def read(self, after: int, limit: int) -> list[tuple[int, Any]]:
-        """Up to ``limit`` events after ``after``; starts reading the next page."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[:2] == (after, limit):
-            page = ahead[2].result()
-        else:
-            if ahead is not None:
-                ahead[2].cancel()
-            page = self._read(after, limit)
-        if len(page) == limit:  # a full page: there is probably more
-            last = page[-1][0]
-            self._ahead = (last, limit, self._pool.submit(self._read, last, limit))
-        return page
+        """The feed's next page if it is the one asked for, else a direct read."""
+        q = self._queue
+        if q is not None and limit == self.limit:
+            item = q.get()
+            if isinstance(item, BaseException):
+                self._queue = None
+                raise item
+            if item is not _END:
+                start, page = item
+                if start == after:
+                    return page  # type: ignore[no-any-return]
+            self._queue = None  # off the feed's course, or past its end: read directly now
+        return self.source.read(after, limit)
 
     def head(self) -> int:
         """The log's head, from ``source``."""
         return self.source.head()
 
     def close(self) -> None:
-        """Stop the thread (a read in flight is waited for and dropped)."""
-        self._ahead = None
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the thread; pages not taken are dropped."""
+        self._stop.set()
+        self._thread.join()
 
 
 def rebuild(
@@ -123,12 +167,24 @@ def rebuild_all(
     page_size: int = REPLAY_PAGE,
     progress: Progress | None = None,
 ) -> list[RebuildResult]:
-    """Rebuild ``models`` in one pass over the log (each event decoded once), swap them in."""
+    """Rebuild ``models`` in one pass over the log (each event decoded once), swap them in.
+
+    The pages come from a ``PageFeed`` (read, decoded and mapped on its thread). That thread
+    and this one share the GIL; while the rebuild runs, the interpreter's switch interval is
+    ``SWITCH_SECONDS`` so that this thread gets it back as soon as the database answers
+    (with the default 5 ms, the database waited for the feed's Python), and the cyclic
+    garbage collector is off (pages hold no cycles: reference counting frees them).
+    """
     started = time.perf_counter()
-    ahead = ReadAhead(source, models)
-    runner = Runner(db, ahead, models, page_size=page_size, suffix=NEXT)
+    runner = Runner(db, source, models, page_size=page_size, suffix=NEXT)
+    runner.setup(fresh=True)
+    feed = PageFeed(source, models, runner.seen(), page_size)
+    runner.source = feed
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_SECONDS)
+    collecting = gc.isenabled()
+    gc.disable()  # every page is freed by reference counting; the collector only rescanned it
     try:
-        runner.setup(fresh=True)
         events = 0
         while True:
             n = runner.step()
@@ -138,7 +194,11 @@ def rebuild_all(
             if n == 0:
                 break
     finally:
-        ahead.close()
+        if collecting:
+            gc.enable()
+        sys.setswitchinterval(switch)
+        feed.close()
+        runner.source = source
     # Built once over the finished tables: row by row they cost the rebuild a third of
     # the database's time. The live tables still serve reads meanwhile.
     runner.create_read_indexes()
