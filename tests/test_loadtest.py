@@ -920,6 +920,28 @@ def test_slo_failures_cover_loss_convergence_and_thresholds() -> None:
     ]
 
 
+def test_projection_lag_is_summarised_and_checked() -> None:
+    """The read models' lag samples become percentiles; the threshold fails a step past it;
+    a server that does not tell the lag gets None (and a step that asks fails as unmeasured)."""
+    o = _outcome(acks_window=10, edits_window=10)
+    o.projection_lag = [(0.01 * i, 2 * i) for i in range(1, 101)]
+    step = run_report(parse({"name": "t", "writers": 1}), [o], {})["steps"][0]
+    assert step["projection_lag"] == {
+        "samples": 100,
+        "seconds": {"p50": 0.5, "p95": 0.95, "p99": 0.99, "max": 1.0},
+        "events": {"p50": 100.0, "p95": 190.0, "p99": 198.0, "max": 200.0},
+    }
+    assert slo_failures(Slo(projection_lag_p99_s=1), step, has_writers=True) == []
+    assert slo_failures(Slo(projection_lag_p99_s=0.5), step, has_writers=True) == [
+        "projection_lag_p99_s 0.99 > 0.5"
+    ]
+    silent = run_report(parse({"name": "t", "writers": 1}), [_outcome()], {})["steps"][0]
+    assert silent["projection_lag"] is None
+    assert slo_failures(Slo(projection_lag_p99_s=1), silent, has_writers=True) == [
+        "projection_lag_p99_s: not measured"
+    ]
+
+
 def test_window_membership_is_half_open() -> None:
     """The measured window includes its start and excludes its end."""
     w = Window(10, 20)

@@ -99,6 +99,20 @@ class Provisioner:
         except orjson.JSONDecodeError:
             return status, raw[:200].decode("utf-8", "replace")
 
+    async def projection_lag(self) -> tuple[float, int] | None:
+        """The read models' lag now (``GET /v1/projections``): the age in seconds of the
+        oldest event not yet in every model, and how many events that is; None if the
+        server does not tell (no read side, or an error)."""
+        try:
+            status, body = await self._call("GET", "/v1/projections")
+        except ProvisionError:
+            return None
+        if status != 200 or not isinstance(body, dict) or not body.get("projections"):
+            return None
+        models = body["projections"]
+        return (max(float(m.get("lag_seconds") or 0.0) for m in models),
+                max(int(m.get("lag") or 0) for m in models))
+
     async def health(self) -> None:
         """Raise :class:`ProvisionError` unless ``GET /healthz`` answers 200."""
         status, body = await self._call("GET", "/healthz")

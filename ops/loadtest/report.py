@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ops.loadtest.recorder import StepMetrics
 from ops.loadtest.scenario import Scenario, Slo, Step
-from ops.loadtest.stats import Histogram, summary_ms
+from ops.loadtest.stats import Histogram, percentile, summary_ms
 
 MIN_DELIVERY = 1.0
 """Below this share of owed ops received a step fails: broadcasts were lost or too late."""
@@ -47,6 +47,8 @@ class StepOutcome:
     cost: Cost
     convergence: dict[str, Any]
     procs: int
+    projection_lag: list[tuple[float, int]] = field(default_factory=list)
+    """``(seconds, events)`` of the read models' lag, sampled through the measured window."""
 
 
 SERVER_GROUPS = ("gateway", "postgres", "redis")
@@ -179,8 +181,23 @@ def step_report(o: StepOutcome) -> dict[str, Any]:
         },
     }
     out.update(figures(o.metrics, o.window_s, o.cost, o.convergence, o.procs))
+    out["projection_lag"] = lag_figures(o.projection_lag)
     failed = slo_failures(s.slo, out, has_writers=s.writers > 0)
     out["slo"] = {"ok": not failed, "failed": failed, "thresholds": _thresholds(s.slo)}
+    return out
+
+
+def lag_figures(samples: list[tuple[float, int]]) -> dict[str, Any] | None:
+    """``{"samples", "seconds": {p50, p95, p99, max}, "events": {same}}`` of the read models'
+    lag through the window; None when the server did not tell."""
+    if not samples:
+        return None
+    out: dict[str, Any] = {"samples": len(samples)}
+    for i, unit in ((0, "seconds"), (1, "events")):
+        ordered = sorted(float(s[i]) for s in samples)
+        out[unit] = {"p50": round(percentile(ordered, 0.50), 3),
+                     "p95": round(percentile(ordered, 0.95), 3),
+                     "p99": round(percentile(ordered, 0.99), 3), "max": round(ordered[-1], 3)}
     return out
 
 
@@ -226,6 +243,8 @@ def slo_failures(slo: Slo, r: dict[str, Any], *, has_writers: bool) -> list[str]
         ("server_peak_rss_mb", slo.server_peak_rss_mb, r["server"]["peak_rss_mb"], True),
         ("min_acked_ops_s", slo.min_acked_ops_s, r["acked_ops_s"], False),
         ("min_http_req_s", slo.min_http_req_s, r["http"]["req_s"], False),
+        ("projection_lag_p99_s", slo.projection_lag_p99_s,
+         (r.get("projection_lag") or {}).get("seconds", {}).get("p99"), True),
     ]
     for name, limit, value, upper in checks:
         if limit is None:
@@ -346,6 +365,9 @@ def summary_table(report: dict[str, Any]) -> Table:
     if any(s["http"]["req_s"] for s in steps):
         row("http req/s", lambda s: s["http"]["req_s"])
         row("http p99", lambda s: s["http"]["latency_ms"]["p99"], " ms")
+    if any(s.get("projection_lag") for s in steps):
+        row("projection lag p99",
+            lambda s: (s.get("projection_lag") or {}).get("seconds", {}).get("p99"), " s")
     row("errors", lambda s: sum(s["errors"].values()))
     row("lost", lambda s: s["lost"])
     row("converged", lambda s: s["converged"])

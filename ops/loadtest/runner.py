@@ -47,6 +47,9 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 """The only hosts the tool sends traffic to."""
 
 
+LAG_EVERY_S = 0.25
+"""How often the read models' lag is sampled during a measured window."""
+
 class RunFailed(Exception):
     """The run itself failed (not the server's figures): setup, a load process, a deadline."""
 
@@ -275,6 +278,7 @@ class Runner:
         account = CpuAccount(roots=roots)
         stop_sampling = asyncio.Event()
         sampler = asyncio.create_task(self._sample(account, window, stop_sampling))
+        lags = asyncio.create_task(self._sample_lag(http, window))
         self.progress.begin_step(step, index, len(self.scenario.steps), origin, window, arrivals_s)
         try:
             timeout = (drain_deadline - time.time_ns()) / 1e9 + 30.0
@@ -292,15 +296,32 @@ class Runner:
             await procs.gather("closed", 60.0, self.progress.update)
         except BaseException:
             sampler.cancel()  # the run failed: no figures to finish
+            lags.cancel()
             raise
         stop_sampling.set()
         cost = await _cost_of(sampler, account)
+        projection_lag = await lags
         metrics = StepMetrics(origin)
         for i in range(procs.count):
             metrics.merge(StepMetrics.from_dict(results[i]["metrics"]))
         convergence = check(initial, read, final, metrics, stamps_exact=step.delete_ratio == 0)
         self.progress.end_step()
-        return StepOutcome(step, metrics, window.seconds, cost, convergence, procs.count)
+        return StepOutcome(step, metrics, window.seconds, cost, convergence, procs.count,
+                           projection_lag)
+
+    async def _sample_lag(self, http: Provisioner, window: Window) -> list[tuple[float, int]]:
+        """The read models' lag every ``LAG_EVERY_S`` through ``window`` (empty if the server
+        does not tell): how far the projections trail the edits of the load."""
+        samples: list[tuple[float, int]] = []
+        await asyncio.sleep(max(0.0, (window.start_ns - time.time_ns()) / 1e9))
+        while time.time_ns() < window.end_ns:
+            lag = await http.projection_lag()
+            if lag is None and not samples:
+                return samples
+            if lag is not None:
+                samples.append(lag)
+            await asyncio.sleep(LAG_EVERY_S)
+        return samples
 
     def _server_roots(self) -> set[int]:
         if self.options.server_pids:

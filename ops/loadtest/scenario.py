@@ -80,6 +80,7 @@ class Slo:
     server_peak_rss_mb: float | None = None
     min_acked_ops_s: float | None = None
     min_http_req_s: float | None = None
+    projection_lag_p99_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
