@@ -212,7 +212,10 @@ class Document(Aggregate):
 
     def __init__(self, title: str, text: str, owner: str, h: bytes) -> None:
         self.title = title
-        self.text = text
+        self._chunks: ot.Chunks = ()
+        self._length = 0
+        self._text: str | None = None
+        self.text = text  # kept in pieces (``ot.apply_chunks``): an edit costs O(piece)
         self.owner = owner
         self.members: dict[str, str] = {owner: Role.OWNER.value}
         self.doc_version = 0
@@ -255,6 +258,30 @@ class Document(Aggregate):
             raise NotFound("no such document")
         if not self.can_write(user):
             raise Forbidden("viewers cannot edit this document")
+
+    @property
+    def text(self) -> str:
+        """The current text (joined from its pieces once per change, when asked for)."""
+        text = self._text
+        if text is None:
+            text = self._text = "".join(self._chunks)
+        return text
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._chunks = ot.chunks_of(value)
+        self._length = len(value)
+        self._text = value
+
+    @property
+    def chunks(self) -> ot.Chunks:
+        """The text in pieces (``ot.apply_chunks``); immutable, shared by later versions."""
+        return self._chunks
+
+    @property
+    def length(self) -> int:
+        """``len(self.text)``, without joining the text."""
+        return self._length
 
     @property
     def created_at(self) -> datetime:
@@ -390,7 +417,8 @@ class Document(Aggregate):
     def _apply_edit(self, e: Document.Edited) -> None:
         if e.v != self.doc_version + 1:
             raise BadVersion(f"edit produced v{e.v} on a document at v{self.doc_version}")
-        self.text = ot.apply(self.text, e.op)
+        self._chunks, self._length = ot.apply_chunks(self._chunks, self._length, e.op)
+        self._text = None
         self.doc_version = e.v
         self.last_editor = e.by
         if e.client is not None and e.seq is not None:

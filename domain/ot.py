@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import re
 import reprlib
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any, Literal, TypeAlias, TypedDict
 
 from domain.errors import BadOp
@@ -370,6 +372,107 @@ def apply(text: str, op: object) -> str:
         return text
     parts.append(text[pos:])
     return "".join(parts)
+
+
+CHUNK = 4096
+"""Code points per piece of a chunked text (``chunks_of``, ``apply_chunks``)."""
+
+Chunks: TypeAlias = tuple[str, ...]
+"""A text as consecutive pieces (none empty): ``"".join(chunks)`` is the text."""
+
+
+def chunks_of(text: str) -> Chunks:
+    """``text`` cut into pieces of ``CHUNK`` code points (the last may be shorter)."""
+    return tuple(text[i:i + CHUNK] for i in range(0, len(text), CHUNK))
+
+
+def apply_chunks(chunks: Chunks, size: int, op: object) -> tuple[Chunks, int]:
+    """``apply`` on a chunked text of length ``size``: the new chunks and length.
+
+    Time O(number of chunks + the chunks the op touches + size of op), not O(text): only
+    the pieces between the op's first and last change are rebuilt, the rest are shared
+    with ``chunks``, which is left as it was. Raises :class:`BadOp` exactly when ``apply``
+    would, with the same message.
+    """
+    if len(chunks) <= 1:  # a short text: one piece, edited as a string
+        text = apply(chunks[0] if chunks else "", op)
+        return _even(text), len(text)
+    edits, new_size = _edits(op, size)
+    if not edits:
+        return chunks, size
+    ends = list(accumulate(map(len, chunks)))
+    last = len(chunks) - 1
+    first = min(bisect_right(ends, edits[0][0]), last) if chunks else 0
+    stop = min(bisect_left(ends, edits[-1][1]), last) if chunks else -1
+    if chunks and ends[stop] - (ends[first - 1] if first else 0) < CHUNK // 2:
+        # A small piece is merged with a neighbour: pieces stay between CHUNK/2 and CHUNK.
+        if stop < last:
+            stop += 1
+        elif first > 0:
+            first -= 1
+    base = ends[first - 1] if first else 0
+    segment = "".join(chunks[first:stop + 1])
+    parts: list[str] = []
+    at = 0
+    for start, end, text in edits:
+        parts.append(segment[at:start - base])
+        parts.append(text)
+        at = end - base
+    parts.append(segment[at:])
+    changed = "".join(parts)
+    return chunks[:first] + _even(changed) + chunks[stop + 1:], new_size
+
+
+def _even(text: str) -> Chunks:
+    """``text`` in the fewest pieces of at most ``CHUNK``, all of about the same length (no
+    short remainder left behind)."""
+    n = len(text)
+    if n <= CHUNK:
+        return (text,) if text else ()
+    count = -(-n // CHUNK)
+    size = -(-n // count)
+    return tuple(text[i:i + size] for i in range(0, n, size))
+
+
+def _edits(op: object, size: int) -> tuple[list[tuple[int, int, str]], int]:
+    """The changes ``op`` makes to a text of length ``size``: ``(start, end, inserted)`` in
+    the text's positions, ascending and apart; and the new length. Validates as ``apply``."""
+    if type(op) is not list:
+        raise BadOp(f"an op must be a list of components, got {type(op).__name__}")
+    edits: list[tuple[int, int, str]] = []
+    pos = 0
+    new_size = size
+    for i, c in enumerate(op):
+        t = type(c)
+        if t is int:
+            if c <= 0:
+                raise _component_error(i, c)
+            pos += c
+            if pos > size:
+                raise _overrun(i, pos, size)
+        elif t is str:
+            if not _text_ok(c):
+                raise _component_error(i, c)
+            new_size += len(c)
+            if edits and edits[-1][1] == pos:
+                s0, e0, ins = edits[-1]
+                edits[-1] = (s0, e0, ins + c)
+            else:
+                edits.append((pos, pos, c))
+        elif t is dict and len(c) == 1 and type(n := c.get("d")) is int and n > 0:
+            end = pos + n
+            if end > size:
+                raise _overrun(i, end, size)
+            new_size -= n
+            if edits and edits[-1][1] == pos:
+                s0, _, ins = edits[-1]
+                edits[-1] = (s0, end, ins)
+            else:
+                edits.append((pos, end, ""))
+            pos = end
+        else:
+            raise _component_error(i, c)
+    return edits, new_size
 
 
 def _overrun(index: int, end: int, size: int) -> BadOp:

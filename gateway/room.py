@@ -70,15 +70,29 @@ class OpRecord:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The committed state of a document: what readers and new subscribers see."""
+    """The committed state of a document: what readers and new subscribers see.
+
+    The text is kept as the document's pieces and joined the first time it is read: a
+    commit of one op into a 4 MiB document then costs the op, not a copy of the text.
+    """
 
     id: UUID
     title: str
-    text: str
+    chunks: ot.Chunks
     v: int
     owner: str
     created_at: float
     updated_at: float
+    joined: list[str] = field(default_factory=list, compare=False, repr=False)
+    """The joined text once read (a list: the snapshot itself is frozen)."""
+
+    @property
+    def text(self) -> str:
+        """The document's text at version ``v``."""
+        joined = self.joined
+        if not joined:
+            joined.append("".join(self.chunks))
+        return joined[0]
 
     def as_json(self) -> dict[str, Any]:
         """The HTTP representation."""
@@ -196,7 +210,7 @@ class Room:
         self.members: dict[Subscriber, Member] = {}
         self.history: list[OpRecord] = []
         self.first_v = doc.doc_version + 1
-        self.base_len = len(doc.text)
+        self.base_len = doc.length
         self.snapshot = self._snap()
         self._snapshot_msg: tuple[Snapshot, Encoded] | None = None
         self.position = doc.version - len(doc.pending_events)  # a new document: 0
@@ -325,7 +339,7 @@ class Room:
             e.mutate(self.doc)
             changed = True
             if isinstance(e, Document.Edited):
-                records.append(_record(e, len(self.doc.text)))
+                records.append(_record(e, self.doc.length))
         if changed:
             self.history.extend(records)
             self.snapshot = self._snap()
@@ -465,7 +479,7 @@ class Room:
         self.history.extend(records)
         if not self.history:
             self.first_v = doc.doc_version + 1
-            self.base_len = len(doc.text)
+            self.base_len = doc.length
         self.snapshot = self._snap()
         self._broadcast(records, [])
         self.state = State.READY
@@ -541,10 +555,10 @@ class Room:
         start = sub.base - self.first_v + 1
         if start < len(self.history):
             op = ot.transform_many(op, [rec.op for rec in self.history[start:]], "left")
-        if ot.target_length(op, len(doc.text)) > MAX_DOCUMENT_CHARS:
+        if ot.target_length(op, doc.length) > MAX_DOCUMENT_CHARS:
             raise TooLarge(f"the document would exceed {MAX_DOCUMENT_CHARS} characters")
         v = doc.edit(op, sub.by, sub.client, sub.seq)
-        rec = OpRecord(v, op, sub.by, sub.client, sub.seq, time.time(), len(doc.text))
+        rec = OpRecord(v, op, sub.by, sub.client, sub.seq, time.time(), doc.length)
         self.history.append(rec)
         self._fresh.append(rec)
         sub.result = v
@@ -559,7 +573,7 @@ class Room:
 
     def _len_at(self, v: int) -> int:
         if v == self.doc.doc_version:
-            return len(self.doc.text)
+            return self.doc.length
         if v == self.first_v - 1:
             return self.base_len
         return self.history[v - self.first_v].len_after
@@ -584,7 +598,7 @@ class Room:
         return Snapshot(
             id=d.id,
             title=d.title,
-            text=d.text,
+            chunks=d.chunks,
             v=d.doc_version,
             owner=d.owner,
             created_at=d.created_at.timestamp(),

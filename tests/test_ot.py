@@ -461,3 +461,61 @@ def test_validate_fast_path_rejects_like_the_general_one() -> None:
                         ([2, "\ud800"], 9)):
         with pytest.raises(BadOp):
             ot.validate(bad, length)
+
+
+# -- chunked texts (the Document's text: an edit rebuilds only the pieces it touches) -----
+
+
+@st.composite
+def _chunked(draw: st.DrawFn) -> tuple[str, ot.Chunks]:
+    """A text and some cutting of it into non-empty pieces (as edits leave them)."""
+    text = draw(gen.texts(max_size=40))
+    cuts = sorted(draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=6)))
+    bounds = [0, *(c for c in cuts if c < len(text)), len(text)]
+    return text, tuple(text[a:b] for a, b in pairwise(bounds) if b > a)
+
+
+@given(_chunked(), st.data(), st.sampled_from([1, 2, 3, 5, 4096]))
+def test_apply_chunks_equals_apply(chunked: tuple[str, ot.Chunks], data: st.DataObject,
+                                   chunk: int) -> None:
+    """Any op on any cutting of a text gives the pieces of what ``apply`` gives (never an
+    empty piece), leaves the input untouched, and refuses exactly what ``apply`` refuses."""
+    text, chunks = chunked
+    op = data.draw(st.one_of(gen.ops(text, normalized=False), gen.garbage()))
+    try:
+        expected: str | BadOp = ot.apply(text, op)
+    except BadOp as exc:
+        expected = exc
+    saved = ot.CHUNK
+    ot.CHUNK = chunk
+    try:
+        got: tuple[ot.Chunks, int] | BadOp = ot.apply_chunks(chunks, len(text), op)
+    except BadOp as exc:
+        got = exc
+    finally:
+        ot.CHUNK = saved
+    if isinstance(expected, BadOp):
+        assert isinstance(got, BadOp) and str(got) == str(expected)
+        return
+    assert not isinstance(got, BadOp)
+    pieces, size = got
+    assert "".join(pieces) == expected and size == len(expected)
+    assert all(pieces)
+    assert "".join(chunks) == text
+
+
+def test_chunks_stay_near_the_chunk_size() -> None:
+    """Typing at random places keeps the pieces between a few and ``CHUNK`` code points."""
+    import random
+
+    rng = random.Random(7)
+    chunks, size = ot.chunks_of("x" * 50_000), 50_000
+    for _ in range(3000):
+        pos = rng.randrange(size + 1)
+        op: ot.Op = [pos, "abc"] if rng.random() < 0.7 or size < 10 else [
+            min(pos, size - 5), {"d": 5}]
+        op = ot.normalize(op)
+        chunks, size = ot.apply_chunks(chunks, size, op)
+    assert size == sum(map(len, chunks))
+    assert max(map(len, chunks)) <= ot.CHUNK
+    assert len(chunks) <= 2 * size // ot.CHUNK + 2

@@ -80,9 +80,13 @@ def cases(size: int, edits: int, seed: int) -> list[tuple[str, Callable[[int], o
     after_scattered = [scattered_op(ot.target_length(op, n), edits, rng) for op in scattered]
     positions = [rng.randrange(n + 1) for _ in range(INPUTS)]
     k, ks = INPUTS, len(scattered)
+    chunks = ot.chunks_of(text)
     return [
         ("apply · typing op", lambda i: ot.apply(text, typing[i % k])),
         ("apply · scattered op", lambda i: ot.apply(text, scattered[i % ks])),
+        ("apply_chunks · typing op (a Document's edit)",
+         lambda i: ot.apply_chunks(chunks, n, typing[i % k])),
+        ("apply_chunks · scattered op", lambda i: ot.apply_chunks(chunks, n, scattered[i % ks])),
         ("validate · scattered op", lambda i: ot.validate(scattered[i % ks], n)),
         (
             "transform · typing vs typing",
