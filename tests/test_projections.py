@@ -17,6 +17,7 @@ from projections.model import ReadModel
 from projections.registry import MODELS
 from projections.replay import NEXT, rebuild
 from projections.runner import Runner
+from projections.sql import Stmt
 from tests.test_projections_support import (
     COMMANDS,
     History,
@@ -356,3 +357,61 @@ def test_runners_starting_together_on_a_new_sqlite_file_all_set_up(tmp_path: Any
         finally:
             for db in dbs:
                 db.close()
+
+
+class _ListSource:
+    """A log of ``n`` events (the event is its position) that can be told to fail."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.fail_after: int | None = None
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, after: int, limit: int) -> list[tuple[int, Any]]:
+        self.reads.append((after, limit))
+        if self.fail_after is not None and after >= self.fail_after:
+            raise RuntimeError("the log is gone")
+        return [(p, p) for p in range(after + 1, min(self.n, after + limit) + 1)]
+
+    def head(self) -> int:
+        return self.n
+
+
+def test_page_feed_serves_pages_in_order_and_falls_back_to_direct_reads() -> None:
+    """The feed hands out the log's pages with every model's statements; a read it did not
+    read ahead, or one after the end, goes to the source; a failure reaches the reader."""
+    from projections.replay import PageFeed
+    from projections.runner import PreparedPage
+
+    model = ReadModel(name="m", version=1, tables=(), ddl=(), mapping=lambda e, p: [],
+                      page_mapping=lambda page: [Stmt("x", (len(page),))])
+    src = _ListSource(25)
+    feed = PageFeed(src, [model], 0, 10)
+    try:
+        first = feed.read(0, 10)
+        assert isinstance(first, PreparedPage) and first.statements == {"m": [Stmt("x", (10,))]}
+        assert [p for p, _ in first] == list(range(1, 11))
+        second = feed.read(10, 10)
+        assert [p for p, _ in second] == list(range(11, 21))
+        assert [p for p, _ in feed.read(20, 10)] == list(range(21, 26))  # the short last page
+        src.n = 27  # the log grew after the feed ended: read directly
+        assert feed.read(25, 10) == [(26, 26), (27, 27)]
+    finally:
+        feed.close()
+    src = _ListSource(100)
+    feed = PageFeed(src, [model], 0, 10)
+    try:
+        assert [p for p, _ in feed.read(0, 10)] == list(range(1, 11))
+        assert feed.read(50, 10) == [(p, p) for p in range(51, 61)]  # off the feed's course
+        assert not isinstance(feed.read(60, 10), PreparedPage)
+    finally:
+        feed.close()
+    src = _ListSource(100)
+    src.fail_after = 10
+    feed = PageFeed(src, [model], 0, 10)
+    try:
+        feed.read(0, 10)
+        with pytest.raises(RuntimeError, match="the log is gone"):
+            feed.read(10, 10)
+    finally:
+        feed.close()
