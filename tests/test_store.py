@@ -422,3 +422,25 @@ async def test_room_refuses_bad_submissions_and_keeps_going(store: Store) -> Non
     final = store.load(doc.id)
     assert final is not None
     assert (final.text, final.doc_version) == ("ok abc", 1)
+
+
+def test_event_decoder_goes_through_a_mapper_that_compresses() -> None:
+    """A mapper with a compressor (or cipher) is not decoded directly: the decoder asks it."""
+    from eventsourcing.compressor import ZlibCompressor
+    from eventsourcing.persistence import Mapper
+
+    from gateway.store import EventDecoder
+    from schema.transcoder import MsgpackTranscoder
+
+    mapper: Mapper[Any] = Mapper(transcoder=MsgpackTranscoder(), compressor=ZlibCompressor())
+    doc = Document.create(title="T", text="abc", owner=OWNER)
+    doc.edit([3, "d"], by=OWNER)
+    stored = [mapper.to_stored_event(e) for e in doc.collect_events()]
+    decoder = EventDecoder(mapper)
+    assert not decoder.direct
+    got = decoder.decode([(i + 1, s.originator_id, s.originator_version, s.topic, s.state)
+                          for i, s in enumerate(stored)])
+    assert [(p, type(e), e.__dict__) for p, e in got] == [
+        (i + 1, type(e), e.__dict__) for i, e in enumerate(map(mapper.to_domain_event, stored))
+    ]
+    assert EventDecoder(Mapper(transcoder=MsgpackTranscoder())).direct
