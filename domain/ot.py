@@ -374,7 +374,7 @@ def apply(text: str, op: object) -> str:
     return "".join(parts)
 
 
-CHUNK = 4096
+CHUNK = 16384
 """Code points per piece of a chunked text (``chunks_of``, ``apply_chunks``)."""
 
 Chunks: TypeAlias = tuple[str, ...]

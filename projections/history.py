@@ -42,19 +42,22 @@ def state_at(
     ``version + 1`` are included, so the title is the one the text had at that version.
     """
     state: State | None = None
+    chunks: ot.Chunks = ()  # the text in pieces while replaying: an edit costs O(piece)
+    size = 0
     for e in events:
         if at is not None and e.timestamp > at:
             break
         if isinstance(e, Document.Created):
             state = State(str(e.originator_id), e.title, e.text, e.owner, 0,
                           e.timestamp, e.timestamp, {e.owner: "owner"})
+            chunks, size = ot.chunks_of(e.text), len(e.text)
             continue
         if state is None:
             continue
         if isinstance(e, Document.Edited):
             if version is not None and e.v > version:
                 break
-            state.text = ot.apply(state.text, e.op)
+            chunks, size = ot.apply_chunks(chunks, size, e.op)
             state.version = e.v
         elif isinstance(e, Document.Renamed):
             state.title = e.title
@@ -63,6 +66,8 @@ def state_at(
         elif isinstance(e, Document.MemberRemoved):
             state.members.pop(e.user, None)
         state.updated_at = e.timestamp
+    if state is not None:
+        state.text = "".join(chunks)
     return state
 
 
