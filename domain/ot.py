@@ -343,34 +343,19 @@ def apply(text: str, op: object) -> str:
     valid op or runs past the end of ``text``, exactly when ``validate(op, len(text))``
     would. The op need not be normalized.
     """
-    if type(op) is not list:
-        raise BadOp(f"an op must be a list of components, got {type(op).__name__}")
-    size = len(text)
+    edits, _ = _edits(op, len(text))
+    return _splice(text, 0, edits) if edits else text
+
+
+def _splice(text: str, base: int, edits: list[tuple[int, int, str]]) -> str:
+    """``text`` (which starts at position ``base`` of the whole) with ``edits`` made."""
     parts: list[str] = []
-    pos = 0
-    for i, c in enumerate(op):
-        t = type(c)
-        if t is int:
-            if c <= 0:
-                raise _component_error(i, c)
-            end = pos + c
-            if end > size:
-                raise _overrun(i, end, size)
-            parts.append(text[pos:end])
-            pos = end
-        elif t is str:
-            if not _text_ok(c):
-                raise _component_error(i, c)
-            parts.append(c)
-        elif t is dict and len(c) == 1 and type(n := c.get("d")) is int and n > 0:
-            pos += n
-            if pos > size:
-                raise _overrun(i, pos, size)
-        else:
-            raise _component_error(i, c)
-    if pos == 0 and not parts:
-        return text
-    parts.append(text[pos:])
+    at = 0
+    for start, end, inserted in edits:
+        parts.append(text[at:start - base])
+        parts.append(inserted)
+        at = end - base
+    parts.append(text[at:])
     return "".join(parts)
 
 
@@ -394,32 +379,23 @@ def apply_chunks(chunks: Chunks, size: int, op: object) -> tuple[Chunks, int]:
     with ``chunks``, which is left as it was. Raises :class:`BadOp` exactly when ``apply``
     would, with the same message.
     """
-    if len(chunks) <= 1:  # a short text: one piece, edited as a string
-        text = apply(chunks[0] if chunks else "", op)
-        return _even(text), len(text)
     edits, new_size = _edits(op, size)
     if not edits:
         return chunks, size
+    if len(chunks) <= 1:  # a short text: one piece
+        return _even(_splice(chunks[0] if chunks else "", 0, edits)), new_size
     ends = list(accumulate(map(len, chunks)))
     last = len(chunks) - 1
-    first = min(bisect_right(ends, edits[0][0]), last) if chunks else 0
-    stop = min(bisect_left(ends, edits[-1][1]), last) if chunks else -1
-    if chunks and ends[stop] - (ends[first - 1] if first else 0) < CHUNK // 2:
+    first = min(bisect_right(ends, edits[0][0]), last)
+    stop = min(bisect_left(ends, edits[-1][1]), last)
+    if ends[stop] - (ends[first - 1] if first else 0) < CHUNK // 2:
         # A small piece is merged with a neighbour: pieces stay between CHUNK/2 and CHUNK.
         if stop < last:
             stop += 1
         elif first > 0:
             first -= 1
     base = ends[first - 1] if first else 0
-    segment = "".join(chunks[first:stop + 1])
-    parts: list[str] = []
-    at = 0
-    for start, end, text in edits:
-        parts.append(segment[at:start - base])
-        parts.append(text)
-        at = end - base
-    parts.append(segment[at:])
-    changed = "".join(parts)
+    changed = _splice("".join(chunks[first:stop + 1]), base, edits)
     return chunks[:first] + _even(changed) + chunks[stop + 1:], new_size
 
 
@@ -436,7 +412,8 @@ def _even(text: str) -> Chunks:
 
 def _edits(op: object, size: int) -> tuple[list[tuple[int, int, str]], int]:
     """The changes ``op`` makes to a text of length ``size``: ``(start, end, inserted)`` in
-    the text's positions, ascending and apart; and the new length. Validates as ``apply``."""
+    the text's positions, ascending and apart; and the new length. Validates untrusted
+    ``op`` (``BadOp`` for anything that is not a valid op fitting ``size``)."""
     if type(op) is not list:
         raise BadOp(f"an op must be a list of components, got {type(op).__name__}")
     edits: list[tuple[int, int, str]] = []

@@ -20,7 +20,6 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
-import msgpack
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import (
     IntegrityError,
@@ -41,7 +40,7 @@ from gateway.recorders import (
     PostgresClientOpsRecorder,
     SQLiteClientOpsRecorder,
 )
-from schema.transcoder import MsgpackTranscoder, ext_hook
+from schema.transcoder import MsgpackTranscoder
 
 APP_NAME = "coscribe"
 """The application name: tables are ``coscribe_events`` (and later ``*_tracking``)."""
@@ -198,7 +197,7 @@ class EventDecoder:
                 for nid, oid, ver, topic, state in rows
             ]
         classes = self._classes
-        unpack = msgpack.unpackb
+        decode = self.mapper.transcoder.decode
         new = object.__new__
         setattr_ = object.__setattr__
         out: list[tuple[int, Any]] = []
@@ -207,7 +206,7 @@ class EventDecoder:
             found = classes.get(topic)
             cls, class_version = found if found is not None else self._resolve(topic)
             try:
-                d = unpack(state, ext_hook=ext_hook, timestamp=3, raw=False)
+                d = decode(state)
             except Exception as exc:
                 raise MapperDeserialisationError(
                     f"Failed to deserialise state of stored event with topic {topic!r},"

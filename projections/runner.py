@@ -328,8 +328,10 @@ def create_tables(
     render = Renderer(db.dialect, {**model.physical(suffix), "gen": gen})
     for table in model.physical(suffix).values():
         tx.execute(f"DROP TABLE IF EXISTS {table}")
-    for ddl in (*model.ddl, *model.read_indexes) if read_indexes else model.ddl:
+    for ddl in model.ddl:
         tx.execute(render(ddl))
+    if read_indexes:
+        create_read_indexes(tx, db, model, suffix, gen)
 
 
 def create_read_indexes(tx: Tx, db: ReadDB, model: ReadModel, suffix: str, gen: str) -> None:

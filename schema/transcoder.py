@@ -29,8 +29,7 @@ def _default(obj: object) -> Any:
     raise TypeError(f"cannot store {type(obj).__name__} in an event: {obj!r}")
 
 
-def ext_hook(code: int, data: bytes) -> Any:
-    """msgpack's ``ext_hook`` for stored state: ext 1 is a UUID; other codes stay ``ExtType``."""
+def _ext_hook(code: int, data: bytes) -> Any:
     if code == EXT_UUID:
         return UUID(bytes=data)
     return msgpack.ExtType(code, data)
@@ -48,4 +47,4 @@ class MsgpackTranscoder(Transcoder):
 
     def decode(self, data: bytes) -> Any:
         """Decode bytes written by ``encode``."""
-        return msgpack.unpackb(data, ext_hook=ext_hook, timestamp=3, raw=False)
+        return msgpack.unpackb(data, ext_hook=_ext_hook, timestamp=3, raw=False)
