@@ -20,6 +20,8 @@ from psycopg import Cursor
 from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Composed, Identifier, Literal
 
+from gateway import pgarrays
+
 CLIENT_OPS_TABLE = "coscribe_client_ops"
 """Table of ``(doc, client, seq) -> v``: one row per op submitted with a client id."""
 
@@ -158,24 +160,38 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
 
     def checked_params(
         self,
-        stored_events: Sequence[StoredEvent],
+        columns: tuple[Sequence[Any], Sequence[int], Sequence[str], Sequence[bytes]],
         client_ops: Sequence[ClientOp],
         heads: dict[UUID, int],
     ) -> tuple[Any, ...]:
-        """The parameters of ``checked_insert``, in its order."""
+        """The parameters of ``checked_insert``, in its order (binary arrays, ``pgarrays``).
+
+        ``columns``: the events' originator ids, versions, topics and states
+        (``gateway.store.EventEncoder``).
+        """
         docs = list(heads)
-        cols: list[list[Any]] = (
-            [list(c) for c in zip(*client_ops, strict=True)] if client_ops else [[], [], [], []]
+        op_docs, op_clients, op_seqs, op_vs = (
+            zip(*client_ops, strict=True) if client_ops else ((), (), (), ())
         )
+        ids, versions, topics, states = columns
         return (
-            docs,
-            [heads[d] for d in docs],
-            *cols,
-            [e.originator_id for e in stored_events],
-            [e.originator_version for e in stored_events],
-            [e.topic for e in stored_events],
-            [e.state for e in stored_events],
+            pgarrays.uuids(docs),
+            pgarrays.int8s([heads[d] for d in docs]),
+            pgarrays.uuids(op_docs),
+            pgarrays.texts(op_clients),
+            pgarrays.int8s(op_seqs),
+            pgarrays.int8s(op_vs),
+            pgarrays.uuids(ids),
+            pgarrays.int8s(versions),
+            pgarrays.texts(topics),
+            pgarrays.byteas(states),
         )
+
+    @staticmethod
+    def missed_params(heads: dict[UUID, int], limit: int) -> tuple[Any, ...]:
+        """The parameters of ``missed_events``, in its order."""
+        docs = list(heads)
+        return pgarrays.uuids(docs), pgarrays.int8s([heads[d] for d in docs]), limit
 
     @staticmethod
     def checked_result(row: Any) -> tuple[list[int], set[UUID]]:

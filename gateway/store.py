@@ -31,7 +31,7 @@ from eventsourcing.persistence import (
     StoredEvent,
     Transcoder,
 )
-from eventsourcing.utils import resolve_topic
+from eventsourcing.utils import get_topic, resolve_topic
 
 from domain.document import Document
 from gateway.recorders import (
@@ -225,25 +225,85 @@ class EventDecoder:
         return out
 
 
+Columns = tuple[list[Any], list[int], list[str], list[bytes]]
+"""Stored events as columns: ``(originator ids, originator versions, topics, states)``."""
+
+
+class EventEncoder:
+    """Domain events to stored columns: the library mapper's ``to_stored_event``, per batch.
+
+    The same state bytes (the event's ``__dict__`` without its originator's id and version,
+    plus ``class_version`` when above 1, through the transcoder), without a ``StoredEvent``
+    per event and with each class's topic and version looked up once. Only for a mapper with
+    neither cipher nor compressor (the store's); anything else goes through the mapper.
+    """
+
+    def __init__(self, mapper: Any) -> None:
+        self.mapper = mapper
+        self.direct = EventDecoder(mapper).direct
+        self._classes: dict[type, tuple[str, int]] = {}
+
+    def _resolve(self, cls: type) -> tuple[str, int]:
+        found = self._classes[cls] = (get_topic(cls), int(getattr(cls, "class_version", 1)))
+        return found
+
+    def columns(self, events: Sequence[Any]) -> Columns:
+        """The columns of ``events``, in order."""
+        ids: list[Any] = []
+        versions: list[int] = []
+        topics: list[str] = []
+        states: list[bytes] = []
+        if not self.direct:
+            for stored in map(self.mapper.to_stored_event, events):
+                ids.append(stored.originator_id)
+                versions.append(stored.originator_version)
+                topics.append(stored.topic)
+                states.append(stored.state)
+            return ids, versions, topics, states
+        classes = self._classes
+        encode = self.mapper.transcoder.encode
+        for e in events:
+            found = classes.get(type(e))
+            topic, class_version = found if found is not None else self._resolve(type(e))
+            d = dict(vars(e))
+            ids.append(d.pop("originator_id"))
+            versions.append(d.pop("originator_version"))
+            if class_version > 1:
+                d["class_version"] = class_version
+            topics.append(topic)
+            states.append(encode(d))
+        return ids, versions, topics, states
+
+
 def recordings_of(
-    events: Sequence[Any], stored: Sequence[StoredEvent], ids: Sequence[int], stale: set[UUID]
+    events: Sequence[Any], columns: Columns, notification_ids: Sequence[int], stale: set[UUID]
 ) -> list[Recording[UUID]]:
-    """The recordings of a checked insert: the events not of ``stale`` documents, with ids."""
-    kept = [(e, st) for e, st in zip(events, stored, strict=True)
-            if st.originator_id not in stale]
-    return [
-        Recording(
-            e,
-            Notification(
-                originator_id=st.originator_id,
-                originator_version=st.originator_version,
-                topic=st.topic,
-                state=st.state,
-                id=n,
-            ),
-        )
-        for (e, st), n in zip(kept, ids, strict=True)
-    ]
+    """The recordings of a checked insert: the events not of ``stale`` documents, with ids.
+
+    The library's frozen ``Recording`` and ``Notification``, given their ``__dict__`` at once
+    (equal to constructed ones, a test checks): their generated ``__init__`` sets each field
+    through ``object.__setattr__``, 2.3 µs of the 3 a committed event costs here.
+    """
+    new = object.__new__
+    setattr_ = object.__setattr__
+    out: list[Recording[UUID]] = []
+    append = out.append
+    nids = iter(notification_ids)
+    for e, oid, ver, topic, state in zip(events, *columns, strict=True):
+        if oid in stale:
+            continue
+        nid = next(nids, None)
+        if nid is None:
+            raise ValueError("fewer notification ids than recorded events")
+        n = new(Notification)
+        setattr_(n, "__dict__", {"originator_id": oid, "originator_version": ver,
+                                 "topic": topic, "state": state, "id": nid})
+        r = new(Recording)
+        setattr_(r, "__dict__", {"domain_event": e, "notification": n})
+        append(r)
+    if next(nids, None) is not None:
+        raise ValueError("more notification ids than recorded events")
+    return out
 
 
 class Store:

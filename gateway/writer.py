@@ -2,8 +2,8 @@
 
 A commit is one statement in its own transaction: the server-side function of
 ``gateway.recorders`` (``coscribe_append``: the library's table lock and NOTIFY, then the
-checked insert) writes into the library's own table the events mapped by the library's
-mapper.
+checked insert) writes into the library's own table the events as the library's mapper
+stores them (``gateway.store.EventEncoder``), sent as binary arrays (``gateway.pgarrays``).
 
 Why not that thread: its work is Python (it holds the GIL whenever it runs), so it buys no
 parallelism, and each time it comes back from the database it waits for the loop thread to
@@ -29,11 +29,19 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from eventsourcing.persistence import Recording, StoredEvent
+from eventsourcing.persistence import Recording
 from psycopg.rows import dict_row
 
 from gateway.recorders import ClientOp, PostgresClientOpsRecorder
-from gateway.store import Store, StoreUnavailable, VersionConflict, conflicting_doc, recordings_of
+from gateway.store import (
+    EventDecoder,
+    EventEncoder,
+    Store,
+    StoreUnavailable,
+    VersionConflict,
+    conflicting_doc,
+    recordings_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,8 @@ class AsyncWriter:
         self._store = store
         self._recorder = recorder
         self._mapper = store.writer_mapper
+        self._encoder = EventEncoder(self._mapper)
+        self._decoder = EventDecoder(self._mapper)
         self._url = store.cfg.database_url
         self._conn: psycopg.AsyncConnection[dict[str, Any]] | None = None
         self._locked = False
@@ -73,33 +83,28 @@ class AsyncWriter:
         prepares on the true head and its commit cannot conflict. ``save_checked(...,
         locked=True)`` then commits; ``abort`` ends the transaction without writing.
         """
-        ids = list(heads)
         try:
-            rows = await asyncio.wait_for(self._begin(ids, [heads[d] for d in ids]),
-                                          COMMIT_TIMEOUT)
+            rows = await asyncio.wait_for(
+                self._begin(self._recorder.missed_params(heads, MISSED_LIMIT)), COMMIT_TIMEOUT
+            )
         except (psycopg.Error, OSError, TimeoutError) as exc:
             await self._discard()
             raise StoreUnavailable(f"could not lock the event table: {exc}") from exc
         self._locked = True
         missed: dict[UUID, list[Any]] = {}
-        for r in rows:
-            stored = StoredEvent(
-                originator_id=r["originator_id"],
-                originator_version=r["originator_version"],
-                topic=r["topic"],
-                state=bytes(r["state"]),
-            )
-            missed.setdefault(r["originator_id"], []).append(
-                self._mapper.to_domain_event(stored)
-            )
+        decoded = self._decoder.decode(
+            [(0, r["originator_id"], r["originator_version"], r["topic"], r["state"])
+             for r in rows]
+        )
+        for _, event in decoded:
+            missed.setdefault(event.originator_id, []).append(event)
         return missed
 
-    async def _begin(self, ids: list[UUID], heads: list[int]) -> list[Any]:
+    async def _begin(self, params: tuple[Any, ...]) -> list[Any]:
         conn = await self._connection()
         async with conn.cursor() as curs, conn.pipeline():
             await curs.execute("BEGIN")
-            await curs.execute(self._recorder.missed_events, (ids, heads, MISSED_LIMIT),
-                               prepare=True)
+            await curs.execute(self._recorder.missed_events, params, prepare=True)
             return await curs.fetchall()
 
     @property
@@ -139,8 +144,8 @@ class AsyncWriter:
         assert locked == self._locked, "locked commits go with begin_locked"
         self._locked = False
         t0 = time.perf_counter()
-        stored = [self._mapper.to_stored_event(e) for e in events]
-        params = self._recorder.checked_params(stored, client_ops, heads)
+        columns = self._encoder.columns(events)
+        params = self._recorder.checked_params(columns, client_ops, heads)
         t1 = time.perf_counter()
         try:
             row = await asyncio.wait_for(self._run(params, locked), COMMIT_TIMEOUT)
@@ -156,7 +161,7 @@ class AsyncWriter:
         self._store.encode_seconds += t1 - t0
         self._store.insert_seconds += time.perf_counter() - t1
         ids, stale = self._recorder.checked_result(row)
-        return recordings_of(events, stored, ids, stale), stale
+        return recordings_of(events, columns, ids, stale), stale
 
     async def _run(self, params: tuple[Any, ...], locked: bool) -> Any:
         """The commit; a connection found broken is replaced and the commit sent again once.

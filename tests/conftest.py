@@ -9,6 +9,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -18,6 +19,23 @@ from gateway.store import Store, StoreConfig
 
 PG_URL = os.environ.get("COSCRIBE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("COSCRIBE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def every_kind_of_event(owner: str) -> list[Any]:
+    """One document's events of every kind (edit with client and seq, rename, members,
+    context items), then another document's creation: uncommitted, in order."""
+    from domain.document import Document
+
+    doc = Document.create(title="T", text="héllo", owner=owner)
+    doc.edit([5, " 😀"], by=owner, client="c", seq=1)
+    doc.rename("N", by=owner)
+    doc.add_member("ed", "editor", by=owner)
+    item = doc.add_context_item("note", "a", "body", by="ed")
+    doc.update_context_item(item, by="ed", title="b")
+    doc.remove_context_item(item, by=owner)
+    doc.remove_member("ed", by=owner)
+    other = Document.create(title="O", text="", owner=owner)
+    return [*doc.collect_events(), *other.collect_events()]
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from domain.document import Document
 from gateway.room import Rejected, Room, Submission
 from gateway.store import Store, StoreConfig, VersionConflict
 from schema.codes import Code
+from tests.conftest import every_kind_of_event
 from tests.running import running
 
 OWNER = "olga"
@@ -106,16 +107,7 @@ def test_save_load_and_read_back(store: Store) -> None:
 
 def test_notifications_decode_as_the_library_mapper_does(store: Store) -> None:
     """The log as projections read it: the events the library's own read and mapper give."""
-    doc = Document.create(title="T", text="héllo", owner=OWNER)
-    doc.edit([5, " 😀"], by=OWNER, client="c", seq=1)
-    doc.rename("N", by=OWNER)
-    doc.add_member("ed", "editor", by=OWNER)
-    item = doc.add_context_item("note", "a", "body", by="ed")
-    doc.update_context_item(item, by="ed", title="b")
-    doc.remove_context_item(item, by=OWNER)
-    doc.remove_member("ed", by=OWNER)
-    other = Document.create(title="O", text="", owner=OWNER)
-    store.save([*doc.collect_events(), *other.collect_events()])
+    store.save(every_kind_of_event(OWNER))
 
     recorder, mapper = store.app.recorder, store.app.mapper
     expected = [(n.id, mapper.to_domain_event(n))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from domain.document import Document
-from gateway.store import Store, StoreConfig
+from gateway.store import EventEncoder, Store, StoreConfig
 from gateway.writer import AsyncWriter
 from ops.bench import harness
 
@@ -74,8 +74,7 @@ class Docs:
 def _thread_commit(store: Store, events: list[Any], ops: list[Any], heads: dict[Any, int]) -> Any:
     """The same checked commit, from a thread on the library's own (synchronous) connection."""
     recorder = store.writer_recorder
-    stored = [store.writer_mapper.to_stored_event(e) for e in events]
-    params = recorder.checked_params(stored, ops, heads)
+    params = recorder.checked_params(EventEncoder(store.writer_mapper).columns(events), ops, heads)
     with recorder.datastore.get_connection() as conn, conn.cursor() as curs:
         curs.execute(recorder.checked_insert, params, prepare=True)
         return recorder.checked_result(curs.fetchone())
