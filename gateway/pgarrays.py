@@ -27,7 +27,6 @@ from psycopg.pq import Format
 _HEADER = struct.Struct(">iiiii")
 _EMPTY = struct.Struct(">iii")
 _INT4 = struct.Struct(">i").pack
-_INT8 = struct.Struct(">iq").pack
 _UUID_LEN = _INT4(16)
 
 
@@ -71,20 +70,31 @@ def _header(element_oid: int, n: int) -> bytes:
 
 def uuids(values: Sequence[UUID | str]) -> UuidArray:
     """``uuid[]`` (of ``UUID`` objects or their strings)."""
-    memo: dict[UUID | str, bytes] = {}
+    memo: dict[int | str, bytes] = {}
     parts = [_header(2950, len(values))]
     append = parts.append
+    last: object = None
+    b = b""
     for u in values:
-        b = memo.get(u)
-        if b is None:
-            b = memo[u] = _UUID_LEN + (u.bytes if isinstance(u, UUID) else UUID(u).bytes)
+        if u is not last:  # a commit's events come grouped by document
+            last = u
+            key = u.int if type(u) is UUID else u
+            found = memo.get(key)
+            if found is None:
+                found = memo[key] = _UUID_LEN + (
+                    u.bytes if isinstance(u, UUID) else UUID(u).bytes
+                )
+            b = found
         append(b)
     return UuidArray(b"".join(parts))
 
 
 def int8s(values: Sequence[int]) -> Int8Array:
     """``bigint[]``."""
-    return Int8Array(_header(20, len(values)) + b"".join([_INT8(8, v) for v in values]))
+    n = len(values)
+    flat = [8] * (2 * n)
+    flat[1::2] = values
+    return Int8Array(_header(20, n) + struct.pack(">" + "iq" * n, *flat))
 
 
 def texts(values: Sequence[str]) -> TextArray:
@@ -92,23 +102,26 @@ def texts(values: Sequence[str]) -> TextArray:
     memo: dict[str, bytes] = {}
     parts = [_header(25, len(values))]
     append = parts.append
+    last: object = None
+    b = b""
     for s in values:
-        b = memo.get(s)
-        if b is None:
-            raw = s.encode()
-            b = memo[s] = _INT4(len(raw)) + raw
+        if s is not last:
+            last = s
+            found = memo.get(s)
+            if found is None:
+                raw = s.encode()
+                found = memo[s] = _INT4(len(raw)) + raw
+            b = found
         append(b)
     return TextArray(b"".join(parts))
 
 
 def byteas(values: Sequence[bytes]) -> ByteaArray:
     """``bytea[]``."""
-    parts = [_header(17, len(values))]
-    append = parts.append
-    for b in values:
-        append(_INT4(len(b)))
-        append(b)
-    return ByteaArray(b"".join(parts))
+    parts: list[bytes] = [b""] * (2 * len(values))
+    parts[0::2] = [_INT4(len(b)) for b in values]
+    parts[1::2] = values
+    return ByteaArray(_header(17, len(values)) + b"".join(parts))
 
 
 class _ArrayDumper(Dumper):

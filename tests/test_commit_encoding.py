@@ -100,3 +100,21 @@ def test_recordings_equal_constructed_ones_and_skip_stale_documents() -> None:
         recordings_of(events, columns, [1], set())
     with pytest.raises(ValueError, match="more"):
         recordings_of(events, columns, list(range(len(events) + 1)), {uuid4()})
+
+
+def test_transcoder_reuses_its_packer_cleanly_after_a_refused_value() -> None:
+    """A value the transcoder refuses leaves nothing behind in its (reused) packer."""
+    import threading
+
+    transcoder = MsgpackTranscoder()
+    state = {"op": [3, "x"], "h": b"\x00\x01", "at": uuid4()}
+    first = transcoder.encode(state)
+    with pytest.raises(TypeError, match="cannot store"):
+        transcoder.encode({"op": [1, object()]})
+    assert transcoder.encode(state) == first
+    assert transcoder.decode(first) == state
+    out: list[bytes] = []
+    worker = threading.Thread(target=lambda: out.append(transcoder.encode(state)))
+    worker.start()
+    worker.join()
+    assert out == [first]  # another thread, its own packer, the same bytes
