@@ -599,6 +599,33 @@ def test_sample_log_folds_by_start_time_and_bins_by_observation() -> None:
     assert len(log) == 0
 
 
+@given(st.lists(st.integers(0, 10**9), max_size=60))
+def test_histogram_add_counts_equals_adding_each(values: list[int]) -> None:
+    one, many = Histogram(), Histogram()
+    one.extend(values)
+    many.add_counts(Counter(values))
+    assert one.to_dict() == many.to_dict()
+
+
+def test_sample_log_works_out_logged_runs_at_fold() -> None:
+    """A run's stamps become one sample each, aged at fold as the hot path would have;
+    a stamp from the future (a clock stepped back) is counted out, not sampled."""
+    unit = stamp.UNIT_NS
+    log = SampleLog(origin_ns=0)
+    now = 1_500_000_000
+    stamps = (now // unit - 20_000, now // unit - 30_000)  # 0.2 s and 0.3 s old
+    log.log_run((now // 1000, now // unit, stamps))
+    log.log_run((now // 1000, now // unit, (now // unit + 5,)))  # 50 us in the future
+    log.add(1_600_000_000, 100_000)
+    assert len(log) == 4
+    assert log.tail(1_000_000_000).count == 3
+    h, series = Histogram(), Series(origin_ns=0)
+    assert log.fold(h, series, 1_250_000_000, 2_000_000_000) == 1
+    # the 0.3 s sample began at 1.2 s, before the window; it is still in the series
+    assert (h.count, h.min, h.max, h.total) == (2, 100_000, 200_000, 300_000)
+    assert len(series.values) == 3 and len(log) == 0
+
+
 def test_metrics_settle_moves_the_tally_and_log_into_the_shipped_figures() -> None:
     """Hot counters and fan-out samples reach to_dict only through settle, once."""
     m = StepMetrics(origin_ns=0)

@@ -36,7 +36,7 @@ COUNTERS = (
     "http",  # HTTP responses, whole step
     "http_window",  # HTTP responses in the window
     "rejected_edits",  # edits dropped with an op the server refused
-    "clock_anomalies",  # stamps that looked older than an hour (clock stepped back)
+    "clock_anomalies",  # stamps that looked older than an hour (clock stepped back): at settle
     "pending_edits",  # edits still unacknowledged when the drain timed out (twice)
     "abandoned_edits",  # edits never sent: the drain timed out once, buffers were dropped
 )
@@ -46,7 +46,6 @@ HOT_COUNTERS = (
     "ops_rx",
     "ops_rx_window",
     "presence_rx",
-    "clock_anomalies",
     "edits",
     "edits_window",
     "acks",
@@ -67,7 +66,6 @@ class Tally:
     ops_rx: int
     ops_rx_window: int
     presence_rx: int
-    clock_anomalies: int
     edits: int
     edits_window: int
     acks: int
@@ -153,7 +151,9 @@ class StepMetrics:
         for name, v in self.tally.items():
             self.counters[name] += v
         self.tally.reset()
-        self.fanout_log.fold(self.fanout, self.fanout_series, window.start_ns, window.end_ns)
+        self.counters["clock_anomalies"] += self.fanout_log.fold(
+            self.fanout, self.fanout_series, window.start_ns, window.end_ns
+        )
 
     def freeze_lost_basis(self) -> None:
         """Remember what was acked so far: the documents are read back after this moment.

@@ -40,9 +40,7 @@ CONNECT_TIMEOUT_S = 10.0
 """Longest a TCP connect plus WebSocket handshake may take."""
 MAX_EXCEPTIONS = 5
 """Tracebacks of handler bugs kept per process for the report."""
-_STAMP_MASK = stamp.MODULUS - 1
-_UNIT_US = stamp.UNIT_NS // 1000
-_MAX_AGE_US = stamp.MAX_AGE_NS // 1000
+_UNIT_NS = stamp.UNIT_NS
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +121,7 @@ class Session:
         # Bound once: the receive path runs for every op of every other session.
         self._tally = metrics.tally
         self._kept = frames.frames.get
-        self._log_at = metrics.fanout_log.at.append
-        self._log_value = metrics.fanout_log.values.append
+        self._log_run = metrics.fanout_log.log_run
         self._origin_ns = metrics.fanout_log.origin_ns
         self._start_ns = plan.window.start_ns
         self._end_ns = plan.window.end_ns
@@ -332,17 +329,8 @@ class Session:
         self.ops_received += n
         if self._start_ns <= now < self._end_ns:
             tally.ops_rx_window += n
-        if run.stamps:
-            now_units = now // stamp.UNIT_NS
-            at = (now - self._origin_ns) // 1000
-            log_at, log_value = self._log_at, self._log_value
-            for units in run.stamps:
-                age = ((now_units - units) & _STAMP_MASK) * _UNIT_US
-                if age > _MAX_AGE_US:
-                    tally.clock_anomalies += 1
-                    continue
-                log_at(at)
-                log_value(age)
+        if run.stamps:  # ages are worked out after the window (SampleLog.fold)
+            self._log_run(((now - self._origin_ns) // 1000, now // _UNIT_NS, run.stamps))
 
     def _on_ack(self, msg: dict[str, Any], now: int) -> None:
         client = self.client
