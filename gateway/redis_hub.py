@@ -38,6 +38,8 @@ HEARTBEAT = 3.0
 """Seconds between liveness refreshes."""
 PROC_TTL = 10
 """Seconds after which a silent process counts as dead (its presence is cleared)."""
+SEND_TIMEOUT = 5.0
+"""Longest wait for the publisher's send buffer to drain (redis-py's socket timeout here)."""
 PRESENCE_KEY_TTL = 3600
 """A presence hash nobody touched for this long is removed by Redis."""
 
@@ -257,7 +259,9 @@ class RedisHub:
                 pub = self._pub = await resp.Connection.open(self.url)
                 self._pub_task = asyncio.get_running_loop().create_task(self._replies(pub))
             pub.send(b"".join(commands))
-            await pub.drain()
+            # A server that stopped reading (stalled, not gone) must not hold the outbox
+            # forever: after SEND_TIMEOUT the connection is dropped and remade.
+            await asyncio.wait_for(pub.drain(), SEND_TIMEOUT)
             self.published += len(commands)
         except (OSError, resp.RespError, TimeoutError) as exc:
             self.publish_failures += len(commands)

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from domain import ot
 from domain.document import Document
+from gateway import resp
 from gateway.hub import Hub, LocalBroker, LocalHub, pack
 from gateway.redis_hub import RedisHub
 from gateway.room import Room, Submission
@@ -428,3 +429,31 @@ async def test_remote_presence_clear_names_the_user(
         await eventually(lambda: len(there.presence()) == 2)
         assert near.presence()[-1] == ("s1", "ulla", None)  # the local clear
         assert there.presence()[-1] == ("s1", "ulla", None)
+
+
+async def test_publisher_to_a_server_that_stopped_reading_gives_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Redis that accepts but never reads cannot hold the hub's outbox: after the send
+    timeout the publishes count as failed and the connection is dropped (made anew next)."""
+    import gateway.redis_hub as redis_hub
+
+    monkeypatch.setattr(redis_hub, "SEND_TIMEOUT", 0.3)
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never reads
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    hub = RedisHub(f"redis://127.0.0.1:{port}/0", "stalled:")
+    try:
+        big = [resp.command("PUBLISH", "c", b"x" * 65536)] * 200  # 13 MB: past every buffer
+        await asyncio.wait_for(hub._publish(big), 5)
+        assert hub.publish_failures == 200 and hub.published == 0
+        assert hub._pub is None
+    finally:
+        for w in held:
+            w.close()
+        server.close()
+        await server.wait_closed()
