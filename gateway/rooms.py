@@ -14,7 +14,7 @@ import time
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import Recording, StoredEvent
+from eventsourcing.persistence import Recording
 
 from domain.document import Document
 from gateway.committer import Committer
@@ -134,14 +134,10 @@ class Rooms:
                 if not fresh:
                     room.mark_contended()
                     return
-                mapper = self.store.app.mapper
-                events = [
-                    mapper.to_domain_event(
-                        StoredEvent(originator_id=doc_id, originator_version=pos, topic=t, state=st)
-                    )
-                    for pos, t, st in fresh
-                ]
-                room.remote_events(events)
+                decoded = self.store.decoder.decode(
+                    [(0, doc_id, pos, t, st) for pos, t, st in fresh]
+                )
+                room.remote_events([e for _, e in decoded])
             elif kind == "p":
                 room.remote_presence(msg["s"], msg.get("u") or "", msg.get("d"), msg["p"])
             elif kind == "c":
