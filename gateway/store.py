@@ -282,7 +282,7 @@ def recordings_of(
 
     The library's frozen ``Recording`` and ``Notification``, given their ``__dict__`` at once
     (equal to constructed ones, a test checks): their generated ``__init__`` sets each field
-    through ``object.__setattr__``, 2.3 µs of the 3 a committed event costs here.
+    through ``object.__setattr__`` (measured: 1.6 + 0.7 µs per event, against 0.6 here).
     """
     new = object.__new__
     setattr_ = object.__setattr__
