@@ -261,7 +261,8 @@ class RedisHub:
             pub.send(b"".join(commands))
             # A server that stopped reading (stalled, not gone) must not hold the outbox
             # forever: after SEND_TIMEOUT the connection is dropped and remade.
-            await asyncio.wait_for(pub.drain(), SEND_TIMEOUT)
+            async with asyncio.timeout(SEND_TIMEOUT):
+                await pub.drain()
             self.published += len(commands)
         except (OSError, resp.RespError, TimeoutError) as exc:
             self.publish_failures += len(commands)

@@ -84,9 +84,11 @@ class AsyncWriter:
         locked=True)`` then commits; ``abort`` ends the transaction without writing.
         """
         try:
-            rows = await asyncio.wait_for(
-                self._begin(self._recorder.missed_params(heads, MISSED_LIMIT)), COMMIT_TIMEOUT
-            )
+            # asyncio.timeout, not wait_for: on 3.11 wait_for runs the coroutine as a task of
+            # its own, and its result reaches this task one loop turn later, with the
+            # table lock held (measured: 1-1.7 ms of a 6-11 ms locked tick).
+            async with asyncio.timeout(COMMIT_TIMEOUT):
+                rows = await self._begin(self._recorder.missed_params(heads, MISSED_LIMIT))
         except (psycopg.Error, OSError, TimeoutError) as exc:
             await self._discard()
             raise StoreUnavailable(f"could not lock the event table: {exc}") from exc
@@ -120,7 +122,8 @@ class AsyncWriter:
         conn = self._conn
         try:
             if conn is not None and not conn.broken:
-                await asyncio.wait_for(conn.execute("ROLLBACK"), COMMIT_TIMEOUT)
+                async with asyncio.timeout(COMMIT_TIMEOUT):
+                    await conn.execute("ROLLBACK")
                 return
         except (psycopg.Error, OSError, TimeoutError):
             log.info("rollback of the locked transaction failed; dropping the connection")
@@ -148,7 +151,8 @@ class AsyncWriter:
         params = self._recorder.checked_params(columns, client_ops, heads)
         t1 = time.perf_counter()
         try:
-            row = await asyncio.wait_for(self._run(params, locked), COMMIT_TIMEOUT)
+            async with asyncio.timeout(COMMIT_TIMEOUT):
+                row = await self._run(params, locked)
         except psycopg.IntegrityError as exc:
             await self._discard()  # the transaction failed: closing rolls it back
             raise VersionConflict(str(exc), conflicting_doc(exc)) from exc
