@@ -26,6 +26,8 @@ CONNECT_TIMEOUT = 2.0
 """Seconds to connect (and authenticate), as the hub's redis-py client allows."""
 READ_SIZE = 1 << 16
 """Bytes asked of the socket per read."""
+BACKLOG_BYTES = 1 << 16
+"""Send-buffer bytes above which a writer should ``drain`` (asyncio's default high-water)."""
 
 
 class RespError(Exception):
@@ -144,6 +146,10 @@ class Connection:
     def send(self, data: bytes) -> None:
         """Queue ``data`` (commands) for writing; never blocks."""
         self._writer.write(data)
+
+    def backlogged(self) -> bool:
+        """More is waiting in the send buffer than a ``drain`` lets through at once."""
+        return self._writer.transport.get_write_buffer_size() > BACKLOG_BYTES
 
     async def drain(self) -> None:
         """Wait while the send buffer is over its high-water mark."""
