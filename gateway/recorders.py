@@ -41,7 +41,7 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
 
     def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"):
         super().__init__(datastore, events_table_name=events_table_name)
-        schema = Identifier(self.datastore.schema)
+        schema = self._schema_id = Identifier(self.datastore.schema)
         table = Identifier(CLIENT_OPS_TABLE)
         self.sql_create_statements.append(
             SQL(
@@ -123,9 +123,6 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
             "%b::text[], %b::bigint[], %b::bigint[], %b::uuid[], %b::bigint[], %b::text[], "
             "%b::bytea[])"
         ).format(s=schema, append=Identifier(APPEND_FUNCTION))
-        self._missed_events = SQL(
-            "SELECT * FROM {s}.{lock_read}(%b::uuid[], %b::bigint[], %b::bigint)"
-        ).format(s=schema, lock_read=Identifier(LOCK_READ_FUNCTION))
         self._select_client_op = SQL(
             "SELECT v FROM {}.{} WHERE doc = %s AND client = %s AND seq = %s"
         ).format(schema, table)
@@ -187,11 +184,20 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
             pgarrays.byteas(states),
         )
 
-    @staticmethod
-    def missed_params(heads: dict[UUID, int], limit: int) -> tuple[Any, ...]:
-        """The parameters of ``missed_events``, in its order."""
+    def begin_missed(self, heads: dict[UUID, int], limit: int) -> Composed:
+        """``BEGIN``, then take the table lock and read the events after each ``(document,
+        head)`` (up to ``limit`` each): one simple query, its values as literals.
+
+        One round trip: through psycopg's pipeline mode the same two statements cost three
+        (its Sync and flush messages: ~7 sends and ~4 receives per call, measured with
+        strace, against 2 and 2 with the rollback that follows). The second result set is
+        the events.
+        """
         docs = list(heads)
-        return pgarrays.uuids(docs), pgarrays.int8s([heads[d] for d in docs]), limit
+        return SQL("BEGIN; SELECT * FROM {}.{}({}::uuid[], {}::bigint[], {})").format(
+            self._schema_id, Identifier(LOCK_READ_FUNCTION),
+            Literal([str(d) for d in docs]), Literal([heads[d] for d in docs]), Literal(limit),
+        )
 
     @staticmethod
     def checked_result(row: Any) -> tuple[list[int], set[UUID]]:
@@ -205,11 +211,6 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
     def checked_insert(self) -> Composed:
         """The checked insert: one statement (the function takes the lock and NOTIFYs)."""
         return self._checked_insert
-
-    @property
-    def missed_events(self) -> Composed:
-        """Take the table lock; the events after each ``(document, head)`` (up to a limit)."""
-        return self._missed_events
 
     def _insert_events(
         self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any

@@ -31,6 +31,7 @@ from uuid import UUID
 import psycopg
 from eventsourcing.persistence import Recording
 from psycopg.rows import dict_row
+from psycopg.sql import Composed
 
 from gateway.recorders import ClientOp, PostgresClientOpsRecorder
 from gateway.store import (
@@ -88,7 +89,7 @@ class AsyncWriter:
             # its own, and its result reaches this task one loop turn later, with the
             # table lock held (measured: 1-1.7 ms of a 6-11 ms locked tick).
             async with asyncio.timeout(COMMIT_TIMEOUT):
-                rows = await self._begin(self._recorder.missed_params(heads, MISSED_LIMIT))
+                rows = await self._begin(self._recorder.begin_missed(heads, MISSED_LIMIT))
         except (psycopg.Error, OSError, TimeoutError) as exc:
             await self._discard()
             raise StoreUnavailable(f"could not lock the event table: {exc}") from exc
@@ -102,11 +103,11 @@ class AsyncWriter:
             missed.setdefault(event.originator_id, []).append(event)
         return missed
 
-    async def _begin(self, params: tuple[Any, ...]) -> list[Any]:
+    async def _begin(self, query: Composed) -> list[Any]:
         conn = await self._connection()
-        async with conn.cursor() as curs, conn.pipeline():
-            await curs.execute("BEGIN")
-            await curs.execute(self._recorder.missed_events, params, prepare=True)
+        async with conn.cursor() as curs:
+            await curs.execute(query)  # BEGIN; SELECT ...: the second result is the rows
+            curs.nextset()
             return await curs.fetchall()
 
     @property
