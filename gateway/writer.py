@@ -191,10 +191,10 @@ class AsyncWriter:
             if not locked:  # one statement, its own transaction (autocommit)
                 await curs.execute(insert, params, prepare=True)
                 return await curs.fetchone()
-            async with conn.pipeline():
-                await curs.execute(insert, params, prepare=True)
-                await conn.execute("COMMIT")
-                return await curs.fetchone()
+            await curs.execute(insert, params, prepare=True)
+            row = await curs.fetchone()
+            await conn.execute("COMMIT")
+            return row
 
     async def _connection(self) -> psycopg.AsyncConnection[dict[str, Any]]:
         conn = self._conn
