@@ -166,6 +166,16 @@ class CoscribeApplication(Application[UUID]):
         return MsgpackTranscoder()
 
 
+def plain_msgpack(mapper: Any) -> bool:
+    """``mapper`` stores msgpack state with neither cipher nor compressor (the store's own):
+    what ``EventDecoder`` and ``EventEncoder`` handle directly."""
+    return (
+        mapper.cipher is None
+        and mapper.compressor is None
+        and isinstance(mapper.transcoder, MsgpackTranscoder)
+    )
+
+
 class EventDecoder:
     """Stored rows to domain events: the library mapper's ``to_domain_event``, per page.
 
@@ -177,11 +187,7 @@ class EventDecoder:
 
     def __init__(self, mapper: Any) -> None:
         self.mapper = mapper
-        self.direct = (
-            mapper.cipher is None
-            and mapper.compressor is None
-            and isinstance(mapper.transcoder, MsgpackTranscoder)
-        )
+        self.direct = plain_msgpack(mapper)
         self._classes: dict[str, tuple[type, int]] = {}
 
     def _resolve(self, topic: str) -> tuple[type, int]:
@@ -240,7 +246,7 @@ class EventEncoder:
 
     def __init__(self, mapper: Any) -> None:
         self.mapper = mapper
-        self.direct = EventDecoder(mapper).direct
+        self.direct = plain_msgpack(mapper)
         self._classes: dict[type, tuple[str, int]] = {}
 
     def _resolve(self, cls: type) -> tuple[str, int]:
