@@ -30,8 +30,6 @@ from uuid import UUID
 
 import psycopg
 from eventsourcing.persistence import Recording
-from psycopg.rows import dict_row
-from psycopg.sql import Composed
 
 from gateway.recorders import ClientOp, PostgresClientOpsRecorder
 from gateway.store import (
@@ -67,7 +65,7 @@ class AsyncWriter:
         self._encoder = EventEncoder(self._mapper)
         self._decoder = EventDecoder(self._mapper)
         self._url = store.cfg.database_url
-        self._conn: psycopg.AsyncConnection[dict[str, Any]] | None = None
+        self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
         self._locked = False
 
     async def close(self) -> None:
@@ -95,15 +93,12 @@ class AsyncWriter:
             raise StoreUnavailable(f"could not lock the event table: {exc}") from exc
         self._locked = True
         missed: dict[UUID, list[Any]] = {}
-        decoded = self._decoder.decode(
-            [(0, r["originator_id"], r["originator_version"], r["topic"], r["state"])
-             for r in rows]
-        )
+        decoded = self._decoder.decode([(0, *r) for r in rows])
         for _, event in decoded:
             missed.setdefault(event.originator_id, []).append(event)
         return missed
 
-    async def _begin(self, query: Composed) -> list[Any]:
+    async def _begin(self, query: bytes) -> list[Any]:
         conn = await self._connection()
         async with conn.cursor() as curs:
             await curs.execute(query)  # BEGIN; SELECT ...: the second result is the rows
@@ -165,7 +160,7 @@ class AsyncWriter:
             raise StoreUnavailable(f"no answer from the database in {COMMIT_TIMEOUT} s") from exc
         self._store.encode_seconds += t1 - t0
         self._store.insert_seconds += time.perf_counter() - t1
-        ids, stale = self._recorder.checked_result(row)
+        ids, stale = self._recorder.checked_result(*row)
         return recordings_of(events, columns, ids, stale), stale
 
     async def _run(self, params: tuple[Any, ...], locked: bool) -> Any:
@@ -196,11 +191,11 @@ class AsyncWriter:
             await conn.execute("COMMIT")
             return row
 
-    async def _connection(self) -> psycopg.AsyncConnection[dict[str, Any]]:
+    async def _connection(self) -> psycopg.AsyncConnection[tuple[Any, ...]]:
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
             conn = self._conn = await psycopg.AsyncConnection.connect(
-                self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, row_factory=dict_row
+                self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
             )
         return conn
 

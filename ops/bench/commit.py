@@ -77,7 +77,8 @@ def _thread_commit(store: Store, events: list[Any], ops: list[Any], heads: dict[
     params = recorder.checked_params(EventEncoder(store.writer_mapper).columns(events), ops, heads)
     with recorder.datastore.get_connection() as conn, conn.cursor() as curs:
         curs.execute(recorder.checked_insert, params, prepare=True)
-        return recorder.checked_result(curs.fetchone())
+        row = curs.fetchone()
+        return recorder.checked_result(row["ids"], row["stale"])
 
 
 async def _measure(store: Store, args: argparse.Namespace) -> dict[str, dict[str, float]]:
