@@ -118,3 +118,58 @@ def test_transcoder_reuses_its_packer_cleanly_after_a_refused_value() -> None:
     worker.start()
     worker.join()
     assert out == [first]  # another thread, its own packer, the same bytes
+
+
+@pytest.fixture(scope="module")
+def pg_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Postgres store in a fresh schema, with a few documents' events stored."""
+    from psycopg import sql
+
+    from domain.document import Document
+    from gateway.store import Store, StoreConfig
+
+    name = f"t_{uuid4().hex[:12]}"
+    with psycopg.connect(PG_URL, autocommit=True) as c:
+        c.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    store = Store(StoreConfig(data_dir=tmp_path_factory.mktemp("lockread"),
+                              database_url=PG_URL, database_schema=name))
+    try:
+        docs = [Document.create(f"d{i}", "", OWNER) for i in range(3)]
+        for i, d in enumerate(docs):
+            for n in range(4 * i):
+                d.edit(([n] if n else []) + ["x"], OWNER)
+        store.save([e for d in docs for e in d.collect_events()])
+        yield store, [d.id for d in docs]
+    finally:
+        store.close()
+        with psycopg.connect(PG_URL, autocommit=True) as c:
+            c.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_lock_read_literals_read_what_bound_parameters_read(
+    pg_store: tuple[Any, list[UUID]], data: st.DataObject
+) -> None:
+    """``begin_missed`` writes its uuid and bigint literals by hand: same rows as bound ones."""
+    from gateway.recorders import LOCK_READ_FUNCTION
+
+    store, ids = pg_store
+    recorder = store.writer_recorder
+    docs = data.draw(st.lists(st.sampled_from(ids) | st.uuids(), max_size=6, unique=True))
+    heads = {d: data.draw(st.integers(0, 2**63 - 1) | st.integers(0, 14)) for d in docs}
+    limit = data.draw(st.integers(1, 5))
+    schema = store.cfg.database_schema
+    with psycopg.connect(PG_URL) as c:
+        with c.cursor() as curs:
+            curs.execute(recorder.begin_missed(heads, limit))
+            curs.nextset()
+            got = curs.fetchall()
+        c.rollback()
+        want = c.execute(
+            f'SELECT * FROM "{schema}"."{LOCK_READ_FUNCTION}"(%s::uuid[], %s::bigint[], %s)',
+            (list(heads), list(heads.values()), limit),
+        ).fetchall()
+        c.rollback()
+    assert got == want
+    assert len(got) <= limit * len(docs)
