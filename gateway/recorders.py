@@ -41,7 +41,7 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
 
     def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"):
         super().__init__(datastore, events_table_name=events_table_name)
-        schema = self._schema_id = Identifier(self.datastore.schema)
+        schema = Identifier(self.datastore.schema)
         table = Identifier(CLIENT_OPS_TABLE)
         self.sql_create_statements.append(
             SQL(

@@ -5,6 +5,7 @@ Set ``COSCRIBE_TEST_DATABASE_URL`` / ``COSCRIBE_TEST_REDIS_URL`` to use other se
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -44,9 +45,9 @@ def pg_url() -> str:
     return PG_URL
 
 
-@pytest.fixture
-def pg_schema() -> Iterator[str]:
-    """A fresh, empty Postgres schema, dropped (with everything in it) after the test."""
+@contextlib.contextmanager
+def fresh_pg_schema() -> Iterator[str]:
+    """A fresh, empty Postgres schema, dropped (with everything in it) on leaving."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_URL, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
@@ -55,6 +56,13 @@ def pg_schema() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh, empty Postgres schema, dropped (with everything in it) after the test."""
+    with fresh_pg_schema() as name:
+        yield name
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from gateway import pgarrays
 from gateway.store import EventEncoder, recordings_of
 from schema.transcoder import MsgpackTranscoder
-from tests.conftest import PG_URL, every_kind_of_event
+from tests.conftest import PG_URL, every_kind_of_event, fresh_pg_schema
 
 OWNER = "alice"
 
@@ -123,27 +123,21 @@ def test_transcoder_reuses_its_packer_cleanly_after_a_refused_value() -> None:
 @pytest.fixture(scope="module")
 def pg_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A Postgres store in a fresh schema, with a few documents' events stored."""
-    from psycopg import sql
-
     from domain.document import Document
     from gateway.store import Store, StoreConfig
 
-    name = f"t_{uuid4().hex[:12]}"
-    with psycopg.connect(PG_URL, autocommit=True) as c:
-        c.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    store = Store(StoreConfig(data_dir=tmp_path_factory.mktemp("lockread"),
-                              database_url=PG_URL, database_schema=name))
-    try:
-        docs = [Document.create(f"d{i}", "", OWNER) for i in range(3)]
-        for i, d in enumerate(docs):
-            for n in range(4 * i):
-                d.edit(([n] if n else []) + ["x"], OWNER)
-        store.save([e for d in docs for e in d.collect_events()])
-        yield store, [d.id for d in docs]
-    finally:
-        store.close()
-        with psycopg.connect(PG_URL, autocommit=True) as c:
-            c.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+    with fresh_pg_schema() as name:
+        store = Store(StoreConfig(data_dir=tmp_path_factory.mktemp("lockread"),
+                                  database_url=PG_URL, database_schema=name))
+        try:
+            docs = [Document.create(f"d{i}", "", OWNER) for i in range(3)]
+            for i, d in enumerate(docs):
+                for n in range(4 * i):
+                    d.edit(([n] if n else []) + ["x"], OWNER)
+            store.save([e for d in docs for e in d.collect_events()])
+            yield store, [d.id for d in docs]
+        finally:
+            store.close()
 
 
 @settings(max_examples=40, deadline=None)
