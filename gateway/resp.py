@@ -115,8 +115,14 @@ class Connection:
 
     @classmethod
     async def open(cls, url: str) -> Connection:
-        """Connect (and ``AUTH`` when the URL has a password) within ``CONNECT_TIMEOUT``."""
-        return await asyncio.wait_for(cls._open(url), CONNECT_TIMEOUT)
+        """Connect (and ``AUTH`` when the URL has a password) within ``CONNECT_TIMEOUT``.
+
+        ``asyncio.timeout``, not ``wait_for``: on 3.11 ``wait_for`` can swallow a
+        cancellation that comes as the connection opens, and the hub's reader, cancelled at
+        shutdown, would then read on for ever (``projections.follower`` met that bug).
+        """
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            return await cls._open(url)
 
     @classmethod
     async def _open(cls, url: str) -> Connection:
