@@ -106,12 +106,10 @@ class Follower:
         # wraps every call in one) can swallow the cancellation, and the consumer then waits
         # on its queue for ever (seen: a gateway's shutdown hung in 1 of 15 test runs).
         self._queue.put_nowait(None)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(consumer), STOP_SECONDS)
+        await asyncio.wait({consumer}, timeout=STOP_SECONDS)  # neither cancels nor raises
         if not consumer.done():
             consumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(consumer, STOP_SECONDS)
+            await asyncio.wait({consumer}, timeout=STOP_SECONDS)
 
     def nudge(self) -> None:
         """Look at the log now rather than at the next poll."""
