@@ -82,8 +82,9 @@ class RedisHub:
         self._up = asyncio.Event()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read_forever()), loop.create_task(self._beat())]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._up.wait(), timeout=3)
+        with contextlib.suppress(TimeoutError):  # asyncio.timeout: see resp.Connection.open
+            async with asyncio.timeout(3):
+                await self._up.wait()
 
     def _set_healthy(self, flag: bool) -> None:
         self.healthy = flag
@@ -119,7 +120,8 @@ class RedisHub:
             fut = self._confirm[name] = asyncio.get_running_loop().create_future()
             sub.send(resp.command("SUBSCRIBE", name))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(fut), timeout=2)
+            async with asyncio.timeout(2):
+                await asyncio.shield(fut)
 
     def unwatch(self, doc: UUID) -> None:
         """Unsubscribe from ``doc``."""
