@@ -36,7 +36,7 @@ from ops.loadtest.editor import (
 )
 from ops.loadtest.provision import DocState, filler_text
 from ops.loadtest.recorder import StepMetrics, Window
-from ops.loadtest.report import Cost, StepOutcome, run_report, slo_failures
+from ops.loadtest.report import Cost, StepOutcome, notes, run_report, slo_failures
 from ops.loadtest.scenario import Phase, ScenarioError, Slo, load, parse, parse_size
 from ops.loadtest.session import text_digest
 from ops.loadtest.stats import (
@@ -929,6 +929,16 @@ def test_run_report_has_the_issue_keys_and_per_op_costs() -> None:
     assert report["best"] is None
 
 
+def test_notes_give_the_machine_speed_when_the_report_has_it() -> None:
+    """The summary says how fast the machine was, so that runs can be compared by it."""
+    scenario = parse({"name": "t", "writers": 1})
+    outcomes = [_outcome(acks_window=1000, edits_window=1000)]
+    probe = {"before": 8520.4, "after": 9101.0}
+    lines = notes(run_report(scenario, outcomes, {"machine": {"cpu_probe_us": probe}}))
+    assert any("CPU probe 8,520 µs before the run, 9,101 after" in line for line in lines)
+    assert not any("CPU probe" in line for line in notes(run_report(scenario, outcomes, {})))
+
+
 def test_slo_failures_cover_loss_convergence_and_thresholds() -> None:
     """Lost ops, divergence, connection failures and missed thresholds each fail a step."""
     r = run_report(parse({"name": "t", "writers": 1}), [_outcome(connect_failed=2)], {})
@@ -1119,6 +1129,17 @@ def test_ot_benchmark_builds_valid_ops_and_times_every_case() -> None:
     assert all(r["ops_s"] > 0 for r in rows)
 
 
+def test_cpu_probe_is_the_median_of_its_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe reports the median round in µs, so one preempted round does not move it."""
+    from ops.loadtest import runner
+
+    ticks = iter([0.0, 0.010, 1.0, 1.011, 2.0, 2.5, 3.0, 3.009, 4.0, 4.012])
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: next(ticks))
+    assert runner.cpu_probe_us(rounds=5) == 11000.0
+    monkeypatch.undo()
+    assert runner.cpu_probe_us(rounds=1) > 0
+
+
 # --- a real server ------------------------------------------------------------------------
 
 
@@ -1208,3 +1229,5 @@ def test_tiny_run_against_a_real_server(tmp_path: Path) -> None:
     assert report["errors"] == {}
     assert report["presence"]["sent"] > 0
     assert report["server"]["cpu_s"] is not None  # found the server by its port
+    probe = report["machine"]["cpu_probe_us"]  # the machine's speed, before and after
+    assert probe["before"] > 0 and probe["after"] > 0

@@ -409,6 +409,12 @@ def notes(report: dict[str, Any]) -> list[str]:
             )
         if s["server"]["cpu_s"] is None:
             out.append(f"{s['name']}: no coscribe serve process found; server cost not measured")
+    probe = (report.get("machine") or {}).get("cpu_probe_us")
+    if probe:
+        out.append(
+            f"machine speed: CPU probe {probe['before']:,.0f} µs before the run, "
+            f"{probe['after']:,.0f} after (lower is faster; compare runs by it)"
+        )
     if report["best"] is not None and len(report["steps"]) > 1:
         b = report["best"]
         if b["offered_ops_s"]:
