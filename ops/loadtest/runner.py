@@ -379,7 +379,7 @@ PROBE_ROUNDS = 7
 
 
 def cpu_probe_us(rounds: int = PROBE_ROUNDS) -> float:
-    """Median wall time, in µs, of a fixed single-threaded Python workload (~10 ms a round).
+    """Median wall time, in µs, of a fixed single-threaded Python workload (~8 ms a round).
 
     On a virtual machine the same code runs up to twice as fast or slow from one hour to
     the next; a report that carries this figure, read before and after its steps, says in
