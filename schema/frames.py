@@ -61,7 +61,9 @@ def decode(data: bytes, codec: Codec, limit: int = MAX_FRAME_BYTES) -> list[Any]
         else:
             value = orjson.loads(data)
     except Exception as exc:  # each codec raises its own family; all mean the same here
-        raise FrameError(Code.BAD_FRAME, f"undecodable {codec.name} frame: {exc}") from exc
+        # Some of msgpack's errors carry no text (a reserved byte): name the error then.
+        detail = str(exc) or type(exc).__name__
+        raise FrameError(Code.BAD_FRAME, f"undecodable {codec.name} frame: {detail}") from exc
     if isinstance(value, dict):
         value = [value]  # a lone message is accepted as a frame of one (documented)
     if not isinstance(value, list):

@@ -163,10 +163,11 @@ def test_decode_garbage_raises_only_frame_error(data: bytes, codec: Codec) -> No
     ],
 )
 def test_undecodable_frames_are_bad_frame(codec: Codec, data: bytes) -> None:
-    """Truncated, invalid or non-str-keyed input is bad_frame."""
+    """Truncated, invalid or non-str-keyed input is bad_frame, with a reason in the message."""
     with pytest.raises(FrameError) as info:
         frames.decode(data, codec)
     assert info.value.code is Code.BAD_FRAME
+    assert info.value.message.split(": ", 1)[1].strip()
 
 
 # -- messages -----------------------------------------------------------------------------
