@@ -235,7 +235,17 @@ class Committer:
                 pending = [b for b in pending if b is not culprit]
                 continue
             except Exception as exc:
-                self._failed(pending, exc)
+                if len(pending) == 1 or isinstance(exc, StoreUnavailable):
+                    self._failed(pending, exc)
+                    return
+                # Not the store's fault, so one room's events are (a bug): find which, so
+                # that the other rooms' ops are not refused with them.
+                log.warning("commit of %d rooms failed (%r); committing them one by one",
+                            len(pending), exc)
+                writer = self._async_writer
+                if writer is not None and writer.in_transaction:
+                    await writer.abort()
+                await self._commit_each(pending)
                 return
             for room, _ in pending:
                 if room.id in stale:
@@ -245,15 +255,16 @@ class Committer:
             return
 
     async def _commit_each(self, pending: list[tuple[Room, list[Any]]]) -> None:
-        """The store did not say which document clashed: commit room by room."""
+        """Commit room by room: the store did not say which document clashed, or one
+        room's events could not be written."""
         for room, events in pending:
             try:
                 await self._save([(room, events)], checked=False)
             except VersionConflict:
                 self._conflicted(room)
                 continue
-            except StoreUnavailable as exc:
-                self._refuse([(room, events)], Code.UNAVAILABLE, f"event store unavailable: {exc}")
+            except Exception as exc:
+                self._failed([(room, events)], exc)
                 continue
             self._committed(room)
 

@@ -141,10 +141,12 @@ class AsyncWriter:
         ``locked``: inside the transaction of ``begin_locked`` (which this commits).
         """
         assert locked == self._locked, "locked commits go with begin_locked"
-        self._locked = False
         t0 = time.perf_counter()
+        # Encoding may raise (a value the columns cannot hold): the transaction is then
+        # still open, and ``in_transaction`` says so, for the caller to ``abort``.
         columns = self._encoder.columns(events)
         params = self._recorder.checked_params(columns, client_ops, heads)
+        self._locked = False
         t1 = time.perf_counter()
         try:
             async with asyncio.timeout(COMMIT_TIMEOUT):

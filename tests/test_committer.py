@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,9 +15,9 @@ from gateway.store import Store, StoreConfig
 
 
 @pytest.fixture
-async def rooms(tmp_path: Path) -> AsyncIterator[Rooms]:
-    """Rooms over a SQLite store with the committer running."""
-    store = Store(StoreConfig(data_dir=tmp_path))
+async def rooms(store_config: StoreConfig) -> AsyncIterator[Rooms]:
+    """Rooms over each store (SQLite, PostgreSQL) with the committer running."""
+    store = Store(store_config)
     r = Rooms(store)
     await r.start()
     task = asyncio.create_task(r.committer.run())
@@ -40,9 +39,13 @@ async def _room(rooms: Rooms, text: str) -> Room:
     return room
 
 
-def _edit(room: Room, op: list[Any], base: int = 0) -> asyncio.Future[Any]:
+def _edit(
+    room: Room, op: list[Any], base: int = 0, client: str | None = None, seq: int | None = None
+) -> asyncio.Future[Any]:
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    room.submit(Submission(kind="edit", by="alice", future=fut, base=base, op=op))
+    room.submit(
+        Submission(kind="edit", by="alice", future=fut, base=base, op=op, client=client, seq=seq)
+    )
     return fut
 
 
@@ -85,3 +88,19 @@ async def test_a_failure_after_commit_reloads_that_room(rooms: Rooms) -> None:
         await asyncio.sleep(0.02)
     assert (bad.snapshot.text, bad.snapshot.v, bad.inflight) == ("xaaa", 1, [])
     assert await asyncio.wait_for(f_bad, 5) == 1
+
+
+async def test_a_room_whose_events_cannot_be_written_is_refused_alone(rooms: Rooms) -> None:
+    """A value the store cannot hold (a seq past 64 bits, were it let through) refuses only
+    its own room's op; the rest of the group commit goes through, and the room goes on."""
+    bad, good = await _room(rooms, "aaa"), await _room(rooms, "bbb")
+    f_bad = _edit(bad, ["x"], client="c", seq=1 << 63)
+    f_good = _edit(good, ["y"], client="c", seq=1)
+    assert await asyncio.wait_for(f_good, 5) == 1
+    with pytest.raises(Rejected) as err:
+        await asyncio.wait_for(f_bad, 5)
+    assert err.value.code in ("internal", "unavailable")
+    assert good.snapshot.text == "ybbb"
+    assert await asyncio.wait_for(_edit(bad, ["z"], client="c", seq=2), 5) == 1
+    assert await asyncio.wait_for(_edit(good, ["w"], base=1, client="c", seq=3), 5) == 2
+    assert (bad.snapshot.text, good.snapshot.text) == ("zaaa", "wybbb")
