@@ -32,6 +32,8 @@ MAX_TITLE_CHARS = 200
 """Longest title accepted, in code points."""
 MAX_USER_CHARS = 128
 """Longest user name accepted in a membership change."""
+MAX_TEXT_CHARS = 8 << 20
+"""Longest text a document may have (code points): at creation and after every edit."""
 GENESIS = b"\x00" * 32
 """The ``h`` that precedes a document's first event."""
 
@@ -231,6 +233,8 @@ class Document(Aggregate):
         title = check_title(title)
         if not isinstance(text, str):
             raise Invalid("text must be a string")
+        if len(text) > MAX_TEXT_CHARS:
+            raise TooLarge(f"text is longer than {MAX_TEXT_CHARS} code points")
         doc_id = doc_id or cls.create_id()
         ts = cls.Created.create_timestamp()
         payload = {"title": title, "text": text, "owner": owner}

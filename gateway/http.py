@@ -34,6 +34,7 @@ from gateway.rooms import Rooms
 from gateway.store import StoreUnavailable
 from projections.cache import Bounded, etag_of
 from schema.codes import HTTP_STATUS, Code
+from schema.messages import MAX_CLIENT_ID_CHARS, MAX_SEQ, valid_client, valid_seq
 
 log = logging.getLogger(__name__)
 
@@ -358,9 +359,13 @@ async def post_op(request: web.Request) -> web.Response:
     if not isinstance(v, int) or isinstance(v, bool):
         raise ApiError(Code.BAD_REQUEST, "'v' must be an integer")
     if (client is None) != (seq is None) or (
-        client is not None and (not isinstance(client, str) or not isinstance(seq, int))
+        client is not None and not (valid_client(client) and valid_seq(seq))
     ):
-        raise ApiError(Code.BAD_REQUEST, "'client' (string) and 'seq' (integer) go together")
+        raise ApiError(
+            Code.BAD_REQUEST,
+            f"'client' (1..{MAX_CLIENT_ID_CHARS} characters) and 'seq' (an integer in"
+            f" 0..{MAX_SEQ}) go together",
+        )
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     room.submit(
         Submission(

@@ -27,14 +27,14 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from domain import ot
-from domain.document import Document
+from domain.document import MAX_TEXT_CHARS, Document
 from domain.errors import BadVersion, DomainError, NotFound, TooLarge
 from schema.codes import Code
 from schema.frames import Encoded, OpsMessage
 
 log = logging.getLogger(__name__)
 
-MAX_DOCUMENT_CHARS = 8 << 20
+MAX_DOCUMENT_CHARS = MAX_TEXT_CHARS
 """Longest text a document may reach (code points); longer results get ``too_large``."""
 HISTORY_WINDOW = 2000
 """Committed ops kept in memory per room for transforms and catch-up."""

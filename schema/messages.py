@@ -14,6 +14,8 @@ from uuid import UUID
 from schema.codes import Code
 
 MAX_CLIENT_ID_CHARS = 128
+MAX_SEQ = (1 << 63) - 1
+"""Largest ``seq``: the store keeps it in a signed 64-bit column."""
 """Longest ``client`` id accepted in ``hello``."""
 MAX_PRESENCE_BYTES = 4096
 """Largest presence ``data`` accepted, encoded (see the presence section of the protocol)."""
@@ -82,6 +84,16 @@ Message = Hello | Sub | Unsub | OpMsg | Ping | Presence
 """Any parsed client message."""
 
 
+def valid_seq(seq: Any) -> bool:
+    """``seq`` is an integer in ``0..MAX_SEQ`` (WebSocket ``op`` and HTTP ``POST ops``)."""
+    return isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= MAX_SEQ
+
+
+def valid_client(client: Any) -> bool:
+    """A client id is a string of 1..``MAX_CLIENT_ID_CHARS`` characters."""
+    return isinstance(client, str) and 0 < len(client) <= MAX_CLIENT_ID_CHARS
+
+
 def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -107,8 +119,8 @@ def parse(msg: Any) -> Message:
         if t == "op":
             doc = _doc(msg)
             v, seq = msg.get("v"), msg.get("seq")
-            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-                raise MessageError(Code.BAD_MESSAGE, "'seq' must be an integer >= 0")
+            if not valid_seq(seq):
+                raise MessageError(Code.BAD_MESSAGE, f"'seq' must be an integer in 0..{MAX_SEQ}")
             if not isinstance(v, int) or isinstance(v, bool):
                 raise MessageError(Code.BAD_MESSAGE, "'v' must be an integer")
             if "op" not in msg:
@@ -132,9 +144,7 @@ def parse(msg: Any) -> Message:
             token, client = msg.get("token"), msg.get("client")
             if not isinstance(token, str):
                 raise MessageError(Code.UNAUTHORIZED, "'token' must be a string")
-            if client is not None and (
-                not isinstance(client, str) or not client or len(client) > MAX_CLIENT_ID_CHARS
-            ):
+            if client is not None and not valid_client(client):
                 raise MessageError(
                     Code.BAD_MESSAGE, f"'client' must be 1..{MAX_CLIENT_ID_CHARS} characters"
                 )

@@ -243,6 +243,8 @@ MALFORMED_MESSAGES: list[tuple[str, Message, str]] = [
     ("op v str", {"t": "op", "doc": "A", "v": "1", "op": ["x"], "seq": 9}, "bad_message"),
     ("op v bool", {"t": "op", "doc": "A", "v": True, "op": ["x"], "seq": 9}, "bad_message"),
     ("op seq negative", {"t": "op", "doc": "A", "v": 1, "op": ["x"], "seq": -9}, "bad_message"),
+    ("op seq past int64", {"t": "op", "doc": "A", "v": 1, "op": ["x"], "seq": 1 << 63},
+     "bad_message"),
     ("presence without data", {"t": "presence", "doc": "A"}, "bad_message"),
     ("second hello", {"t": "hello", "token": "x"}, "bad_message"),
 ]
@@ -330,6 +332,22 @@ async def test_op_making_document_too_large_is_refused(env: Env, conn: Conn) -> 
     )
     assert (status, body["error"]["code"]) == (413, "too_large")
     await assert_intact(env, conn)
+
+
+async def test_document_created_too_large_is_refused(env: Env) -> None:
+    """A new document's text has the same limit as an edited one's: 413 too_large."""
+    from domain.document import MAX_TEXT_CHARS
+
+    for size, status in ((MAX_TEXT_CHARS + 1, 413), (MAX_TEXT_CHARS, 201)):
+        body = orjson.dumps({"title": "big", "text": "x" * size})
+        got, answer = await env.api(
+            "POST", "/v1/documents", data=io.BytesIO(body), headers=JSON_HEADERS
+        )
+        assert got == status, size
+        if status == 413:
+            assert answer["error"]["code"] == "too_large"
+        else:
+            assert answer["version"] == 0 and len(answer["text"]) == size
 
 
 # -- oversized frames -----------------------------------------------------------------------
@@ -634,6 +652,13 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("POST", "/A/ops", {"json": {"v": -1, "op": ["x"]}}, 400, "bad_version"),
     ("POST", "/A/ops", {"json": {"v": 0, "op": ["x"], "seq": 1}}, 400, "bad_request"),
     ("POST", "/A/ops", {"json": {"v": 0, "op": ["x"], "client": "c"}}, 400, "bad_request"),
+    ("POST", "/A/ops", {"json": {"v": 0, "op": ["x"], "client": "c", "seq": -1}}, 400,
+     "bad_request"),
+    ("POST", "/A/ops", {"json": {"v": 0, "op": ["x"], "client": "c", "seq": 1 << 63}}, 400,
+     "bad_request"),
+    ("POST", "/A/ops", {"json": {"v": 0, "op": ["x"], "client": "", "seq": 1}}, 400, "bad_request"),
+    ("POST", "/A/ops", {"json": {"v": 0, "op": ["x"], "client": "c" * 129, "seq": 1}}, 400,
+     "bad_request"),
     ("GET", "/A/ops?from=-1", {}, 400, "bad_request"),
     ("GET", "/A/ops?from=x", {}, 400, "bad_request"),
     ("GET", "/A/ops?limit=0", {}, 400, "bad_request"),
