@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -43,8 +43,14 @@ CONTENDED_SECONDS = 30.0
 class Subscriber(Protocol):
     """What a room needs of a session: a place to put encoded messages, in order."""
 
+    user: str | None
+    """Who reads: a member removed from the document is dropped (``removed``)."""
+
     def deliver(self, msg: Encoded) -> None:
         """Queue ``msg`` for sending; never blocks."""
+
+    def removed(self, doc: UUID) -> None:
+        """The room dropped this subscriber: its user may no longer read the document."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +229,8 @@ class Room:
         """Session id -> the process it is connected to (remote sessions only)."""
         self._local_sids: dict[Subscriber, str] = {}
         self._presence_out: dict[str, tuple[Subscriber | None, dict[str, Any]]] = {}
+        self._removed: list[str] = []
+        """Users removed from the members by the events in flight."""
 
     # -- what sessions and handlers call -----------------------------------------------
 
@@ -327,6 +335,7 @@ class Room:
         pending = sorted(self._remote, key=lambda e: e.originator_version)
         self._remote = []
         records: list[OpRecord] = []
+        removed: list[str] = []
         changed = False
         for i, e in enumerate(pending):
             pos = e.originator_version
@@ -340,10 +349,13 @@ class Room:
             changed = True
             if isinstance(e, Document.Edited):
                 records.append(_record(e, self.doc.length))
+            elif isinstance(e, Document.MemberRemoved):
+                removed.append(e.user)
         if changed:
             self.history.extend(records)
             self.snapshot = self._snap()
             self._broadcast(records, [])
+            self._drop_readers(removed)
             self._trim()
             if self.inbox:
                 self._on_dirty(self)
@@ -403,7 +415,9 @@ class Room:
             if sub.kind in ("parked", "lookup"):
                 continue
             self.inflight.append(sub)
-        return list(self.doc.collect_events())
+        events = list(self.doc.collect_events())
+        self._removed = [e.user for e in events if isinstance(e, Document.MemberRemoved)]
+        return events
 
     def mark_contended(self) -> None:
         """Another process lost a race on this document: pace our commits of it too."""
@@ -428,6 +442,8 @@ class Room:
         self._checkpoint = None
         self.snapshot = self._snap()
         self._broadcast(fresh, inflight)
+        removed, self._removed = self._removed, []
+        self._drop_readers(removed)
         for sub in inflight:
             if not sub.future.done():
                 sub.future.set_result(sub.result)
@@ -450,7 +466,17 @@ class Room:
         self.inflight = []
         self.state = State.STALE
 
+    def _drop_readers(self, users: Iterable[str]) -> None:
+        """Subscribers whose user may no longer read (removed from the members) leave."""
+        gone = {u for u in users if not self.doc.can_read(u)}
+        if not gone:
+            return
+        for session in [s for s in self.members if s.user in gone]:
+            self.unsubscribe(session)
+            session.removed(self.id)
+
     def _rollback(self) -> None:
+        self._removed = []
         self._drop_tentative()
         if self._checkpoint is not None:
             _restore(self.doc, self._checkpoint)
@@ -482,6 +508,7 @@ class Room:
             self.base_len = doc.length
         self.snapshot = self._snap()
         self._broadcast(records, [])
+        self._drop_readers({s.user for s in self.members if s.user is not None})
         self.state = State.READY
         self._apply_remote()
         if self.inbox:

@@ -117,6 +117,11 @@ class Session:
             self._loop.call_soon(self._flush)
         self._out.append(msg)
 
+    def removed(self, doc: UUID) -> None:
+        """The room dropped us: our user was removed from the document's members."""
+        if self.subs.pop(doc, None) is not None:
+            self.error(Code.NOT_FOUND, "no such document (you were removed from it)", str(doc))
+
     def send(self, msg: dict[str, Any]) -> None:
         """Queue a message meant for this session only."""
         self.deliver(Encoded(msg))

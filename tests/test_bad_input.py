@@ -411,6 +411,29 @@ async def test_viewer_edit_is_forbidden(env: Env, conn: Conn) -> None:
         await viewer.close()
 
 
+async def test_removed_member_is_unsubscribed(env: Env, conn: Conn) -> None:
+    """A member removed while subscribed gets not_found for the document and no later ops."""
+    editor = await env.connect(EDITOR, conn.ws.codec)
+    try:
+        state = await editor.subscribe(conn.a.doc)
+        mark = len(editor.log)
+        status, _ = await env.api("DELETE", f"/v1/documents/{conn.a.doc}/members/{EDITOR}")
+        assert status == 204
+        await expect_one_error(editor, mark, "not_found", conn.a.doc)
+        seen = state.version
+        conn.a.edit(["secret "])
+        await conn.ws.wait_until(lambda: conn.a.quiet)
+        await editor.ping()
+        assert state.version == seen and "secret" not in (state.text or "")
+        assert not [m for m in editor.since(mark) if m["t"] == "ops"]
+        mark = len(editor.log)
+        await editor.send(op_msg(conn.a.doc, seen, ["x"], editor.next_seq()))
+        await expect_one_error(editor, mark, "not_subscribed", conn.a.doc)
+        await assert_intact(env, conn)
+    finally:
+        await editor.close()
+
+
 async def test_non_member_cannot_subscribe(env: Env, conn: Conn) -> None:
     """A user who is not a member gets not_found for the document (existence not revealed)."""
     stranger = await env.connect(STRANGER, conn.ws.codec)

@@ -264,12 +264,17 @@ async def _where(coro: Any, pred: Callable[[Any], bool]) -> Any:
 class Collector:
     """A subscriber that keeps what a room sent it."""
 
-    def __init__(self) -> None:
+    def __init__(self, user: str | None = None) -> None:
+        self.user = user
         self.msgs: list[dict[str, Any]] = []
 
     def deliver(self, msg: Encoded) -> None:
         """The room's ``Subscriber.deliver``."""
         self.msgs.append(msg.msg)
+
+    def removed(self, doc: Any) -> None:
+        """The room's ``Subscriber.removed``."""
+        self.msgs.append({"t": "removed", "doc": str(doc)})
 
     def presence(self) -> list[tuple[str, str, Any]]:
         """``(session, user, data)`` of every presence message received, in order."""
@@ -407,6 +412,42 @@ async def test_presence_crosses_rooms_of_two_processes(
         await eventually(lambda: len(there.presence()) == 2)
         assert there.presence()[1][::2] == ("s1", None)
         assert room_b.presence == {}
+
+
+def _command(room: Room, command: Callable[[Document], Any]) -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    room.submit(Submission(kind="command", by=OWNER, future=fut, command=command))
+    return fut
+
+
+@pytest.mark.postgres
+async def test_a_removed_member_is_dropped_from_the_rooms_of_every_process(
+    two_stores: tuple[Store, Store], hub_factory: Callable[[], Hub]
+) -> None:
+    """Removing a member drops their subscriptions here and in the other process (with
+    ``removed``): the ops committed after the removal never reach them; others stay."""
+    store_a, store_b = two_stores
+    doc = await asyncio.to_thread(_saved, store_a)
+    async with running(store_a, hub_factory()) as a, running(store_b, hub_factory()) as b:
+        room_a, room_b = await a.get(doc.id), await b.get(doc.id)
+        assert room_a is not None and room_b is not None
+        await _command(room_a, lambda d: d.add_member("bob", "editor", OWNER))
+        await eventually(lambda: room_b.doc.can_read("bob"))
+        bob_here, bob_there, olga_there = Collector("bob"), Collector("bob"), Collector(OWNER)
+        room_a.subscribe(bob_here)
+        room_b.subscribe(bob_there)
+        room_b.subscribe(olga_there)
+        room_b.set_presence(bob_there, "s1", "bob", {"cursor": 0})
+        await _submit(room_a, ["before"], 0, "c", 1)
+        await _command(room_a, lambda d: d.remove_member("bob", OWNER))
+        await _submit(room_a, ["after "], 1, "c", 2)
+        await eventually(lambda: olga_there.versions() == [1, 2])
+        for bob in (bob_here, bob_there):
+            assert [m["t"] for m in bob.msgs if m["t"] != "presence"] == ["ops", "removed"]
+            assert bob.versions() == [1]
+        assert bob_here not in room_a.members and bob_there not in room_b.members
+        assert room_b.presence == {}  # the removed session's presence went with it
+        assert olga_there.presence()[-1] == ("s1", "bob", None)
 
 
 @pytest.mark.postgres
