@@ -307,7 +307,7 @@ class Session:
         else:
             records = room.ops_since(msg.v)
             if records is not None:
-                self.send({"t": "ops", "doc": doc, "ops": [r.entry() for r in records]})
+                self._send_ops(doc, [r.entry() for r in records])
             else:
                 member.ready = False
                 self._spawn(self._catch_up(room, msg.v, snap.v))
@@ -327,15 +327,20 @@ class Session:
                 | ({"client": e.client, "seq": e.seq} if e.client is not None else {})
                 for e in edits
             ]
-            for i in range(0, max(len(entries), 1), CATCH_UP_CHUNK):
-                self.send({"t": "ops", "doc": doc, "ops": entries[i : i + CATCH_UP_CHUNK]})
         except Exception as exc:
             log.warning("catch-up of %s failed: %s", doc, exc)
             self.error(Code.UNAVAILABLE, "catch-up failed; subscribe again", doc)
             self._unsub(room.id)
             return
-        if member is not None and room.members.get(self) is member:
-            member.release()
+        if member is None or room.members.get(self) is not member:
+            return  # unsubscribed meanwhile (or removed from the document): nothing to send
+        self._send_ops(doc, entries)
+        member.release()
+
+    def _send_ops(self, doc: str, entries: list[dict[str, Any]]) -> None:
+        """A catch-up: ``ops`` messages of at most ``CATCH_UP_CHUNK`` ops (one if none)."""
+        for i in range(0, max(len(entries), 1), CATCH_UP_CHUNK):
+            self.send({"t": "ops", "doc": doc, "ops": entries[i : i + CATCH_UP_CHUNK]})
 
     def _unsub(self, doc_id: UUID) -> None:
         room = self.subs.pop(doc_id, None)

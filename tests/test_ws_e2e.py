@@ -20,6 +20,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from domain import ot
+from gateway import session
 from gateway.app import Services, create_app
 from gateway.auth import sign_token
 from gateway.store import Store, StoreConfig
@@ -305,6 +306,26 @@ async def test_catch_up_from_memory_then_live(api: Api, k: int) -> None:
     finally:
         await writer.close()
         await reader.close()
+
+
+@pytest.mark.parametrize("where", ["memory", "store"])
+async def test_catch_up_comes_in_messages_of_at_most_a_chunk(
+    api: Api, store_config: StoreConfig, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A catch-up longer than ``CATCH_UP_CHUNK`` ops is split, from memory and from the store."""
+    monkeypatch.setattr(session, "CATCH_UP_CHUNK", 4)
+    doc = await api.create("chunks")
+    texts = await _history(api, doc, 10)
+    async with contextlib.AsyncExitStack() as stack:
+        gateway = api if where == "memory" else await stack.enter_async_context(
+            second_gateway(store_config)
+        )
+        reader = await gateway.connect(Codec.JSON)
+        stack.push_async_callback(reader.close)
+        r = await reader.subscribe(doc, v=1, text=texts[1])
+        await reader.wait_until(lambda: r.version == 10)
+        sizes = [len(m["ops"]) for m in reader.log if m["t"] == "ops"]
+        assert sizes == [4, 4, 1] and r.text == texts[10] and not r.problems
 
 
 async def test_catch_up_from_the_store_then_live(api: Api, store_config: StoreConfig) -> None:
