@@ -8,7 +8,7 @@ which of its requests failed. Server-to-client messages are built by the helpers
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 from uuid import UUID
 
 from schema.codes import Code
@@ -84,12 +84,12 @@ Message = Hello | Sub | Unsub | OpMsg | Ping | Presence
 """Any parsed client message."""
 
 
-def valid_seq(seq: Any) -> bool:
+def valid_seq(seq: Any) -> TypeGuard[int]:
     """``seq`` is an integer in ``0..MAX_SEQ`` (WebSocket ``op`` and HTTP ``POST ops``)."""
     return isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= MAX_SEQ
 
 
-def valid_client(client: Any) -> bool:
+def valid_client(client: Any) -> TypeGuard[str]:
     """A client id is a string of 1..``MAX_CLIENT_ID_CHARS`` characters."""
     return isinstance(client, str) and 0 < len(client) <= MAX_CLIENT_ID_CHARS
 
