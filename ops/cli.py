@@ -20,9 +20,7 @@ from ops.settings import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    names = ("host", "port", "data_dir", "database_url", "database_schema", "redis_url",
-             "redis_prefix", "secret", "workers", "log_level", "projections")
-    return Settings.load(overrides={n: getattr(args, n, None) for n in names})
+    return Settings.load(overrides={f.name: getattr(args, f.name, None) for f in fields(Settings)})
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -61,7 +59,7 @@ def _projections_worker(settings: Settings) -> None:
     """``coscribe projections run`` with the parent's settings (passed as COSCRIBE_*)."""
     for f in fields(settings):
         value = getattr(settings, f.name)
-        if value is not None and f.name != "extra":
+        if value is not None:
             os.environ[f"COSCRIBE_{f.name.upper()}"] = str(value)
     main(["projections", "run"])
 
@@ -138,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="debug, info, warning (info)")
     serve.add_argument("--projections", choices=["inline", "off"],
                        help="run the projection runner in this process (inline) or not (off)")
+    serve.add_argument("--max-frame-bytes", type=int,
+                       help="incoming WebSocket frame limit, too_large above (1048576)")
+    serve.add_argument("--max-buffer-bytes", type=int,
+                       help="per-session send buffer, closed with 4008 above (16777216)")
     _add_common(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ class Settings:
     log_level: str = "info"
     max_frame_bytes: int = 1 << 20
     max_buffer_bytes: int = 16 << 20
-    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -43,8 +42,6 @@ class Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name == "extra":
-                continue
             raw = env.get(f"COSCRIBE_{f.name.upper()}")
             if overrides and overrides.get(f.name) is not None:
                 raw = overrides[f.name]
