@@ -41,6 +41,7 @@ class Rooms:
             store, on_stale=self._stale, on_parked=self._parked, on_committed=self._published
         )
         self._resyncing: set[UUID] = set()
+        self._sync_waiters: dict[UUID, list[asyncio.Future[None]]] = {}
         self._rooms: dict[UUID, Room] = {}
         self._loading: dict[UUID, asyncio.Future[Room | None]] = {}
         self._refreshing: set[UUID] = set()
@@ -165,8 +166,48 @@ class Rooms:
         finally:
             self._resyncing.discard(room.id)
 
+    async def current(self, room: Room) -> None:
+        """Apply what the store holds beyond the room's position (before a ``sub``).
+
+        The hub cannot reveal a gap after the last message: another process may have died
+        between its commit and its publish, or Redis may be down. A client that moved here
+        with a version seen elsewhere would then get an old snapshot, an empty catch-up or a
+        wrong ``bad_version``. One read of the room serves every caller that came before it
+        began; if the store cannot be read, the room's state is what the caller gets.
+        """
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._sync_waiters.get(room.id)
+        if waiters is None:
+            self._sync_waiters[room.id] = [waiter]
+            self._spawn(self._sync(room))
+        else:
+            waiters.append(waiter)
+        await waiter
+
+    async def _sync(self, room: Room) -> None:
+        while True:
+            await asyncio.sleep(0)  # callers of this loop turn share the read
+            waiters = self._sync_waiters.get(room.id) or []
+            self._sync_waiters[room.id] = []
+            try:
+                events = await self._read(self.store.events_after, room.id, room.position)
+                if events:
+                    room.remote_events(events)
+            except Exception as exc:
+                log.warning("reading %s before a subscription failed: %s", room.id, exc)
+            finally:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+            if not self._sync_waiters[room.id]:  # none came during the read: done
+                del self._sync_waiters[room.id]
+                return
+
     async def presence_forever(self, every: float = 3.0) -> None:
-        """Clear presence of sessions whose process died (its liveness key expired)."""
+        """Clear presence of sessions whose process died (its liveness key expired).
+
+        Its rooms re-read the store too: it may have died between a commit and its publish.
+        """
         while True:
             await asyncio.sleep(every)
             procs = {p for r in self._rooms.values() for p in r.presence_proc.values()}
@@ -174,7 +215,9 @@ class Rooms:
                 continue
             dead = procs - await self.hub.live_procs(procs)
             if dead:
-                for room in self._rooms.values():
+                for room in list(self._rooms.values()):
+                    if dead.intersection(room.presence_proc.values()):
+                        self._gap(room)
                     room.clear_procs(dead)
 
     async def _read(self, fn: Any, *args: Any) -> Any:

@@ -355,6 +355,40 @@ async def test_catch_up_from_the_store_then_live(api: Api, store_config: StoreCo
             await writer.close()
 
 
+@pytest.mark.postgres
+async def test_sub_reads_what_the_hub_never_delivered(api: Api, store_config: StoreConfig) -> None:
+    """A process that missed another's last commits (no message revealed them: the writer
+    died before publishing, or Redis is down) answers a ``sub`` from the store's head: a
+    client that moved here with a newer version gets its catch-up, a new one the snapshot,
+    and the subscribers already here the missed ops."""
+    if store_config.database_url is None:
+        pytest.skip("two gateways share a store only on PostgreSQL")
+    doc = await api.create("missed")
+    async with second_gateway(store_config) as other:  # its hub hears nothing from api's
+        watcher = await other.connect(Codec.JSON)
+        try:
+            seen = await watcher.subscribe(doc)
+            assert seen.version == 0
+            texts = await _history(api, doc, 5)
+            mover = await other.connect(Codec.MSGPACK)
+            fresh = await other.connect(Codec.JSON)
+            try:
+                moved = await mover.subscribe(doc, v=5, text=texts[5])
+                state = await fresh.subscribe(doc)
+                assert (state.version, state.text) == (5, texts[5])
+                moved.edit(["after "])
+                await mover.wait_until(lambda: moved.quiet)
+                assert moved.version == 6 and not moved.problems
+                await watcher.wait_until(lambda: seen.version == 6)
+                assert seen.text == moved.text == (await other.get(doc))[0]
+                assert not seen.problems
+            finally:
+                await mover.close()
+                await fresh.close()
+        finally:
+            await watcher.close()
+
+
 async def test_http_op_with_old_base_is_transformed(api: Api) -> None:
     """POST ops with an old base is transformed like a WebSocket op and broadcast to subscribers."""
     doc = await api.create("abc")
