@@ -61,7 +61,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     presence = asyncio.create_task(rooms.presence_forever(), name="presence-liveness")
     yield
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(rooms.committer.drain(), timeout=10)
+        await asyncio.wait_for(rooms.drain(), timeout=10)
     for task in (committer, sweeper, presence):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -78,7 +78,7 @@ async def _close_sessions(app: web.Application) -> None:
     """SIGTERM: the listener is already closed; commit what is queued, then say goodbye."""
     rooms: Rooms = app[keys.ROOMS]
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(rooms.committer.drain(), timeout=10)
+        await asyncio.wait_for(rooms.drain(), timeout=10)
     sessions: set[Session] = app[keys.SESSIONS]
     await asyncio.gather(
         *(s.close(CLOSE_GOING_AWAY, "server shutting down") for s in list(sessions)),

@@ -382,6 +382,13 @@ class Room:
         return [r for r in self.history[start:] if r.v <= self.snapshot.v]
 
     @property
+    def busy(self) -> bool:
+        """Ops are queued, in flight, parked or being looked up, or the room is re-reading."""
+        return bool(self.inbox or self.inflight or self.parked or self.lookups) or (
+            self.state is State.STALE
+        )
+
+    @property
     def idle(self) -> bool:
         """Nothing queued, nothing in flight and nobody subscribed."""
         return not (self.inbox or self.inflight or self.parked or self.lookups or self.members)

@@ -323,6 +323,18 @@ class Rooms:
             self.hub.unwatch(i)
         return len(drop)
 
+    async def drain(self) -> None:
+        """Wait until every op queued so far is committed or refused (SIGTERM).
+
+        The committer's queue is not all: a room that lost a commit race holds its ops while
+        it re-reads the store, and a resend waits for its lookup; neither is queued then.
+        """
+        while True:
+            await self.committer.drain()
+            if not self._refreshing and not any(r.busy for r in self._rooms.values()):
+                return
+            await asyncio.sleep(0.005)
+
     async def close(self) -> None:
         """Cancel background work (after the committer drained)."""
         for task in list(self._tasks):

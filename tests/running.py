@@ -23,7 +23,7 @@ async def running(store: Store, hub: Hub | None = None) -> AsyncIterator[Rooms]:
         yield rooms
     finally:
         async with asyncio.timeout(10):
-            await rooms.committer.drain()
+            await rooms.drain()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,8 @@ from domain.document import Document
 from gateway.room import Rejected, Room, State, Submission
 from gateway.rooms import Rooms
 from gateway.store import Store, StoreConfig
+from tests.conftest import PG_URL
+from tests.running import running
 
 
 @pytest.fixture
@@ -104,3 +107,25 @@ async def test_a_room_whose_events_cannot_be_written_is_refused_alone(rooms: Roo
     assert await asyncio.wait_for(_edit(bad, ["z"], client="c", seq=2), 5) == 1
     assert await asyncio.wait_for(_edit(good, ["w"], base=1, client="c", seq=3), 5) == 2
     assert (bad.snapshot.text, good.snapshot.text) == ("zaaa", "wybbb")
+
+
+@pytest.mark.postgres
+async def test_drain_waits_for_a_room_that_lost_a_race(tmp_path: Path, pg_schema: str) -> None:
+    """SIGTERM's drain returns only when an op whose commit lost a race (its room re-reading
+    the store meanwhile, nothing queued in the committer) is committed too."""
+    cfg = StoreConfig(data_dir=tmp_path, database_url=PG_URL, database_schema=pg_schema)
+    store_a, store_b = Store(cfg), Store(cfg)
+    try:
+        async with running(store_a) as a, running(store_b) as b:  # no hub between them
+            doc = Document.create("t", "abc", "alice")
+            await a.create(doc, "alice")
+            room_a, room_b = await a.get(doc.id), await b.get(doc.id)
+            assert room_a is not None and room_b is not None
+            assert await asyncio.wait_for(_edit(room_b, ["b"]), 5) == 1
+            lost = _edit(room_a, ["a"])  # on version 0 again: its checked commit is stale
+            await asyncio.wait_for(a.drain(), 5)
+            assert lost.done() and lost.result() == 2
+            assert a.committer.stats.conflicts >= 1
+    finally:
+        store_a.close()
+        store_b.close()
