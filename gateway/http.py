@@ -306,6 +306,10 @@ async def metrics(request: web.Request) -> web.Response:
         f"coscribe_sessions {len(request.app[keys.SESSIONS])}",
         "# TYPE coscribe_hub_healthy gauge",
         f"coscribe_hub_healthy {int(hub.healthy)}",
+        "# TYPE coscribe_hub_published_total counter",
+        f"coscribe_hub_published_total {hub.published}",
+        "# TYPE coscribe_hub_publish_failures_total counter",
+        f"coscribe_hub_publish_failures_total {hub.publish_failures}",
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 

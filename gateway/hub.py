@@ -54,6 +54,10 @@ class Hub(Protocol):
 
     proc: str
     healthy: bool
+    published: int
+    """Messages (and presence writes) handed to the other processes."""
+    publish_failures: int
+    """Those dropped because the broker could not be reached (Redis down)."""
 
     async def start(self, on_message: OnMessage, on_resync: OnResync) -> None:
         """Connect and start delivering messages of other processes."""
@@ -95,6 +99,8 @@ class LocalHub:
         self.broker = broker or LocalBroker()
         self.proc = new_proc_id()
         self.healthy = True
+        self.published = 0
+        self.publish_failures = 0
         self._watched: set[UUID] = set()
         self._on_message: OnMessage | None = None
 
@@ -114,6 +120,7 @@ class LocalHub:
     def publish(self, doc: UUID, msg: dict[str, Any]) -> None:
         """Hand ``msg`` to every other hub watching ``doc``, on a later loop turn."""
         data = pack(msg)  # what Redis would carry: no shared mutable objects
+        self.published += 1
         loop = asyncio.get_running_loop()
         for hub in self.broker.hubs:
             if hub is not self and doc in hub._watched and hub._on_message is not None:

@@ -41,6 +41,7 @@ from tests.test_scaleout import (
     create_doc,
     get_doc,
     make_servers,
+    metric,
     poll,
     readyz,
     replay_log,
@@ -490,6 +491,9 @@ async def test_redis_restart_during_edits(
         states = [s for e in editors for s in e.states]
         final = await converged(http, servers, states)
         check_exactly_once(final[doc]["text"], states, all_made=True)
+        # What could not be published while Redis was down is counted.
+        failed = [await metric(http, srv, "coscribe_hub_publish_failures_total") for srv in servers]
+        assert sum(failed) > 0
         # Remote delivery resumed: an edit on A reaches B's client, which does nothing itself.
         olga, ulla = editors[0].states[0], editors[1].states[0]
         olga.insert(rng, "Z")
