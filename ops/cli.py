@@ -67,7 +67,11 @@ def _projections_worker(settings: Settings) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve HTTP and WebSocket; ``--workers N`` runs N processes on one port."""
     settings = _settings(args)
-    if settings.workers <= 1:
+    if settings.workers < 1:
+        print(f"coscribe serve: --workers must be at least 1, not {settings.workers}",
+              file=sys.stderr)
+        return 2
+    if settings.workers == 1:
         _serve_one(settings)
         return 0
     if not settings.redis_url:

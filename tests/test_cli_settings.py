@@ -36,3 +36,12 @@ def test_a_flag_wins_over_its_variable(
     args = cli.build_parser().parse_args(["serve", flag, str(value)])
     assert getattr(cli._settings(args), name) == value
     assert getattr(cli._settings(cli.build_parser().parse_args(["serve"])), name) == 1
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_serve_refuses_fewer_than_one_worker(
+    capsys: pytest.CaptureFixture[str], workers: str
+) -> None:
+    """``--workers 0`` is a usage error (exit 2), not one process in silence."""
+    assert cli.main(["serve", "--workers", workers]) == 2
+    assert "at least 1" in capsys.readouterr().err
