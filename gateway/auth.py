@@ -46,6 +46,11 @@ def verify_token(secret: bytes, token: str, now: float | None = None) -> str:
     return _verify(secret, token, now)[0]
 
 
+def verify_token_until(secret: bytes, token: str) -> tuple[str, float | None]:
+    """``verify_token``, also giving the expiry (seconds since the epoch; None: never)."""
+    return _verify(secret, token, None)
+
+
 def _verify(secret: bytes, token: str, now: float | None) -> tuple[str, float | None]:
     """``verify_token``, also giving the expiry (None: never)."""
     if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:

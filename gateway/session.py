@@ -24,7 +24,7 @@ from uuid import UUID
 from aiohttp import WSMsgType, web
 
 from gateway import keys
-from gateway.auth import BadToken, verify_token
+from gateway.auth import BadToken, verify_token_until
 from gateway.room import Rejected, Room, Submission
 from gateway.rooms import Rooms
 from schema import frames, messages
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 CLOSE_GOING_AWAY = 1001
 """Server shutting down: reconnect elsewhere."""
 CLOSE_UNAUTHORIZED = 4001
-"""The hello was refused (bad or missing token)."""
+"""The hello was refused (bad or missing token), or the session's token expired."""
 CLOSE_SLOW_CONSUMER = 4008
 """The session's send buffer overflowed: reconnect and catch up with ``sub`` + ``v``."""
 CATCH_UP_CHUNK = 1000
@@ -106,6 +106,7 @@ class Session:
         self._loop = asyncio.get_running_loop()
         self._transport = transport
         self._bucket = TokenBucket(limits.messages_per_second, limits.message_burst)
+        self._expiry: asyncio.TimerHandle | None = None
 
     # -- the room's side ---------------------------------------------------------------
 
@@ -250,9 +251,11 @@ class Session:
         if self.user is not None:
             raise MessageError(Code.BAD_MESSAGE, "hello was already accepted")
         try:
-            self.user = verify_token(self.secret, msg.token)
+            self.user, expires = verify_token_until(self.secret, msg.token)
         except BadToken as exc:
             raise MessageError(Code.UNAUTHORIZED, str(exc)) from None
+        if expires is not None:  # the session lasts as long as its token
+            self._expiry = self._loop.call_later(max(0.0, expires - time.time()), self._expired)
         self.client = msg.client
         self.send({"t": "welcome", "user": self.user, "session": self.id})
 
@@ -360,7 +363,13 @@ class Session:
         assert self.user is not None
         room.set_presence(self, self.id, self.user, msg.data)
 
+    def _expired(self) -> None:
+        self.error(Code.UNAUTHORIZED, "token expired; reconnect with a new token")
+        self._spawn(self.close(CLOSE_UNAUTHORIZED, "token expired"))
+
     def _leave_all(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         for room in self.subs.values():
             room.unsubscribe(self)
         self.subs.clear()

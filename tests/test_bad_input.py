@@ -523,6 +523,25 @@ async def test_bad_token_is_unauthorized_then_closed(env: Env, token: str) -> No
     assert await env.text("a") == ("alpha", 0)
 
 
+async def test_a_session_ends_when_its_token_expires(env: Env) -> None:
+    """A session lasts as long as its token: then unauthorized and close 4001, with every op
+    acked before still in the store."""
+    ws = await WsClient.connect(env.http.session, env.ws_url)
+    try:
+        reply = await ws.hello(sign_token(SECRET, OWNER, ttl=2))
+        assert reply["t"] == "welcome"
+        state = await ws.subscribe(env.docs["b"])
+        state.edit(["kept "])
+        await ws.wait_until(lambda: state.quiet)
+        assert await ws.wait_closed() == CLOSE_UNAUTHORIZED
+        errors = [m for m in ws.log if m["t"] == "error"]
+        assert [e["code"] for e in errors] == ["unauthorized"]
+        assert "expired" in errors[0]["message"]
+    finally:
+        await ws.close()
+    assert await env.text("b") == ("kept beta", 1)
+
+
 async def test_hello_without_token_is_unauthorized_then_closed(env: Env) -> None:
     """A hello that carries no token is treated like a bad token: unauthorized, close 4001."""
     ws = await WsClient.connect(env.http.session, env.ws_url)
