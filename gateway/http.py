@@ -103,6 +103,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(Code.NOT_FOUND, f"no route {request.method} {request.path}")
     except web.HTTPMethodNotAllowed:
         return error_response(Code.BAD_REQUEST, f"{request.method} not allowed here")
+    except web.HTTPBadRequest as exc:  # aiohttp's own, e.g. /v1/ws without an upgrade
+        return error_response(Code.BAD_REQUEST, exc.text or exc.reason)
     except web.HTTPException:
         raise
     except Exception:

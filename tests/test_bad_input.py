@@ -668,6 +668,13 @@ async def test_http_bad_token_is_401(env: Env, headers: dict[str, str]) -> None:
     assert await env.text("a") == ("alpha", 0)
 
 
+async def test_websocket_route_without_an_upgrade_is_bad_request(env: Env) -> None:
+    """A plain GET of /v1/ws answers in the error envelope, like every other route."""
+    status, body = await env.api("GET", "/v1/ws", user=None)
+    assert (status, body["error"]["code"]) == (400, "bad_request")
+    assert "websocket" in body["error"]["message"].lower()
+
+
 async def test_http_health_needs_no_token(env: Env) -> None:
     """/healthz answers without a token."""
     assert await env.api("GET", "/healthz", user=None) == (200, {"status": "ok"})
