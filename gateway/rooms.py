@@ -185,23 +185,22 @@ class Rooms:
         await waiter
 
     async def _sync(self, room: Room) -> None:
-        while True:
-            await asyncio.sleep(0)  # callers of this loop turn share the read
-            waiters = self._sync_waiters.get(room.id) or []
-            self._sync_waiters[room.id] = []
-            try:
-                events = await self._read(self.store.events_after, room.id, room.position)
-                if events:
-                    room.remote_events(events)
-            except Exception as exc:
-                log.warning("reading %s before a subscription failed: %s", room.id, exc)
-            finally:
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_result(None)
-            if not self._sync_waiters[room.id]:  # none came during the read: done
-                del self._sync_waiters[room.id]
-                return
+        try:
+            while True:
+                await asyncio.sleep(0)  # callers of this loop turn share the read
+                waiters, self._sync_waiters[room.id] = self._sync_waiters[room.id], []
+                if not waiters:  # none came during the last read
+                    return
+                try:
+                    events = await self._read(self.store.events_after, room.id, room.position)
+                    if events:
+                        room.remote_events(events)
+                except Exception as exc:
+                    log.warning("reading %s before a subscription failed: %s", room.id, exc)
+                finally:
+                    _resolve(waiters)
+        finally:
+            _resolve(self._sync_waiters.pop(room.id, []))
 
     async def presence_forever(self, every: float = 3.0) -> None:
         """Clear presence of sessions whose process died (its liveness key expired).
@@ -342,6 +341,12 @@ class Rooms:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _resolve(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 def _fail_inbox(room: Room, code: Code, message: str) -> None:
