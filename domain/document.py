@@ -343,11 +343,13 @@ class Document(Aggregate):
     ) -> str:
         """Attach a note, reference or snippet (owner and editors); returns its new id.
 
-        Without ``position`` the item goes after every other one.
+        Without ``position`` the item goes after every other one: one past the highest
+        position, or the highest allowed if that is taken (ties keep the order added).
         """
         self.require_write(by)
         if position is None:
-            position = 1 + max((i["position"] for i in self.context_items.values()), default=-1)
+            last = max((i["position"] for i in self.context_items.values()), default=-1)
+            position = min(last + 1, MAX_CONTEXT_POSITION)
         item = str(uuid4())
         self._trigger(
             self.ContextItemAdded,
