@@ -175,6 +175,10 @@ class Document(Aggregate):
                 "title": self.title,
                 "body": self.body,
                 "position": self.position,
+                "created_by": self.by,
+                "created_at": self.timestamp,
+                "updated_by": self.by,
+                "updated_at": self.timestamp,
             }
             aggregate._touch(self)
 
@@ -191,11 +195,12 @@ class Document(Aggregate):
         def apply(self, aggregate: Aggregate) -> None:
             """Change the given fields."""
             assert isinstance(aggregate, Document)
-            fields = aggregate.context_items[self.item]
-            for name in ("kind", "title", "body", "position"):
-                value = getattr(self, name)
-                if value is not None:
-                    fields[name] = value
+            items = aggregate.context_items
+            given = {name: getattr(self, name) for name in CONTEXT_FIELDS}
+            # A new dict, not changed in place: a room's checkpoint copies the outer one only.
+            items[self.item] = {**items[self.item],
+                                **{k: v for k, v in given.items() if v is not None},
+                                "updated_by": self.by, "updated_at": self.timestamp}
             aggregate._touch(self)
 
     class ContextItemRemoved(Event):
@@ -334,7 +339,8 @@ class Document(Aggregate):
 
     @property
     def context_items(self) -> dict[str, dict[str, Any]]:
-        """The attached context items by id: ``{"kind", "title", "body", "position"}`` each."""
+        """The attached context items by id: ``{"kind", "title", "body", "position",
+        "created_by", "created_at", "updated_by", "updated_at"}`` each (times as datetimes)."""
         items: dict[str, dict[str, Any]] = self.__dict__.setdefault("_context_items", {})
         return items
 
@@ -431,6 +437,8 @@ class Document(Aggregate):
         self.h = e.h
 
 
+CONTEXT_FIELDS = ("kind", "title", "body", "position")
+"""The fields of a context item that its owner and editors set."""
 CONTEXT_KINDS = frozenset({"note", "reference", "snippet"})
 """The kinds of context item a document accepts."""
 MAX_CONTEXT_BODY_CHARS = 64 << 10

@@ -678,12 +678,12 @@ def _item(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _context_item(rm: ReadModels, doc: UUID, item: str) -> dict[str, Any]:
-    await rm.fresh()
-    rows = await rm.call(queries.context_items, rm.db, str(doc), item)
-    if not rows:
-        raise NotFound("no such context item")
-    return _item(rows[0])
+def _committed_item(doc: Document, item: str) -> dict[str, Any]:
+    """``item`` as the aggregate holds it after a command: what the ``context`` read model
+    shows once it has taken in the command's event (a write never waits for it)."""
+    fields = doc.context_items[item]
+    return _item({**fields, "item_id": item, "created_at": iso(fields["created_at"]),
+                  "updated_at": iso(fields["updated_at"])})
 
 
 async def add_context(request: web.Request) -> web.Response:
@@ -697,9 +697,10 @@ async def add_context(request: web.Request) -> web.Response:
     text: Any = body.get("body", "")
     position: Any = body.get("position")
     item = await _command(
-        room, user, lambda d: d.add_context_item(kind, title, text, user, position)
+        room, user,
+        lambda d: _committed_item(d, d.add_context_item(kind, title, text, user, position)),
     )
-    return _json(await _context_item(_rm(request), room.id, item), status=201)
+    return _json(item, status=201)
 
 
 async def list_context(request: web.Request) -> web.Response:
@@ -721,8 +722,12 @@ async def update_context(request: web.Request) -> web.Response:
     fields = {k: body[k] for k in ("kind", "title", "body", "position") if k in body}
     if any(v is None for v in fields.values()):
         raise Invalid("fields cannot be set to null")
-    await _command(room, user, lambda d: d.update_context_item(item, user, **fields))
-    return _json(await _context_item(_rm(request), room.id, item))
+
+    def update(d: Document) -> dict[str, Any]:
+        d.update_context_item(item, user, **fields)
+        return _committed_item(d, item)
+
+    return _json(await _command(room, user, update))
 
 
 async def remove_context(request: web.Request) -> web.Response:

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 
 from domain.document import MAX_CONTEXT_POSITION, Document
+from gateway.app import Services, create_app
+from gateway.readmodels import Extension, StoreSource, read_db_config
+from gateway.store import Store, StoreConfig
+from projections.db import open_db
+from projections.registry import MODELS
+from projections.runner import Runner
 from tests.strategies import context_positions
+from tests.test_readmodels_http import SECRET, Api
 
 
 def _listed(doc: Document, added: list[str]) -> list[str]:
@@ -32,3 +44,50 @@ def test_an_item_without_a_position_goes_after_every_other(
             added.append(doc.add_context_item("note", "", "", "ann"))
             assert _listed(doc, added)[-1] == added[-1]
             assert 0 <= doc.context_items[added[-1]]["position"] <= MAX_CONTEXT_POSITION
+
+
+@pytest.fixture
+async def lagging(store_config: StoreConfig) -> AsyncIterator[Api]:
+    """A gateway whose read models nobody keeps up to date (no runner anywhere)."""
+    services = Services(store=Store(store_config), secret=SECRET,
+                        extensions=[Extension(run_projections=False, warm=False)])
+    client = TestClient(TestServer(create_app(services), host="127.0.0.1", port=0))
+    await client.start_server()
+    try:
+        yield Api(client)
+    finally:
+        await client.close()
+
+
+def _catch_up(cfg: StoreConfig) -> None:
+    """Run the projections once over everything committed so far."""
+    store = Store(cfg)
+    db = open_db(read_db_config(cfg))
+    try:
+        runner = Runner(db, StoreSource(store), MODELS)
+        runner.setup()
+        runner.catch_up()
+    finally:
+        db.close()
+        store.close()
+
+
+async def test_context_writes_answer_from_the_committed_item(
+    lagging: Api, store_config: StoreConfig
+) -> None:
+    """POST and PATCH answer at once with the item as the read model shows it later."""
+    doc = await lagging.create("ctx")
+    await asyncio.to_thread(_catch_up, store_config)  # the tables exist, then fall behind
+    base = f"/v1/documents/{doc}/context"
+    added = await lagging.call("POST", base, status=201,
+                               json={"kind": "note", "title": "A", "body": "é😀"})
+    assert (added["title"], added["position"], added["created_by"]) == ("A", 0, "ann")
+    moved = await lagging.call("PATCH", f"{base}/{added['id']}",
+                               json={"title": "B", "position": 7})
+    assert (moved["title"], moved["position"], moved["created_at"]) == (
+        "B", 7, added["created_at"])
+    assert moved["updated_at"] > added["updated_at"]
+    other = await lagging.call("POST", base, status=201, json={"kind": "snippet"})
+    await asyncio.to_thread(_catch_up, store_config)
+    listed = await lagging.call("GET", base)
+    assert listed["items"] == [moved, other]
