@@ -377,19 +377,23 @@ class Document(Aggregate):
         body: str | None = None,
         position: int | None = None,
     ) -> None:
-        """Change the fields given of ``item`` (owner and editors)."""
+        """Change the fields given of ``item`` (owner and editors).
+
+        The event names only the fields whose value changes; when none does, there is none.
+        """
         self.require_write(by)
-        if item not in self.context_items:
+        current = self.context_items.get(item)
+        if current is None:
             raise NotFound("no such context item")
-        self._trigger(
-            self.ContextItemUpdated,
-            item=item,
-            kind=None if kind is None else _check_kind(kind),
-            title=None if title is None else _check_text("title", title, MAX_TITLE_CHARS),
-            body=None if body is None else _check_text("body", body, MAX_CONTEXT_BODY_CHARS),
-            position=None if position is None else _check_position(position),
-            by=by,
-        )
+        given = {
+            "kind": None if kind is None else _check_kind(kind),
+            "title": None if title is None else _check_text("title", title, MAX_TITLE_CHARS),
+            "body": None if body is None else _check_text("body", body, MAX_CONTEXT_BODY_CHARS),
+            "position": None if position is None else _check_position(position),
+        }
+        changed = {k: None if v == current[k] else v for k, v in given.items()}
+        if any(v is not None for v in changed.values()):
+            self._trigger(self.ContextItemUpdated, item=item, **changed, by=by)
 
     def remove_context_item(self, item: str, by: str) -> None:
         """Detach ``item`` (owner and editors)."""

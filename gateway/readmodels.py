@@ -41,7 +41,7 @@ from aiohttp import web
 from eventsourcing.persistence import InterfaceError, OperationalError
 from multidict import CIMultiDict
 
-from domain.document import Document
+from domain.document import CONTEXT_FIELDS, Document
 from domain.errors import BadVersion, DomainError, Invalid, NotFound, TooLarge
 from gateway import keys
 from gateway.http import GATE, cached_response
@@ -686,10 +686,19 @@ def _committed_item(doc: Document, item: str) -> dict[str, Any]:
                   "updated_at": iso(fields["updated_at"])})
 
 
-async def add_context(request: web.Request) -> web.Response:
-    """``POST /v1/documents/{id}/context {"kind", "title", "body", "position"?}`` -> 201."""
-    room = await _readable_room(request)
+async def _context_fields(request: web.Request) -> dict[str, Any]:
+    """The body of a context write: an object with no fields but an item's own."""
     body = await _object(request)
+    unknown = sorted(set(body) - set(CONTEXT_FIELDS))
+    if unknown:
+        raise Invalid(f"unknown fields: {', '.join(unknown)}")
+    return body
+
+
+async def add_context(request: web.Request) -> web.Response:
+    """``POST /v1/documents/{id}/context {"kind", "title"?, "body"?, "position"?}`` -> 201."""
+    room = await _readable_room(request)
+    body = await _context_fields(request)
     user = _user(request)
     # The aggregate checks every field (types included) and answers with a domain error.
     kind: Any = body.get("kind")
@@ -714,12 +723,14 @@ async def list_context(request: web.Request) -> web.Response:
 
 
 async def update_context(request: web.Request) -> web.Response:
-    """``PATCH /v1/documents/{id}/context/{item}`` with any of kind, title, body, position."""
+    """``PATCH /v1/documents/{id}/context/{item}`` with any of kind, title, body, position.
+
+    A PATCH that changes nothing records no event and answers with the item as it is.
+    """
     room = await _readable_room(request)
-    body = await _object(request)
+    fields = await _context_fields(request)
     item = request.match_info["item"]
     user = _user(request)
-    fields = {k: body[k] for k in ("kind", "title", "body", "position") if k in body}
     if any(v is None for v in fields.values()):
         raise Invalid("fields cannot be set to null")
 

@@ -91,3 +91,39 @@ async def test_context_writes_answer_from_the_committed_item(
     await asyncio.to_thread(_catch_up, store_config)
     listed = await lagging.call("GET", base)
     assert listed["items"] == [moved, other]
+
+
+def test_an_update_that_changes_nothing_records_no_event() -> None:
+    """Values equal to the current ones are no change; the event names only real changes."""
+    doc = Document.create("T", "", "ann")
+    item = doc.add_context_item("note", "A", "b", "ann", position=3)
+    doc.collect_events()
+    doc.update_context_item(item, "ann", kind="note", title="A", position=3)
+    doc.update_context_item(item, "ann")
+    assert doc.collect_events() == []
+    doc.update_context_item(item, "ann", title="A", body="c")
+    (event,) = doc.collect_events()
+    assert isinstance(event, Document.ContextItemUpdated)
+    assert (event.kind, event.title, event.body, event.position) == (None, None, "c", None)
+
+
+async def test_context_bodies_name_unknown_fields_and_default_the_texts(
+    lagging: Api, store_config: StoreConfig
+) -> None:
+    """Unknown fields are 400 naming them; title and body default to ""; a PATCH that
+    changes nothing answers 200 with the item and leaves no trace in the history."""
+    doc = await lagging.create("ctx")
+    base = f"/v1/documents/{doc}/context"
+    bad = await lagging.call("POST", base, status=400,
+                             json={"kind": "note", "titel": "A", "color": "red"})
+    assert bad["error"] == {"code": "bad_request", "message": "unknown fields: color, titel"}
+    item = await lagging.call("POST", base, status=201, json={"kind": "note"})
+    assert (item["title"], item["body"]) == ("", "")
+    path = f"{base}/{item['id']}"
+    bad = await lagging.call("PATCH", path, status=400, json={"color": "red"})
+    assert bad["error"]["message"] == "unknown fields: color"
+    assert await lagging.call("PATCH", path, json={}) == item
+    assert await lagging.call("PATCH", path, json={"kind": "note", "title": ""}) == item
+    await asyncio.to_thread(_catch_up, store_config)
+    history = await lagging.call("GET", f"/v1/documents/{doc}/history")
+    assert [r["action"] for r in history["items"]] == ["context_added", "created"]
