@@ -1,4 +1,4 @@
-"""Context items: where an item without a position goes, and what writes answer."""
+"""Context items: where an item without a position goes, what writes accept and answer."""
 
 from __future__ import annotations
 
@@ -6,19 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 
 from domain.document import MAX_CONTEXT_POSITION, Document
-from gateway.app import Services, create_app
-from gateway.readmodels import Extension, StoreSource, read_db_config
-from gateway.store import Store, StoreConfig
-from projections.db import open_db
-from projections.registry import MODELS
-from projections.runner import Runner
+from gateway.store import StoreConfig
+from tests.readside import catch_up, gateway
 from tests.strategies import context_positions
-from tests.test_readmodels_http import SECRET, Api
+from tests.test_readmodels_http import Api
 
 
 def _listed(doc: Document, added: list[str]) -> list[str]:
@@ -49,27 +44,8 @@ def test_an_item_without_a_position_goes_after_every_other(
 @pytest.fixture
 async def lagging(store_config: StoreConfig) -> AsyncIterator[Api]:
     """A gateway whose read models nobody keeps up to date (no runner anywhere)."""
-    services = Services(store=Store(store_config), secret=SECRET,
-                        extensions=[Extension(run_projections=False, warm=False)])
-    client = TestClient(TestServer(create_app(services), host="127.0.0.1", port=0))
-    await client.start_server()
-    try:
-        yield Api(client)
-    finally:
-        await client.close()
-
-
-def _catch_up(cfg: StoreConfig) -> None:
-    """Run the projections once over everything committed so far."""
-    store = Store(cfg)
-    db = open_db(read_db_config(cfg))
-    try:
-        runner = Runner(db, StoreSource(store), MODELS)
-        runner.setup()
-        runner.catch_up()
-    finally:
-        db.close()
-        store.close()
+    async with gateway(store_config, run_projections=False, warm=False) as api:
+        yield api
 
 
 async def test_context_writes_answer_from_the_committed_item(
@@ -77,7 +53,7 @@ async def test_context_writes_answer_from_the_committed_item(
 ) -> None:
     """POST and PATCH answer at once with the item as the read model shows it later."""
     doc = await lagging.create("ctx")
-    await asyncio.to_thread(_catch_up, store_config)  # the tables exist, then fall behind
+    await asyncio.to_thread(catch_up, store_config)  # the tables exist, then fall behind
     base = f"/v1/documents/{doc}/context"
     added = await lagging.call("POST", base, status=201,
                                json={"kind": "note", "title": "A", "body": "é😀"})
@@ -88,7 +64,7 @@ async def test_context_writes_answer_from_the_committed_item(
         "B", 7, added["created_at"])
     assert moved["updated_at"] > added["updated_at"]
     other = await lagging.call("POST", base, status=201, json={"kind": "snippet"})
-    await asyncio.to_thread(_catch_up, store_config)
+    await asyncio.to_thread(catch_up, store_config)
     listed = await lagging.call("GET", base)
     assert listed["items"] == [moved, other]
 
@@ -124,6 +100,6 @@ async def test_context_bodies_name_unknown_fields_and_default_the_texts(
     assert bad["error"]["message"] == "unknown fields: color"
     assert await lagging.call("PATCH", path, json={}) == item
     assert await lagging.call("PATCH", path, json={"kind": "note", "title": ""}) == item
-    await asyncio.to_thread(_catch_up, store_config)
+    await asyncio.to_thread(catch_up, store_config)
     history = await lagging.call("GET", f"/v1/documents/{doc}/history")
     assert [r["action"] for r in history["items"]] == ["context_added", "created"]
