@@ -189,10 +189,11 @@ class ReadModels:
         names = {m.name for m in MODELS}
         return min((int(r["position"]) for r in rows if r["name"] in names), default=0)
 
-    async def fresh(self, response_headers: dict[str, str] | None = None) -> int:
-        """Wait until the read models hold every event committed so far; returns the lag."""
+    async def fresh(self, response_headers: dict[str, str]) -> int:
+        """Wait until the read models hold every event committed so far; returns the lag,
+        also set as ``X-Projection-Lag`` in ``response_headers`` when not 0."""
         lag = await self.reach(await self.heads.read())
-        if response_headers is not None and lag > 0:
+        if lag > 0:
             response_headers["X-Projection-Lag"] = str(lag)
         return lag
 
@@ -836,8 +837,10 @@ async def analytics_overview(request: web.Request) -> web.Response:
     rm = _rm(request)
     bucket = _bucket(request)
     start, end = _range(request, bucket)
-    await rm.fresh()
-    return _json(await series(rm, queries.Scope(_user(request)), bucket, start, end))
+    headers: dict[str, str] = {}
+    await rm.fresh(headers)
+    data = await series(rm, queries.Scope(_user(request)), bucket, start, end)
+    return _json(data, headers=headers)
 
 
 async def analytics_document(request: web.Request) -> web.Response:
@@ -846,9 +849,11 @@ async def analytics_document(request: web.Request) -> web.Response:
     rm = _rm(request)
     bucket = _bucket(request)
     start, end = _range(request, bucket)
-    await rm.fresh()
+    headers: dict[str, str] = {}
+    await rm.fresh(headers)
     scope = queries.Scope(_user(request), str(room.id))
-    return _json({**await series(rm, scope, bucket, start, end), "document": str(room.id)})
+    data = {**await series(rm, scope, bucket, start, end), "document": str(room.id)}
+    return _json(data, headers=headers)
 
 
 async def analytics_top(request: web.Request) -> web.Response:
@@ -857,8 +862,9 @@ async def analytics_top(request: web.Request) -> web.Response:
     start, end = _range(request, "hour")
     limit = _int(request, "limit", 10, 1, 100)
     assert limit is not None
-    await rm.fresh()
-    return _json(await top(rm, _user(request), start, end, limit))
+    headers: dict[str, str] = {}
+    await rm.fresh(headers)
+    return _json(await top(rm, _user(request), start, end, limit), headers=headers)
 
 
 WARM_USERS = 20

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import quote
 
+import pytest
+
+from gateway import readmodels
 from gateway.store import StoreConfig
-from tests.readside import gateway
+from tests.readside import catch_up, gateway
 
 
 async def test_q_ignores_case_in_every_script(store_config: StoreConfig) -> None:
@@ -25,3 +29,24 @@ async def test_q_ignores_case_in_every_script(store_config: StoreConfig) -> None
         assert await found("STRAßE") == {"straße"}
         assert await found("İST") == await found("İstanbul") == {"İstanbul"}
         assert await found("PLAIN") == {"plain"}
+
+
+async def test_every_read_of_a_lagging_read_model_says_so(
+    store_config: StoreConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the read models behind, lists, history, context and analytics carry the lag."""
+    monkeypatch.setattr(readmodels, "FRESH_SECONDS", 0.1)  # how long each read waits
+    async with gateway(store_config, run_projections=False, warm=False) as api:
+        doc = await api.create("lag")
+        await asyncio.to_thread(catch_up, store_config)
+        await api.edit(doc, 0, ["x"])
+        routes = ["/v1/documents", f"/v1/documents/{doc}/history",
+                  f"/v1/documents/{doc}/context", "/v1/analytics/overview",
+                  f"/v1/analytics/documents/{doc}", "/v1/analytics/top-documents"]
+        for route in routes:
+            r = await api.client.get(route, headers=api.headers("ann"))
+            assert (r.status, r.headers.get("X-Projection-Lag")) == (200, "1"), route
+        await asyncio.to_thread(catch_up, store_config)
+        for route in routes:
+            r = await api.client.get(route, headers=api.headers("ann"))
+            assert (r.status, r.headers.get("X-Projection-Lag")) == (200, None), route
