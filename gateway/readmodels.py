@@ -316,6 +316,16 @@ def _int(request: web.Request, name: str, default: int | None, lo: int, hi: int)
     return value
 
 
+def _version(request: web.Request, name: str, default: int, current: int) -> int:
+    """Query parameter ``name`` as a version of a document now at ``current``: an integer
+    ``>= 0`` (else ``bad_request``) and not past ``current`` (else ``bad_version``)."""
+    value = _int(request, name, default, 0, 1 << 63)
+    assert value is not None
+    if value > current:
+        raise BadVersion(f"{name}={value} is past the current version {current}")
+    return value
+
+
 async def _body(request: web.Request) -> Any:
     raw = await request.read()
     try:
@@ -562,16 +572,14 @@ async def time_travel(request: web.Request) -> web.Response:
 
     Called by ``gateway.http.get_document`` when ``at`` is present. Non-members get 404;
     ``at`` before the document existed is 404 too; a version past the current one is 400
-    ``bad_version``.
+    ``bad_version``. The answer's ``at`` is the version asked for, or the time in UTC.
     """
     room = await _readable_room(request)
     raw = request.query.get("at", "")
     version: int | None = None
     when: datetime | None = None
     if raw.isdigit():
-        version = int(raw)
-        if version > room.snapshot.v:
-            raise BadVersion(f"version {version} is past the current {room.snapshot.v}")
+        version = _version(request, "at", 0, room.snapshot.v)
     else:
         when = parse_time(raw, "at")
     rm = _rm(request)
@@ -595,7 +603,7 @@ async def time_travel(request: web.Request) -> web.Response:
         data = await rm.cache.fetch(f"tt:{room.id}:{version}", (), compute)
     else:
         data = await compute()
-    return _json({**data, "at": raw})
+    return _json({**data, "at": version if when is None else iso(when)})
 
 
 async def document_history(request: web.Request) -> web.Response:
@@ -624,9 +632,8 @@ async def document_diff(request: web.Request) -> web.Response:
     """``GET /v1/documents/{id}/diff?from=V1&to=V2``: composed op and a readable diff."""
     room = await _readable_room(request)
     current = room.snapshot.v
-    v1 = _int(request, "from", 0, 0, current)
-    v2 = _int(request, "to", current, 0, current)
-    assert v1 is not None and v2 is not None
+    v1 = _version(request, "from", 0, current)
+    v2 = _version(request, "to", current, current)
     if v1 > v2:
         raise Invalid("from must not be after to")
     rm = _rm(request)
@@ -649,9 +656,7 @@ def _diff(events: Sequence[Any], v1: int, v2: int) -> dict[str, Any]:
 async def document_blame(request: web.Request) -> web.Response:
     """``GET /v1/documents/{id}/blame[?at=V]``: the text as spans with author and version."""
     room = await _readable_room(request)
-    current = room.snapshot.v
-    v = _int(request, "at", current, 0, current)
-    assert v is not None
+    v = _version(request, "at", room.snapshot.v, room.snapshot.v)
     rm = _rm(request)
 
     async def compute() -> dict[str, Any]:

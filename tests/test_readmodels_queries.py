@@ -1,4 +1,5 @@
-"""The read side's queries answer alike on SQLite and Postgres, and say when they lag."""
+"""The read side's queries answer alike on SQLite and Postgres, say when they lag, and
+take and give versions and times alike."""
 
 from __future__ import annotations
 
@@ -50,3 +51,36 @@ async def test_every_read_of_a_lagging_read_model_says_so(
         for route in routes:
             r = await api.client.get(route, headers=api.headers("ann"))
             assert (r.status, r.headers.get("X-Projection-Lag")) == (200, None), route
+
+
+async def test_time_travel_answers_at_normalized(store_config: StoreConfig) -> None:
+    """``at`` in the answer is the version asked for, or the time in UTC with Z."""
+    async with gateway(store_config) as api:
+        doc = await api.create("t", "a")
+        await api.edit(doc, 0, ["x"])
+        base = f"/v1/documents/{doc}"
+        assert (await api.call("GET", f"{base}?at=0"))["at"] == 0
+        now = await api.call("GET", base)
+        local = now["updated_at"].replace("Z", "+00:00")
+        asked = {local: now["updated_at"],
+                 local.removesuffix("+00:00"): now["updated_at"],  # naive is UTC
+                 "2100-01-01T01:00:00+01:00": "2100-01-01T00:00:00.000000Z"}
+        for at, normal in asked.items():
+            got = await api.call("GET", f"{base}?at={quote(at)}")
+            assert (got["at"], got["version"]) == (normal, 1), at
+
+
+async def test_versions_past_the_current_one_are_bad_version(store_config: StoreConfig) -> None:
+    """Time travel, blame and diff answer 400 bad_version alike; a malformed one is
+    bad_request."""
+    async with gateway(store_config) as api:
+        doc = await api.create("t", "a")
+        await api.edit(doc, 0, ["x"])
+        base = f"/v1/documents/{doc}"
+        for path in (f"{base}?at=2", f"{base}/blame?at=2", f"{base}/diff?to=2",
+                     f"{base}/diff?from=2"):
+            body = await api.call("GET", path, status=400)
+            assert body["error"]["code"] == "bad_version", path
+        for path in (f"{base}/blame?at=-1", f"{base}/diff?to=x", f"{base}/diff?from=1&to=0"):
+            body = await api.call("GET", path, status=400)
+            assert body["error"]["code"] == "bad_request", path
