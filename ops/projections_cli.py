@@ -2,7 +2,8 @@
 
 ``register(subparsers)`` adds them to the ``coscribe`` parser; ``python -m ops.projections_cli``
 runs them on their own. Each reads the same settings as ``serve`` (``COSCRIBE_*`` and the
-flags ``--data-dir``, ``--database-url``, ``--database-schema``, ``--redis-url``).
+flags ``--data-dir``, ``--database-url``, ``--database-schema``, ``--redis-url``,
+``--redis-prefix``).
 
 Exit codes: 0 done; 1 ``audit verify`` found a broken chain; 2 bad arguments (an unknown
 read model, a malformed or unknown document id, a version the document does not have).
@@ -24,7 +25,8 @@ from ops.settings import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    names = ("data_dir", "database_url", "database_schema", "redis_url", "log_level")
+    names = ("data_dir", "database_url", "database_schema", "redis_url", "redis_prefix",
+             "log_level")
     return Settings.load(overrides={n: getattr(args, n, None) for n in names})
 
 
@@ -140,14 +142,16 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(process)d %(name)s %(message)s")
     log = logging.getLogger("coscribe.projections")
     models = _models(args.projection)
+    if not settings.redis_url:
+        log.warning("no Redis URL (--redis-url, COSCRIBE_REDIS_URL): gateways that cache "
+                    "through Redis without running projections will serve stale analytics")
     store, source, db = _open(args)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
         runner = Runner(db, source, models, page_size=args.page,
-                        observe=_redis_bump(settings.redis_url,
-                                             getattr(settings, "redis_prefix", "coscribe:")))
+                        observe=_redis_bump(settings.redis_url, settings.redis_prefix))
         runner.setup()
         tune_gc()
         log.info("following the log from %s for %s", runner.seen(),
@@ -305,7 +309,10 @@ def register(subparsers: Any) -> None:
     run.add_argument("--poll", type=float, default=0.1, help="seconds between polls when idle")
     run.add_argument("--batch", type=float, default=0.05,
                      help="seconds to wait after a step that found less than a page (0: none)")
-    run.add_argument("--redis-url", help="redis://... to invalidate other processes' caches")
+    run.add_argument("--redis-url",
+                     help="the gateways' redis://...: invalidates their caches (needed when "
+                          "they run without projections; without it they serve stale answers)")
+    run.add_argument("--redis-prefix", help="the gateways' prefix of Redis keys (coscribe:)")
     run.add_argument("--log-level", help="debug, info, warning (info)")
     _add_store_flags(run)
     run.set_defaults(func=cmd_projections_run)
