@@ -889,9 +889,10 @@ async def warm(rm: ReadModels, rooms: Rooms) -> None:
         for bucket in ("hour", "day"):
             await series(rm, queries.Scope(user), bucket, *bucket_range(bucket))
         await top(rm, user, *bucket_range("hour"), 10)
-    for doc in await rm.call(queries.most_active, rm.db, "document_id", since, WARM_DOCUMENTS):
+    docs = await rm.call(queries.most_active, rm.db, "document_id", since, WARM_DOCUMENTS)
+    for doc in docs:
         await rooms.get(UUID(doc))
-    log.info("warmed %d dashboards and %d documents", len(users), WARM_DOCUMENTS)
+    log.info("warmed %d dashboards and %d documents", len(users), len(docs))
 
 
 # -- dashboard ------------------------------------------------------------------------------

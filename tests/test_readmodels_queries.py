@@ -4,6 +4,7 @@ take and give versions and times alike."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from urllib.parse import quote
 
 import pytest
@@ -84,3 +85,17 @@ async def test_versions_past_the_current_one_are_bad_version(store_config: Store
         for path in (f"{base}/blame?at=-1", f"{base}/diff?to=x", f"{base}/diff?from=1&to=0"):
             body = await api.call("GET", path, status=400)
             assert body["error"]["code"] == "bad_request", path
+
+
+async def test_the_warm_up_logs_what_it_warmed(
+    store_config: StoreConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start-up log counts the dashboards and documents actually warmed (none here)."""
+    caplog.set_level(logging.INFO, logger="gateway.readmodels")
+    async with gateway(store_config):
+        for _ in range(250):
+            warmed = [r.getMessage() for r in caplog.records if "warmed" in r.getMessage()]
+            if warmed:
+                break
+            await asyncio.sleep(0.02)
+    assert warmed == ["warmed 0 dashboards and 0 documents"]
