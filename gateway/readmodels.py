@@ -319,8 +319,10 @@ def _int(request: web.Request, name: str, default: int | None, lo: int, hi: int)
 def _version(request: web.Request, name: str, default: int, current: int) -> int:
     """Query parameter ``name`` as a version of a document now at ``current``: an integer
     ``>= 0`` (else ``bad_request``) and not past ``current`` (else ``bad_version``)."""
-    value = _int(request, name, default, 0, 1 << 63)
-    assert value is not None
+    raw = request.query.get(name) or str(default)
+    if not raw.isdecimal():
+        raise Invalid(f"{name} must be a version (an integer >= 0)")
+    value = int(raw)
     if value > current:
         raise BadVersion(f"{name}={value} is past the current version {current}")
     return value
@@ -578,7 +580,7 @@ async def time_travel(request: web.Request) -> web.Response:
     raw = request.query.get("at", "")
     version: int | None = None
     when: datetime | None = None
-    if raw.isdigit():
+    if raw.isdecimal():
         version = _version(request, "at", 0, room.snapshot.v)
     else:
         when = parse_time(raw, "at")
