@@ -177,6 +177,10 @@ class Document(Aggregate):
                 "title": self.title,
                 "body": self.body,
                 "position": self.position,
+                "created_by": self.by,
+                "created_at": self.timestamp,
+                "updated_by": self.by,
+                "updated_at": self.timestamp,
             }
             aggregate._touch(self)
 
@@ -193,11 +197,12 @@ class Document(Aggregate):
         def apply(self, aggregate: Aggregate) -> None:
             """Change the given fields."""
             assert isinstance(aggregate, Document)
-            fields = aggregate.context_items[self.item]
-            for name in ("kind", "title", "body", "position"):
-                value = getattr(self, name)
-                if value is not None:
-                    fields[name] = value
+            items = aggregate.context_items
+            given = {name: getattr(self, name) for name in CONTEXT_FIELDS}
+            # A new dict, not changed in place: a room's checkpoint copies the outer one only.
+            items[self.item] = {**items[self.item],
+                                **{k: v for k, v in given.items() if v is not None},
+                                "updated_by": self.by, "updated_at": self.timestamp}
             aggregate._touch(self)
 
     class ContextItemRemoved(Event):
@@ -338,7 +343,8 @@ class Document(Aggregate):
 
     @property
     def context_items(self) -> dict[str, dict[str, Any]]:
-        """The attached context items by id: ``{"kind", "title", "body", "position"}`` each."""
+        """The attached context items by id: ``{"kind", "title", "body", "position",
+        "created_by", "created_at", "updated_by", "updated_at"}`` each (times as datetimes)."""
         items: dict[str, dict[str, Any]] = self.__dict__.setdefault("_context_items", {})
         return items
 
@@ -347,11 +353,13 @@ class Document(Aggregate):
     ) -> str:
         """Attach a note, reference or snippet (owner and editors); returns its new id.
 
-        Without ``position`` the item goes after every other one.
+        Without ``position`` the item goes after every other one: one past the highest
+        position, or the highest allowed if that is taken (ties keep the order added).
         """
         self.require_write(by)
         if position is None:
-            position = 1 + max((i["position"] for i in self.context_items.values()), default=-1)
+            last = max((i["position"] for i in self.context_items.values()), default=-1)
+            position = min(last + 1, MAX_CONTEXT_POSITION)
         item = str(uuid4())
         self._trigger(
             self.ContextItemAdded,
@@ -373,19 +381,23 @@ class Document(Aggregate):
         body: str | None = None,
         position: int | None = None,
     ) -> None:
-        """Change the fields given of ``item`` (owner and editors)."""
+        """Change the fields given of ``item`` (owner and editors).
+
+        The event names only the fields whose value changes; when none does, there is none.
+        """
         self.require_write(by)
-        if item not in self.context_items:
+        current = self.context_items.get(item)
+        if current is None:
             raise NotFound("no such context item")
-        self._trigger(
-            self.ContextItemUpdated,
-            item=item,
-            kind=None if kind is None else _check_kind(kind),
-            title=None if title is None else _check_text("title", title, MAX_TITLE_CHARS),
-            body=None if body is None else _check_text("body", body, MAX_CONTEXT_BODY_CHARS),
-            position=None if position is None else _check_position(position),
-            by=by,
-        )
+        given = {
+            "kind": None if kind is None else _check_kind(kind),
+            "title": None if title is None else _check_text("title", title, MAX_TITLE_CHARS),
+            "body": None if body is None else _check_text("body", body, MAX_CONTEXT_BODY_CHARS),
+            "position": None if position is None else _check_position(position),
+        }
+        changed = {k: None if v == current[k] else v for k, v in given.items()}
+        if any(v is not None for v in changed.values()):
+            self._trigger(self.ContextItemUpdated, item=item, **changed, by=by)
 
     def remove_context_item(self, item: str, by: str) -> None:
         """Detach ``item`` (owner and editors)."""
@@ -433,6 +445,8 @@ class Document(Aggregate):
         self.h = e.h
 
 
+CONTEXT_FIELDS = ("kind", "title", "body", "position")
+"""The fields of a context item that its owner and editors set."""
 CONTEXT_KINDS = frozenset({"note", "reference", "snippet"})
 """The kinds of context item a document accepts."""
 MAX_CONTEXT_BODY_CHARS = 64 << 10

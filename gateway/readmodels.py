@@ -41,7 +41,7 @@ from aiohttp import web
 from eventsourcing.persistence import InterfaceError, OperationalError
 from multidict import CIMultiDict
 
-from domain.document import Document
+from domain.document import CONTEXT_FIELDS, Document
 from domain.errors import BadVersion, DomainError, Invalid, NotFound, TooLarge
 from gateway import keys
 from gateway.http import GATE, cached_response
@@ -189,10 +189,11 @@ class ReadModels:
         names = {m.name for m in MODELS}
         return min((int(r["position"]) for r in rows if r["name"] in names), default=0)
 
-    async def fresh(self, response_headers: dict[str, str] | None = None) -> int:
-        """Wait until the read models hold every event committed so far; returns the lag."""
+    async def fresh(self, response_headers: dict[str, str]) -> int:
+        """Wait until the read models hold every event committed so far; returns the lag,
+        also set as ``X-Projection-Lag`` in ``response_headers`` when not 0."""
         lag = await self.reach(await self.heads.read())
-        if response_headers is not None and lag > 0:
+        if lag > 0:
             response_headers["X-Projection-Lag"] = str(lag)
         return lag
 
@@ -312,6 +313,18 @@ def _int(request: web.Request, name: str, default: int | None, lo: int, hi: int)
         raise Invalid(f"{name} must be an integer") from None
     if not lo <= value <= hi:
         raise Invalid(f"{name} must be in {lo}..{hi}")
+    return value
+
+
+def _version(request: web.Request, name: str, default: int, current: int) -> int:
+    """Query parameter ``name`` as a version of a document now at ``current``: an integer
+    ``>= 0`` (else ``bad_request``) and not past ``current`` (else ``bad_version``)."""
+    raw = request.query.get(name) or str(default)
+    if not raw.isdecimal():
+        raise Invalid(f"{name} must be a version (an integer >= 0)")
+    value = int(raw)
+    if value > current:
+        raise BadVersion(f"{name}={value} is past the current version {current}")
     return value
 
 
@@ -561,16 +574,14 @@ async def time_travel(request: web.Request) -> web.Response:
 
     Called by ``gateway.http.get_document`` when ``at`` is present. Non-members get 404;
     ``at`` before the document existed is 404 too; a version past the current one is 400
-    ``bad_version``.
+    ``bad_version``. The answer's ``at`` is the version asked for, or the time in UTC.
     """
     room = await _readable_room(request)
     raw = request.query.get("at", "")
     version: int | None = None
     when: datetime | None = None
-    if raw.isdigit():
-        version = int(raw)
-        if version > room.snapshot.v:
-            raise BadVersion(f"version {version} is past the current {room.snapshot.v}")
+    if raw.isdecimal():
+        version = _version(request, "at", 0, room.snapshot.v)
     else:
         when = parse_time(raw, "at")
     rm = _rm(request)
@@ -594,7 +605,7 @@ async def time_travel(request: web.Request) -> web.Response:
         data = await rm.cache.fetch(f"tt:{room.id}:{version}", (), compute)
     else:
         data = await compute()
-    return _json({**data, "at": raw})
+    return _json({**data, "at": version if when is None else iso(when)})
 
 
 async def document_history(request: web.Request) -> web.Response:
@@ -623,9 +634,8 @@ async def document_diff(request: web.Request) -> web.Response:
     """``GET /v1/documents/{id}/diff?from=V1&to=V2``: composed op and a readable diff."""
     room = await _readable_room(request)
     current = room.snapshot.v
-    v1 = _int(request, "from", 0, 0, current)
-    v2 = _int(request, "to", current, 0, current)
-    assert v1 is not None and v2 is not None
+    v1 = _version(request, "from", 0, current)
+    v2 = _version(request, "to", current, current)
     if v1 > v2:
         raise Invalid("from must not be after to")
     rm = _rm(request)
@@ -648,9 +658,7 @@ def _diff(events: Sequence[Any], v1: int, v2: int) -> dict[str, Any]:
 async def document_blame(request: web.Request) -> web.Response:
     """``GET /v1/documents/{id}/blame[?at=V]``: the text as spans with author and version."""
     room = await _readable_room(request)
-    current = room.snapshot.v
-    v = _int(request, "at", current, 0, current)
-    assert v is not None
+    v = _version(request, "at", room.snapshot.v, room.snapshot.v)
     rm = _rm(request)
 
     async def compute() -> dict[str, Any]:
@@ -678,18 +686,27 @@ def _item(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _context_item(rm: ReadModels, doc: UUID, item: str) -> dict[str, Any]:
-    await rm.fresh()
-    rows = await rm.call(queries.context_items, rm.db, str(doc), item)
-    if not rows:
-        raise NotFound("no such context item")
-    return _item(rows[0])
+def _committed_item(doc: Document, item: str) -> dict[str, Any]:
+    """``item`` as the aggregate holds it after a command: what the ``context`` read model
+    shows once it has taken in the command's event (a write never waits for it)."""
+    fields = doc.context_items[item]
+    return _item({**fields, "item_id": item, "created_at": iso(fields["created_at"]),
+                  "updated_at": iso(fields["updated_at"])})
+
+
+async def _context_fields(request: web.Request) -> dict[str, Any]:
+    """The body of a context write: an object with no fields but an item's own."""
+    body = await _object(request)
+    unknown = sorted(set(body) - set(CONTEXT_FIELDS))
+    if unknown:
+        raise Invalid(f"unknown fields: {', '.join(unknown)}")
+    return body
 
 
 async def add_context(request: web.Request) -> web.Response:
-    """``POST /v1/documents/{id}/context {"kind", "title", "body", "position"?}`` -> 201."""
+    """``POST /v1/documents/{id}/context {"kind", "title"?, "body"?, "position"?}`` -> 201."""
     room = await _readable_room(request)
-    body = await _object(request)
+    body = await _context_fields(request)
     user = _user(request)
     # The aggregate checks every field (types included) and answers with a domain error.
     kind: Any = body.get("kind")
@@ -697,9 +714,10 @@ async def add_context(request: web.Request) -> web.Response:
     text: Any = body.get("body", "")
     position: Any = body.get("position")
     item = await _command(
-        room, user, lambda d: d.add_context_item(kind, title, text, user, position)
+        room, user,
+        lambda d: _committed_item(d, d.add_context_item(kind, title, text, user, position)),
     )
-    return _json(await _context_item(_rm(request), room.id, item), status=201)
+    return _json(item, status=201)
 
 
 async def list_context(request: web.Request) -> web.Response:
@@ -713,16 +731,22 @@ async def list_context(request: web.Request) -> web.Response:
 
 
 async def update_context(request: web.Request) -> web.Response:
-    """``PATCH /v1/documents/{id}/context/{item}`` with any of kind, title, body, position."""
+    """``PATCH /v1/documents/{id}/context/{item}`` with any of kind, title, body, position.
+
+    A PATCH that changes nothing records no event and answers with the item as it is.
+    """
     room = await _readable_room(request)
-    body = await _object(request)
+    fields = await _context_fields(request)
     item = request.match_info["item"]
     user = _user(request)
-    fields = {k: body[k] for k in ("kind", "title", "body", "position") if k in body}
     if any(v is None for v in fields.values()):
         raise Invalid("fields cannot be set to null")
-    await _command(room, user, lambda d: d.update_context_item(item, user, **fields))
-    return _json(await _context_item(_rm(request), room.id, item))
+
+    def update(d: Document) -> dict[str, Any]:
+        d.update_context_item(item, user, **fields)
+        return _committed_item(d, item)
+
+    return _json(await _command(room, user, update))
 
 
 async def remove_context(request: web.Request) -> web.Response:
@@ -820,8 +844,10 @@ async def analytics_overview(request: web.Request) -> web.Response:
     rm = _rm(request)
     bucket = _bucket(request)
     start, end = _range(request, bucket)
-    await rm.fresh()
-    return _json(await series(rm, queries.Scope(_user(request)), bucket, start, end))
+    headers: dict[str, str] = {}
+    await rm.fresh(headers)
+    data = await series(rm, queries.Scope(_user(request)), bucket, start, end)
+    return _json(data, headers=headers)
 
 
 async def analytics_document(request: web.Request) -> web.Response:
@@ -830,9 +856,11 @@ async def analytics_document(request: web.Request) -> web.Response:
     rm = _rm(request)
     bucket = _bucket(request)
     start, end = _range(request, bucket)
-    await rm.fresh()
+    headers: dict[str, str] = {}
+    await rm.fresh(headers)
     scope = queries.Scope(_user(request), str(room.id))
-    return _json({**await series(rm, scope, bucket, start, end), "document": str(room.id)})
+    data = {**await series(rm, scope, bucket, start, end), "document": str(room.id)}
+    return _json(data, headers=headers)
 
 
 async def analytics_top(request: web.Request) -> web.Response:
@@ -841,8 +869,9 @@ async def analytics_top(request: web.Request) -> web.Response:
     start, end = _range(request, "hour")
     limit = _int(request, "limit", 10, 1, 100)
     assert limit is not None
-    await rm.fresh()
-    return _json(await top(rm, _user(request), start, end, limit))
+    headers: dict[str, str] = {}
+    await rm.fresh(headers)
+    return _json(await top(rm, _user(request), start, end, limit), headers=headers)
 
 
 WARM_USERS = 20
@@ -862,9 +891,10 @@ async def warm(rm: ReadModels, rooms: Rooms) -> None:
         for bucket in ("hour", "day"):
             await series(rm, queries.Scope(user), bucket, *bucket_range(bucket))
         await top(rm, user, *bucket_range("hour"), 10)
-    for doc in await rm.call(queries.most_active, rm.db, "document_id", since, WARM_DOCUMENTS):
+    docs = await rm.call(queries.most_active, rm.db, "document_id", since, WARM_DOCUMENTS)
+    for doc in docs:
         await rooms.get(UUID(doc))
-    log.info("warmed %d dashboards and %d documents", len(users), WARM_DOCUMENTS)
+    log.info("warmed %d dashboards and %d documents", len(users), len(docs))
 
 
 # -- dashboard ------------------------------------------------------------------------------

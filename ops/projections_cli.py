@@ -2,9 +2,11 @@
 
 ``register(subparsers)`` adds them to the ``coscribe`` parser; ``python -m ops.projections_cli``
 runs them on their own. Each reads the same settings as ``serve`` (``COSCRIBE_*`` and the
-flags ``--data-dir``, ``--database-url``, ``--database-schema``, ``--redis-url``).
+flags ``--data-dir``, ``--database-url``, ``--database-schema``, ``--redis-url``,
+``--redis-prefix``).
 
-Exit codes: 0 done; 1 ``audit verify`` found a broken chain; 2 bad arguments.
+Exit codes: 0 done; 1 ``audit verify`` found a broken chain; 2 bad arguments (an unknown
+read model, a malformed or unknown document id, a version the document does not have).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 from uuid import UUID
 
 from ops.runtime import tune_gc
@@ -23,7 +25,8 @@ from ops.settings import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    names = ("data_dir", "database_url", "database_schema", "redis_url", "log_level")
+    names = ("data_dir", "database_url", "database_schema", "redis_url", "redis_prefix",
+             "log_level")
     return Settings.load(overrides={n: getattr(args, n, None) for n in names})
 
 
@@ -53,7 +56,7 @@ def _models(name: str | None) -> list[Any]:
     try:
         return [by_name(name)]
     except KeyError as exc:
-        raise SystemExit(f"coscribe: {exc.args[0]}") from None
+        _usage(str(exc.args[0]))
 
 
 # -- replay -------------------------------------------------------------------------------
@@ -139,14 +142,16 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(process)d %(name)s %(message)s")
     log = logging.getLogger("coscribe.projections")
     models = _models(args.projection)
+    if not settings.redis_url:
+        log.warning("no Redis URL (--redis-url, COSCRIBE_REDIS_URL): gateways that cache "
+                    "through Redis without running projections will serve stale analytics")
     store, source, db = _open(args)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
         runner = Runner(db, source, models, page_size=args.page,
-                        observe=_redis_bump(settings.redis_url,
-                                             getattr(settings, "redis_prefix", "coscribe:")))
+                        observe=_redis_bump(settings.redis_url, settings.redis_prefix))
         runner.setup()
         tune_gc()
         log.info("following the log from %s for %s", runner.seen(),
@@ -216,8 +221,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if doc is not None and check.documents == 0:
-        print(f"no events for document {doc}", file=sys.stderr)
-        return 2
+        _usage(f"no events for document {doc}")
     for bad in sorted(check.broken.values(), key=lambda b: b.doc):
         print(f"BROKEN {bad.doc} at event {bad.position}: {bad.reason}")
     status = "broken" if check.broken else "ok"
@@ -231,6 +235,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from domain.document import Document
     from gateway.store import Store
     from ops.wiring import store_config
     from projections.audit import action_of, summary_of
@@ -244,24 +249,28 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if not events:
-        print(f"no such document {doc}", file=sys.stderr)
-        return 2
+        _usage(f"no such document {doc}")
+    current = sum(isinstance(e, Document.Edited) for e in events)
+    if args.at is not None and not 0 <= args.at <= current:
+        _usage(f"--at {args.at}: document {doc} has versions 0..{current}")
+    state = state_at(events, args.at)
+    assert state is not None
     table = Table(title=f"history of {doc}")
     for col in ("#", "at", "actor", "action", "v", "summary"):
         table.add_column(col)
-    version = 0
+    version, title = 0, ""
     for e in events:
         version = getattr(e, "v", version)
         actor = getattr(e, "by", None) or getattr(e, "owner", "")
         summary = summary_of(e)
-        if type(e).__name__ == "Renamed":
-            summary = {"to": e.title}
+        if isinstance(e, Document.Renamed):
+            summary = {"from": title, "to": e.title}  # as the audit read model has it
+        if isinstance(e, Document.Created | Document.Renamed):
+            title = e.title
         table.add_row(str(e.originator_version), iso(e.timestamp), actor, action_of(e),
                       str(version), ", ".join(f"{k}={v}" for k, v in summary.items()))
     console = Console()
     console.print(table)
-    state = state_at(events, args.at)
-    assert state is not None
     console.print(f"[bold]{state.title}[/bold] at version {state.version}:")
     console.print(state.text, markup=False, highlight=False)
     return 0
@@ -271,7 +280,13 @@ def _uuid(raw: str) -> UUID:
     try:
         return UUID(raw)
     except ValueError:
-        raise SystemExit(f"coscribe: {raw!r} is not a document id") from None
+        _usage(f"{raw!r} is not a document id")
+
+
+def _usage(message: str) -> NoReturn:
+    """Stop with ``message`` and exit code 2 (bad arguments), like argparse's errors."""
+    print(f"coscribe: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 # -- the parser ---------------------------------------------------------------------------
@@ -294,7 +309,10 @@ def register(subparsers: Any) -> None:
     run.add_argument("--poll", type=float, default=0.1, help="seconds between polls when idle")
     run.add_argument("--batch", type=float, default=0.05,
                      help="seconds to wait after a step that found less than a page (0: none)")
-    run.add_argument("--redis-url", help="redis://... to invalidate other processes' caches")
+    run.add_argument("--redis-url",
+                     help="the gateways' redis://...: invalidates their caches (needed when "
+                          "they run without projections; without it they serve stale answers)")
+    run.add_argument("--redis-prefix", help="the gateways' prefix of Redis keys (coscribe:)")
     run.add_argument("--log-level", help="debug, info, warning (info)")
     _add_store_flags(run)
     run.set_defaults(func=cmd_projections_run)

@@ -5,6 +5,8 @@ reader threads never share one. Nothing here may be called on the event loop.
 
 - SQLite: a file of its own (``<data dir>/readmodels.sqlite``), WAL mode; a write
   transaction starts with ``BEGIN IMMEDIATE`` so that two runners serialise up front.
+  ``lower()`` is Python's ``str.lower`` on our connections (SQLite's own lowers ASCII only),
+  so that case-insensitive matches agree with Postgres's for any script.
 - Postgres: the database and schema of the event store (``search_path`` is set on connect), so
   analysts find ``rm_*`` tables next to ``coscribe_events``. Commits do not wait for the WAL
   flush (``synchronous_commit = off``): read models are derived, and a server crash can only
@@ -193,6 +195,10 @@ def _use_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.05)
 
 
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
 class SQLiteReadDB(ReadDB):
     """Read models in a SQLite file (WAL; one connection per thread)."""
 
@@ -217,6 +223,7 @@ class SQLiteReadDB(ReadDB):
                 )
                 _use_wal(conn)
                 conn.execute("PRAGMA synchronous=NORMAL")
+                conn.create_function("lower", 1, _lower, deterministic=True)
             except sqlite3.Error as exc:
                 raise ReadDBError(str(exc)) from exc
             self._local.conn = conn

@@ -170,6 +170,13 @@ def readable_diff(text: str, op: ot.Op) -> list[dict[str, str]]:
     return out
 
 
+BAD_LINK = ("hash does not follow from the previous event's hash and this event's content"
+            " (this event was changed, or the one before it with its hash recomputed)")
+"""Why a link breaks when a stored ``h`` is not the hash the chain gives: only the two
+events together tell, since a changed event stored with a recomputed ``h`` checks out itself
+and breaks the next link."""
+
+
 @dataclass(frozen=True, slots=True)
 class Broken:
     """The first link of a document's hash chain that does not check out."""
@@ -225,7 +232,7 @@ class ChainCheck:
             h = chain_hash(prev, type(e).__name__, e.originator_id, e.originator_version,
                            e.timestamp, payload_of(e))
             if getattr(e, "h", None) != h:
-                bad = Broken(doc, e.originator_version, "hash does not match content")
+                bad = Broken(doc, e.originator_version, BAD_LINK)
             else:
                 self._prev[doc] = (h, e.originator_version)
                 self.checked += 1

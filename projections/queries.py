@@ -27,8 +27,9 @@ def _r(db: ReadDB) -> Renderer:
 
 
 def like_pattern(q: str) -> str:
-    """A case-insensitive ``LIKE`` pattern matching titles that contain ``q`` literally."""
-    escaped = q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    """A ``LIKE`` pattern matching text that contains ``q`` literally (``%``, ``_`` and
+    ``\\`` escaped); lower both sides in SQL to ignore case."""
+    escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
 
 
@@ -50,7 +51,8 @@ def list_documents(
         where.append(f"{key} < ?")
         params.append(before)
     if q:
-        where.append("lower(d.title) LIKE ? ESCAPE '\\'")
+        # Both sides lowered by the database: Unicode rules on both (see projections.db).
+        where.append("lower(d.title) LIKE lower(?) ESCAPE '\\'")
         params.append(like_pattern(q))
     params.append(limit)
     sql = (

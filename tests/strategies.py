@@ -133,3 +133,11 @@ def garbage() -> st.SearchStrategy[Any]:
     bytes, lone surrogates, and lists of mostly valid components with a bad one mixed in.
     """
     return st.one_of(_nested, st.lists(_component_like, max_size=8))
+
+
+def context_positions() -> st.SearchStrategy[int]:
+    """Positions of context items, often at the ends of their range ``0..2**31``."""
+    from domain.document import MAX_CONTEXT_POSITION
+
+    edges = st.sampled_from((0, 1, MAX_CONTEXT_POSITION - 1, MAX_CONTEXT_POSITION))
+    return st.one_of(edges, st.integers(0, MAX_CONTEXT_POSITION))

@@ -14,6 +14,7 @@ from psycopg import sql
 from domain.document import Document
 from gateway.store import Store, StoreConfig
 from ops.projections_cli import main
+from projections.history import BAD_LINK
 from schema.transcoder import MsgpackTranscoder
 from tests.conftest import PG_URL
 
@@ -112,7 +113,7 @@ def test_verify_reports_the_first_edited_row(
     rows.set_state(ids[1], 2, codec.encode(state))
     assert main(["audit", "verify", *_flags(store_config)]) == 1
     out = capsys.readouterr().out
-    assert f"BROKEN {ids[1]} at event 2: hash does not match content" in out
+    assert f"BROKEN {ids[1]} at event 2: {BAD_LINK}" in out
     assert out.count("BROKEN") == 1
     assert main(["audit", "verify", str(ids[0]), *_flags(store_config)]) == 0
 
@@ -139,7 +140,9 @@ def test_verify_reports_a_rehashed_row_at_the_next_link(
     state["h"] = chain_hash(events[2].h, "Renamed", ids[0], 4, forged.timestamp, payload)
     rows.set_state(ids[0], 4, codec.encode(state))
     assert main(["audit", "verify", str(ids[0]), *_flags(store_config)]) == 1
-    assert f"BROKEN {ids[0]} at event 5: hash does not match content" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"BROKEN {ids[0]} at event 5: {BAD_LINK}" in out
+    assert "or the one before it with its hash recomputed" in out
 
 
 def test_verify_reports_garbled_and_removed_rows(
@@ -158,24 +161,40 @@ def test_verify_reports_garbled_and_removed_rows(
 
 
 def test_show_prints_history_and_the_text_at_a_version(
-    store_config: StoreConfig, capsys: pytest.CaptureFixture[str]
+    store_config: StoreConfig, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """audit show lists every event and prints the text as it was at --at."""
+    """audit show lists every event (renames from and to) and prints the text at --at."""
+    monkeypatch.setenv("COLUMNS", "200")  # a table row per line
     ids = _docs(store_config)
     assert main(["audit", "show", str(ids[0]), "--at", "1", *_flags(store_config)]) == 0
     out = capsys.readouterr().out
     for action in ("created", "edited", "renamed", "member_added"):
         assert action in out
     assert out.rstrip().endswith("axbc")
+    assert "from=doc 0, to=renamed" in out
     assert main(["audit", "show", str(ids[0]), *_flags(store_config)]) == 0
     assert capsys.readouterr().out.rstrip().endswith("xbc")
 
 
-def test_unknown_documents_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A document id with no events, or not an id at all, is reported as such."""
-    flags = ["--data-dir", str(tmp_path)]
-    assert main(["audit", "verify", str(UUID(int=1)), *flags]) == 2
-    assert main(["audit", "show", str(UUID(int=1)), *flags]) == 2
-    with pytest.raises(SystemExit):
-        main(["audit", "show", "nope", *flags])
-    capsys.readouterr()
+def _exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    return int(stop.value.code or 0)
+
+
+def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Unknown or malformed document ids, versions the document lacks and unknown read
+    models are bad arguments (exit 2, a message), never a broken chain (exit 1)."""
+    cfg = StoreConfig(data_dir=tmp_path)
+    (doc, *_) = _docs(cfg)  # at version 2
+    flags = _flags(cfg)
+    for argv in (["audit", "verify", str(UUID(int=1))], ["audit", "verify", "nope"],
+                 ["audit", "show", str(UUID(int=1))], ["audit", "show", "nope"],
+                 ["audit", "show", str(doc), "--at", "3"],
+                 ["audit", "show", str(doc), "--at", "-1"],
+                 ["replay", "--projection", "nope", "--quiet"]):
+        assert _exit_code([*argv, *flags]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("coscribe: ") and err.count("\n") == 1, err
+    assert main(["audit", "show", str(doc), "--at", "2", *flags]) == 0

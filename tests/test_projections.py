@@ -322,8 +322,10 @@ def test_replay_command_rebuilds_and_reports_throughput(
         assert set(positions(db).values()) == {total}
     finally:
         db.close()
-    with pytest.raises(SystemExit, match="no read model 'nope'"):
+    with pytest.raises(SystemExit) as stop:
         main(["replay", "--projection", "nope", *flags])
+    assert stop.value.code == 2
+    assert "no read model 'nope'" in capsys.readouterr().err
 
 
 def test_runners_starting_together_on_a_new_sqlite_file_all_set_up(tmp_path: Any) -> None:

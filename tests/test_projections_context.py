@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from domain.document import MAX_CONTEXT_BODY_CHARS, Document
+from domain.document import CONTEXT_FIELDS, MAX_CONTEXT_BODY_CHARS, Document
 from domain.errors import Forbidden, Invalid, NotFound, TooLarge
 from gateway.store import Store
 from projections.history import verify_chain
@@ -18,15 +18,22 @@ def _doc() -> Document:
 
 
 def test_items_are_added_updated_and_removed() -> None:
-    """Add appends after the last position; update changes only given fields; remove drops."""
+    """Add appends after the last position; update changes only given fields (and who and
+    when, in a new dict); remove drops."""
     doc = _doc()
     a = doc.add_context_item("note", "A", "body", "ann")
     b = doc.add_context_item("snippet", "B", "", "ed")
     c = doc.add_context_item("reference", "C", "x", "ann", position=10)
     d = doc.add_context_item("note", "D", "", "ann")
     assert [doc.context_items[i]["position"] for i in (a, b, c, d)] == [0, 1, 10, 11]
+    before = dict(doc.context_items)
     doc.update_context_item(a, "ed", body="new")
-    assert doc.context_items[a] == {"kind": "note", "title": "A", "body": "new", "position": 0}
+    item = doc.context_items[a]
+    assert {k: item[k] for k in CONTEXT_FIELDS} == {
+        "kind": "note", "title": "A", "body": "new", "position": 0}
+    assert (item["created_by"], item["updated_by"]) == ("ann", "ed")
+    assert item["created_at"] < item["updated_at"]
+    assert before[a]["body"] == "body"  # replaced, not changed: a shallow copy keeps the past
     doc.remove_context_item(b, "ann")
     assert set(doc.context_items) == {a, c, d}
     assert doc.doc_version == 0
