@@ -175,7 +175,15 @@ class ReadModels:
         try:
             return await asyncio.get_running_loop().run_in_executor(self.reader, fn, *args)
         except ReadDBError as exc:
-            raise Rejected(Code.UNAVAILABLE, f"read models unavailable: {exc}") from exc
+            log.warning("read-model query failed: %s", exc)  # the SQL is for the log only
+            if _no_table(exc):
+                raise Rejected(
+                    Code.UNAVAILABLE,
+                    "read models not built yet: no projection runner has run on this database"
+                    " (coscribe projections run, or serve with --projections inline)",
+                ) from exc
+            cause = type(exc.__cause__).__name__ if exc.__cause__ else "error"
+            raise Rejected(Code.UNAVAILABLE, f"read models unavailable ({cause})") from exc
 
     async def head(self) -> int:
         """The store's latest notification id."""
@@ -923,6 +931,12 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/analytics/overview", analytics_overview)
     r.add_get("/v1/analytics/documents/{id}", analytics_document)
     r.add_get("/v1/analytics/top-documents", analytics_top)
+
+
+def _no_table(exc: ReadDBError) -> bool:
+    """The read-model tables do not exist (PostgreSQL's 42P01, SQLite's "no such table")."""
+    cause = exc.__cause__
+    return getattr(cause, "sqlstate", None) == "42P01" or "no such table" in str(cause)
 
 
 __all__ = ["READMODELS", "Extension", "ReadModels", "extension", "time_travel"]

@@ -54,6 +54,16 @@ async def test_every_read_of_a_lagging_read_model_says_so(
             assert (r.status, r.headers.get("X-Projection-Lag")) == (200, None), route
 
 
+async def test_read_models_never_built_answer_503_without_sql(store_config: StoreConfig) -> None:
+    """No runner has made the tables yet: 503 unavailable saying so, never the SQL."""
+    async with gateway(store_config, run_projections=False, warm=False) as api:
+        await api.create("t")
+        body = await api.call("GET", "/v1/documents", status=503)
+        message = body["error"]["message"]
+        assert body["error"]["code"] == "unavailable" and "not built yet" in message
+        assert "SELECT" not in message.upper()
+
+
 async def test_time_travel_answers_at_normalized(store_config: StoreConfig) -> None:
     """``at`` in the answer is the version asked for, or the time in UTC with Z."""
     async with gateway(store_config) as api:
