@@ -88,7 +88,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Turn every failure into the error envelope; nothing else leaks out."""
     try:
         gate = request.app[GATE]
-        if request.path not in gate.public:
+        # No route (404) or no such method (400) is said without a token: it reveals nothing.
+        routed = request.match_info.http_exception is None
+        if routed and request.path not in gate.public:
             request[keys.USER] = _authenticate(gate, request)
         return await handler(request)
     except ApiError as exc:

@@ -675,6 +675,15 @@ async def test_websocket_route_without_an_upgrade_is_bad_request(env: Env) -> No
     assert "websocket" in body["error"]["message"].lower()
 
 
+async def test_unknown_routes_are_404_without_a_token(env: Env) -> None:
+    """No route is 404 and no such method 400, token or not; a real route still needs one."""
+    assert (await env.api("GET", "/favicon.ico", user=None))[0] == 404
+    status, body = await env.api("PUT", "/v1/documents", user=None)
+    assert (status, body["error"]["code"]) == (400, "bad_request")
+    status, body = await env.api("GET", f"/v1/documents/{env.docs['a']}", user=None)
+    assert (status, body["error"]["code"]) == (401, "unauthorized")
+
+
 async def test_http_health_needs_no_token(env: Env) -> None:
     """/healthz answers without a token."""
     assert await env.api("GET", "/healthz", user=None) == (200, {"status": "ok"})
