@@ -107,6 +107,9 @@ class Session:
         self._transport = transport
         self._bucket = TokenBucket(limits.messages_per_second, limits.message_burst)
         self._expiry: asyncio.TimerHandle | None = None
+        self._answering = False
+        """A frame of the client's is being handled: its answers leave as one frame after it,
+        even when handling awaited (a ``sub`` reads the store) and other loop turns ran."""
 
     # -- the room's side ---------------------------------------------------------------
 
@@ -114,7 +117,7 @@ class Session:
         """Queue an encoded message; it leaves with this loop turn's frame. Never blocks."""
         if self._closing:
             return
-        if not self._out:
+        if not self._out and not self._answering:
             self._loop.call_soon(self._flush)
         self._out.append(msg)
 
@@ -153,6 +156,7 @@ class Session:
 
     async def close(self, code: int, message: str) -> None:
         """Send what is queued, then close the connection with ``code``."""
+        self._answering = False
         self._flush()
         self._closing = True
         with contextlib.suppress(Exception):
@@ -166,6 +170,8 @@ class Session:
         never interleave. The transport's buffer is the send buffer: over the limit, the
         session is closed (``CLOSE_SLOW_CONSUMER``) and memory stays bounded.
         """
+        if self._answering:
+            return  # the end of the frame being handled flushes
         parts, self._out = self._out, []
         transport = self._transport
         if not parts or transport.is_closing():
@@ -211,6 +217,15 @@ class Session:
         except frames.FrameError as exc:
             self.error(exc.code, exc.message)
             return
+        self._answering = True
+        try:
+            await self._on_items(items)
+        finally:
+            self._answering = False
+            if self._out:
+                self._loop.call_soon(self._flush)
+
+    async def _on_items(self, items: list[Any]) -> None:
         for item in items:
             try:
                 if not self._bucket.take():

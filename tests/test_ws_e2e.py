@@ -16,6 +16,7 @@ from typing import Any
 from uuid import UUID
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -353,6 +354,26 @@ async def test_catch_up_from_the_store_then_live(api: Api, store_config: StoreCo
         finally:
             await reader.close()
             await writer.close()
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["room-open", "room-loaded"])
+async def test_the_answers_to_one_frame_leave_in_one_frame(
+    api: Api, store_config: StoreConfig, loaded: bool
+) -> None:
+    """hello + sub + ping in one frame: welcome, snapshot and pong in one frame, although
+    the sub waited for the store (reading its head, or loading the document)."""
+    doc = await api.create("one frame")
+    async with contextlib.AsyncExitStack() as stack:
+        gateway = api if loaded else await stack.enter_async_context(
+            second_gateway(store_config)
+        )
+        ws = await api.session.ws_connect(gateway.ws_url, protocols=["coscribe.v1.json"])
+        stack.push_async_callback(ws.close)
+        await ws.send_str(orjson.dumps(
+            [{"t": "hello", "token": api.token()}, {"t": "sub", "doc": doc}, {"t": "ping"}]
+        ).decode())
+        frame = orjson.loads((await ws.receive(timeout=10)).data)
+        assert [m["t"] for m in frame] == ["welcome", "snapshot", "pong"]
 
 
 @pytest.mark.postgres
