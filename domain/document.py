@@ -77,7 +77,19 @@ def check_title(title: object) -> str:
         raise Invalid("title must be a string")
     if len(title) > MAX_TITLE_CHARS:
         raise TooLarge(f"title is longer than {MAX_TITLE_CHARS} characters")
-    return title
+    return check_no_nul("title", title)
+
+
+def check_no_nul(name: str, value: str) -> str:
+    """``value`` if it holds no U+0000, else raise ``Invalid``.
+
+    Names, titles and context items are SQL text in the read models, and PostgreSQL's text
+    cannot hold U+0000: one such value would stop every read model at its event. (The
+    document's text is not SQL text anywhere: ops may insert it.)
+    """
+    if "\x00" in value:
+        raise Invalid(f"{name} must not contain U+0000")
+    return value
 
 
 class Document(Aggregate):
@@ -324,6 +336,7 @@ class Document(Aggregate):
         self._require_owner(by)
         if not isinstance(user, str) or not user or len(user) > MAX_USER_CHARS:
             raise Conflict(f"user must be a non-empty string of at most {MAX_USER_CHARS} chars")
+        check_no_nul("user", user)
         if role not in GRANTABLE:
             raise Conflict("role must be 'editor' or 'viewer'")
         if user == self.owner:
@@ -467,7 +480,7 @@ def _check_text(name: str, value: object, limit: int) -> str:
         raise Invalid(f"{name} must be a string")
     if len(value) > limit:
         raise TooLarge(f"{name} is longer than {limit} characters")
-    return value
+    return check_no_nul(name, value)
 
 
 def _check_position(position: object) -> int:

@@ -32,8 +32,8 @@ def _unb64(text: str) -> bytes:
 
 def sign_token(secret: bytes, user: str, ttl: float | None = None) -> str:
     """A token for ``user``; it expires after ``ttl`` seconds, or never when None."""
-    if not user:
-        raise ValueError("user must be non-empty")
+    if not user or "\x00" in user:
+        raise ValueError("user must be non-empty, without U+0000")
     now = int(time.time())
     payload = {"u": user, "iat": now, "exp": None if ttl is None else now + int(ttl)}
     body = f"{PREFIX}.{_b64(orjson.dumps(payload))}"
@@ -68,6 +68,8 @@ def _verify(secret: bytes, token: str, now: float | None) -> tuple[str, float | 
     if not hmac.compare_digest(sig, expected):
         raise BadToken("bad token signature")
     if not isinstance(payload, dict) or not isinstance(payload.get("u"), str) or not payload["u"]:
+        raise BadToken("malformed token")
+    if "\x00" in payload["u"]:  # a user name is SQL text in the read models
         raise BadToken("malformed token")
     exp = payload.get("exp")
     if exp is not None and (now if now is not None else time.time()) >= exp:

@@ -62,6 +62,10 @@ class StoreUnavailable(StoreError):
     """The database cannot be reached (after the library's own retries)."""
 
 
+class StoreRefused(StoreError):
+    """The database refused a value it cannot hold (a bug: validation let it through)."""
+
+
 _KEY_RE = re.compile(
     r"\((?:originator_id, originator_version|doc, client, seq)\)=\(([0-9a-fA-F-]{36}), "
 )

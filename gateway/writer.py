@@ -36,6 +36,7 @@ from gateway.store import (
     EventDecoder,
     EventEncoder,
     Store,
+    StoreRefused,
     StoreUnavailable,
     VersionConflict,
     conflicting_doc,
@@ -154,6 +155,9 @@ class AsyncWriter:
         except psycopg.IntegrityError as exc:
             await self._discard()  # the transaction failed: closing rolls it back
             raise VersionConflict(str(exc), conflicting_doc(exc)) from exc
+        except psycopg.DataError as exc:  # one room's value, not the database: isolate it
+            await self._discard()
+            raise StoreRefused(str(exc)) from exc
         except (psycopg.Error, OSError) as exc:
             await self._discard()
             raise StoreUnavailable(str(exc)) from exc

@@ -90,8 +90,11 @@ def valid_seq(seq: Any) -> TypeGuard[int]:
 
 
 def valid_client(client: Any) -> TypeGuard[str]:
-    """A client id is a string of 1..``MAX_CLIENT_ID_CHARS`` characters."""
-    return isinstance(client, str) and 0 < len(client) <= MAX_CLIENT_ID_CHARS
+    """A client id is a string of 1..``MAX_CLIENT_ID_CHARS`` characters, none U+0000 (it
+    is SQL text in the store)."""
+    return isinstance(client, str) and 0 < len(client) <= MAX_CLIENT_ID_CHARS and (
+        "\x00" not in client
+    )
 
 
 def _int(value: Any) -> bool:

@@ -129,3 +129,19 @@ async def test_drain_waits_for_a_room_that_lost_a_race(tmp_path: Path, pg_schema
     finally:
         store_a.close()
         store_b.close()
+
+
+async def test_a_value_the_database_refuses_is_refused_alone(rooms: Rooms) -> None:
+    """A client id PostgreSQL's text cannot hold (U+0000, were it let through) refuses only
+    its room's op, not the others of the group commit; SQLite stores it."""
+    bad, good = await _room(rooms, "aaa"), await _room(rooms, "bbb")
+    f_bad = _edit(bad, ["x"], client="ev\x00il", seq=1)
+    f_good = _edit(good, ["y"], client="c", seq=1)
+    assert await asyncio.wait_for(f_good, 5) == 1
+    if rooms.store.checks_heads:  # PostgreSQL
+        with pytest.raises(Rejected) as err:
+            await asyncio.wait_for(f_bad, 5)
+        assert err.value.code == "internal" and "\x00" not in err.value.message
+    else:
+        assert await asyncio.wait_for(f_bad, 5) == 1
+    assert await asyncio.wait_for(_edit(good, ["w"], base=1, client="c", seq=2), 5) == 2

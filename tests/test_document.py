@@ -181,6 +181,24 @@ def test_add_member_conflicts(user: Any, role: str) -> None:
     assert doc.collect_events() == []
 
 
+def test_no_sql_text_of_a_document_holds_u0000() -> None:
+    """Titles, member names and context items refuse U+0000 (PostgreSQL text cannot hold
+    it); the document's own text may have it (it is never SQL text)."""
+    doc = Document.create("t", "a\x00b", OWNER)
+    with pytest.raises(Invalid):
+        Document.create("t\x00", "", OWNER)
+    for command in (
+        lambda: doc.rename("\x00", by=OWNER),
+        lambda: doc.add_member("a\x00", "viewer", by=OWNER),
+        lambda: doc.add_context_item("note", "t\x00", "", by=OWNER),
+        lambda: doc.add_context_item("note", "t", "b\x00", by=OWNER),
+    ):
+        with pytest.raises(Invalid):
+            command()
+    doc.edit(["\x00"], OWNER, None, None)
+    assert doc.text == "\x00a\x00b"
+
+
 def test_remove_member_errors() -> None:
     """The owner cannot be removed (Conflict); removing a non-member is NotFound."""
     doc = _doc()
