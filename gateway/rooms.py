@@ -55,10 +55,16 @@ class Rooms:
         """The room if it is open in this process, without loading."""
         return self._rooms.get(doc_id)
 
-    async def get(self, doc_id: UUID) -> Room | None:
-        """The room of ``doc_id``, loading it from the store; None if there is no document."""
+    async def get(self, doc_id: UUID, current: bool = False) -> Room | None:
+        """The room of ``doc_id``, loading it from the store; None if there is no document.
+
+        ``current``: a room that was open, or loading, already first applies what the store
+        holds beyond it (``current``); one whose load this call began is current by it.
+        """
         room = self._rooms.get(doc_id)
         if room is not None:
+            if current:
+                await self.current(room)
             return room
         fut = self._loading.get(doc_id)
         if fut is None:
@@ -82,7 +88,10 @@ class Rooms:
             finally:
                 self._loading.pop(doc_id, None)
             return room
-        return await asyncio.shield(fut)
+        room = await asyncio.shield(fut)  # a load that began before this call
+        if room is not None and current:
+            await self.current(room)
+        return room
 
     def create(self, doc: Document, by: str) -> asyncio.Future[Any]:
         """Open a room for a new document and queue its creation; resolves when durable."""

@@ -310,9 +310,7 @@ class Session:
         assert self.user is not None
         if msg.doc not in self.subs and len(self.subs) >= self.limits.max_subscriptions:
             raise MessageError(Code.TOO_LARGE, "too many subscriptions on one connection", doc)
-        room = await self.rooms.get(msg.doc)
-        if room is not None:
-            await self.rooms.current(room)
+        room = await self.rooms.get(msg.doc, current=True)
         if room is None or not room.doc.can_read(self.user):
             raise MessageError(Code.NOT_FOUND, "no such document", doc)
         snap = room.snapshot
