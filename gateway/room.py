@@ -231,6 +231,9 @@ class Room:
         self._presence_out: dict[str, tuple[Subscriber | None, dict[str, Any]]] = {}
         self._removed: list[str] = []
         """Users removed from the members by the events in flight."""
+        self.writers: set[str] = set()
+        """Other processes whose commits of this document the hub delivered: if one dies,
+        the room re-reads the store (it may have died before publishing its last)."""
 
     # -- what sessions and handlers call -----------------------------------------------
 

@@ -55,16 +55,10 @@ class Rooms:
         """The room if it is open in this process, without loading."""
         return self._rooms.get(doc_id)
 
-    async def get(self, doc_id: UUID, current: bool = False) -> Room | None:
-        """The room of ``doc_id``, loading it from the store; None if there is no document.
-
-        ``current``: a room that was open, or loading, already first applies what the store
-        holds beyond it (``current``); one whose load this call began is current by it.
-        """
+    async def get(self, doc_id: UUID) -> Room | None:
+        """The room of ``doc_id``, loading it from the store; None if there is no document."""
         room = self._rooms.get(doc_id)
         if room is not None:
-            if current:
-                await self.current(room)
             return room
         fut = self._loading.get(doc_id)
         if fut is None:
@@ -88,10 +82,7 @@ class Rooms:
             finally:
                 self._loading.pop(doc_id, None)
             return room
-        room = await asyncio.shield(fut)  # a load that began before this call
-        if room is not None and current:
-            await self.current(room)
-        return room
+        return await asyncio.shield(fut)
 
     def create(self, doc: Document, by: str) -> asyncio.Future[Any]:
         """Open a room for a new document and queue its creation; resolves when durable."""
@@ -139,6 +130,7 @@ class Rooms:
             if kind == "e":
                 # Events at or below the committed head are here already (a room that
                 # committed under the lock read them from the store first): not decoded.
+                room.writers.add(msg["p"])
                 known = room.position
                 fresh = [e for e in msg["e"] if e[0] > known]
                 if not fresh:
@@ -176,13 +168,13 @@ class Rooms:
             self._resyncing.discard(room.id)
 
     async def current(self, room: Room) -> None:
-        """Apply what the store holds beyond the room's position (before a ``sub``).
+        """Apply what the store holds beyond the room's position.
 
         The hub cannot reveal a gap after the last message: another process may have died
         between its commit and its publish, or Redis may be down. A client that moved here
-        with a version seen elsewhere would then get an old snapshot, an empty catch-up or a
-        wrong ``bad_version``. One read of the room serves every caller that came before it
-        began; if the store cannot be read, the room's state is what the caller gets.
+        with a version seen elsewhere would then get a wrong ``bad_version`` or an empty
+        catch-up (``Session`` asks for this then). One read of the room serves every caller
+        that came before it began; if the store cannot be read, the room stays as it is.
         """
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._sync_waiters.get(room.id)
@@ -214,17 +206,20 @@ class Rooms:
     async def presence_forever(self, every: float = 3.0) -> None:
         """Clear presence of sessions whose process died (its liveness key expired).
 
-        Its rooms re-read the store too: it may have died between a commit and its publish.
+        The rooms it wrote re-read the store: it may have died between a commit and its
+        publish, and no later message would show the gap.
         """
         while True:
             await asyncio.sleep(every)
             procs = {p for r in self._rooms.values() for p in r.presence_proc.values()}
+            procs.update(p for r in self._rooms.values() for p in r.writers)
             if not procs:
                 continue
             dead = procs - await self.hub.live_procs(procs)
             if dead:
                 for room in list(self._rooms.values()):
-                    if dead.intersection(room.presence_proc.values()):
+                    if not dead.isdisjoint(room.writers):
+                        room.writers -= dead
                         self._gap(room)
                     room.clear_procs(dead)
 

@@ -310,7 +310,13 @@ class Session:
         assert self.user is not None
         if msg.doc not in self.subs and len(self.subs) >= self.limits.max_subscriptions:
             raise MessageError(Code.TOO_LARGE, "too many subscriptions on one connection", doc)
-        room = await self.rooms.get(msg.doc, current=True)
+        room = await self.rooms.get(msg.doc)
+        if room is not None and (
+            (msg.v is not None and msg.v > room.snapshot.v) or not self.rooms.hub.healthy
+        ):
+            # The client saw a version this process has not (another process committed it
+            # and died before publishing, or Redis is down): the store has it.
+            await self.rooms.current(room)
         if room is None or not room.doc.can_read(self.user):
             raise MessageError(Code.NOT_FOUND, "no such document", doc)
         snap = room.snapshot

@@ -451,6 +451,41 @@ async def test_a_removed_member_is_dropped_from_the_rooms_of_every_process(
 
 
 @pytest.mark.postgres
+async def test_a_writer_that_died_before_publishing_is_read_from_the_store(
+    two_stores: tuple[Store, Store]
+) -> None:
+    """A process commits, dies before publishing: once it is found dead, the rooms it wrote
+    re-read the store and their subscribers get the op no hub message carried."""
+    store_a, store_b = two_stores
+    doc = await asyncio.to_thread(_saved, store_a)
+    broker = LocalBroker()
+    hub_b = LocalHub(broker)
+    async with running(store_a, LocalHub(broker)) as a, running(store_b, hub_b) as b:
+        room_a, room_b = await a.get(doc.id), await b.get(doc.id)
+        assert room_a is not None and room_b is not None
+        watch = Collector()
+        room_a.subscribe(watch)
+        await _submit(room_b, ["published "], 0, "c", 1)
+        await eventually(lambda: watch.versions() == [1])
+        assert room_a.writers == {hub_b.proc}
+
+        def commit_unpublished() -> None:  # what b committed last, before it died
+            d = store_b.load(doc.id)
+            assert d is not None
+            d.edit(["lost? "], OWNER, "c", 2)
+            store_b.save(list(d.collect_events()))
+
+        await asyncio.to_thread(commit_unpublished)
+        await hub_b.close()  # b is gone: off the broker, as its liveness key would expire
+        liveness = asyncio.create_task(a.presence_forever(every=0.05))
+        try:
+            await eventually(lambda: watch.versions() == [1, 2])
+        finally:
+            liveness.cancel()
+        assert room_a.snapshot.text == "lost? published " and not room_a.writers
+
+
+@pytest.mark.postgres
 async def test_remote_presence_clear_names_the_user(
     two_stores: tuple[Store, Store], hub_factory: Callable[[], Hub]
 ) -> None:

@@ -379,9 +379,9 @@ async def test_the_answers_to_one_frame_leave_in_one_frame(
 @pytest.mark.postgres
 async def test_sub_reads_what_the_hub_never_delivered(api: Api, store_config: StoreConfig) -> None:
     """A process that missed another's last commits (no message revealed them: the writer
-    died before publishing, or Redis is down) answers a ``sub`` from the store's head: a
-    client that moved here with a newer version gets its catch-up, a new one the snapshot,
-    and the subscribers already here the missed ops."""
+    died before publishing, or Redis is down) reads the store for a ``sub`` with a version
+    ahead of its copy: that client gets its catch-up, and the subscribers already here (and
+    those after) the missed ops."""
     if store_config.database_url is None:
         pytest.skip("two gateways share a store only on PostgreSQL")
     doc = await api.create("missed")
