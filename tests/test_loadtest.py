@@ -864,6 +864,15 @@ def test_check_judges_loss_on_the_later_read() -> None:
     assert gone["lost"] == 1  # still missing once everything settled: lost
 
 
+def test_check_does_not_call_edits_nobody_compared_converged() -> None:
+    """Edits were acked but no full client reported: nothing was compared, not converged."""
+    m = _metrics_with("d", [], [])
+    m.basis_acks["d"] = 3
+    final = DocState("d", 3, "abc")
+    got = check([DocState("d", 0, "")], [final], [final], m, stamps_exact=False)
+    assert (got["checked_clients"], got["converged"]) == (0, False)
+
+
 def test_check_flags_a_client_with_another_text() -> None:
     """A full client whose digest or version differs from the server's is a mismatch."""
     final = DocState("d", 1, "xyz")
@@ -927,6 +936,26 @@ def test_run_report_has_the_issue_keys_and_per_op_costs() -> None:
     assert report["loadgen"]["cpu_us_per_op"] == 250.0
     assert report["steps"][0]["slo"]["failed"] == ["fanout_p99_ms 20 > 10"]
     assert report["best"] is None
+
+
+def test_best_is_not_a_step_where_the_load_generator_was_saturated() -> None:
+    """Of the passing steps, the highest offered rate with the generator within its limits;
+    a saturated step is the best only when no other passed, and then it says so."""
+    scenario = parse({
+        "name": "t", "writers": 2, "slo": {"fanout_p99_ms": 100},
+        "steps": [{"name": "slow", "op_interval_ms": 100}, {"name": "fast", "op_interval_ms": 5}],
+    })
+
+    def outcome(step: Any, skipped: int) -> StepOutcome:
+        base = _outcome(acks_window=1000, edits_window=1000, edits_skipped=skipped)
+        return StepOutcome(step, base.metrics, 10.0, base.cost, base.convergence, procs=2)
+
+    slow, fast = scenario.steps
+    report = run_report(scenario, [outcome(slow, 0), outcome(fast, 50)], {})
+    assert [s["loadgen"]["saturated"] for s in report["steps"]] == [False, True]
+    assert report["best"]["step"] == "slow" and not report["best"]["loadgen_saturated"]
+    alone = run_report(scenario, [outcome(fast, 50)], {})
+    assert alone["best"]["step"] == "fast" and alone["best"]["loadgen_saturated"]
 
 
 def test_notes_give_the_machine_speed_when_the_report_has_it() -> None:
@@ -1110,6 +1139,25 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
     assert args.func(args) == 2
     args = _parse(["loadtest", "standard", "--secret", "s", "--url", "http://10.1.2.3:80"])
     assert args.func(args) == 2
+    for flag in ("--json", "--plot"):  # checked before the run, not after it
+        args = _parse(["loadtest", "standard", "--secret", "s", flag, "/nonexistent/d/out"])
+        assert args.func(args) == 2
+
+
+def test_a_message_keeps_its_square_brackets(capsys: pytest.CaptureFixture[str]) -> None:
+    """Errors are printed as text, not read as rich markup ("[plot]" stays)."""
+    args = _parse(["loadtest", "standard", "--secret", "s", "--url", "http://10.0.0.1/[plot]"])
+    assert args.func(args) == 2
+    assert "[plot]" in capsys.readouterr().err
+
+
+def test_a_run_in_which_no_session_joined_failed() -> None:
+    """A step that planned sessions and joined none measured nothing."""
+    from ops.loadtest.command import _nobody_joined
+
+    assert _nobody_joined({"sessions": {"planned": 7, "joined": 0}})
+    assert not _nobody_joined({"sessions": {"planned": 7, "joined": 7}})
+    assert not _nobody_joined({"sessions": {"planned": 0, "joined": 0}})  # HTTP only
 
 
 # --- the OT benchmark ---------------------------------------------------------------------

@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_case": args.seconds,
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
+            "load_avg": [round(x, 2) for x in os.getloadavg()],
             "cases": rows,
         }
         args.json_out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")

@@ -12,7 +12,8 @@ In a fresh PostgreSQL schema (dropped afterwards):
    ``COPY_ROWS`` rows; no more than that is ever held in memory). Then ``VACUUM ANALYZE``,
    as a table that has been live for a while would have had.
 2. **Read + decode**: every notification, in pages of ``--page`` (``StoreSource.read``:
-   ``recorder.select_notifications`` + ``mapper.to_domain_event``), as the runner reads them.
+   ``Store.notifications``, the log read as binary tuples and decoded by ``EventDecoder``),
+   as the runner reads them.
 3. **Rebuild**: ``projections.replay.rebuild_all`` over every read model in
    ``projections.registry.MODELS``, called exactly as ``coscribe replay`` does (``Store``,
    ``StoreSource``, ``open_db(read_db_config(cfg))``, ``page_size`` 2000, a progress
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ["generate (domain + mapper + COPY, VACUUM ANALYZE)", num(out["events"]),
          num(out["generate_s"], 2), num(out["generate_events_s"]), "", "", ""],
-        ["read + decode (select_notifications + to_domain_event)", num(out["events"]),
+        ["read + decode (Store.notifications)", num(out["events"]),
          num(out["read_s"], 2), num(out["read_events_s"]), *cpu(out["read_cpu"])],
         [f"rebuild_all, {len(out['models'])} models (coscribe replay)",
          num(out["rebuild_events"]), num(out["rebuild_s"], 2), num(out["rebuild_events_s"]),

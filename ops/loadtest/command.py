@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from rich.console import Console
+from rich.markup import escape
 
 from ops.loadtest.scenario import ScenarioError, load
 
@@ -125,8 +126,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 "--plot needs matplotlib: pip install 'coscribe[plot]' (or pip install matplotlib)"
             )
+        for flag, path in (("--json", args.json_out), ("--plot", args.plot)):
+            if path is not None and not os.access(path.parent.resolve(), os.W_OK):
+                raise ValueError(f"{flag} {path}: cannot write in {path.parent.resolve()}")
     except (ScenarioError, ValueError) as exc:
-        err.print(f"[red]coscribe loadtest:[/red] {exc}", highlight=False)
+        err.print(f"[red]coscribe loadtest:[/red] {escape(str(exc))}", highlight=False)
         return 2
     options = RunOptions(
         url=url, procs=args.procs, secret=secret, server_pids=tuple(args.server_pids)
@@ -137,14 +141,14 @@ def run(args: argparse.Namespace) -> int:
         with progress:
             report = asyncio.run(runner.run())
     except RunFailed as exc:
-        err.print(f"[red]coscribe loadtest: run failed:[/red] {exc}", highlight=False)
+        err.print(f"[red]coscribe loadtest: run failed:[/red] {escape(str(exc))}", highlight=False)
         return 1
     except KeyboardInterrupt:
         err.print("coscribe loadtest: interrupted")
         return 130
     out.print(summary_table(report))
     for line in notes(report):
-        out.print(f"• {line}", highlight=False)
+        out.print(f"• {escape(line)}", highlight=False)
     if args.json_out is not None:
         args.json_out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
         out.print(f"report written to {args.json_out}")
@@ -154,10 +158,20 @@ def run(args: argparse.Namespace) -> int:
         try:
             plot(runner.outcomes, args.plot, f"coscribe loadtest · {scenario.name}")
         except PlotUnavailable as exc:
-            err.print(f"[red]coscribe loadtest:[/red] {exc}")
+            err.print(f"[red]coscribe loadtest:[/red] {escape(str(exc))}")
             return 1
         out.print(f"plot written to {args.plot}")
+    unjoined = [s["name"] for s in report["steps"] if _nobody_joined(s)]
+    if unjoined:  # nothing was measured: the run itself failed
+        err.print(f"[red]coscribe loadtest: run failed:[/red] no session joined in step "
+                  f"{escape(', '.join(unjoined))} (see errors)", highlight=False)
+        return 1
     return 0
+
+
+def _nobody_joined(step: dict[str, Any]) -> bool:
+    sessions = step.get("sessions") or {}
+    return bool(sessions.get("planned")) and not sessions.get("joined")
 
 
 def main(argv: list[str] | None = None) -> int:

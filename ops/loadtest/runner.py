@@ -69,6 +69,10 @@ class RunOptions:
 def check_url(url: str) -> str:
     """Return ``url`` without a trailing slash; refuse anything but http(s) on loopback."""
     parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (parsed on access: a bad port raises here, not mid-run)
+    except ValueError as exc:
+        raise ValueError(f"--url {url!r}: {exc}") from None
     if parts.scheme not in ("http", "https") or parts.hostname not in LOOPBACK:
         raise ValueError(f"--url must be http://127.0.0.1:PORT (loopback only), got {url!r}")
     return url.rstrip("/")
@@ -195,8 +199,8 @@ class Runner:
             try:
                 for i, step in enumerate(self.scenario.steps):
                     self.outcomes.append(await self._step(i, step, http, procs, tokens))
-            except ProvisionError as exc:
-                raise RunFailed(f"setup failed: {exc}") from exc
+            except ProvisionError as exc:  # making documents, or reading them back after
+                raise RunFailed(f"a request to the server failed: {exc}") from exc
             finally:
                 await procs.stop()
         meta = {
