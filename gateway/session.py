@@ -114,7 +114,8 @@ class Session:
     # -- the room's side ---------------------------------------------------------------
 
     def deliver(self, msg: Encoded) -> None:
-        """Queue an encoded message; it leaves with this loop turn's frame. Never blocks."""
+        """Queue an encoded message; it leaves with this loop turn's frame (or, while a
+        frame of the client's is being handled, with the answers to it). Never blocks."""
         if self._closing:
             return
         if not self._out and not self._answering:
