@@ -371,7 +371,7 @@ async def post_op(request: web.Request) -> web.Response:
     ):
         raise ApiError(
             Code.BAD_REQUEST,
-            f"'client' (1..{MAX_CLIENT_ID_CHARS} characters) and 'seq' (an integer in"
+            f"'client' (1..{MAX_CLIENT_ID_CHARS} characters, none U+0000) and 'seq' (an integer in"
             f" 0..{MAX_SEQ}) go together",
         )
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

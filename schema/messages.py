@@ -149,7 +149,8 @@ def parse(msg: Any) -> Message:
                 raise MessageError(Code.UNAUTHORIZED, "'token' must be a string")
             if client is not None and not valid_client(client):
                 raise MessageError(
-                    Code.BAD_MESSAGE, f"'client' must be 1..{MAX_CLIENT_ID_CHARS} characters"
+                    Code.BAD_MESSAGE,
+                    f"'client' must be 1..{MAX_CLIENT_ID_CHARS} characters, none U+0000",
                 )
             return Hello(token=token, client=client)
     except MessageError as exc:
