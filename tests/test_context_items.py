@@ -11,9 +11,8 @@ from hypothesis import strategies as st
 
 from domain.document import MAX_CONTEXT_POSITION, Document
 from gateway.store import StoreConfig
-from tests.readside import catch_up, gateway
+from tests.readside import Api, catch_up, gateway
 from tests.strategies import context_positions
-from tests.test_readmodels_http import Api
 
 
 def _listed(doc: Document, added: list[str]) -> list[str]:

@@ -14,11 +14,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from domain import ot
 from gateway.app import Services, create_app
-from gateway.auth import sign_token
 from gateway.readmodels import Extension, time_travel
 from gateway.store import Store, StoreConfig
+from tests.readside import SECRET, Api, gateway
 
-SECRET = b"test-secret"
 TIME_TRAVEL = "/test/time-travel/{id}"
 """Until ``gateway.http.get_document`` hands ``?at=`` to ``time_travel``, tests mount it here."""
 
@@ -27,47 +26,11 @@ def _mount_time_travel(app: web.Application) -> None:
     app.router.add_get(TIME_TRAVEL, time_travel)
 
 
-class Api:
-    """A test client acting as one user at a time."""
-
-    def __init__(self, client: TestClient[Any, Any]) -> None:
-        self.client = client
-
-    def headers(self, user: str) -> dict[str, str]:
-        """The Authorization header of ``user``."""
-        return {"Authorization": f"Bearer {sign_token(SECRET, user)}"}
-
-    async def call(self, method: str, path: str, user: str = "ann", status: int = 200,
-                   **kw: Any) -> Any:
-        """Send a request, check the status, return the JSON body (None when empty)."""
-        r = await self.client.request(method, path, headers=self.headers(user), **kw)
-        text = await r.text()
-        assert r.status == status, f"{method} {path} -> {r.status}: {text}"
-        return await r.json() if text else None
-
-    async def create(self, title: str, text: str = "", user: str = "ann") -> str:
-        """A new document's id."""
-        doc = await self.call("POST", "/v1/documents", user, 201,
-                              json={"title": title, "text": text})
-        return str(doc["id"])
-
-    async def edit(self, doc: str, v: int, op: list[Any], user: str = "ann") -> int:
-        """Apply ``op`` made on version ``v``; returns the new version."""
-        out = await self.call("POST", f"/v1/documents/{doc}/ops", user, json={"v": v, "op": op})
-        return int(out["v"])
-
-
 @pytest.fixture
 async def api(store_config: StoreConfig) -> AsyncIterator[Api]:
     """A gateway with the read side mounted and projections running in process."""
-    services = Services(store=Store(store_config), secret=SECRET,
-                        extensions=[Extension(), _mount_time_travel])
-    client = TestClient(TestServer(create_app(services), host="127.0.0.1", port=0))
-    await client.start_server()
-    try:
-        yield Api(client)
-    finally:
-        await client.close()
+    async with gateway(store_config, more=[_mount_time_travel]) as client:
+        yield client
 
 
 async def _walk(api: Api, order: str, limit: int, between: Any = None) -> list[str]:
