@@ -96,12 +96,15 @@ def test_fanout_bench_reports_the_cost_of_a_write(tmp_path: Path) -> None:
 
 
 def test_summary_plots_are_drawn_from_reports(tmp_path: Path) -> None:
-    """ops.perf.plots draws its three PNGs from loadtest and rebuild reports."""
+    """ops.perf.plots draws its four PNGs from loadtest and rebuild reports."""
     pytest.importorskip("matplotlib")
     from ops.perf import plots
 
-    step = {"acked_edits_s": 2000.0, "fanout_ms": {"p50": 50.0, "p99": 150.0},
-            "sessions": {"joined": 200}, "server": {"peak_rss_mb": 400.0, "peak_vmrss_mb": 900.0}}
+    groups = {g: {"cpu_s": 4.0} for g in ("gateway", "postgres", "redis")}
+    server = {"peak_rss_mb": 400.0, "peak_vmrss_mb": 900.0, "groups": groups}
+    step = {"acked_edits_s": 2000.0, "acked_ops_s": 2000.0, "window_s": 20.0,
+            "fanout_ms": {"p50": 50.0, "p99": 150.0}, "sessions": {"joined": 200},
+            "server": server, "loadgen": {"cpu_us_per_op": 200.0, "ops_per_frame": 1.5}}
     load = tmp_path / "load.json"
     load.write_bytes(orjson.dumps({"steps": [step, step]}))
     rebuild = tmp_path / "rebuild.json"
@@ -109,5 +112,5 @@ def test_summary_plots_are_drawn_from_reports(tmp_path: Path) -> None:
     argv = ["--saturate", str(load), "--sessions", str(load), "--rebuild", str(rebuild),
             "--out", str(tmp_path)]
     assert plots.main(argv) == 0
-    for name in ("latency-vs-rate", "memory-vs-sessions", "rebuild-vs-events"):
+    for name in ("latency-vs-rate", "cost-vs-rate", "memory-vs-sessions", "rebuild-vs-events"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000

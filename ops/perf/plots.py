@@ -5,6 +5,9 @@
 
 - ``latency-vs-rate.png``: fan-out p50/p99 against acknowledged edits/s, one point per step
   of a ``coscribe loadtest saturate --json`` report.
+- ``cost-vs-rate.png``: server CPU per acknowledged op (gateways, PostgreSQL, Redis) and
+  the load generator's, against acknowledged edits/s, with the ops each received frame
+  carried, from the same saturate report.
 - ``memory-vs-sessions.png``: server peak memory (PSS of gateways + PostgreSQL + Redis, and
   the sum of their VmRSS) against sessions joined, one point per loadtest report.
 - ``rebuild-vs-events.png``: rebuild time against stored events, one point per
@@ -25,6 +28,39 @@ import orjson
 def _steps(path: Path) -> list[dict[str, Any]]:
     report = orjson.loads(path.read_bytes())
     return list(report.get("steps") or [report])
+
+
+def _cost(plt: Any, steps: list[dict[str, Any]], out: Path) -> None:
+    """Stacked server CPU per acked op by group, the load generator's, and ops per frame."""
+    steps = sorted(steps, key=lambda s: s["acked_edits_s"])
+    rate = [s["acked_edits_s"] for s in steps]
+    fig, ax = plt.subplots(figsize=(6, 4.4), dpi=90)
+    below = [0.0] * len(steps)
+    for group, label in (("gateway", "gateways"), ("postgres", "PostgreSQL"), ("redis", "Redis")):
+        per_op = [1e6 * s["server"]["groups"][group]["cpu_s"] / (s["acked_ops_s"] * s["window_s"])
+                  for s in steps]
+        top = [b + v for b, v in zip(below, per_op, strict=True)]
+        ax.fill_between(rate, below, top, alpha=0.5, label=label)
+        below = top
+    ax.plot(rate, [s["loadgen"]["cpu_us_per_op"] for s in steps], color="black",
+            linestyle="--", marker="o", label="load generator")
+    ax.axhline(100, color="grey", linestyle=":", label="target 100 µs")
+    ax.set_xlabel("acknowledged edits/s (an op carries the edits composed while one is in flight)")
+    ax.set_ylabel("CPU µs per acked op")
+    ax.set_ylim(bottom=0)
+    ax.set_title("saturate, --workers 2: cost against load")
+    ax.grid(alpha=0.3)
+    frames = ax.twinx()
+    frames.plot(rate, [s["loadgen"]["ops_per_frame"] for s in steps], color="tab:red",
+                marker="s", label="ops per frame received")
+    frames.set_ylabel("ops per frame received", color="tab:red")
+    frames.set_ylim(bottom=0)
+    handles, labels = ax.get_legend_handles_labels()
+    more, more_labels = frames.get_legend_handles_labels()
+    fig.legend(handles + more, labels + more_labels, fontsize=7, ncol=3, loc="lower center")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(out)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         fig.tight_layout()
         fig.savefig(args.out / "latency-vs-rate.png")
         plt.close(fig)
+        _cost(plt, steps, args.out / "cost-vs-rate.png")
     if args.sessions:
         points = sorted(
             (s["sessions"]["joined"], s["server"]["peak_rss_mb"], s["server"]["peak_vmrss_mb"])
