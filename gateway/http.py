@@ -159,11 +159,12 @@ def _int_query(request: web.Request, name: str, default: int, lo: int, hi: int) 
     return value
 
 
-async def readable_room(request: web.Request) -> Room:
-    """The room of the document in the path, if the caller may read it (else 404)."""
+async def readable_room(request: web.Request, v: int | None = None) -> Room:
+    """The room of the document in the path, if the caller may read it (else 404); with
+    ``v``, a version the caller asks for (``Rooms.readable``)."""
     rooms: Rooms = request.app[keys.ROOMS]
-    room = await rooms.get(_doc_id(request))
-    if room is None or not room.doc.can_read(request[keys.USER]):
+    room = await rooms.readable(_doc_id(request), request[keys.USER], v)
+    if room is None:
         raise ApiError(Code.NOT_FOUND, "no such document")
     return room
 
@@ -349,12 +350,10 @@ async def get_document(request: web.Request) -> web.Response:
     rooms: Rooms = request.app[keys.ROOMS]
     bodies = request.app[BODIES]
     found = bodies.get(key, rooms)
-    if found is None:
+    if found is not None and found[0].doc.can_read(request[keys.USER]):
+        hit = found[1]
+    else:  # not rendered, or the copy here says no (it may lag): the full check
         hit = bodies.render(key, await readable_room(request))
-    else:
-        room, hit = found
-        if not room.doc.can_read(request[keys.USER]):
-            raise ApiError(Code.NOT_FOUND, "no such document")
     return cached_response(request, hit.body, hit.headers)
 
 

@@ -44,7 +44,7 @@ from multidict import CIMultiDict
 from domain.document import CONTEXT_FIELDS, Document
 from domain.errors import BadVersion, DomainError, Invalid, NotFound, TooLarge
 from gateway import keys
-from gateway.http import GATE, cached_response
+from gateway.http import GATE, cached_response, readable_room
 from gateway.room import Rejected, Room, Submission
 from gateway.rooms import Rooms
 from gateway.store import Store, StoreConfig, StoreUnavailable
@@ -251,13 +251,13 @@ class Extension:
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         rooms: Rooms = app[keys.ROOMS]
         store = rooms.store
-        db = await asyncio.get_running_loop().run_in_executor(
-            None, open_db, read_db_config(store.cfg)
-        )
+        loop = asyncio.get_running_loop()
+        db = await loop.run_in_executor(None, open_db, read_db_config(store.cfg))
+        log_id = await loop.run_in_executor(None, store.log_id)
         # Without a runner here, only Redis generations (raised by `coscribe projections run
         # --redis-url`) can tell this process that an entry went stale: no Redis, no cache.
         cache = ReadCache(redis_url=self.redis_url, prefix=self.redis_prefix,
-                          enabled=self.run_projections or bool(self.redis_url))
+                          enabled=self.run_projections or bool(self.redis_url), log_id=log_id)
         await cache.start()
         rm = ReadModels(store, db, cache, run=self.run_projections)
         app[READMODELS] = rm
@@ -324,12 +324,18 @@ def _int(request: web.Request, name: str, default: int | None, lo: int, hi: int)
     return value
 
 
+MAX_VERSION_DIGITS = 19
+"""Digits of the longest version (2**63 - 1)."""
+
+
 def _version(request: web.Request, name: str, default: int, current: int) -> int:
     """Query parameter ``name`` as a version of a document now at ``current``: an integer
     ``>= 0`` (else ``bad_request``) and not past ``current`` (else ``bad_version``)."""
     raw = request.query.get(name) or str(default)
     if not raw.isdecimal():
         raise Invalid(f"{name} must be a version (an integer >= 0)")
+    if len(raw) > MAX_VERSION_DIGITS:  # past any version (and past what int() parses)
+        raise BadVersion(f"{name} is past the current version {current}")
     value = int(raw)
     if value > current:
         raise BadVersion(f"{name}={value} is past the current version {current}")
@@ -371,12 +377,16 @@ def decode_cursor(cursor: str | None, kind: str) -> int | None:
     return int(key)
 
 
+VERSION_PARAMS = ("at", "from", "to")
+"""Query parameters that name a version of the document in the path."""
+
+
 async def _readable_room(request: web.Request) -> Room:
-    rooms: Rooms = request.app[keys.ROOMS]
-    room = await rooms.get(_doc_id(request))
-    if room is None or not room.doc.can_read(_user(request)):
-        raise NotFound("no such document")
-    return room
+    """The room, if the caller may read it, and up to date with any version it asks for."""
+    asked = [request.query.get(n, "") for n in VERSION_PARAMS]
+    v = max((int(a) for a in asked if a.isdecimal() and len(a) <= MAX_VERSION_DIGITS),
+            default=None)
+    return await readable_room(request, v)
 
 
 async def _command(room: Room, user: str, command: Callable[[Document], Any]) -> Any:
@@ -523,10 +533,8 @@ async def batch_get(request: web.Request) -> web.Response:
             doc_id = UUID(raw)
         except ValueError:
             return None
-        room = await rooms.get(doc_id)
-        if room is None or not room.doc.can_read(user):
-            return None
-        return dict(room.snapshot.as_json())
+        room = await rooms.readable(doc_id, user)
+        return None if room is None else dict(room.snapshot.as_json())
 
     found = await asyncio.gather(*(one(i) for i in dict.fromkeys(ids)))
     items = [f for f in found if f is not None]
@@ -609,7 +617,9 @@ async def time_travel(request: web.Request) -> web.Response:
             "updated_at": iso(state.updated_at),
         }
 
-    if version is not None:  # a version's state never changes: cache it
+    if version is not None and version < room.snapshot.v:
+        # Fixed for good once the edit after it exists (until then a rename or a member
+        # change still lands in it): cache it.
         data = await rm.cache.fetch(f"tt:{room.id}:{version}", (), compute)
     else:
         data = await compute()

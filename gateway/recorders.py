@@ -25,6 +25,9 @@ from gateway import pgarrays
 CLIENT_OPS_TABLE = "coscribe_client_ops"
 """Table of ``(doc, client, seq) -> v``: one row per op submitted with a client id."""
 
+LOG_TABLE = "coscribe_log"
+"""One row: a random id made when the event table was, naming this log (``log_id``)."""
+
 APPEND_FUNCTION = "coscribe_append"
 """Server-side function of one checked group commit (lock, NOTIFY, head check, inserts)."""
 LOCK_READ_FUNCTION = "coscribe_lock_read"
@@ -48,6 +51,22 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
                 "CREATE TABLE IF NOT EXISTS {}.{} (doc uuid NOT NULL, client text NOT NULL, "
                 "seq bigint NOT NULL, v bigint NOT NULL, PRIMARY KEY (doc, client, seq))"
             ).format(schema, table)
+        )
+        log = Identifier(LOG_TABLE)
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {s}.{log} (id uuid PRIMARY KEY); "
+                "INSERT INTO {s}.{log} SELECT gen_random_uuid() "
+                "WHERE NOT EXISTS (SELECT 1 FROM {s}.{log})"
+            ).format(s=schema, log=log)
+        )
+        self._log_id = SQL(
+            "SELECT (SELECT min(id::text) FROM {s}.{log}) || '.' || (SELECT c.oid FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = {schema} AND c.relname = {events}) AS log_id"
+        ).format(
+            s=schema, log=log,
+            schema=Literal(self.datastore.schema), events=Literal(self.events_table_name),
         )
         self._insert_client_ops = SQL(
             "INSERT INTO {}.{} (doc, client, seq, v) SELECT * FROM unnest("
@@ -158,6 +177,15 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
         """Raise unless the database answers a trivial query (for /readyz)."""
         with self.datastore.transaction(commit=False) as curs:
             curs.execute("SELECT 1")
+
+    def log_id(self) -> str:
+        """This log's identity: its random id and the event table's OID (a table restored
+        from a dump is a new table, whose positions may repeat ones of the old)."""
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(self._log_id)
+            row = curs.fetchone()
+        assert row is not None
+        return str(row["log_id"] if isinstance(row, dict) else row[0])
 
     def checked_params(
         self,
@@ -284,7 +312,18 @@ class SQLiteClientOpsRecorder(SQLiteApplicationRecorder):
             f"CREATE TABLE IF NOT EXISTS {CLIENT_OPS_TABLE} (doc TEXT NOT NULL, "
             "client TEXT NOT NULL, seq INTEGER NOT NULL, v INTEGER NOT NULL, "
             "PRIMARY KEY (doc, client, seq)) WITHOUT ROWID",
+            f"CREATE TABLE IF NOT EXISTS {LOG_TABLE} (id TEXT PRIMARY KEY)",
+            f"INSERT INTO {LOG_TABLE} SELECT lower(hex(randomblob(16))) "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {LOG_TABLE})",
         ]
+
+    def log_id(self) -> str:
+        """This log's identity: the random id made with its tables."""
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(f"SELECT min(id) FROM {LOG_TABLE}")
+            row = c.fetchone()
+        assert row is not None
+        return str(row[0])
 
     def _insert_events(
         self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any

@@ -167,6 +167,22 @@ class Rooms:
         finally:
             self._resyncing.discard(room.id)
 
+    async def readable(self, doc_id: UUID, user: str, v: int | None = None) -> Room | None:
+        """The room of ``doc_id`` if ``user`` may read it; None if not, or if there is none.
+
+        This process's copy can lag another's by the few ms of a publish (more while Redis
+        is down). Where that could change the answer, the store is read first: the copy
+        says ``user`` may not read (a member just added elsewhere), ``v`` is past it (a
+        version seen elsewhere), or the hub is down.
+        """
+        room = await self.get(doc_id)
+        if room is None:
+            return None
+        behind = v is not None and v > room.snapshot.v
+        if behind or not room.doc.can_read(user) or not self.hub.healthy:
+            await self.current(room)
+        return room if room.doc.can_read(user) else None
+
     async def current(self, room: Room) -> None:
         """Apply what the store holds beyond the room's position.
 

@@ -311,14 +311,11 @@ class Session:
         assert self.user is not None
         if msg.doc not in self.subs and len(self.subs) >= self.limits.max_subscriptions:
             raise MessageError(Code.TOO_LARGE, "too many subscriptions on one connection", doc)
-        room = await self.rooms.get(msg.doc)
-        if room is not None and (
-            (msg.v is not None and msg.v > room.snapshot.v) or not self.rooms.hub.healthy
-        ):
-            # The client saw a version this process has not (another process committed it
-            # and died before publishing, or Redis is down): the store has it.
-            await self.rooms.current(room)
-        if room is None or not room.doc.can_read(self.user):
+        # The client may have seen a version, or a membership, that this process has not
+        # (another process committed it and died before publishing, or Redis is down, or
+        # its publish is still on the way): then the store is read first.
+        room = await self.rooms.readable(msg.doc, self.user, msg.v)
+        if room is None:
             raise MessageError(Code.NOT_FOUND, "no such document", doc)
         snap = room.snapshot
         if msg.v is not None and not 0 <= msg.v <= snap.v:

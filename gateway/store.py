@@ -398,6 +398,16 @@ class Store:
         except Exception as exc:
             raise StoreUnavailable(str(exc)) from exc
 
+    def log_id(self) -> str:
+        """The identity of this event log: another database, or this one reset or restored
+        from a dump, has another (the read cache's Redis keys are named by it)."""
+        recorder = self.app.recorder
+        assert isinstance(recorder, (PostgresClientOpsRecorder, SQLiteClientOpsRecorder))
+        try:
+            return recorder.log_id()
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
     def find_client_op(self, doc_id: UUID, client: str, seq: int) -> int | None:
         """The version that ``client``'s op ``seq`` on the document produced, if committed."""
         recorder = self.app.recorder

@@ -114,20 +114,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
 # -- projections run ----------------------------------------------------------------------
 
 
-def _redis_bump(redis_url: str | None, prefix: str) -> Any:
+def _redis_bump(redis_url: str | None, prefix: str, log_id: str) -> Any:
     """An observer that bumps the cache's tag generations in Redis (other processes' caches)."""
     if not redis_url:
         return None
     import redis
 
-    from projections.cache import RAISE_TO, tags_for
+    from projections.cache import RAISE_TO, redis_keys, tags_for
 
     client = redis.Redis.from_url(redis_url)
+    where = redis_keys(prefix, log_id)
 
     def observe(model: str, events: Sequence[tuple[int, Any]]) -> None:
         tags = tags_for(model, events)
         if tags:
-            keys = [f"{prefix}rm:gen:{t}" for t in tags]
+            keys = [f"{where}gen:{t}" for t in tags]
             client.eval(RAISE_TO, len(keys), *keys, *tags.values())
 
     return observe
@@ -151,7 +152,8 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         runner = Runner(db, source, models, page_size=args.page,
-                        observe=_redis_bump(settings.redis_url, settings.redis_prefix))
+                        observe=_redis_bump(settings.redis_url, settings.redis_prefix,
+                                            store.log_id()))
         runner.setup()
         tune_gc()
         log.info("following the log from %s for %s", runner.seen(),

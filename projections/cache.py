@@ -93,14 +93,27 @@ entries computed in between.
 """
 
 
+def redis_keys(prefix: str, log_id: str) -> str:
+    """Where the cache's Redis keys of the event log ``log_id`` (``Store.log_id``) live.
+
+    Generations are positions in one log: another log (a database reset, or restored from a
+    dump) starts its positions again below them, so it must not share them, nor the entries.
+    """
+    return f"{prefix}rm:{log_id}:" if log_id else f"{prefix}rm:"
+
+
 class ReadCache:
     """Two-level cache of JSON-ready values. ``start`` before use, ``close`` after."""
 
     def __init__(
-        self, redis_url: str | None = None, prefix: str = "coscribe:", enabled: bool = True
+        self,
+        redis_url: str | None = None,
+        prefix: str = "coscribe:",
+        enabled: bool = True,
+        log_id: str = "",
     ) -> None:
         self.redis_url = redis_url
-        self.prefix = f"{prefix}rm:"
+        self.prefix = redis_keys(prefix, log_id)
         self.enabled = enabled
         self.stats_ = CacheStats()
         self._gens: dict[str, int] = {}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -60,6 +60,31 @@ async def test_memory_entries_go_stale_when_their_tag_moves() -> None:
         assert cache.stats()["hits"] == 2 and cache.stats()["stale"] == 1
     finally:
         await cache.close()
+
+
+def _const(value: str) -> Callable[[], Awaitable[str]]:
+    async def compute() -> str:
+        return value
+
+    return compute
+
+
+async def test_another_log_shares_no_generations_or_entries(redis_url: str, prefix: str) -> None:
+    """A reset database starts its positions again: its cache (another ``log_id``) must not
+    take the old log's higher generations, nor serve the old log's entries."""
+    old = ReadCache(redis_url=redis_url, prefix=prefix, log_id="old")
+    new = ReadCache(redis_url=redis_url, prefix=prefix, log_id="new")
+    await old.start()
+    await new.start()
+    try:
+        await old.raise_tags({"t": 300})
+        assert await old.fetch("k", ["t"], _const("old log")) == "old log"
+        assert await new.fetch("k", ["t"], _const("new log")) == "new log"
+        await new.raise_tags({"t": 5})  # below the old log's 300, and it counts all the same
+        assert await new.fetch("k", ["t"], _const("after")) == "after"
+    finally:
+        await old.close()
+        await new.close()
 
 
 async def test_a_value_computed_across_an_invalidation_is_never_served(

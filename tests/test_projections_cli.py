@@ -61,9 +61,10 @@ def test_runner_bumps_generations_under_the_given_prefix(
     try:
         doc = Document.create("T", "", "ann")
         store.save(doc.collect_events())
+        log_id = store.log_id()
     finally:
         store.close()
-    generation = f"{redis_prefix}rm:gen:an-doc:{doc.id}"
+    generation = f"{redis_prefix}rm:{log_id}:gen:an-doc:{doc.id}"
     out = _run_until(["--data-dir", str(tmp_path), "--redis-url", redis_url,
                       "--redis-prefix", redis_prefix], tmp_path / "with.log",
                      lambda: keys.get(generation) == b"1")

@@ -390,3 +390,53 @@ async def test_time_travel_accepts_offsets_and_unescaped_plus(api: Api) -> None:
     at = ops[0]["at"].replace("Z", "+00:00")
     got = await api.call("GET", f"{TIME_TRAVEL.format(id=doc)}?at={at}")
     assert got["version"] == 1
+
+
+async def test_time_travel_to_the_current_version_sees_a_later_rename(api: Api) -> None:
+    """?at=V includes renames made before edit V+1: it is cached only once that edit exists."""
+    doc = await api.create("before", "a")
+    path = f"/v1/documents/{doc}"
+    assert (await api.call("GET", f"{path}?at=0"))["title"] == "before"
+    await api.call("PATCH", path, json={"title": "after"})
+    assert (await api.call("GET", f"{path}?at=0"))["title"] == "after"
+    await api.edit(doc, 0, ["x"])
+    assert (await api.call("GET", f"{path}?at=0"))["title"] == "after"
+    await api.call("PATCH", path, json={"title": "later"})
+    assert (await api.call("GET", f"{path}?at=0"))["title"] == "after"
+    assert (await api.call("GET", f"{path}?at=1"))["title"] == "later"
+
+
+async def test_a_gateway_behind_reads_the_store_before_404_or_bad_version(
+    store_config: StoreConfig,
+) -> None:
+    """A member added, or a version committed, by another gateway whose publish has not
+    arrived (here: never; the two have no hub in common) is found in the store."""
+    quiet = {"run_projections": False, "warm": False}
+    async with gateway(store_config, **quiet) as a, gateway(store_config, **quiet) as b:
+        doc = await a.create("T", "abc")
+        path = f"/v1/documents/{doc}"
+        assert (await b.call("GET", path))["version"] == 0  # b holds its copy from now on
+        await a.call("POST", f"{path}/members", status=201,
+                     json={"user": "bob", "role": "viewer"})
+        assert (await b.call("GET", path, "bob"))["text"] == "abc"
+        v = await a.edit(doc, 0, ["x"])
+        assert (await b.call("GET", f"{path}?at={v}", "bob"))["text"] == "xabc"
+        v = await a.edit(doc, v, ["y"])
+        assert (await b.call("GET", f"{path}/blame?at={v}", "bob"))["version"] == v
+        v = await a.edit(doc, v, ["z"])
+        assert (await b.call("GET", f"{path}/diff?from=0&to={v}", "bob"))["to"] == v
+        v = await a.edit(doc, v, ["w"])
+        got = await b.call("POST", "/v1/documents:batch-get", "bob", json={"ids": [doc]})
+        assert got["missing"] == []
+        body = await b.call("GET", f"{path}?at={v + 1}", "bob", status=400)
+        assert body["error"]["code"] == "bad_version"
+        await b.call("GET", path, "eve", status=404)
+
+
+async def test_versions_too_long_to_parse_are_bad_version(api: Api) -> None:
+    """A version of thousands of digits (past what int() parses) is past the current one."""
+    doc = await api.create("t", "a")
+    huge = "9" * 5000
+    for query in (f"?at={huge}", f"/blame?at={huge}", f"/diff?from=0&to={huge}"):
+        body = await api.call("GET", f"/v1/documents/{doc}{query}", status=400)
+        assert body["error"]["code"] == "bad_version"

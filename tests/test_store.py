@@ -7,8 +7,10 @@ connections, and neither sees the other's in-memory state.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -19,7 +21,7 @@ from domain.document import Document
 from gateway.room import Rejected, Room, Submission
 from gateway.store import Store, StoreConfig, VersionConflict
 from schema.codes import Code
-from tests.conftest import every_kind_of_event
+from tests.conftest import every_kind_of_event, fresh_pg_schema
 from tests.running import running
 
 OWNER = "olga"
@@ -120,6 +122,28 @@ def test_notifications_decode_as_the_library_mapper_does(store: Store) -> None:
     first = got[0][0]
     assert [p for p, _ in store.notifications(first + 2, 3)] == [first + 3, first + 4, first + 5]
     assert store.notifications(got[-1][0], 10) == []
+
+
+def test_log_id_names_one_log(store_config: StoreConfig, store: Store, tmp_path: Path) -> None:
+    """Every store on one log gives the same id; a new log (a reset database) another."""
+    again = Store(store_config)
+    try:
+        assert again.log_id() == store.log_id() != ""
+    finally:
+        again.close()
+    if store_config.database_url:
+        with fresh_pg_schema() as other:
+            fresh = Store(dataclasses.replace(store_config, database_schema=other))
+            try:
+                assert fresh.log_id() != store.log_id()
+            finally:
+                fresh.close()
+    else:
+        fresh = Store(StoreConfig(data_dir=tmp_path / "other"))
+        try:
+            assert fresh.log_id() != store.log_id()
+        finally:
+            fresh.close()
 
 
 def test_load_unknown_document_is_none(store: Store) -> None:
