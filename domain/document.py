@@ -469,9 +469,8 @@ MAX_CONTEXT_POSITION = 1 << 31
 
 
 def _check_kind(kind: object) -> str:
-    if kind not in CONTEXT_KINDS:
+    if not isinstance(kind, str) or kind not in CONTEXT_KINDS:
         raise Invalid(f"kind must be one of {', '.join(sorted(CONTEXT_KINDS))}")
-    assert isinstance(kind, str)
     return kind
 
 

@@ -41,7 +41,7 @@ from aiohttp import web
 from eventsourcing.persistence import InterfaceError, OperationalError
 from multidict import CIMultiDict
 
-from domain.document import CONTEXT_FIELDS, Document
+from domain.document import CONTEXT_FIELDS, Document, check_no_nul
 from domain.errors import BadVersion, DomainError, Invalid, NotFound, TooLarge
 from gateway import keys
 from gateway.http import GATE, cached_response, readable_room
@@ -372,6 +372,8 @@ def decode_cursor(cursor: str | None, kind: str) -> int | None:
         key = data["p"]
         if data["k"] != kind or not isinstance(key, int) or isinstance(key, bool):
             raise ValueError(cursor)
+        if not 0 <= key < 1 << 63:  # no list gives out a key a database integer cannot hold
+            raise ValueError(cursor)
     except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
         raise Invalid("cursor is not one this list gave out") from None
     return int(key)
@@ -467,6 +469,8 @@ async def list_documents(request: web.Request) -> web.Response:
     q = request.query.get("q") or None
     if q is not None and len(q) > 200:
         raise TooLarge("q is longer than 200 characters")
+    if q is not None:
+        check_no_nul("q", q)
     user = _user(request)
     key = ("documents", user, order, before, limit, q)
     head = await rm.heads.read()
@@ -801,11 +805,14 @@ def bucket_range(
 
 def _range(request: web.Request, bucket: str) -> tuple[datetime, datetime]:
     raw_to, raw_from = request.query.get("to"), request.query.get("from")
-    start, end = bucket_range(
-        bucket,
-        parse_time(raw_from, "from") if raw_from else None,
-        parse_time(raw_to, "to") if raw_to else None,
-    )
+    try:
+        start, end = bucket_range(
+            bucket,
+            parse_time(raw_from, "from") if raw_from else None,
+            parse_time(raw_to, "to") if raw_to else None,
+        )
+    except OverflowError:  # whole buckets past year 1 or 9999
+        raise Invalid("from and to must be whole buckets within years 1..9999") from None
     if start >= end:
         raise Invalid("from must be before to")
     if (end - start) / _step(bucket) > MAX_BUCKETS:

@@ -64,6 +64,25 @@ def _models(name: str | None) -> list[Any]:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Rebuild read models from the first event into fresh tables, then swap them in."""
+    from projections.db import Busy
+
+    models = _models(args.projection)
+    store, source, db = _open(args)
+    tune_gc()
+    try:
+        with db.exclusive("replay"):  # two rebuilds would share the fresh tables
+            _replay(args, models, source, db)
+    except Busy:
+        print("coscribe replay: another replay of these read models is running; run this "
+              "one when it has finished", file=sys.stderr)
+        return 3
+    finally:
+        db.close()
+        store.close()
+    return 0
+
+
+def _replay(args: argparse.Namespace, models: Sequence[Any], source: Any, db: Any) -> None:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -75,40 +94,31 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from projections.replay import rebuild_all
 
-    models = _models(args.projection)
-    store, source, db = _open(args)
-    tune_gc()
-    try:
-        columns = (
-            TextColumn("{task.description:<10}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:>9} ev/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, transient=False, disable=args.quiet) as bar:
-            label = models[0].name if len(models) == 1 else "all"
-            task = bar.add_task(label, total=max(source.head(), 1), rate="-")
+    columns = (
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>9} ev/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=False, disable=args.quiet) as bar:
+        label = models[0].name if len(models) == 1 else "all"
+        task = bar.add_task(label, total=max(source.head(), 1), rate="-")
 
-            def progress(position: int, head: int) -> None:
-                speed = bar.tasks[task].speed or 0.0
-                bar.update(task, completed=position, total=max(head, 1), rate=f"{speed:,.0f}")
+        def progress(position: int, head: int) -> None:
+            speed = bar.tasks[task].speed or 0.0
+            bar.update(task, completed=position, total=max(head, 1), rate=f"{speed:,.0f}")
 
-            results = rebuild_all(db, source, models, page_size=args.page, progress=progress)
-            done = max(r.position for r in results)
-            bar.update(task, completed=done, total=max(done, 1),
-                       rate=f"{results[0].rate:,.0f}")
-        for r in results:
-            print(f"{r.name}: swapped in at position {r.position}")
-        r = results[0]
-        print(f"replayed {r.events} events into {len(results)} read models in "
-              f"{r.seconds:.2f}s ({r.rate:,.0f} events/s)", flush=True)
-    finally:
-        db.close()
-        store.close()
-    return 0
+        results = rebuild_all(db, source, models, page_size=args.page, progress=progress)
+        done = max(r.position for r in results)
+        bar.update(task, completed=done, total=max(done, 1), rate=f"{results[0].rate:,.0f}")
+    for r in results:
+        print(f"{r.name}: swapped in at position {r.position}")
+    r = results[0]
+    print(f"replayed {r.events} events into {len(results)} read models in "
+          f"{r.seconds:.2f}s ({r.rate:,.0f} events/s)", flush=True)
 
 
 # -- projections run ----------------------------------------------------------------------

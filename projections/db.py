@@ -95,8 +95,17 @@ class ReadDB(ABC):
         """Serialise ``tx`` against other transactions locking ``key`` (until it ends)."""
 
     @abstractmethod
+    def exclusive(self, name: str) -> Any:
+        """A context manager holding lock ``name`` of this database while it is open, taken
+        without waiting: raise ``Busy`` if another process (or connection) holds it."""
+
+    @abstractmethod
     def close(self) -> None:
         """Close every connection."""
+
+
+class Busy(ReadDBError):
+    """``ReadDB.exclusive``: another holds the lock."""
 
 
 def open_db(cfg: ReadDBConfig) -> ReadDB:
@@ -211,6 +220,18 @@ class SQLiteReadDB(ReadDB):
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        # A lock file beside the database; the kernel releases it when the process dies.
+        import fcntl
+
+        with open(self.path.with_name(f"{self.path.name}.{name}.lock"), "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Busy(f"{name} is held by another process") from None
+            yield
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -390,6 +411,23 @@ class PostgresReadDB(ReadDB):
 
     def lock(self, tx: Tx, key: str) -> None:
         tx.query("SELECT pg_advisory_xact_lock(hashtext(%s)) AS x", (key,))
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        # A session lock on a connection of its own, held until it closes (or its process
+        # dies: the server then ends the session and frees the lock).
+        import psycopg
+
+        key = f"{self.schema}:{name}"
+        try:
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+        except psycopg.Error as exc:
+            raise ReadDBError(str(exc)) from exc
+        with conn:
+            row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
+            if not (row and row[0]):
+                raise Busy(f"{name} is held by another process")
+            yield
 
     def close(self) -> None:
         with self._lock:

@@ -417,3 +417,35 @@ def test_page_feed_serves_pages_in_order_and_falls_back_to_direct_reads() -> Non
             feed.read(10, 10)
     finally:
         feed.close()
+
+
+def test_a_second_replay_is_refused_while_one_runs(
+    store_config: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two rebuilds would share the fresh tables: the second exits 3 and says why."""
+    from gateway.readmodels import read_db_config
+    from gateway.store import Store
+    from ops.projections_cli import main
+    from projections.db import Busy, open_db
+
+    for name in ("DATABASE_URL", "DATABASE_SCHEMA", "DATA_DIR", "REDIS_URL"):
+        monkeypatch.delenv(f"COSCRIBE_{name}", raising=False)
+    store = Store(store_config)
+    try:
+        make_history(store, docs=1, edits=3)
+    finally:
+        store.close()
+    flags = ["--data-dir", str(store_config.data_dir), "--quiet"]
+    if store_config.database_url:
+        flags += ["--database-url", store_config.database_url,
+                  "--database-schema", store_config.database_schema]
+    db = open_db(read_db_config(store_config))
+    try:
+        with db.exclusive("replay"):
+            with pytest.raises(Busy), open_db(read_db_config(store_config)).exclusive("replay"):
+                pass
+            assert main(["replay", *flags]) == 3
+            assert "another replay" in capsys.readouterr().err
+        assert main(["replay", *flags]) == 0
+    finally:
+        db.close()

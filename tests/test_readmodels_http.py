@@ -4,10 +4,12 @@ context items, analytics and the cache, on SQLite and Postgres."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -440,3 +442,27 @@ async def test_versions_too_long_to_parse_are_bad_version(api: Api) -> None:
     for query in (f"?at={huge}", f"/blame?at={huge}", f"/diff?from=0&to={huge}"):
         body = await api.call("GET", f"/v1/documents/{doc}{query}", status=400)
         assert body["error"]["code"] == "bad_version"
+
+
+async def test_queries_at_the_edges_of_their_types_get_bad_request(api: Api) -> None:
+    """Times whose whole buckets leave years 1..9999, list keys past 2**63, U+0000 in q and
+    a context kind that is not a string: 400 bad_request, never 500 or 503."""
+    doc = await api.create("t", "a")
+    cursor = base64.urlsafe_b64encode(orjson.dumps({"k": "created", "p": 1 << 63}))
+    for path in (
+        "/v1/analytics/overview?bucket=hour&to=9999-12-31T23:30:00Z",
+        "/v1/analytics/overview?bucket=day&to=9999-12-31T12:00:00Z",
+        "/v1/analytics/overview?bucket=hour&to=0001-01-01T05:00:00Z",
+        f"/v1/analytics/documents/{doc}?bucket=day&to=9999-12-31T12:00:00Z",
+        "/v1/analytics/top-documents?to=9999-12-31T23:30:00Z",
+        f"/v1/documents?cursor={cursor.decode().rstrip('=')}",
+        "/v1/documents?q=%00",
+        "/v1/documents?q=a%00b",
+    ):
+        body = await api.call("GET", path, status=400)
+        assert body["error"]["code"] == "bad_request", path
+    base = f"/v1/documents/{doc}/context"
+    item = await api.call("POST", base, status=201, json={"kind": "note"})
+    for kind in (["note"], {"note": 1}):
+        await api.call("POST", base, status=400, json={"kind": kind})
+        await api.call("PATCH", f"{base}/{item['id']}", status=400, json={"kind": kind})
