@@ -559,7 +559,8 @@ class Room:
 
     def _prepare_edit(self, sub: Submission) -> None:
         doc = self.doc
-        doc.require_write(sub.by)
+        # A resend of a committed op is acked whatever its author's role is now: it was
+        # applied (a refusal says it never was). Only a new op needs the right to write.
         if sub.client is not None and sub.seq is not None:
             if sub.looked_up:
                 done = sub.dup_of
@@ -581,6 +582,7 @@ class Room:
                 sub.dup_of = doc.doc_version
                 sub.result = twin.result
                 return
+        doc.require_write(sub.by)
         cur = doc.doc_version
         if sub.base < 0 or sub.base > cur:
             raise BadVersion(f"base version {sub.base} is not in 0..{cur}")

@@ -384,6 +384,28 @@ async def test_resend_is_acked_with_original_version(store: Store) -> None:
     assert (final.text, final.doc_version) == ("zba", 3)
 
 
+async def test_resend_after_the_author_became_a_viewer_is_acked(store: Store) -> None:
+    """A committed op resent by an author demoted since is acked, not refused (it was
+    applied); a new op of theirs is refused."""
+    doc = _saved(store, "", vic="editor")
+    async with running(store) as rooms:
+        room = await rooms.get(doc.id)
+        assert room is not None
+        assert await result(submit(room, ["a"], 0, by="vic", client="c", seq=1)) == 1
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        room.submit(Submission(kind="command", by=OWNER, future=fut,
+                               command=lambda d: d.add_member("vic", "viewer", by=OWNER)))
+        await result(fut)
+    async with running(store) as rooms:  # and in a process that only has the store's word
+        room = await rooms.get(doc.id)
+        assert room is not None
+        assert await result(submit(room, ["a"], 0, by="vic", client="c", seq=1)) == 1
+        with pytest.raises(Rejected) as refused:
+            await result(submit(room, ["b"], 1, by="vic", client="c", seq=2))
+        assert refused.value.code is Code.FORBIDDEN
+        assert room.snapshot.text == "a"
+
+
 async def test_resend_twice_in_one_tick_applies_once(store: Store) -> None:
     """Two copies of one (client, seq) queued together produce one op and the same version."""
     doc = _saved(store, "")
