@@ -59,7 +59,15 @@ class VersionConflict(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """The database cannot be reached (after the library's own retries)."""
+    """The database cannot be reached (after the library's own retries).
+
+    Its text is the database's own (SQL, function and schema names): for the server log
+    only. Clients are told ``UNAVAILABLE_MESSAGE``.
+    """
+
+
+UNAVAILABLE_MESSAGE = "event store unavailable; retry"
+"""The one message clients get with ``unavailable`` when the store failed."""
 
 
 class StoreRefused(StoreError):
