@@ -127,7 +127,8 @@ def library_env(cfg: StoreConfig, *, writer: bool = False) -> dict[str, str]:
         if cfg.database_schema:
             env["POSTGRES_SCHEMA"] = cfg.database_schema
     else:
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        # Only its owner may read the events (an existing directory is the operator's to set).
+        cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         env.update(
             PERSISTENCE_MODULE="eventsourcing.sqlite",
             SQLITE_DBNAME=str(cfg.data_dir / "events.sqlite"),

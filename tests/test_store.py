@@ -209,6 +209,17 @@ async def test_the_writer_connection_is_bounded_by_the_server(store: Store) -> N
     assert got == ["10s", "10s"]
 
 
+def test_the_data_dir_it_makes_is_private(tmp_path: Path) -> None:
+    """The embedded store makes its data directory 0700 (the SQLite files in it are 0644),
+    and leaves the mode of a directory the operator made alone."""
+    made, given = tmp_path / "made" / "data", tmp_path / "given"
+    given.mkdir(mode=0o755)
+    given.chmod(0o755)
+    for d in (made, given):
+        Store(StoreConfig(data_dir=d)).close()
+    assert (made.stat().st_mode & 0o777, given.stat().st_mode & 0o777) == (0o700, 0o755)
+
+
 # -- conflicts ---------------------------------------------------------------------------
 
 
