@@ -25,7 +25,7 @@ from uuid import UUID
 from eventsourcing.persistence import Recording
 
 from gateway.room import Room, State
-from gateway.store import Store, StoreUnavailable, VersionConflict
+from gateway.store import UNAVAILABLE_MESSAGE, Store, StoreUnavailable, VersionConflict
 from gateway.writer import AsyncWriter
 from schema.codes import Code
 
@@ -293,7 +293,8 @@ class Committer:
     def _failed(self, pending: list[tuple[Room, list[Any]]], exc: Exception) -> None:
         """Refuse a batch the store did not take: ``unavailable``, or ``internal`` for a bug."""
         if isinstance(exc, StoreUnavailable):
-            self._refuse(pending, Code.UNAVAILABLE, f"event store unavailable: {exc}")
+            log.warning("commit of %d rooms failed: event store unavailable: %s", len(pending), exc)
+            self._refuse(pending, Code.UNAVAILABLE, UNAVAILABLE_MESSAGE)
         else:
             log.exception("commit failed", exc_info=exc)
             self._refuse(pending, Code.INTERNAL, f"commit failed: {type(exc).__name__}")

@@ -31,7 +31,7 @@ from gateway import keys
 from gateway.auth import BadToken, TokenCache
 from gateway.room import Rejected, Room, Snapshot, Submission, iso_time
 from gateway.rooms import Rooms
-from gateway.store import StoreUnavailable
+from gateway.store import UNAVAILABLE_MESSAGE, StoreUnavailable
 from projections.cache import Bounded, etag_of
 from schema.codes import HTTP_STATUS, Code
 from schema.messages import MAX_CLIENT_ID_CHARS, MAX_SEQ, valid_client, valid_seq
@@ -98,7 +98,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except (DomainError, Rejected) as exc:
         return error_response(Code(exc.code), exc.message)
     except StoreUnavailable as exc:
-        return error_response(Code.UNAVAILABLE, f"event store unavailable: {exc}")
+        log.warning("%s %s: event store unavailable: %s", request.method, request.path, exc)
+        return error_response(Code.UNAVAILABLE, UNAVAILABLE_MESSAGE)
     except web.HTTPRequestEntityTooLarge:
         return error_response(Code.TOO_LARGE, f"request body over {MAX_BODY_BYTES} bytes")
     except web.HTTPNotFound:

@@ -33,6 +33,11 @@ APPEND_FUNCTION = "coscribe_append"
 LOCK_READ_FUNCTION = "coscribe_lock_read"
 """Server-side function that takes the table lock and returns the events after heads."""
 
+STATEMENT_TIMEOUT = 10.0
+"""Seconds one statement of a commit may run (or wait on its client) before the server
+cancels it and the table lock is released; the server's side of ``gateway.writer``'s
+``COMMIT_TIMEOUT``."""
+
 ClientOp = tuple[str, str, int, int]
 """``(document id, client id, seq, version produced)``."""
 EventRow = tuple[int, UUID, int, str, bytes]
@@ -67,6 +72,9 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
         ).format(
             s=schema, log=log,
             schema=Literal(self.datastore.schema), events=Literal(self.events_table_name),
+        )
+        self._set_statement_timeout = SQL("SET LOCAL statement_timeout = {}").format(
+            Literal(f"{int(STATEMENT_TIMEOUT * 1000)}ms")
         )
         self._insert_client_ops = SQL(
             "INSERT INTO {}.{} (doc, client, seq, v) SELECT * FROM unnest("
@@ -166,12 +174,34 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
         ``POSTGRES_CONNECT_TIMEOUT``; the room refuses the ops with ``unavailable`` and the
         clients resend with the same ``seq``.
         """
-        undecorated = PostgresApplicationRecorder.insert_events.__wrapped__  # type: ignore[attr-defined]
         try:
-            result: Sequence[int] | None = undecorated(self, stored_events, **kwargs)
+            return self._insert_unpipelined(stored_events, **kwargs)
         except (InterfaceError, OperationalError):
-            result = undecorated(self, stored_events, **kwargs)
-        return result
+            return self._insert_unpipelined(stored_events, **kwargs)
+
+    def _insert_unpipelined(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        """The library's transaction (client-op rows, table lock, NOTIFY, insert, ids), one
+        statement at a time instead of in psycopg's pipeline mode.
+
+        In pipeline mode psycopg's C implementation (with its bundled libpq 18) never sends
+        the rest of a message over ~11 MiB: a save of 12 MiB of state waited in
+        ``Pipeline.sync`` for good while the server, in ClientRead, held the table lock
+        (measured: 1x11 MiB passes, 1x12 and 2x7 MiB hang; the ctypes implementation over
+        libpq 15, and the same statements without a pipeline, pass). Nor could the server's
+        ``idle_in_transaction_session_timeout`` end it: a pipeline is not idle until its
+        Sync. Here each statement ends with its own Sync, so that timeout covers a client
+        that stops between statements, and ``statement_timeout`` cancels any one statement
+        (releasing the lock) after ``STATEMENT_TIMEOUT``.
+        """
+        with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
+            curs.execute(self._set_statement_timeout)
+            self._insert_events(curs, stored_events, **kwargs)
+            if not stored_events:
+                return None
+            self._insert_stored_events(curs, stored_events, **kwargs)
+            return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
 
     def ping(self) -> None:
         """Raise unless the database answers a trivial query (for /readyz)."""

@@ -20,7 +20,7 @@ from domain.document import Document
 from gateway.committer import Committer
 from gateway.hub import Hub, LocalHub
 from gateway.room import Room, State, Submission
-from gateway.store import Store, StoreUnavailable
+from gateway.store import UNAVAILABLE_MESSAGE, Store, StoreUnavailable
 from schema.codes import Code
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,8 @@ class Rooms:
                 doc, missed = await self._read(self._reread, room.id, room.snapshot.v)
             except StoreUnavailable as exc:
                 self._last_refresh[room.id] = time.monotonic()
-                _fail_inbox(room, Code.UNAVAILABLE, f"event store unavailable: {exc}")
+                log.warning("re-read of %s failed: %s", room.id, exc)
+                _fail_inbox(room, Code.UNAVAILABLE, UNAVAILABLE_MESSAGE)
                 return
             if doc is None:
                 _fail_inbox(room, Code.NOT_FOUND, "no such document")
@@ -307,8 +308,9 @@ class Rooms:
             )
             room.add_older(edits)
         except StoreUnavailable as exc:
+            log.warning("reading older edits of %s failed: %s", room.id, exc)
             for sub in room.parked:
-                sub.fail(Code.UNAVAILABLE, f"event store unavailable: {exc}")
+                sub.fail(Code.UNAVAILABLE, UNAVAILABLE_MESSAGE)
             room.parked.clear()
 
     async def _lookup(self, room: Room) -> None:
@@ -318,8 +320,9 @@ class Rooms:
                 lambda: [(s, self.store.find_client_op(room.id, s.client, s.seq)) for s in subs]
             )
         except StoreUnavailable as exc:
+            log.warning("looking up resent ops of %s failed: %s", room.id, exc)
             for sub in subs:
-                sub.fail(Code.UNAVAILABLE, f"event store unavailable: {exc}")
+                sub.fail(Code.UNAVAILABLE, UNAVAILABLE_MESSAGE)
             return
         room.looked_up(answers)
 

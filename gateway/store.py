@@ -59,7 +59,15 @@ class VersionConflict(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """The database cannot be reached (after the library's own retries)."""
+    """The database cannot be reached (after the library's own retries).
+
+    Its text is the database's own (SQL, function and schema names): for the server log
+    only. Clients are told ``UNAVAILABLE_MESSAGE``.
+    """
+
+
+UNAVAILABLE_MESSAGE = "event store unavailable; retry"
+"""The one message clients get with ``unavailable`` when the store failed."""
 
 
 class StoreRefused(StoreError):
@@ -119,7 +127,8 @@ def library_env(cfg: StoreConfig, *, writer: bool = False) -> dict[str, str]:
         if cfg.database_schema:
             env["POSTGRES_SCHEMA"] = cfg.database_schema
     else:
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        # Only its owner may read the events (an existing directory is the operator's to set).
+        cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         env.update(
             PERSISTENCE_MODULE="eventsourcing.sqlite",
             SQLITE_DBNAME=str(cfg.data_dir / "events.sqlite"),

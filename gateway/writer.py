@@ -31,7 +31,7 @@ from uuid import UUID
 import psycopg
 from eventsourcing.persistence import Recording
 
-from gateway.recorders import ClientOp, PostgresClientOpsRecorder
+from gateway.recorders import STATEMENT_TIMEOUT, ClientOp, PostgresClientOpsRecorder
 from gateway.store import (
     EventDecoder,
     EventEncoder,
@@ -49,6 +49,14 @@ CONNECT_TIMEOUT = 2.0
 """Seconds to (re)connect, as the library's pool uses (``POSTGRES_CONNECT_TIMEOUT``)."""
 COMMIT_TIMEOUT = 10.0
 """Longest wait for one commit's round trip before it counts as failed."""
+SERVER_LIMITS = (
+    f"-c statement_timeout={int(STATEMENT_TIMEOUT * 1000)}"
+    f" -c idle_in_transaction_session_timeout={int(COMMIT_TIMEOUT * 1000)}"
+)
+"""The connection's own bounds, so that the server ends a commit (and releases the table
+lock) that this process gave up on or can no longer finish (stopped, cut off): a statement
+after ``STATEMENT_TIMEOUT``, a ``begin_locked`` transaction left idle after
+``COMMIT_TIMEOUT``. Closing the connection does not stop a statement that is running."""
 MISSED_LIMIT = 1000
 """Most missed events read per document under the lock (a room further behind re-reads)."""
 
@@ -201,7 +209,8 @@ class AsyncWriter:
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
             conn = self._conn = await psycopg.AsyncConnection.connect(
-                self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+                self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
+                options=SERVER_LIMITS,
             )
         return conn
 

@@ -17,14 +17,16 @@ from uuid import UUID
 
 import msgpack
 import orjson
+import psycopg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from psycopg import sql
 
 from gateway.app import Services, create_app
 from gateway.auth import sign_token
 from gateway.http import MAX_BODY_BYTES
 from gateway.session import CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHORIZED, SessionLimits
-from gateway.store import Store, StoreConfig
+from gateway.store import UNAVAILABLE_MESSAGE, Store, StoreConfig
 from schema.frames import HARD_FRAME_BYTES, MAX_FRAME_BYTES, Codec
 from tests.wsclient import DocState, Message, WsClient
 
@@ -814,6 +816,31 @@ async def test_http_members_and_rename(env: Env) -> None:
     )
     assert (status, body) == (200, {"v": 1})
     assert await env.text("a") == ("alpha!", 1)
+
+
+@pytest.mark.slow
+async def test_a_store_failure_tells_clients_no_sql(
+    env: Env, store_config: StoreConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While another transaction holds the event table's lock past lock_timeout, a create
+    and a WebSocket op are refused with the one generic ``unavailable`` message;
+    PostgreSQL's text (SQL, function names) is only in the server log."""
+    if store_config.database_url is None:
+        pytest.skip("the lock timeout is PostgreSQL's")
+    ws = await env.connect()
+    a = await ws.subscribe(env.docs["a"])
+    table = sql.Identifier(str(store_config.database_schema), "coscribe_events")
+    async with await psycopg.AsyncConnection.connect(store_config.database_url) as holder:
+        await holder.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table))
+        mark = len(ws.log)
+        a.edit(["x"])
+        status, create = await env.api("POST", "/v1/documents", json={"title": "t"})
+        refused = await ws.wait_for(lambda m: m["t"] == "error", since=mark, within=15)
+        await holder.rollback()
+    assert (status, create["error"]["code"], refused["code"]) == (503, "unavailable", "unavailable")
+    assert [create["error"]["message"], refused["message"]] == [UNAVAILABLE_MESSAGE] * 2
+    logged = [r.getMessage() for r in caplog.records if "lock timeout" in r.getMessage()]
+    assert len(logged) >= 2 and all("event store unavailable" in m for m in logged), logged
 
 
 # -- the app itself ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,11 @@ def test_serve_refuses_fewer_than_one_worker(
     """``--workers 0`` is a usage error (exit 2), not one process in silence."""
     assert cli.main(["serve", "--workers", workers]) == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_the_secret_goes_in_a_private_data_dir(tmp_path: Path) -> None:
+    """The first secret makes its data directory 0700 and the secret file 0600."""
+    settings = Settings(data_dir=tmp_path / "data")
+    assert settings.secret_bytes()
+    modes = [(p.stat().st_mode & 0o777) for p in (settings.data_dir, settings.data_dir / "secret")]
+    assert modes == [0o700, 0o600]

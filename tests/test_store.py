@@ -20,6 +20,7 @@ from domain import ot
 from domain.document import Document
 from gateway.room import Rejected, Room, Submission
 from gateway.store import Store, StoreConfig, VersionConflict
+from gateway.writer import AsyncWriter
 from schema.codes import Code
 from tests.conftest import every_kind_of_event, fresh_pg_schema
 from tests.running import running
@@ -175,6 +176,48 @@ def test_one_save_spans_many_documents(store: Store) -> None:
         loaded = store.load(d.id)
         assert loaded is not None
         assert (loaded.text, loaded.doc_version) == (str(i), 1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_save_of_fifteen_megabytes_completes(store: Store, other_store: Store) -> None:
+    """Two documents of 7.5 MB each (with a client op) commit in one save, and the table is
+    free for the next writer (in psycopg's pipeline mode this hung holding the lock)."""
+    big = [Document.create(title=f"b{i}", text=str(i) * 7_500_000, owner=OWNER)
+           for i in range(2)]
+    big[0].edit([7_500_000, "!"], by=OWNER, client="c", seq=1)
+    store.save([e for d in big for e in d.collect_events()], [(str(big[0].id), "c", 1, 1)])
+    _saved(other_store, "after")
+    loaded = other_store.load(big[0].id)
+    assert loaded is not None
+    assert (len(loaded.text), loaded.doc_version) == (7_500_001, 1)
+    assert other_store.find_client_op(big[0].id, "c", 1) == 1
+
+
+async def test_the_writer_connection_is_bounded_by_the_server(store: Store) -> None:
+    """The committer's connection has a statement and an idle-in-transaction timeout, so a
+    commit the process gave up on (or cannot finish) does not hold the table lock for ever."""
+    if not store.checks_heads:
+        pytest.skip("the asyncio writer is PostgreSQL's")
+    writer = AsyncWriter(store)
+    try:
+        conn = await writer._connection()
+        got = [(await (await conn.execute(f"SHOW {name}")).fetchone() or ("",))[0]
+               for name in ("statement_timeout", "idle_in_transaction_session_timeout")]
+    finally:
+        await writer.close()
+    assert got == ["10s", "10s"]
+
+
+def test_the_data_dir_it_makes_is_private(tmp_path: Path) -> None:
+    """The embedded store makes its data directory 0700 (the SQLite files in it are 0644),
+    and leaves the mode of a directory the operator made alone."""
+    made, given = tmp_path / "made" / "data", tmp_path / "given"
+    given.mkdir(mode=0o755)
+    given.chmod(0o755)
+    for d in (made, given):
+        Store(StoreConfig(data_dir=d)).close()
+    assert (made.stat().st_mode & 0o777, given.stat().st_mode & 0o777) == (0o700, 0o755)
 
 
 # -- conflicts ---------------------------------------------------------------------------
