@@ -20,6 +20,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway import keys
 from gateway.app import Services, create_app
 from gateway.auth import sign_token
 from gateway.http import MAX_BODY_BYTES
@@ -582,6 +583,88 @@ async def test_presence_limits(env: Env, conn: Conn) -> None:
     await ws.send({"t": "presence", "doc": conn.a.doc, "data": {"cursor": 1}})
     assert await errors_after(ws, mark) == []
     await assert_intact(env, conn)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param({"cursor": b"\x01\x02"}, id="bin"),
+        pytest.param({"cursor": msgpack.ExtType(7, b"x")}, id="ext"),
+        pytest.param({b"cursor": 1}, id="bin-key"),
+        pytest.param({"cursor": msgpack.Timestamp(5, 0)}, id="timestamp"),
+    ],
+)
+async def test_msgpack_presence_that_is_not_json_is_refused(env: Env, data: Any) -> None:
+    """A msgpack client's presence that JSON cannot carry is bad_message and is not relayed:
+    a JSON subscriber of the document keeps getting every op and its acks."""
+    doc = env.docs["a"]
+    reader = await env.connect(OWNER, Codec.JSON)
+    writer = await env.connect(EDITOR, Codec.MSGPACK)
+    try:
+        seen = await reader.subscribe(doc)
+        await writer.subscribe(doc)
+        mark = len(writer.log)
+        await writer.send({"t": "presence", "doc": doc, "data": data})
+        await expect_one_error(writer, mark, "bad_message", doc)
+        seen.edit([5, "!"])
+        await reader.wait_until(lambda: seen.quiet)
+        await reader.ping()
+        assert not any(m["t"] == "presence" for m in reader.log), reader.log
+        assert (seen.text, seen.version, seen.problems) == ("alpha!", 1, [])
+    finally:
+        await reader.close()
+        await writer.close()
+
+
+def _session_of(env: Env, ws: WsClient) -> Any:
+    """The server's side of the in-process connection ``ws``."""
+    (found,) = [s for s in env.http.app[keys.SESSIONS] if s.id == ws.session]
+    return found
+
+
+async def test_a_message_the_codec_cannot_encode_costs_only_itself(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A queued message JSON cannot encode is left out of its frame; the messages queued
+    with it are sent, and the session logs one warning for all such messages."""
+    ws = await env.connect(OWNER, Codec.JSON)
+    try:
+        session = _session_of(env, ws)
+        for n in range(2):
+            mark = len(ws.log)
+            session.send({"t": "presence", "doc": "d", "data": b"not json"})
+            session.send({"t": "pong", "n": n})
+            await ws.wait_for(lambda m: m["t"] == "pong", since=mark)
+            assert [m["t"] for m in ws.since(mark)] == ["pong"]
+        await ws.ping()
+    finally:
+        await ws.close()
+    warnings_logged = [r for r in caplog.records if "cannot be encoded" in r.getMessage()]
+    assert len(warnings_logged) == 1 and warnings_logged[0].exc_info is None
+
+
+async def test_remote_presence_that_is_not_json_clears_it(env: Env) -> None:
+    """Presence from another process that is not a JSON value clears that session's presence
+    here instead of being relayed (a process of another version may let it through)."""
+    doc = env.docs["a"]
+    ws = await env.connect(OWNER, Codec.JSON)
+    try:
+        await ws.subscribe(doc)
+        rooms = env.http.app[keys.ROOMS]
+        room = await rooms.get(UUID(doc))
+        assert room is not None
+        proc = rooms.hub.proc  # a live process: its sessions' presence is not swept
+        mark = len(ws.log)
+        room.remote_presence("s9", EDITOR, {"cursor": 1}, proc)
+        await ws.wait_for(lambda m: m["t"] == "presence", since=mark)
+        room.remote_presence("s9", EDITOR, {"cursor": b"\x01"}, proc)
+        await ws.wait_for(lambda m: m["t"] == "presence" and m["data"] is None, since=mark)
+        await ws.ping()
+        presence = [m["data"] for m in ws.since(mark) if m["t"] == "presence"]
+        assert presence == [{"cursor": 1}, None]
+        assert "s9" not in room.presence
+    finally:
+        await ws.close()
 
 
 # -- session limits (an app of its own with small limits) -----------------------------------

@@ -254,6 +254,67 @@ def test_parse_errors_have_their_codes(msg: Any, code: Code) -> None:
     assert info.value.code is code
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"\x01", id="bin"),
+        pytest.param({"cursor": b"\x01"}, id="bin-inside"),
+        pytest.param({"c": msgpack.ExtType(7, b"x")}, id="ext"),
+        pytest.param({"c": msgpack.Timestamp(5, 0)}, id="timestamp"),
+        pytest.param({b"cursor": 1}, id="bin-key"),
+        pytest.param({1: "x"}, id="int-key"),
+        pytest.param([float("nan")], id="nan"),
+        pytest.param({"x": float("-inf")}, id="inf"),
+        pytest.param(1 << 64, id="int-over-64-bits"),
+        pytest.param(-(1 << 63) - 1, id="int-under-64-bits"),
+        pytest.param(_nested(messages.MAX_PRESENCE_DEPTH + 1), id="too-deep"),
+    ],
+)
+def test_presence_data_that_is_not_json_is_bad_message(data: Any) -> None:
+    """Presence data must be a JSON value that every codec carries: else bad_message."""
+    d = str(uuid4())
+    with pytest.raises(MessageError) as info:
+        messages.parse({"t": "presence", "doc": d, "data": data})
+    assert (info.value.code, info.value.doc) == (Code.BAD_MESSAGE, d)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"cursor": 3, "sel": [1, 2.5], "name": "é", "on": True, "x": None},
+        [(1 << 64) - 1, -(1 << 63), 0.0],
+        _nested(messages.MAX_PRESENCE_DEPTH),
+        "just text",
+    ],
+)
+def test_presence_data_that_is_json_is_accepted_and_encodes_in_both_codecs(data: Any) -> None:
+    """Accepted presence data encodes in JSON and msgpack and decodes back the same."""
+    d = uuid4()
+    assert messages.parse({"t": "presence", "doc": str(d), "data": data}) == Presence(d, data)
+    msg = {"t": "presence", "doc": str(d), "data": data}
+    for codec in Codec:
+        assert frames.decode(frames.encode([msg], codec), codec) == [msg]
+
+
+@pytest.mark.parametrize("codec", list(Codec))
+def test_frame_of_leaves_out_only_what_the_codec_cannot_encode(codec: Codec) -> None:
+    """A message the codec cannot encode is left out of the frame; the others stay, in order."""
+    good = [Encoded({"t": "ack", "doc": "d", "seq": i, "v": i}) for i in range(3)]
+    bad = Encoded({"t": "presence", "data": 1 << 70})
+    data, dropped = frames.frame_of([good[0], bad, good[1], good[2]], codec)
+    assert dropped == [bad]
+    payload = data[4:] if data[1] == 126 else data[2:]
+    assert frames.decode(payload, codec) == [g.msg for g in good]
+    assert frames.frame_of([bad], codec) == (b"", [bad])
+
+
 def test_parse_error_names_doc_and_seq_when_readable() -> None:
     """An error about an op carries the op's doc and seq so the client can match it."""
     d = str(uuid4())
