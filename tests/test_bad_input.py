@@ -7,6 +7,7 @@ subscriptions and the texts must be exactly what the accepted ops made.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import warnings
@@ -670,10 +671,10 @@ async def test_remote_presence_that_is_not_json_clears_it(env: Env) -> None:
 # -- session limits (an app of its own with small limits) -----------------------------------
 
 
-@pytest.fixture
-async def small_env(store_config: StoreConfig) -> AsyncIterator[Env]:
-    """A gateway with tiny session limits: 2 subscriptions, a 4 KiB send buffer."""
-    limits = SessionLimits(max_subscriptions=2, max_buffer_bytes=4096)
+@contextlib.asynccontextmanager
+async def limited_env(store_config: StoreConfig, limits: SessionLimits) -> AsyncIterator[Env]:
+    """A gateway of its own with session ``limits`` and documents a, b, c and big (5,000
+    characters)."""
     app = create_app(Services(store=Store(store_config), secret=SECRET, limits=limits))
     client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1", port=0))
     await client.start_server()
@@ -686,6 +687,14 @@ async def small_env(store_config: StoreConfig) -> AsyncIterator[Env]:
         yield e
     finally:
         await client.close()
+
+
+@pytest.fixture
+async def small_env(store_config: StoreConfig) -> AsyncIterator[Env]:
+    """A gateway with tiny session limits: 2 subscriptions, a 4 KiB send buffer."""
+    limits = SessionLimits(max_subscriptions=2, max_buffer_bytes=4096)
+    async with limited_env(store_config, limits) as e:
+        yield e
 
 
 async def test_too_many_subscriptions(small_env: Env) -> None:
@@ -703,6 +712,32 @@ async def test_too_many_subscriptions(small_env: Env) -> None:
         await ws.wait_until(lambda: a.quiet)
         assert await small_env.text("a") == ("!a", 1)
     finally:
+        await ws.close()
+
+
+async def test_messages_over_the_rate_are_rate_limited_and_not_handled(
+    store_config: StoreConfig,
+) -> None:
+    """Each message past the connection's burst gets rate_limited with its doc and seq; a
+    refused op is not applied, and once the bucket refills a resend of it is accepted."""
+    limits = SessionLimits(messages_per_second=1.0, message_burst=4.0)
+    async with limited_env(store_config, limits) as env:
+        doc = env.docs["a"]
+        ws = await env.connect(OWNER)  # the hello takes one message of the burst
+        await ws.subscribe(doc)  # and the sub another
+        mark = len(ws.log)
+        ops = [op_msg(doc, 0, [], seq) for seq in range(4)]
+        await ws.send({"t": "ping"}, *ops)
+        await ws.wait_for(lambda m: m["t"] == "ack", since=mark)
+        limited = [m for m in ws.since(mark) if m.get("code") == "rate_limited"]
+        assert [(m["doc"], m["seq"]) for m in limited] == [(doc, 1), (doc, 2), (doc, 3)]
+        assert [m["seq"] for m in ws.since(mark) if m["t"] == "ack"] == [0]
+        assert (await env.api("GET", f"/v1/documents/{doc}"))[1]["version"] == 1
+        await asyncio.sleep(1.2)  # one message's worth of refill
+        mark = len(ws.log)
+        await ws.send(op_msg(doc, 1, [], 1))
+        ack = await ws.wait_for(lambda m: m["t"] in ("ack", "error"), since=mark)
+        assert (ack["t"], ack["seq"], ack["v"]) == ("ack", 1, 2)
         await ws.close()
 
 

@@ -453,6 +453,8 @@ def test_protocol_doc_states_the_limits_and_close_codes() -> None:
         messages.MAX_PRESENCE_BYTES,
         MAX_DOCUMENT_CHARS,
         limits.max_subscriptions,
+        int(limits.messages_per_second),
+        int(limits.message_burst),
     ):
         assert f"{number:,}" in doc, number
     assert frames.HARD_FRAME_BYTES == limits.max_buffer_bytes == 16 << 20
