@@ -28,6 +28,7 @@ from gateway.http import MAX_BODY_BYTES
 from gateway.session import CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHORIZED, SessionLimits
 from gateway.store import Store, StoreConfig
 from schema.frames import HARD_FRAME_BYTES, MAX_FRAME_BYTES, Codec
+from tests.test_protocol import signed
 from tests.wsclient import DocState, Message, WsClient
 
 SECRET = b"test-secret"  # what the app_client fixture signs with
@@ -511,6 +512,8 @@ async def test_messages_before_hello_are_unauthorized(env: Env) -> None:
         pytest.param(sign_token(b"another secret", OWNER), id="other-secret"),
         pytest.param(sign_token(SECRET, OWNER, ttl=-1), id="expired"),
         pytest.param(sign_token(SECRET, OWNER)[:-2] + "xx", id="tampered"),
+        pytest.param(sign_token(SECRET, OWNER) + "!!", id="junk-appended"),
+        pytest.param(signed(b'{"u":"olga","exp":"soon"}', SECRET), id="exp-not-a-number"),
     ],
 )
 async def test_bad_token_is_unauthorized_then_closed(env: Env, token: str) -> None:
@@ -766,6 +769,13 @@ async def test_slow_consumer_is_closed_with_4008(small_env: Env) -> None:
             {"Authorization": f"Bearer {sign_token(SECRET, OWNER, ttl=-1)}"}, id="expired"
         ),
         pytest.param({"Authorization": f"Bearer {sign_token(b'other', OWNER)}"}, id="other-secret"),
+        pytest.param(
+            {"Authorization": f"Bearer {sign_token(SECRET, OWNER)}!!"}, id="junk-appended"
+        ),
+        pytest.param(
+            {"Authorization": "Bearer " + signed(b'{"u":"olga","exp":"soon"}', SECRET)},
+            id="exp-not-a-number",
+        ),
     ],
 )
 async def test_http_bad_token_is_401(env: Env, headers: dict[str, str]) -> None:
