@@ -239,7 +239,15 @@ class Room:
     # -- what sessions and handlers call -----------------------------------------------
 
     def submit(self, sub: Submission) -> None:
-        """Queue a submission for the next commit."""
+        """Queue a submission for the next commit.
+
+        An edit whose op has more than ``ot.MAX_OP_COMPONENTS`` components is refused at
+        once with ``too_large``, before it is checked or transformed (WebSocket and HTTP).
+        """
+        if sub.kind == "edit" and isinstance(sub.op, list) and len(sub.op) > ot.MAX_OP_COMPONENTS:
+            limit = ot.MAX_OP_COMPONENTS
+            sub.fail(Code.TOO_LARGE, f"op has {len(sub.op)} components; at most {limit}")
+            return
         self.inbox.append(sub)
         self.last_used = time.monotonic()
         self._on_dirty(self)

@@ -21,6 +21,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from domain import ot
 from gateway import keys
 from gateway.app import Services, create_app
 from gateway.auth import sign_token
@@ -334,6 +335,28 @@ async def test_op_making_document_too_large_is_refused(env: Env, conn: Conn) -> 
         "POST", f"/v1/documents/{conn.a.doc}/ops", data=io.BytesIO(body), headers=JSON_HEADERS
     )
     assert (status, body["error"]["code"]) == (413, "too_large")
+    await assert_intact(env, conn)
+
+
+async def test_op_with_too_many_components_is_too_large(env: Env, conn: Conn) -> None:
+    """An op of more than MAX_OP_COMPONENTS components gets too_large (with doc and seq; 413
+    over HTTP) and is not applied; one of exactly that many is accepted."""
+    limit = ot.MAX_OP_COMPONENTS
+    a = conn.a
+    mark = len(conn.ws.log)
+    await conn.ws.send(op_msg(a.doc, a.version, ["x"] * (limit + 1), 99))
+    await expect_one_error(conn.ws, mark, "too_large", a.doc, 99)
+    status, body = await env.api(
+        "POST", f"/v1/documents/{a.doc}/ops", json={"v": a.version, "op": [1] * (limit + 1)}
+    )
+    assert (status, body["error"]["code"]) == (413, "too_large")
+    assert await env.text("a") == (a.text, a.version)
+    status, body = await env.api(
+        "POST", f"/v1/documents/{a.doc}/ops", json={"v": a.version, "op": ["x"] * limit}
+    )
+    assert (status, body) == (200, {"v": 2})
+    await conn.ws.wait_until(lambda: a.version == 2)
+    assert await env.text("a") == ("x" * limit + "alpha one", 2) == (a.text, a.version)
     await assert_intact(env, conn)
 
 

@@ -483,6 +483,7 @@ def test_protocol_doc_lists_every_code_with_its_status() -> None:
 
 def test_protocol_doc_states_the_limits_and_close_codes() -> None:
     """The documented limits, close codes and subprotocols are the ones in the code."""
+    from domain.ot import MAX_OP_COMPONENTS
     from gateway import session
     from gateway.room import MAX_DOCUMENT_CHARS
 
@@ -496,6 +497,7 @@ def test_protocol_doc_states_the_limits_and_close_codes() -> None:
         limits.max_subscriptions,
         int(limits.messages_per_second),
         int(limits.message_burst),
+        MAX_OP_COMPONENTS,
     ):
         assert f"{number:,}" in doc, number
     assert frames.HARD_FRAME_BYTES == limits.max_buffer_bytes == 16 << 20
