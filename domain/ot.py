@@ -40,6 +40,11 @@ from typing import Any, Literal, TypeAlias, TypedDict
 
 from domain.errors import BadOp
 
+MAX_OP_COMPONENTS = 50_000
+"""Most components a client's op may have. Checking, transforming and applying an op of
+this many on a 1 MiB text took 27-33 ms of the event loop (100,000: 56 ms);
+the server refuses a longer op before it does any of that work."""
+
 __all__ = [
     "Component",
     "Delete",

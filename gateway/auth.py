@@ -1,5 +1,9 @@
 """Signed bearer tokens: ``v1.<payload>.<signature>``, both parts base64url without padding.
 
+Both parts must be canonical (what ``sign_token`` writes): other characters, padding or
+unused bits set make a token malformed, as does an ``exp`` that is not null or a finite
+number.
+
 The payload is JSON ``{"u": user, "iat": issued, "exp": expiry|null}`` (seconds since the
 epoch); the signature is HMAC-SHA256 over ``v1.<payload>`` with the server secret. A token
 names a user; it grants nothing by itself (documents grant roles to users).
@@ -10,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import time
 
 import orjson
@@ -27,7 +32,30 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Decode canonical base64url without padding (what ``_b64`` gives); else ValueError.
+
+    Strict: a character outside the alphabet, padding, or unused low bits that are not
+    zero make a different string than the one signed, so they are refused, not skipped.
+    """
+    data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    if _b64(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
+
+
+def _expiry(exp: object) -> float | None:
+    """The payload's ``exp``: None (never) or a finite number; else ``BadToken``."""
+    if exp is None:
+        return None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        raise BadToken("malformed token")
+    try:
+        seconds = float(exp)
+    except OverflowError:
+        raise BadToken("malformed token") from None
+    if not math.isfinite(seconds):
+        raise BadToken("malformed token")
+    return seconds
 
 
 def sign_token(secret: bytes, user: str, ttl: float | None = None) -> str:
@@ -71,10 +99,10 @@ def _verify(secret: bytes, token: str, now: float | None) -> tuple[str, float | 
         raise BadToken("malformed token")
     if "\x00" in payload["u"]:  # a user name is SQL text in the read models
         raise BadToken("malformed token")
-    exp = payload.get("exp")
+    exp = _expiry(payload.get("exp"))
     if exp is not None and (now if now is not None else time.time()) >= exp:
         raise BadToken("token expired")
-    return str(payload["u"]), None if exp is None else float(exp)
+    return str(payload["u"]), exp
 
 
 class TokenCache:

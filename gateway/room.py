@@ -31,6 +31,7 @@ from domain.document import MAX_TEXT_CHARS, Document
 from domain.errors import BadVersion, DomainError, NotFound, TooLarge
 from schema.codes import Code
 from schema.frames import Encoded, OpsMessage
+from schema.messages import json_value
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,15 @@ class Room:
     # -- what sessions and handlers call -----------------------------------------------
 
     def submit(self, sub: Submission) -> None:
-        """Queue a submission for the next commit."""
+        """Queue a submission for the next commit.
+
+        An edit whose op has more than ``ot.MAX_OP_COMPONENTS`` components is refused at
+        once with ``too_large``, before it is checked or transformed (WebSocket and HTTP).
+        """
+        if sub.kind == "edit" and isinstance(sub.op, list) and len(sub.op) > ot.MAX_OP_COMPONENTS:
+            limit = ot.MAX_OP_COMPONENTS
+            sub.fail(Code.TOO_LARGE, f"op has {len(sub.op)} components; at most {limit}")
+            return
         self.inbox.append(sub)
         self.last_used = time.monotonic()
         self._on_dirty(self)
@@ -277,7 +286,13 @@ class Room:
         self._queue_presence(session, sid, msg)
 
     def remote_presence(self, sid: str, user: str, data: Any, proc: str) -> None:
-        """Presence of a session of another process (None clears)."""
+        """Presence of a session of another process (None clears).
+
+        Data that is not a JSON value (a process of another version let it through) clears
+        the session's presence instead: JSON clients could not be sent it.
+        """
+        if not json_value(data):
+            data = None
         msg = {"t": "presence", "doc": str(self.id), "session": sid, "user": user, "data": data}
         if data is None:
             self.presence_proc.pop(sid, None)

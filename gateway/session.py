@@ -107,6 +107,8 @@ class Session:
         self._transport = transport
         self._bucket = TokenBucket(limits.messages_per_second, limits.message_burst)
         self._expiry: asyncio.TimerHandle | None = None
+        self._dropped = 0
+        """Messages left out of frames because the codec cannot encode them."""
         self._answering = False
         """A frame of the client's is being handled: its answers leave as one frame after it,
         even when handling awaited (a ``sub`` reads the store) and other loop turns ran."""
@@ -177,15 +179,27 @@ class Session:
         transport = self._transport
         if not parts or transport.is_closing():
             return
-        codec = self.codec
-        if len(parts) == 1:
-            data = parts[0].frame(codec)
-        else:
-            data = frames.ws_frame(frames.join([p.get(codec) for p in parts], codec), codec)
+        data, dropped = frames.frame_of(parts, self.codec)
+        if dropped:
+            self._unencodable(dropped)
+        if not data:
+            return
         if transport.get_write_buffer_size() + len(data) > self.limits.max_buffer_bytes:
             self._overflow()  # what the client has not read yet would pass the limit
             return
         transport.write(data)
+
+    def _unencodable(self, dropped: list[Encoded]) -> None:
+        """Count messages this session's codec cannot carry; the first is logged."""
+        if not self._dropped:
+            log.warning(
+                "session %s: a %r message cannot be encoded in %s and is dropped"
+                " (later ones on this session are dropped without a log)",
+                self.id,
+                dropped[0].msg.get("t"),
+                self.codec.name,
+            )
+        self._dropped += len(dropped)
 
     def _overflow(self) -> None:
         self._out.clear()

@@ -193,6 +193,32 @@ def join(parts: list[bytes], codec: Codec) -> bytes:
     return b"[" + b",".join(parts) + b"]"
 
 
+UNENCODABLE = (TypeError, ValueError, OverflowError)
+"""What the codecs raise for a value they cannot encode (orjson's error is a TypeError)."""
+
+
+def frame_of(parts: list[Encoded], codec: Codec) -> tuple[bytes, list[Encoded]]:
+    """The WebSocket frame carrying ``parts`` in ``codec``, and the parts left out of it.
+
+    A part that ``codec`` cannot encode is left out, never the others; with none left the
+    frame is ``b""``. A lone part's frame is the one cached in it (shared by subscribers).
+    """
+    try:
+        if len(parts) == 1:
+            return parts[0].frame(codec), []
+        return ws_frame(join([p.get(codec) for p in parts], codec), codec), []
+    except UNENCODABLE:
+        pass
+    kept: list[bytes] = []
+    dropped: list[Encoded] = []
+    for part in parts:
+        try:
+            kept.append(part.get(codec))
+        except UNENCODABLE:
+            dropped.append(part)
+    return (ws_frame(join(kept, codec), codec) if kept else b""), dropped
+
+
 def encode(msgs: list[dict[str, Any]], codec: Codec) -> bytes:
     """Encode a whole frame at once (for tests and clients)."""
     return join([encode_one(m, codec) for m in msgs], codec)

@@ -7,6 +7,7 @@ which of its requests failed. Server-to-client messages are built by the helpers
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 from uuid import UUID
@@ -19,6 +20,10 @@ MAX_SEQ = (1 << 63) - 1
 """Longest ``client`` id accepted in ``hello``."""
 MAX_PRESENCE_BYTES = 4096
 """Largest presence ``data`` accepted, encoded (see the presence section of the protocol)."""
+MAX_PRESENCE_DEPTH = 64
+"""Deepest nesting of lists and maps in presence ``data`` (orjson encodes up to 254)."""
+JSON_INTS = range(-(1 << 63), 1 << 64)
+"""The integers orjson encodes: signed and unsigned 64-bit."""
 
 
 class MessageError(Exception):
@@ -97,6 +102,35 @@ def valid_client(client: Any) -> TypeGuard[str]:
     )
 
 
+def json_value(value: Any, depth: int = MAX_PRESENCE_DEPTH) -> bool:
+    """``value`` is JSON that both codecs carry unchanged: null, a bool, a string, an integer
+    in ``JSON_INTS``, a finite float, or lists and string-keyed maps of these nested at most
+    ``depth`` deep. Not bytes, msgpack ext types or timestamps, nor other map keys."""
+    stack = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if item is None or isinstance(item, (bool, str)):
+            continue
+        if isinstance(item, int):
+            if item not in JSON_INTS:
+                return False
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return False
+        elif isinstance(item, (list, dict)):
+            if level >= depth or (isinstance(item, dict) and not _str_keys(item)):
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+        else:
+            return False
+    return True
+
+
+def _str_keys(item: dict[Any, Any]) -> bool:
+    return all(isinstance(key, str) for key in item)
+
+
 def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -142,6 +176,12 @@ def parse(msg: Any) -> Message:
         if t == "presence":
             if "data" not in msg:
                 raise MessageError(Code.BAD_MESSAGE, "'data' is missing (null clears)")
+            if not json_value(msg["data"]):
+                raise MessageError(
+                    Code.BAD_MESSAGE,
+                    "'data' must be a JSON value (no bytes, ext types, non-string keys, NaN,"
+                    f" integers past 64 bits or nesting over {MAX_PRESENCE_DEPTH})",
+                )
             return Presence(doc=_doc(msg), data=msg["data"])
         if t == "hello":
             token, client = msg.get("token"), msg.get("client")

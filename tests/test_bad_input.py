@@ -7,6 +7,7 @@ subscriptions and the texts must be exactly what the accepted ops made.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import warnings
@@ -22,12 +23,15 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from psycopg import sql
 
+from domain import ot
+from gateway import keys
 from gateway.app import Services, create_app
 from gateway.auth import sign_token
 from gateway.http import MAX_BODY_BYTES
 from gateway.session import CLOSE_SLOW_CONSUMER, CLOSE_UNAUTHORIZED, SessionLimits
 from gateway.store import UNAVAILABLE_MESSAGE, Store, StoreConfig
 from schema.frames import HARD_FRAME_BYTES, MAX_FRAME_BYTES, Codec
+from tests.test_protocol import signed
 from tests.wsclient import DocState, Message, WsClient
 
 SECRET = b"test-secret"  # what the app_client fixture signs with
@@ -336,6 +340,28 @@ async def test_op_making_document_too_large_is_refused(env: Env, conn: Conn) -> 
     await assert_intact(env, conn)
 
 
+async def test_op_with_too_many_components_is_too_large(env: Env, conn: Conn) -> None:
+    """An op of more than MAX_OP_COMPONENTS components gets too_large (with doc and seq; 413
+    over HTTP) and is not applied; one of exactly that many is accepted."""
+    limit = ot.MAX_OP_COMPONENTS
+    a = conn.a
+    mark = len(conn.ws.log)
+    await conn.ws.send(op_msg(a.doc, a.version, ["x"] * (limit + 1), 99))
+    await expect_one_error(conn.ws, mark, "too_large", a.doc, 99)
+    status, body = await env.api(
+        "POST", f"/v1/documents/{a.doc}/ops", json={"v": a.version, "op": [1] * (limit + 1)}
+    )
+    assert (status, body["error"]["code"]) == (413, "too_large")
+    assert await env.text("a") == (a.text, a.version)
+    status, body = await env.api(
+        "POST", f"/v1/documents/{a.doc}/ops", json={"v": a.version, "op": ["x"] * limit}
+    )
+    assert (status, body) == (200, {"v": 2})
+    await conn.ws.wait_until(lambda: a.version == 2)
+    assert await env.text("a") == ("x" * limit + "alpha one", 2) == (a.text, a.version)
+    await assert_intact(env, conn)
+
+
 async def test_document_created_too_large_is_refused(env: Env) -> None:
     """A new document's text has the same limit as an edited one's: 413 too_large."""
     from domain.document import MAX_TEXT_CHARS
@@ -511,6 +537,8 @@ async def test_messages_before_hello_are_unauthorized(env: Env) -> None:
         pytest.param(sign_token(b"another secret", OWNER), id="other-secret"),
         pytest.param(sign_token(SECRET, OWNER, ttl=-1), id="expired"),
         pytest.param(sign_token(SECRET, OWNER)[:-2] + "xx", id="tampered"),
+        pytest.param(sign_token(SECRET, OWNER) + "!!", id="junk-appended"),
+        pytest.param(signed(b'{"u":"olga","exp":"soon"}', SECRET), id="exp-not-a-number"),
     ],
 )
 async def test_bad_token_is_unauthorized_then_closed(env: Env, token: str) -> None:
@@ -586,13 +614,95 @@ async def test_presence_limits(env: Env, conn: Conn) -> None:
     await assert_intact(env, conn)
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param({"cursor": b"\x01\x02"}, id="bin"),
+        pytest.param({"cursor": msgpack.ExtType(7, b"x")}, id="ext"),
+        pytest.param({b"cursor": 1}, id="bin-key"),
+        pytest.param({"cursor": msgpack.Timestamp(5, 0)}, id="timestamp"),
+    ],
+)
+async def test_msgpack_presence_that_is_not_json_is_refused(env: Env, data: Any) -> None:
+    """A msgpack client's presence that JSON cannot carry is bad_message and is not relayed:
+    a JSON subscriber of the document keeps getting every op and its acks."""
+    doc = env.docs["a"]
+    reader = await env.connect(OWNER, Codec.JSON)
+    writer = await env.connect(EDITOR, Codec.MSGPACK)
+    try:
+        seen = await reader.subscribe(doc)
+        await writer.subscribe(doc)
+        mark = len(writer.log)
+        await writer.send({"t": "presence", "doc": doc, "data": data})
+        await expect_one_error(writer, mark, "bad_message", doc)
+        seen.edit([5, "!"])
+        await reader.wait_until(lambda: seen.quiet)
+        await reader.ping()
+        assert not any(m["t"] == "presence" for m in reader.log), reader.log
+        assert (seen.text, seen.version, seen.problems) == ("alpha!", 1, [])
+    finally:
+        await reader.close()
+        await writer.close()
+
+
+def _session_of(env: Env, ws: WsClient) -> Any:
+    """The server's side of the in-process connection ``ws``."""
+    (found,) = [s for s in env.http.app[keys.SESSIONS] if s.id == ws.session]
+    return found
+
+
+async def test_a_message_the_codec_cannot_encode_costs_only_itself(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A queued message JSON cannot encode is left out of its frame; the messages queued
+    with it are sent, and the session logs one warning for all such messages."""
+    ws = await env.connect(OWNER, Codec.JSON)
+    try:
+        session = _session_of(env, ws)
+        for n in range(2):
+            mark = len(ws.log)
+            session.send({"t": "presence", "doc": "d", "data": b"not json"})
+            session.send({"t": "pong", "n": n})
+            await ws.wait_for(lambda m: m["t"] == "pong", since=mark)
+            assert [m["t"] for m in ws.since(mark)] == ["pong"]
+        await ws.ping()
+    finally:
+        await ws.close()
+    warnings_logged = [r for r in caplog.records if "cannot be encoded" in r.getMessage()]
+    assert len(warnings_logged) == 1 and warnings_logged[0].exc_info is None
+
+
+async def test_remote_presence_that_is_not_json_clears_it(env: Env) -> None:
+    """Presence from another process that is not a JSON value clears that session's presence
+    here instead of being relayed (a process of another version may let it through)."""
+    doc = env.docs["a"]
+    ws = await env.connect(OWNER, Codec.JSON)
+    try:
+        await ws.subscribe(doc)
+        rooms = env.http.app[keys.ROOMS]
+        room = await rooms.get(UUID(doc))
+        assert room is not None
+        proc = rooms.hub.proc  # a live process: its sessions' presence is not swept
+        mark = len(ws.log)
+        room.remote_presence("s9", EDITOR, {"cursor": 1}, proc)
+        await ws.wait_for(lambda m: m["t"] == "presence", since=mark)
+        room.remote_presence("s9", EDITOR, {"cursor": b"\x01"}, proc)
+        await ws.wait_for(lambda m: m["t"] == "presence" and m["data"] is None, since=mark)
+        await ws.ping()
+        presence = [m["data"] for m in ws.since(mark) if m["t"] == "presence"]
+        assert presence == [{"cursor": 1}, None]
+        assert "s9" not in room.presence
+    finally:
+        await ws.close()
+
+
 # -- session limits (an app of its own with small limits) -----------------------------------
 
 
-@pytest.fixture
-async def small_env(store_config: StoreConfig) -> AsyncIterator[Env]:
-    """A gateway with tiny session limits: 2 subscriptions, a 4 KiB send buffer."""
-    limits = SessionLimits(max_subscriptions=2, max_buffer_bytes=4096)
+@contextlib.asynccontextmanager
+async def limited_env(store_config: StoreConfig, limits: SessionLimits) -> AsyncIterator[Env]:
+    """A gateway of its own with session ``limits`` and documents a, b, c and big (5,000
+    characters)."""
     app = create_app(Services(store=Store(store_config), secret=SECRET, limits=limits))
     client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1", port=0))
     await client.start_server()
@@ -605,6 +715,14 @@ async def small_env(store_config: StoreConfig) -> AsyncIterator[Env]:
         yield e
     finally:
         await client.close()
+
+
+@pytest.fixture
+async def small_env(store_config: StoreConfig) -> AsyncIterator[Env]:
+    """A gateway with tiny session limits: 2 subscriptions, a 4 KiB send buffer."""
+    limits = SessionLimits(max_subscriptions=2, max_buffer_bytes=4096)
+    async with limited_env(store_config, limits) as e:
+        yield e
 
 
 async def test_too_many_subscriptions(small_env: Env) -> None:
@@ -622,6 +740,32 @@ async def test_too_many_subscriptions(small_env: Env) -> None:
         await ws.wait_until(lambda: a.quiet)
         assert await small_env.text("a") == ("!a", 1)
     finally:
+        await ws.close()
+
+
+async def test_messages_over_the_rate_are_rate_limited_and_not_handled(
+    store_config: StoreConfig,
+) -> None:
+    """Each message past the connection's burst gets rate_limited with its doc and seq; a
+    refused op is not applied, and once the bucket refills a resend of it is accepted."""
+    limits = SessionLimits(messages_per_second=1.0, message_burst=4.0)
+    async with limited_env(store_config, limits) as env:
+        doc = env.docs["a"]
+        ws = await env.connect(OWNER)  # the hello takes one message of the burst
+        await ws.subscribe(doc)  # and the sub another
+        mark = len(ws.log)
+        ops = [op_msg(doc, 0, [], seq) for seq in range(4)]
+        await ws.send({"t": "ping"}, *ops)
+        await ws.wait_for(lambda m: m["t"] == "ack", since=mark)
+        limited = [m for m in ws.since(mark) if m.get("code") == "rate_limited"]
+        assert [(m["doc"], m["seq"]) for m in limited] == [(doc, 1), (doc, 2), (doc, 3)]
+        assert [m["seq"] for m in ws.since(mark) if m["t"] == "ack"] == [0]
+        assert (await env.api("GET", f"/v1/documents/{doc}"))[1]["version"] == 1
+        await asyncio.sleep(1.2)  # one message's worth of refill
+        mark = len(ws.log)
+        await ws.send(op_msg(doc, 1, [], 1))
+        ack = await ws.wait_for(lambda m: m["t"] in ("ack", "error"), since=mark)
+        assert (ack["t"], ack["seq"], ack["v"]) == ("ack", 1, 2)
         await ws.close()
 
 
@@ -650,6 +794,13 @@ async def test_slow_consumer_is_closed_with_4008(small_env: Env) -> None:
             {"Authorization": f"Bearer {sign_token(SECRET, OWNER, ttl=-1)}"}, id="expired"
         ),
         pytest.param({"Authorization": f"Bearer {sign_token(b'other', OWNER)}"}, id="other-secret"),
+        pytest.param(
+            {"Authorization": f"Bearer {sign_token(SECRET, OWNER)}!!"}, id="junk-appended"
+        ),
+        pytest.param(
+            {"Authorization": "Bearer " + signed(b'{"u":"olga","exp":"soon"}', SECRET)},
+            id="exp-not-a-number",
+        ),
     ],
 )
 async def test_http_bad_token_is_401(env: Env, headers: dict[str, str]) -> None:

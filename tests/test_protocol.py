@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import time
 from pathlib import Path
 from typing import Any
@@ -254,6 +256,67 @@ def test_parse_errors_have_their_codes(msg: Any, code: Code) -> None:
     assert info.value.code is code
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"\x01", id="bin"),
+        pytest.param({"cursor": b"\x01"}, id="bin-inside"),
+        pytest.param({"c": msgpack.ExtType(7, b"x")}, id="ext"),
+        pytest.param({"c": msgpack.Timestamp(5, 0)}, id="timestamp"),
+        pytest.param({b"cursor": 1}, id="bin-key"),
+        pytest.param({1: "x"}, id="int-key"),
+        pytest.param([float("nan")], id="nan"),
+        pytest.param({"x": float("-inf")}, id="inf"),
+        pytest.param(1 << 64, id="int-over-64-bits"),
+        pytest.param(-(1 << 63) - 1, id="int-under-64-bits"),
+        pytest.param(_nested(messages.MAX_PRESENCE_DEPTH + 1), id="too-deep"),
+    ],
+)
+def test_presence_data_that_is_not_json_is_bad_message(data: Any) -> None:
+    """Presence data must be a JSON value that every codec carries: else bad_message."""
+    d = str(uuid4())
+    with pytest.raises(MessageError) as info:
+        messages.parse({"t": "presence", "doc": d, "data": data})
+    assert (info.value.code, info.value.doc) == (Code.BAD_MESSAGE, d)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"cursor": 3, "sel": [1, 2.5], "name": "é", "on": True, "x": None},
+        [(1 << 64) - 1, -(1 << 63), 0.0],
+        _nested(messages.MAX_PRESENCE_DEPTH),
+        "just text",
+    ],
+)
+def test_presence_data_that_is_json_is_accepted_and_encodes_in_both_codecs(data: Any) -> None:
+    """Accepted presence data encodes in JSON and msgpack and decodes back the same."""
+    d = uuid4()
+    assert messages.parse({"t": "presence", "doc": str(d), "data": data}) == Presence(d, data)
+    msg = {"t": "presence", "doc": str(d), "data": data}
+    for codec in Codec:
+        assert frames.decode(frames.encode([msg], codec), codec) == [msg]
+
+
+@pytest.mark.parametrize("codec", list(Codec))
+def test_frame_of_leaves_out_only_what_the_codec_cannot_encode(codec: Codec) -> None:
+    """A message the codec cannot encode is left out of the frame; the others stay, in order."""
+    good = [Encoded({"t": "ack", "doc": "d", "seq": i, "v": i}) for i in range(3)]
+    bad = Encoded({"t": "presence", "data": 1 << 70})
+    data, dropped = frames.frame_of([good[0], bad, good[1], good[2]], codec)
+    assert dropped == [bad]
+    payload = data[4:] if data[1] == 126 else data[2:]
+    assert frames.decode(payload, codec) == [g.msg for g in good]
+    assert frames.frame_of([bad], codec) == (b"", [bad])
+
+
 def test_parse_error_names_doc_and_seq_when_readable() -> None:
     """An error about an op carries the op's doc and seq so the client can match it."""
     d = str(uuid4())
@@ -304,15 +367,54 @@ def test_tampered_token_is_refused(data: st.DataObject) -> None:
     """Changing any character of a token makes it fail verification."""
     token = sign_token(SECRET, "alice")
     i = data.draw(st.integers(0, len(token) - 1))
-    tampered = _flip(token, i)
-    try:
-        user = verify_token(SECRET, tampered)
-    except BadToken:
-        return
-    # Changing base64 padding bits can leave the decoded bytes equal; the user must not change.
-    assert user == "alice"
-    sig, original = tampered.split(".")[2], token.split(".")[2]
-    assert base64.urlsafe_b64decode(sig + "==") == base64.urlsafe_b64decode(original + "==")
+    with pytest.raises(BadToken):  # also a change of unused low bits: not canonical
+        verify_token(SECRET, _flip(token, i))
+
+
+def signed(payload: bytes, secret: bytes = SECRET) -> str:
+    """A correctly signed token around raw ``payload`` bytes."""
+    body = f"v1.{base64.urlsafe_b64encode(payload).rstrip(b'=').decode()}"
+    sig = hmac.new(secret, body.encode(), hashlib.sha256).digest()
+    return f"{body}.{base64.urlsafe_b64encode(sig).rstrip(b'=').decode()}"
+
+
+def _noncanonical(token: str) -> str:
+    """``token`` with the unused low bits of its signature's last character set."""
+    sig = token.rsplit(".", 1)[1]
+    assert len(sig) % 4 == 3  # 32 bytes: 43 characters, the last carrying 2 unused bits
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    return token[:-1] + alphabet[alphabet.index(token[-1]) | 1]
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda t: t + "!!", id="junk-appended"),
+        pytest.param(lambda t: t[:-5] + "*" + t[-5:], id="junk-inside"),
+        pytest.param(lambda t: t + "=", id="padding"),
+        pytest.param(lambda t: t.replace("-", "+").replace("_", "/"), id="standard-alphabet"),
+        pytest.param(_noncanonical, id="low-bits"),
+    ],
+)
+def test_token_that_is_not_canonical_base64url_is_refused(spoil: Any) -> None:
+    """Only the exact base64url text that was signed verifies: nothing is skipped or fixed."""
+    token = sign_token(SECRET, "alice-with-a-name-that-needs-both-alphabet-ends?~~~>>>")
+    spoiled = spoil(token)
+    if spoiled == token:
+        pytest.skip("this token has nothing to spoil that way")
+    with pytest.raises(BadToken):
+        verify_token(SECRET, spoiled)
+
+
+@pytest.mark.parametrize(
+    "exp", [b'"soon"', b"true", b"false", b"[1]", b'{"at":1}', b"1" + b"0" * 400, b"1e400"]
+)
+def test_signed_token_with_a_malformed_exp_is_refused(exp: bytes) -> None:
+    """A correctly signed token whose exp is not null or a finite number is malformed."""
+    token = signed(b'{"u":"alice","iat":1,"exp":' + exp + b"}")
+    with pytest.raises(BadToken, match="malformed"):
+        verify_token(SECRET, token)
+    assert verify_token(SECRET, signed(b'{"u":"alice","iat":1,"exp":1e30}')) == "alice"
 
 
 def test_forged_payload_is_refused() -> None:
@@ -381,6 +483,7 @@ def test_protocol_doc_lists_every_code_with_its_status() -> None:
 
 def test_protocol_doc_states_the_limits_and_close_codes() -> None:
     """The documented limits, close codes and subprotocols are the ones in the code."""
+    from domain.ot import MAX_OP_COMPONENTS
     from gateway import session
     from gateway.room import MAX_DOCUMENT_CHARS
 
@@ -392,6 +495,9 @@ def test_protocol_doc_states_the_limits_and_close_codes() -> None:
         messages.MAX_PRESENCE_BYTES,
         MAX_DOCUMENT_CHARS,
         limits.max_subscriptions,
+        int(limits.messages_per_second),
+        int(limits.message_burst),
+        MAX_OP_COMPONENTS,
     ):
         assert f"{number:,}" in doc, number
     assert frames.HARD_FRAME_BYTES == limits.max_buffer_bytes == 16 << 20
