@@ -1,22 +1,37 @@
 """The ``coscribe`` command: ``serve``, ``token``, ``loadtest`` (and more as they come).
 
-Every flag has a ``COSCRIBE_*`` variable of the same name; the flag wins.
+Every setting has a flag and a ``COSCRIBE_*`` variable of the same name (``--database-url``,
+``COSCRIBE_DATABASE_URL``); the flag wins. Flags that are not settings (``--ttl``,
+``--page``, ``loadtest --url``, ...) have no variable.
+
+Exit codes of ``serve`` and ``token``: 0 done; 1 a runtime failure (the port is in use, the
+database does not answer, the data directory cannot be used, a worker failed); 2 bad
+arguments (a flag or variable out of range, an empty user).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from typing import Any
 
 from ops.runtime import tune_gc
-from ops.settings import Settings
+from ops.settings import DataDirUnusable, Settings, SettingsError
+
+BIND_ERRORS = {
+    errno.EADDRINUSE: "is in use",
+    errno.EACCES: "needs privileges this process does not have",
+    errno.EADDRNOTAVAIL: "is not an address of this machine",
+}
+"""Why binding the server's address failed (the other OSErrors of a start are not these)."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -28,10 +43,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secret", help="token signing secret (COSCRIBE_SECRET)")
 
 
-def _serve_one(settings: Settings) -> None:
+def _fail(command: str, message: str, code: int = 1) -> int:
+    """Print ``message`` as one line on stderr; ``code`` is the exit code to return."""
+    print(f"coscribe {command}: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _serve_one(settings: Settings, listening: Callable[[], None]) -> int:
+    """Serve until stopped; ``listening()`` is called once the port is bound."""
     from aiohttp import web
 
-    from ops.wiring import build_app
+    from ops.wiring import StoreUnreachable, build_app
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(process)d %(name)s %(message)s"
@@ -42,17 +64,29 @@ def _serve_one(settings: Settings) -> None:
         uvloop = None
     if uvloop is not None:
         uvloop.install()
-    app = build_app(settings)
+    try:
+        app = build_app(settings)
+    except (StoreUnreachable, DataDirUnusable) as exc:
+        return _fail("serve", str(exc))
     tune_gc()
-    print(f"coscribe serving on http://{settings.host}:{settings.port}", flush=True)
     # A log line per request costs more than serving a cached read: access logs are debug.
     access_log = logging.getLogger("aiohttp.access") if settings.log_level == "debug" else None
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=access_log,
-                shutdown_timeout=10, reuse_port=settings.workers > 1, backlog=4096)
+    try:
+        # run_app calls ``print`` once every site is listening.
+        web.run_app(app, host=settings.host, port=settings.port,
+                    print=lambda _banner: listening(), access_log=access_log,
+                    shutdown_timeout=10, reuse_port=settings.workers > 1, backlog=4096)
+    except OSError as exc:
+        if exc.errno not in BIND_ERRORS:
+            raise
+        return _fail("serve", f"cannot listen on {settings.host}:{settings.port}: the port "
+                              f"{BIND_ERRORS[exc.errno]}")
+    return 0
 
 
-def _worker(settings: Settings) -> None:
-    _serve_one(settings)
+def _worker(settings: Settings, ready: Any) -> None:
+    """A gateway process of ``serve --workers N``: tells ``ready`` its pid once listening."""
+    sys.exit(_serve_one(settings, lambda: ready.put(os.getpid())))
 
 
 def _projections_worker(settings: Settings) -> None:
@@ -61,29 +95,32 @@ def _projections_worker(settings: Settings) -> None:
         value = getattr(settings, f.name)
         if value is not None:
             os.environ[f"COSCRIBE_{f.name.upper()}"] = str(value)
-    main(["projections", "run"])
+    sys.exit(main(["projections", "run"]))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve HTTP and WebSocket; ``--workers N`` runs N processes on one port."""
     settings = _settings(args)
-    if settings.workers < 1:
-        print(f"coscribe serve: --workers must be at least 1, not {settings.workers}",
-              file=sys.stderr)
-        return 2
+    url = f"http://{settings.host}:{settings.port}"
     if settings.workers == 1:
-        _serve_one(settings)
-        return 0
+        return _serve_one(settings, lambda: print(f"coscribe serving on {url}", flush=True))
     if not settings.redis_url:
         print("coscribe serve: --workers > 1 needs --redis-url (COSCRIBE_REDIS_URL): processes "
               "tell each other about committed ops through Redis", file=sys.stderr)
         return 2
-    settings.secret_bytes()  # create the embedded secret once, before the workers race
+    from ops.wiring import StoreUnreachable, open_store
+
+    try:
+        settings.secret_bytes()  # create the embedded secret once, before the workers race
+        open_store(settings).close()  # one message, not one a worker, if it cannot be opened
+    except (StoreUnreachable, DataDirUnusable) as exc:
+        return _fail("serve", str(exc))
     ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Queue()
     # The gateways only serve; one process of its own follows the log for the read models
     # (a runner inside a gateway competes with its event loop for the GIL).
     procs = [
-        ctx.Process(target=_worker, args=(replace(settings, projections="off"),),
+        ctx.Process(target=_worker, args=(replace(settings, projections="off"), ready),
                     name=f"coscribe-worker-{i}")
         for i in range(settings.workers)
     ]
@@ -92,27 +129,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  name="coscribe-projections"))
     for p in procs:
         p.start()
+    stopping = False
 
     def stop_children(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
         for p in procs:
             if p.is_alive():
                 p.terminate()  # SIGTERM: each worker drains and closes sessions with 1001
 
     signal.signal(signal.SIGTERM, stop_children)
-    print(f"coscribe serving on http://{settings.host}:{settings.port} "
-          f"with {settings.workers} workers", flush=True)
     try:
-        for p in procs:
-            p.join()
+        if _await_listening(procs, ready, settings.workers):
+            print(f"coscribe serving on {url} with {settings.workers} workers", flush=True)
+            for p in procs:
+                p.join()
     except KeyboardInterrupt:
-        pass
+        stopping = True
     finally:
         for p in procs:
             if p.is_alive():
                 p.terminate()
         for p in procs:
             p.join(timeout=15)
-    return 0
+    return _exit_code(procs, stopping)
+
+
+def _await_listening(procs: Sequence[Any], ready: Any, workers: int) -> bool:
+    """Wait until ``workers`` gateway processes listen; False as soon as a process has
+    failed first (the caller stops the others)."""
+    listening = 0
+    while listening < workers:
+        try:
+            ready.get(timeout=0.1)
+            listening += 1
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs) or all(
+                    p.exitcode is not None for p in procs):
+                return False
+    return True
+
+
+def _exit_code(procs: Sequence[Any], stopping: bool) -> int:
+    """The first failed process's exit code (1 if a signal killed it, or if every process
+    ended before being stopped); 0 when all ended well or were stopped by this parent."""
+    for p in procs:
+        code = p.exitcode
+        if code is None or code == 0 or (stopping and code == -signal.SIGTERM):
+            continue
+        return code if code > 0 else 1
+    return 0 if stopping else 1
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -120,7 +186,17 @@ def cmd_token(args: argparse.Namespace) -> int:
     from gateway.auth import sign_token
 
     settings = _settings(args)
-    print(sign_token(settings.secret_bytes(), args.user, ttl=args.ttl))
+    if args.ttl is not None and args.ttl < 1:
+        return _fail("token", f"--ttl must be at least 1 second, not {args.ttl:g}", 2)
+    try:
+        secret = settings.secret_bytes()
+    except DataDirUnusable as exc:
+        return _fail("token", str(exc))
+    try:
+        token = sign_token(secret, args.user, ttl=args.ttl)
+    except ValueError as exc:  # the user name (sign_token checks it)
+        return _fail("token", f"{exc} (the user was {args.user!r})", 2)
+    print(token)
     return 0
 
 
@@ -137,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", help="redis://... for fan-out and presence across processes")
     serve.add_argument("--redis-prefix", help="prefix of Redis keys and channels (coscribe:)")
     serve.add_argument("--workers", type=int, help="processes sharing the port (1)")
-    serve.add_argument("--log-level", help="debug, info, warning (info)")
+    serve.add_argument("--log-level", help="debug, info, warning, error (info)")
     serve.add_argument("--projections", choices=["inline", "off"],
                        help="run the projection runner in this process (inline) or not (off)")
     serve.add_argument("--max-frame-bytes", type=int,
@@ -169,7 +245,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``coscribe`` script."""
     args: Any = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return int(args.func(args) or 0)
+    return dispatch(args)
+
+
+def dispatch(args: Any) -> int:
+    """Run the subcommand of parsed ``args``; a bad setting exits 2 with a one-line message,
+    as a bad flag does in argparse."""
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:
+        return _fail(args.command, str(exc), 2)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,34 @@
 """``coscribe replay``, ``coscribe projections run``, ``coscribe audit verify|show``.
 
 ``register(subparsers)`` adds them to the ``coscribe`` parser; ``python -m ops.projections_cli``
-runs them on their own. Each reads the same settings as ``serve`` (``COSCRIBE_*`` and the
-flags ``--data-dir``, ``--database-url``, ``--database-schema``, ``--redis-url``,
-``--redis-prefix``).
+runs them on their own. Each reads the same settings as ``serve`` (``COSCRIBE_*``) and takes
+the flags ``--data-dir``, ``--database-url``, ``--database-schema``; ``projections run`` takes
+``--redis-url``, ``--redis-prefix`` and ``--log-level`` too. ``replay`` and ``audit`` only
+read the events: where there is no event store they say so instead of making an empty one.
 
 Exit codes: 0 done; 1 ``audit verify`` found a broken chain; 2 bad arguments (an unknown
-read model, a malformed or unknown document id, a version the document does not have).
+read model, a malformed or unknown document id, a version the document does not have, a
+setting out of range, no event store where the settings point); 3 ``replay`` while another
+replay runs; 4 the database is unreachable (or the data directory cannot be opened).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from uuid import UUID
 
 from ops.runtime import tune_gc
 from ops.settings import Settings
+
+UNREACHABLE = 4
+"""Exit code: the event store's database does not answer (distinct from 1, a broken chain)."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -36,16 +43,38 @@ def _add_store_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--database-schema", help="Postgres schema of the tables (public)")
 
 
-def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """The store, its log as an event source, and the read-model database."""
+def _store_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``cmd`` with the store's failures as exit codes: no store 2, unreachable 4."""
+
+    @functools.wraps(cmd)
+    def run(args: argparse.Namespace) -> int:
+        from eventsourcing.persistence import InterfaceError, OperationalError
+
+        from gateway.store import StoreUnavailable
+        from ops.wiring import NoStore, StoreUnreachable
+
+        try:
+            return cmd(args)
+        except NoStore as exc:
+            _usage(str(exc))
+        except (StoreUnreachable, StoreUnavailable, OperationalError, InterfaceError) as exc:
+            # The library's errors: the database went away after the store was opened.
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"coscribe: database unreachable: {reason}", file=sys.stderr)
+            return UNREACHABLE
+
+    return run
+
+
+def _open(args: argparse.Namespace, *, existing: bool) -> tuple[Any, Any, Any]:
+    """The store, its log as an event source, and the read-model database; with
+    ``existing``, only if the store is there already (else ``NoStore``)."""
     from gateway.readmodels import StoreSource, read_db_config
-    from gateway.store import Store
-    from ops.wiring import store_config
+    from ops.wiring import open_store
     from projections.db import open_db
 
-    cfg = store_config(_settings(args))
-    store = Store(cfg)
-    return store, StoreSource(store), open_db(read_db_config(cfg))
+    store = open_store(_settings(args), existing=existing)
+    return store, StoreSource(store), open_db(read_db_config(store.cfg))
 
 
 def _models(name: str | None) -> list[Any]:
@@ -62,12 +91,13 @@ def _models(name: str | None) -> list[Any]:
 # -- replay -------------------------------------------------------------------------------
 
 
+@_store_errors
 def cmd_replay(args: argparse.Namespace) -> int:
     """Rebuild read models from the first event into fresh tables, then swap them in."""
     from projections.db import Busy
 
     models = _models(args.projection)
-    store, source, db = _open(args)
+    store, source, db = _open(args, existing=True)
     tune_gc()
     try:
         with db.exclusive("replay"):  # two rebuilds would share the fresh tables
@@ -144,6 +174,7 @@ def _redis_bump(redis_url: str | None, prefix: str, log_id: str) -> Any:
     return observe
 
 
+@_store_errors
 def cmd_projections_run(args: argparse.Namespace) -> int:
     """Follow the log and keep the read models up to date until SIGTERM or Ctrl-C."""
     from projections.runner import Runner
@@ -156,7 +187,7 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         log.warning("no Redis URL (--redis-url, COSCRIBE_REDIS_URL): gateways that cache "
                     "through Redis without running projections will serve stale analytics")
-    store, source, db = _open(args)
+    store, source, db = _open(args, existing=False)  # it may start before the gateways
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -217,15 +248,15 @@ def _stored_events(store: Any, doc: UUID | None) -> Any:
         after = page[-1].id
 
 
+@_store_errors
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """Recompute hash chains; print the first broken link of each document."""
-    from gateway.store import Store
-    from ops.wiring import store_config
+    from ops.wiring import open_store
     from projections.history import ChainCheck
 
     doc = _uuid(args.doc) if args.doc else None
 
-    store = Store(store_config(_settings(args)))
+    store = open_store(_settings(args), existing=True)
     try:
         check = ChainCheck()
         for e in _stored_events(store, doc):
@@ -242,20 +273,20 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 1 if check.broken else 0
 
 
+@_store_errors
 def cmd_audit_show(args: argparse.Namespace) -> int:
     """Print a document's history (from the events) and its text at ``--at`` (or now)."""
     from rich.console import Console
     from rich.table import Table
 
     from domain.document import Document
-    from gateway.store import Store
-    from ops.wiring import store_config
+    from ops.wiring import open_store
     from projections.audit import action_of, summary_of
     from projections.history import state_at
     from projections.sql import iso
 
     doc = _uuid(args.doc)
-    store = Store(store_config(_settings(args)))
+    store = open_store(_settings(args), existing=True)
     try:
         events = store.events_after(doc, 0)
     finally:
@@ -325,7 +356,7 @@ def register(subparsers: Any) -> None:
                      help="the gateways' redis://...: invalidates their caches (needed when "
                           "they run without projections; without it they serve stale answers)")
     run.add_argument("--redis-prefix", help="the gateways' prefix of Redis keys (coscribe:)")
-    run.add_argument("--log-level", help="debug, info, warning (info)")
+    run.add_argument("--log-level", help="debug, info, warning, error (info)")
     _add_store_flags(run)
     run.set_defaults(func=cmd_projections_run)
 
@@ -347,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="coscribe")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    from ops.cli import dispatch
+
+    return dispatch(args)
 
 
 if __name__ == "__main__":

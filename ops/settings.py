@@ -1,7 +1,9 @@
 """Settings: one typed object built from ``COSCRIBE_*`` variables and CLI flags.
 
 This is the only module that reads the environment. A flag wins over its variable; the
-flag of ``COSCRIBE_DATABASE_URL`` is ``--database-url`` (lowercase, dashes).
+flag of ``COSCRIBE_DATABASE_URL`` is ``--database-url`` (lowercase, dashes). A flag and its
+variable are checked alike: a value out of its range, not one of its choices or not of its
+type is a :class:`SettingsError` (a bad argument: the CLI exits 2).
 """
 
 from __future__ import annotations
@@ -12,6 +14,38 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "projections": ("inline", "off"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+"""The values an enumerated setting may take (``log_level`` in any case)."""
+
+RANGES: dict[str, tuple[int, int | None]] = {
+    "port": (1, 65535),
+    "workers": (1, None),
+    "max_frame_bytes": (1024, None),
+    "max_buffer_bytes": (1024, None),
+}
+"""Inclusive bounds of the numeric settings (None: no upper bound). Port 0 ("any free
+port") is refused: clients, the proxies and ``loadtest --url`` must know the port. Below
+1 KiB a frame or a send buffer cannot hold a ``hello`` and its answer."""
+
+URL_SCHEMES: dict[str, tuple[str, ...]] = {
+    "database_url": ("postgresql", "postgres"),
+    "redis_url": ("redis", "rediss", "unix"),
+}
+"""The schemes a URL setting may have."""
+
+
+class SettingsError(ValueError):
+    """A setting's value is out of its range, not one of its choices or of the wrong type."""
+
+
+class DataDirUnusable(Exception):
+    """The data directory cannot be made, or the secret in it cannot be made or read (a
+    runtime failure, not a bad argument: the message names the path and the cause)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +77,13 @@ class Settings:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(f"COSCRIBE_{f.name.upper()}")
+            source = f"COSCRIBE_{f.name.upper()}"
             if overrides and overrides.get(f.name) is not None:
                 raw = overrides[f.name]
+                source = "--" + f.name.replace("_", "-")
             if raw is None or raw == "":
                 continue
-            values[f.name] = _coerce(f.name, raw, f.type)
+            values[f.name] = _checked(f.name, source, _coerce(source, raw, f.type))
         return cls(**values)
 
     def secret_bytes(self) -> bytes:
@@ -55,15 +91,20 @@ class Settings:
         if self.secret:
             return self.secret.encode()
         path = self.data_dir / "secret"
-        if not path.exists():
-            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(32))
-        return path.read_text().strip().encode()
+        try:
+            if not path.exists():
+                self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_hex(32))
+            return path.read_text().strip().encode()
+        except OSError as exc:
+            raise DataDirUnusable(
+                f"cannot keep the token secret in {path}: {exc.strerror or exc}"
+            ) from exc
 
 
-def _coerce(name: str, raw: Any, kind: Any) -> Any:
+def _coerce(source: str, raw: Any, kind: Any) -> Any:
     text = str(raw)
     kind = str(kind)
     try:
@@ -72,5 +113,28 @@ def _coerce(name: str, raw: Any, kind: Any) -> Any:
         if "Path" in kind:
             return Path(text)
     except ValueError:
-        raise SystemExit(f"COSCRIBE_{name.upper()} must be an integer, not {text!r}") from None
+        raise SettingsError(f"{source} must be an integer, not {text!r}") from None
     return text
+
+
+def _checked(name: str, source: str, value: Any) -> Any:
+    """``value`` if it is in the setting's range, choices or URL schemes (``source`` names
+    the flag or variable it came from in the error)."""
+    if name in CHOICES:
+        value = value.lower() if name == "log_level" else value
+        if value not in CHOICES[name]:
+            raise SettingsError(
+                f"{source} must be one of {', '.join(CHOICES[name])}, not {value!r}"
+            )
+    if name in RANGES:
+        low, high = RANGES[name]
+        if value < low or (high is not None and value > high):
+            bounds = f"in {low}..{high}" if high is not None else f"at least {low}"
+            raise SettingsError(f"{source} must be {bounds}, not {value}")
+    if name in URL_SCHEMES:
+        scheme = urlsplit(value).scheme
+        if scheme not in URL_SCHEMES[name]:
+            wanted = ", ".join(f"{s}://" for s in URL_SCHEMES[name])
+            found = f"{scheme}:" if scheme else repr(value)
+            raise SettingsError(f"{source} must start with {wanted}, not {found}")
+    return value

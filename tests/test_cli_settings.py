@@ -1,4 +1,5 @@
-"""Every setting has a ``COSCRIBE_*`` variable and a ``serve`` flag of the same name."""
+"""Every setting has a ``COSCRIBE_*`` variable and a ``serve`` flag of the same name; both are
+checked alike (a value out of range or not one of the choices exits 2 with a message)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ops import cli
-from ops.settings import Settings
+from ops.settings import Settings, SettingsError
 
 
 def _serve_flags() -> set[str]:
@@ -27,16 +28,17 @@ def test_every_setting_has_a_serve_flag() -> None:
 
 @pytest.mark.parametrize(
     ("flag", "name", "value"),
-    [("--max-frame-bytes", "max_frame_bytes", 4096), ("--max-buffer-bytes", "max_buffer_bytes", 8)],
+    [("--max-frame-bytes", "max_frame_bytes", 4096),
+     ("--max-buffer-bytes", "max_buffer_bytes", 8192)],
 )
 def test_a_flag_wins_over_its_variable(
     monkeypatch: pytest.MonkeyPatch, flag: str, name: str, value: int
 ) -> None:
     """The flag's value, not the variable's, is the setting."""
-    monkeypatch.setenv(f"COSCRIBE_{name.upper()}", "1")
+    monkeypatch.setenv(f"COSCRIBE_{name.upper()}", "2048")
     args = cli.build_parser().parse_args(["serve", flag, str(value)])
     assert getattr(cli._settings(args), name) == value
-    assert getattr(cli._settings(cli.build_parser().parse_args(["serve"])), name) == 1
+    assert getattr(cli._settings(cli.build_parser().parse_args(["serve"])), name) == 2048
 
 
 @pytest.mark.parametrize("workers", ["0", "-1"])
@@ -54,3 +56,90 @@ def test_the_secret_goes_in_a_private_data_dir(tmp_path: Path) -> None:
     assert settings.secret_bytes()
     modes = [(p.stat().st_mode & 0o777) for p in (settings.data_dir, settings.data_dir / "secret")]
     assert modes == [0o700, 0o600]
+
+
+BAD_VALUES = [
+    ("port", "99999", "1..65535"),  # was bound as 34463 (the 16-bit wrap)
+    ("port", "70000", "1..65535"),
+    ("port", "-1", "1..65535"),  # was a socket.gaierror traceback
+    ("port", "0", "1..65535"),  # "any port": nobody could find the server
+    ("port", "abc", "integer"),
+    ("projections", "bogus", "inline, off"),  # the variable turned the read side off
+    ("log_level", "bogus", "debug, info, warning, error"),  # a ValueError traceback
+    ("max_frame_bytes", "0", "at least 1024"),
+    ("max_buffer_bytes", "-1", "at least 1024"),
+    ("max_buffer_bytes", "0", "at least 1024"),
+    ("workers", "0", "at least 1"),
+    ("database_url", "mysql://db/x", "postgresql://"),
+    ("redis_url", "http://cache:6379", "redis://"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), BAD_VALUES)
+def test_a_bad_flag_exits_2_with_a_message(
+    capsys: pytest.CaptureFixture[str], name: str, value: str, message: str
+) -> None:
+    """``serve --port 99999`` (and each bad value) is a usage error naming the flag."""
+    flag = "--" + name.replace("_", "-")
+    try:
+        code = cli.main(["serve", f"{flag}={value}"])
+    except SystemExit as exc:  # argparse itself refuses what is not an integer
+        code = int(str(exc.code))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err or "invalid" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("name", "value", "message"), BAD_VALUES)
+def test_a_bad_variable_exits_2_like_its_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    name: str, value: str, message: str
+) -> None:
+    """``COSCRIBE_PORT=70000`` is refused as ``--port 70000`` is, and named in the message."""
+    monkeypatch.setenv(f"COSCRIBE_{name.upper()}", value)
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert f"COSCRIBE_{name.upper()}" in err and message in err
+
+
+def test_settings_accept_the_bounds_and_any_case_of_a_level() -> None:
+    """Port 1 and 65535, 1 KiB limits and ``INFO`` load; ``SettingsError`` is a ValueError."""
+    s = Settings.load({"COSCRIBE_PORT": "65535", "COSCRIBE_LOG_LEVEL": "INFO",
+                       "COSCRIBE_MAX_FRAME_BYTES": "1024", "COSCRIBE_DATABASE_URL": "postgres://x"})
+    assert (s.port, s.log_level, s.max_frame_bytes) == (65535, "info", 1024)
+    assert Settings.load({}, {"port": 1}).port == 1
+    with pytest.raises(ValueError, match="--port"):
+        Settings.load({}, {"port": 65536})
+    assert issubclass(SettingsError, ValueError)
+
+
+@pytest.mark.parametrize("ttl", ["-5", "0", "0.9"])
+def test_token_refuses_a_ttl_below_one_second(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], ttl: str
+) -> None:
+    """``token --ttl -5`` printed a token that had already expired; now it exits 2."""
+    assert cli.main(["token", "alice", "--ttl", ttl, "--data-dir", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--ttl must be at least 1" in err
+    assert cli.main(["token", "alice", "--ttl", "1", "--data-dir", str(tmp_path)]) == 0
+
+
+def test_token_for_an_empty_user_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``coscribe token ""`` was a ValueError traceback."""
+    assert cli.main(["token", "", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "user must be non-empty" in err and len(err.strip().splitlines()) == 1
+
+
+def test_token_with_a_data_dir_that_is_a_file_exits_1_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A data dir that cannot be made is a runtime failure with the path, not a traceback."""
+    plain = tmp_path / "afile"
+    plain.write_text("")
+    assert cli.main(["token", "alice", "--data-dir", str(plain)]) == 1
+    err = capsys.readouterr().err
+    assert str(plain) in err and len(err.strip().splitlines()) == 1

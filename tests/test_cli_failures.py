@@ -1,0 +1,136 @@
+"""Start-up failures of the commands are one line on stderr and an exit code, no traceback:
+1 for a runtime failure of ``serve`` (port in use, database unreachable, a worker failed),
+2 for no event store where a read-only command looks, 4 for an unreachable database."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from ops import cli
+from tests.conftest import PG_URL
+
+
+def _closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port another socket listens on (without SO_REUSEPORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+def _serve(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSCRIBE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "ops.cli", "serve", "--data-dir", str(tmp_path / "data"), *args],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("coscribe")]
+    assert lines, err
+    return lines[0]
+
+
+def test_serve_on_a_port_in_use_exits_1_naming_the_port(tmp_path: Path, held_port: int) -> None:
+    """OSError 98 was a traceback; now the port and the cause, exit 1, no "serving on"."""
+    run = _serve(["--port", str(held_port)], tmp_path)
+    assert run.returncode == 1
+    assert f":{held_port}: the port is in use" in _one_line(run.stderr)
+    assert "serving on" not in run.stdout
+
+
+@pytest.mark.redis
+def test_serve_workers_exit_non_zero_when_they_fail_at_start(
+    tmp_path: Path, held_port: int, redis_url: str, redis_prefix: str
+) -> None:
+    """Every worker dying at start made the parent exit 0 after "serving on ... workers"."""
+    run = _serve(["--port", str(held_port), "--workers", "2", "--projections", "off",
+                  "--redis-url", redis_url, "--redis-prefix", redis_prefix], tmp_path)
+    assert run.returncode == 1
+    assert "the port is in use" in _one_line(run.stderr)
+    assert "serving on" not in run.stdout
+
+
+def test_serve_with_an_unreachable_database_exits_1(tmp_path: Path) -> None:
+    """A closed PostgreSQL port: one line naming the URL, exit 1 (with or without workers)."""
+    url = f"postgresql://postgres:pw@127.0.0.1:{_closed_port()}/postgres"
+    for extra in ([], ["--workers", "2", "--redis-url", "redis://127.0.0.1:1/0"]):
+        run = _serve(["--port", str(_closed_port()), "--database-url", url, *extra], tmp_path)
+        assert run.returncode == 1, run.stderr
+        line = _one_line(run.stderr)
+        assert "cannot open the event store at postgresql://postgres:***@" in line
+        assert "pw" not in line
+
+
+def test_serve_with_a_data_dir_that_is_a_file_exits_1_naming_it(tmp_path: Path) -> None:
+    """The data dir as a plain file was a FileExistsError traceback."""
+    plain = tmp_path / "afile"
+    plain.write_text("")
+    run = _serve(["--port", str(_closed_port()), "--data-dir", str(plain)], tmp_path)
+    assert run.returncode == 1
+    assert str(plain) in _one_line(run.stderr)
+
+
+@pytest.mark.parametrize("command", [["audit", "verify"], ["replay", "--quiet"],
+                                     ["projections", "run"]])
+def test_read_side_commands_exit_4_when_the_database_is_unreachable(
+    capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """Exit 1 is ``audit verify``'s broken chain; an unreachable database is 4, one line."""
+    url = f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres"
+    assert cli.main([*command, "--database-url", url]) == 4
+    assert "database unreachable" in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", [["audit", "verify"], ["replay", "--quiet"],
+                                     ["audit", "show", str(uuid.uuid4())]])
+def test_read_only_commands_make_no_store_in_a_mistyped_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """``audit verify --data-dir typo`` made an empty store and said "ok: 0 documents"."""
+    typo = tmp_path / "typo"
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*command, "--data-dir", str(typo)])
+    assert stop.value.code == 2
+    assert f"no event store at {typo / 'events.sqlite'}" in _one_line(capsys.readouterr().err)
+    assert not typo.exists()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("command", [["audit", "verify"], ["replay", "--quiet"]])
+def test_read_only_commands_make_no_schema_for_a_mistyped_one(
+    capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """``--database-schema typo`` made the schema and its tables; now nothing, exit 2."""
+    schema = f"fixc_typo_{uuid.uuid4().hex[:8]}"
+    try:
+        with pytest.raises(SystemExit) as stop:
+            cli.main([*command, "--database-url", PG_URL, "--database-schema", schema])
+        assert stop.value.code == 2
+        assert f"(schema {schema})" in _one_line(capsys.readouterr().err)
+        with psycopg.connect(PG_URL) as conn:
+            found = conn.execute("SELECT 1 FROM information_schema.schemata "
+                                 "WHERE schema_name = %s", (schema,)).fetchone()
+        assert found is None
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
