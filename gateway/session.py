@@ -345,11 +345,17 @@ class Session:
             if records is not None:
                 self._send_ops(doc, [r.entry() for r in records])
             else:
+                # From the store, before the frame's next message: its answers (an error
+                # too) must not overtake the catch-up. Ops committed meanwhile wait in
+                # the member until it is out.
                 member.ready = False
-                self._spawn(self._catch_up(room, msg.v, snap.v))
+                if not await self._catch_up(room, msg.v, snap.v):
+                    return
         room.send_presence_to(self)
 
-    async def _catch_up(self, room: Room, v: int, upto: int) -> None:
+    async def _catch_up(self, room: Room, v: int, upto: int) -> bool:
+        """Send the ops after ``v`` up to ``upto`` from the store; False if it could not (the
+        client was told) or the session left the document meanwhile."""
         doc = str(room.id)
         member = room.members.get(self)
         try:
@@ -367,11 +373,12 @@ class Session:
             log.warning("catch-up of %s failed: %s", doc, exc)
             self.error(Code.UNAVAILABLE, "catch-up failed; subscribe again", doc)
             self._unsub(room.id)
-            return
+            return False
         if member is None or room.members.get(self) is not member:
-            return  # unsubscribed meanwhile (or removed from the document): nothing to send
+            return False  # removed from the document meanwhile: nothing to send
         self._send_ops(doc, entries)
         member.release()
+        return True
 
     def _send_ops(self, doc: str, entries: list[dict[str, Any]]) -> None:
         """A catch-up: ``ops`` messages of at most ``CATCH_UP_CHUNK`` ops (one if none)."""

@@ -376,6 +376,32 @@ async def test_the_answers_to_one_frame_leave_in_one_frame(
         assert [m["t"] for m in frame] == ["welcome", "snapshot", "pong"]
 
 
+async def test_a_catch_up_from_the_store_comes_before_the_next_message_s_answer(
+    api: Api, store_config: StoreConfig
+) -> None:
+    """hello + sub with v (the ops read from the store) + a bad message + ping in one frame:
+    the catch-up comes first, then the error and the pong, in one frame."""
+    doc = await api.create("ordered")
+    await _history(api, doc, 3)
+    async with second_gateway(store_config) as other:
+        opener = await other.connect(Codec.JSON)
+        try:
+            await opener.subscribe(doc)  # the room is open there, without those ops in memory
+            ws = await api.session.ws_connect(other.ws_url, protocols=["coscribe.v1.json"])
+            try:
+                await ws.send_str(orjson.dumps([
+                    {"t": "hello", "token": api.token()}, {"t": "sub", "doc": doc, "v": 0},
+                    {"t": "bogus"}, {"t": "ping"},
+                ]).decode())
+                frame = orjson.loads((await ws.receive(timeout=10)).data)
+                assert [m["t"] for m in frame] == ["welcome", "ops", "error", "pong"]
+                assert [e["v"] for e in frame[1]["ops"]] == [1, 2, 3]
+            finally:
+                await ws.close()
+        finally:
+            await opener.close()
+
+
 @pytest.mark.postgres
 async def test_sub_reads_what_the_hub_never_delivered(api: Api, store_config: StoreConfig) -> None:
     """A process that missed another's last commits (no message revealed them: the writer
