@@ -15,9 +15,9 @@ from uuid import UUID
 from schema.codes import Code
 
 MAX_CLIENT_ID_CHARS = 128
+"""Longest ``client`` id accepted in ``hello``."""
 MAX_SEQ = (1 << 63) - 1
 """Largest ``seq``: the store keeps it in a signed 64-bit column."""
-"""Longest ``client`` id accepted in ``hello``."""
 MAX_PRESENCE_BYTES = 4096
 """Largest presence ``data`` accepted, encoded (see the presence section of the protocol)."""
 MAX_PRESENCE_DEPTH = 64
