@@ -55,6 +55,8 @@ class SessionLimits:
     """Sustained rate of incoming messages per connection (token bucket)."""
     message_burst: float = 2000.0
     """Messages a connection may send at once before the rate applies."""
+    hello_seconds: float = 10.0
+    """How long a connection may stay open without a successful ``hello``."""
 
 
 class TokenBucket:
@@ -143,6 +145,9 @@ class Session:
 
     async def run(self) -> None:
         """Serve the connection until it closes; always leaves every room."""
+        # An unauthenticated connection holds a socket and a session for nothing: it gets
+        # until the deadline to say hello (its token's expiry then takes this timer's place).
+        self._expiry = self._loop.call_later(self.limits.hello_seconds, self._no_hello)
         try:
             async for msg in self.ws:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -284,6 +289,9 @@ class Session:
             self.user, expires = verify_token_until(self.secret, msg.token)
         except BadToken as exc:
             raise MessageError(Code.UNAUTHORIZED, str(exc)) from None
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if expires is not None:  # the session lasts as long as its token
             self._expiry = self._loop.call_later(max(0.0, expires - time.time()), self._expired)
         self.client = msg.client
@@ -400,6 +408,11 @@ class Session:
             raise MessageError(Code.TOO_LARGE, f"presence data over {limit} bytes", str(msg.doc))
         assert self.user is not None
         room.set_presence(self, self.id, self.user, msg.data)
+
+    def _no_hello(self) -> None:
+        seconds = self.limits.hello_seconds
+        self.error(Code.UNAUTHORIZED, f"no hello within {seconds:g} s; reconnect and send one")
+        self._spawn(self.close(CLOSE_UNAUTHORIZED, "no hello"))
 
     def _expired(self) -> None:
         self.error(Code.UNAUTHORIZED, "token expired; reconnect with a new token")

@@ -769,6 +769,32 @@ async def test_messages_over_the_rate_are_rate_limited_and_not_handled(
         await ws.close()
 
 
+async def test_a_connection_without_hello_is_closed_at_the_deadline(
+    store_config: StoreConfig,
+) -> None:
+    """A connection that only pings (or sends nothing) gets unauthorized, then 4001, once
+    the hello deadline passes; one that said hello in time stays open."""
+    limits = SessionLimits(hello_seconds=0.3)
+    async with limited_env(store_config, limits) as env:
+        silent = await WsClient.connect(env.http.session, env.ws_url)
+        pinging = await WsClient.connect(env.http.session, env.ws_url)
+        greeted = await env.connect(OWNER)
+        try:
+            await pinging.send({"t": "ping"})
+            for ws in (silent, pinging):
+                assert await ws.wait_closed(within=5) == CLOSE_UNAUTHORIZED
+                refused = [m for m in ws.log if m["t"] == "error"]
+                assert [m["code"] for m in refused] == ["unauthorized"]
+                assert "no hello within 0.3 s" in refused[0]["message"]
+            await asyncio.sleep(0.3)
+            mark = len(greeted.log)
+            await greeted.send({"t": "ping"})
+            assert (await greeted.wait_for(lambda m: m["t"] == "pong", since=mark))["t"] == "pong"
+        finally:
+            for ws in (silent, pinging, greeted):
+                await ws.close()
+
+
 async def test_slow_consumer_is_closed_with_4008(small_env: Env) -> None:
     """A session whose send buffer overflows is closed with 4008; the document is intact."""
     ws = await small_env.connect(OWNER)

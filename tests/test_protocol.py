@@ -503,6 +503,7 @@ def test_protocol_doc_states_the_limits_and_close_codes() -> None:
     assert frames.HARD_FRAME_BYTES == limits.max_buffer_bytes == 16 << 20
     assert "16 MiB" in doc
     assert f"{messages.MAX_CLIENT_ID_CHARS} characters" in doc
+    assert f"| {limits.hello_seconds:g} s |" in doc
     for close in (
         session.CLOSE_GOING_AWAY,
         session.CLOSE_UNAUTHORIZED,
