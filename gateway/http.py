@@ -147,12 +147,22 @@ def _doc_id(request: web.Request) -> UUID:
         raise ApiError(Code.NOT_FOUND, "no such document") from None
 
 
+def parse_int(raw: str) -> int:
+    """A query parameter as an integer: ASCII digits, an optional leading ``-``; else
+    ValueError (``int`` alone would also take ``1_0``, ``+1``, spaces and other scripts'
+    digits)."""
+    digits = raw[1:] if raw.startswith("-") else raw
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 19:
+        raise ValueError(raw)
+    return int(raw)
+
+
 def _int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
     try:
-        value = int(raw)
+        value = parse_int(raw)
     except ValueError:
         raise ApiError(Code.BAD_REQUEST, f"{name} must be an integer") from None
     if not lo <= value <= hi:

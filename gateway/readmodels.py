@@ -44,7 +44,7 @@ from multidict import CIMultiDict
 from domain.document import CONTEXT_FIELDS, Document, check_no_nul
 from domain.errors import BadVersion, DomainError, Invalid, NotFound, TooLarge
 from gateway import keys
-from gateway.http import GATE, cached_response, readable_room
+from gateway.http import GATE, cached_response, parse_int, readable_room
 from gateway.room import Rejected, Room, Submission
 from gateway.rooms import Rooms
 from gateway.store import Store, StoreConfig, StoreUnavailable
@@ -316,7 +316,7 @@ def _int(request: web.Request, name: str, default: int | None, lo: int, hi: int)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = parse_int(raw)
     except ValueError:
         raise Invalid(f"{name} must be an integer") from None
     if not lo <= value <= hi:
@@ -328,11 +328,16 @@ MAX_VERSION_DIGITS = 19
 """Digits of the longest version (2**63 - 1)."""
 
 
+def _digits(raw: str) -> bool:
+    """``raw`` is ASCII digits only (``isdecimal`` alone takes other scripts' digits too)."""
+    return raw.isascii() and raw.isdecimal()
+
+
 def _version(request: web.Request, name: str, default: int, current: int) -> int:
     """Query parameter ``name`` as a version of a document now at ``current``: an integer
     ``>= 0`` (else ``bad_request``) and not past ``current`` (else ``bad_version``)."""
     raw = request.query.get(name) or str(default)
-    if not raw.isdecimal():
+    if not _digits(raw):
         raise Invalid(f"{name} must be a version (an integer >= 0)")
     if len(raw) > MAX_VERSION_DIGITS:  # past any version (and past what int() parses)
         raise BadVersion(f"{name} is past the current version {current}")
@@ -386,7 +391,7 @@ VERSION_PARAMS = ("at", "from", "to")
 async def _readable_room(request: web.Request) -> Room:
     """The room, if the caller may read it, and up to date with any version it asks for."""
     asked = [request.query.get(n, "") for n in VERSION_PARAMS]
-    v = max((int(a) for a in asked if a.isdecimal() and len(a) <= MAX_VERSION_DIGITS),
+    v = max((int(a) for a in asked if _digits(a) and len(a) <= MAX_VERSION_DIGITS),
             default=None)
     return await readable_room(request, v)
 
@@ -600,7 +605,7 @@ async def time_travel(request: web.Request) -> web.Response:
     raw = request.query.get("at", "")
     version: int | None = None
     when: datetime | None = None
-    if raw.isdecimal():
+    if _digits(raw):
         version = _version(request, "at", 0, room.snapshot.v)
     else:
         when = parse_time(raw, "at")

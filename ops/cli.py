@@ -34,6 +34,10 @@ BIND_ERRORS = {
 """Why binding the server's address failed (the other OSErrors of a start are not these)."""
 
 
+MAX_TTL_SECONDS = 100 * 365 * 86400
+"""Longest ``token --ttl``: a hundred years (omit it for a token that never expires)."""
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings.load(overrides={f.name: getattr(args, f.name, None) for f in fields(Settings)})
 
@@ -186,8 +190,9 @@ def cmd_token(args: argparse.Namespace) -> int:
     from gateway.auth import sign_token
 
     settings = _settings(args)
-    if args.ttl is not None and args.ttl < 1:
-        return _fail("token", f"--ttl must be at least 1 second, not {args.ttl:g}", 2)
+    if args.ttl is not None and not 1 <= args.ttl <= MAX_TTL_SECONDS:  # NaN fails too
+        return _fail("token", f"--ttl must be in 1..{MAX_TTL_SECONDS:,} seconds, "
+                              f"not {args.ttl:g}", 2)
     try:
         secret = settings.secret_bytes()
     except DataDirUnusable as exc:

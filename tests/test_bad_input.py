@@ -905,6 +905,8 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("GET", "/A/ops?from=x", {}, 400, "bad_request"),
     ("GET", "/A/ops?limit=0", {}, 400, "bad_request"),
     ("GET", "/A/ops?limit=1001", {}, 400, "bad_request"),
+    ("GET", "/A/ops?limit=1_0", {}, 400, "bad_request"),
+    ("GET", "/A/ops?from=%2B1", {}, 400, "bad_request"),
     ("PATCH", "/A", {"json": {"title": None}}, 400, "bad_request"),
     ("POST", "/A/members", {"json": {"user": "x"}}, 400, "bad_request"),
     ("POST", "/A/members", {"json": {"user": "x", "role": "owner"}}, 409, "conflict"),

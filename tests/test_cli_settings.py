@@ -114,14 +114,16 @@ def test_settings_accept_the_bounds_and_any_case_of_a_level() -> None:
     assert issubclass(SettingsError, ValueError)
 
 
-@pytest.mark.parametrize("ttl", ["-5", "0", "0.9"])
-def test_token_refuses_a_ttl_below_one_second(
+@pytest.mark.parametrize("ttl", ["-5", "0", "0.9", "inf", "nan", "1e300"])
+def test_token_refuses_a_ttl_below_one_second_or_past_a_century(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], ttl: str
 ) -> None:
-    """``token --ttl -5`` printed a token that had already expired; now it exits 2."""
+    """``token --ttl -5`` printed a token that had already expired, ``--ttl inf`` was an
+    OverflowError traceback; now both exit 2 with one line."""
     assert cli.main(["token", "alice", "--ttl", ttl, "--data-dir", str(tmp_path)]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and "--ttl must be at least 1" in err
+    assert out == "" and "--ttl must be in 1..3,153,600,000 seconds" in err
+    assert len(err.strip().splitlines()) == 1
     assert cli.main(["token", "alice", "--ttl", "1", "--data-dir", str(tmp_path)]) == 0
 
 

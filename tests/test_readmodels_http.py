@@ -72,7 +72,8 @@ async def test_list_is_newest_first_readable_only_and_filtered_by_title(api: Api
 
 async def test_bad_list_queries_get_bad_request(api: Api) -> None:
     """Unknown orders, out-of-range limits and foreign cursors are 400 bad_request."""
-    for q in ("order=title", "limit=0", "limit=501", "cursor=nope", "limit=x"):
+    for q in ("order=title", "limit=0", "limit=501", "cursor=nope", "limit=x", "limit=1_0",
+              "limit=%2B5", "limit=%D9%A3"):
         body = await api.call("GET", f"/v1/documents?{q}", status=400)
         assert body["error"]["code"] == "bad_request"
     await api.create("a")
@@ -458,6 +459,9 @@ async def test_queries_at_the_edges_of_their_types_get_bad_request(api: Api) -> 
         f"/v1/documents?cursor={cursor.decode().rstrip('=')}",
         "/v1/documents?q=%00",
         "/v1/documents?q=a%00b",
+        f"/v1/documents/{doc}?at=%D9%A3",  # ARABIC-INDIC DIGIT THREE: a digit, not ASCII
+        f"/v1/documents/{doc}/blame?at=%D9%A3",
+        f"/v1/documents/{doc}/diff?from=0&to=1_0",
     ):
         body = await api.call("GET", path, status=400)
         assert body["error"]["code"] == "bad_request", path
