@@ -8,7 +8,6 @@ into :class:`NoStore`, before anything is created.
 
 from __future__ import annotations
 
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
@@ -79,7 +78,7 @@ def open_store(settings: Settings, *, existing: bool = False) -> Store:
 def _exists(cfg: StoreConfig) -> bool:
     """Whether the event table is there (asked without creating anything)."""
     if not cfg.database_url:
-        return Path(cfg.data_dir / "events.sqlite").is_file()
+        return (cfg.data_dir / "events.sqlite").is_file()
     import psycopg
 
     schema = (cfg.database_schema or "public").replace('"', '""')
