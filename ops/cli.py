@@ -12,6 +12,7 @@ arguments (a flag or variable out of range, an empty user).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import logging
 import multiprocessing
@@ -19,6 +20,7 @@ import os
 import queue
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from typing import Any
@@ -34,6 +36,9 @@ BIND_ERRORS = {
 """Why binding the server's address failed (the other OSErrors of a start are not these)."""
 
 
+STOP_GRACE = 30.0
+"""Seconds ``serve --workers`` gives its processes to stop after SIGTERM (a gateway drains
+for up to 10 s, then closes for up to 10 s) before it kills them."""
 MAX_TTL_SECONDS = 100 * 365 * 86400
 """Longest ``token --ttl``: a hundred years (omit it for a token that never expires)."""
 
@@ -73,19 +78,53 @@ def _serve_one(settings: Settings, listening: Callable[[], None]) -> int:
     except (StoreUnreachable, DataDirUnusable) as exc:
         return _fail("serve", str(exc))
     tune_gc()
+    app.on_startup.append(_stop_on_first_signal)
     # A log line per request costs more than serving a cached read: access logs are debug.
     access_log = logging.getLogger("aiohttp.access") if settings.log_level == "debug" else None
     try:
         # run_app calls ``print`` once every site is listening.
         web.run_app(app, host=settings.host, port=settings.port,
                     print=lambda _banner: listening(), access_log=access_log,
-                    shutdown_timeout=10, reuse_port=settings.workers > 1, backlog=4096)
+                    shutdown_timeout=10, reuse_port=settings.workers > 1, backlog=4096,
+                    handle_signals=False)
     except OSError as exc:
         if exc.errno not in BIND_ERRORS:
             raise
         return _fail("serve", f"cannot listen on {settings.host}:{settings.port}: the port "
                               f"{BIND_ERRORS[exc.errno]}")
+    _ignore_stop_signals()
     return 0
+
+
+def _ignore_stop_signals() -> None:
+    """Once stopped: a late SIGTERM or SIGINT (the process group's, a second Ctrl-C) must
+    not kill the process while it exits (the interpreter's exit resets Python's handlers)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+async def _stop_on_first_signal(app: Any) -> None:
+    """SIGTERM or SIGINT starts the graceful stop; later ones are ignored.
+
+    aiohttp's own handlers raise ``GracefulExit`` (a ``SystemExit`` with code 1) for every
+    signal, so a second one, which a worker of ``serve --workers`` gets when SIGTERM goes
+    to the process group and its parent passes it on, broke off the drain and the process
+    exited 1 (2 of 8 such stops). The parent kills a process that does not stop in time.
+    """
+    from aiohttp.web_runner import GracefulExit
+
+    loop = asyncio.get_running_loop()
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        if stopping:  # the handler stays, so that a later signal does nothing
+            return
+        stopping = True
+        raise GracefulExit()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
 
 
 def _worker(settings: Settings, ready: Any) -> None:
@@ -146,17 +185,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if _await_listening(procs, ready, settings.workers):
             print(f"coscribe serving on {url} with {settings.workers} workers", flush=True)
-            for p in procs:
-                p.join()
+            _join(procs, lambda: stopping)
     except KeyboardInterrupt:
         stopping = True
     finally:
         for p in procs:
             if p.is_alive():
                 p.terminate()
-        for p in procs:
-            p.join(timeout=15)
+        _join(procs, lambda: True)
+        _ignore_stop_signals()
     return _exit_code(procs, stopping)
+
+
+def _join(procs: Sequence[Any], stopping: Callable[[], bool]) -> None:
+    """Wait for every process to end; once ``stopping()``, one still running after
+    ``STOP_GRACE`` seconds is killed (a parent must not wait for good on a stuck child:
+    the service manager would kill the lot, uncounted)."""
+    from multiprocessing.connection import wait
+
+    deadline: float | None = None
+    while alive := [p for p in procs if p.is_alive()]:
+        if deadline is None and stopping():
+            deadline = time.monotonic() + STOP_GRACE
+        if deadline is not None and time.monotonic() > deadline:
+            for p in alive:
+                print(f"coscribe serve: {p.name} did not stop within {STOP_GRACE:g} s; killed",
+                      file=sys.stderr, flush=True)
+                p.kill()
+                p.join()
+            return
+        wait([p.sentinel for p in alive], timeout=0.5)
 
 
 def _await_listening(procs: Sequence[Any], ready: Any, workers: int) -> bool:

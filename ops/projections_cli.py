@@ -19,7 +19,7 @@ import functools
 import logging
 import signal
 import sys
-import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from uuid import UUID
@@ -174,6 +174,36 @@ def _redis_bump(redis_url: str | None, prefix: str, log_id: str) -> Any:
     return observe
 
 
+class Stop:
+    """A stop request from a signal handler, waited for by the main thread.
+
+    Not a ``threading.Event``: its ``set`` takes the lock that the same thread holds while
+    in ``wait``, so a signal arriving then deadlocked the process (seen: a runner that
+    never stopped, its ``serve --workers`` parent waiting on it for good). A handler may
+    set a flag; ``wait`` sleeps in short steps and looks at it.
+    """
+
+    STEP = 0.05
+    """Longest a wait goes on after the request (seconds)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        """The signal handler."""
+        self.requested = True
+
+    def is_set(self) -> bool:
+        """Whether a stop was requested."""
+        return self.requested
+
+    def wait(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less once a stop is requested."""
+        deadline = time.monotonic() + seconds
+        while not self.requested and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, self.STEP))
+
+
 @_store_errors
 def cmd_projections_run(args: argparse.Namespace) -> int:
     """Follow the log and keep the read models up to date until SIGTERM or Ctrl-C."""
@@ -188,9 +218,9 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
         log.warning("no Redis URL (--redis-url, COSCRIBE_REDIS_URL): gateways that cache "
                     "through Redis without running projections will serve stale analytics")
     store, source, db = _open(args, existing=False)  # it may start before the gateways
-    stop = threading.Event()
+    stop = Stop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, stop.handle)
     try:
         runner = Runner(db, source, models, page_size=args.page,
                         observe=_redis_bump(settings.redis_url, settings.redis_prefix,

@@ -4,10 +4,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,3 +138,77 @@ def test_read_only_commands_make_no_schema_for_a_mistyped_one(
     finally:
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def _deaf() -> None:
+    """A child that ignores SIGTERM (as a stuck one would) and sleeps."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(60)
+
+
+def test_serve_kills_a_process_that_does_not_stop_within_the_grace(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Once stopping, ``serve --workers`` waits ``STOP_GRACE`` for its processes, then kills
+    the one still running and says so (it used to wait on a stuck runner for good)."""
+    monkeypatch.setattr(cli, "STOP_GRACE", 0.5)
+    child = multiprocessing.get_context("spawn").Process(target=_deaf, name="deaf")
+    child.start()
+    try:
+        time.sleep(0.5)  # its handler is set
+        child.terminate()
+        started = time.monotonic()
+        cli._join([child], lambda: True)
+        assert time.monotonic() - started < 5
+        assert child.exitcode == -signal.SIGKILL
+        assert "deaf did not stop within 0.5 s; killed" in capsys.readouterr().err
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+def test_a_stop_requested_by_a_signal_ends_the_wait_at_once() -> None:
+    """``projections run`` waits on a flag its signal handler sets (an Event's set() from a
+    handler could deadlock on the lock the waiting thread holds)."""
+    from ops.projections_cli import Stop
+
+    stop = Stop()
+    previous = signal.signal(signal.SIGUSR1, stop.handle)
+    try:
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        started = time.monotonic()
+        stop.wait(30)
+        assert stop.is_set() and time.monotonic() - started < 2
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_signal_during_the_stop_does_not_break_it_off(
+    tmp_path: Path, workers: int, redis_url: str, redis_prefix: str
+) -> None:
+    """SIGTERM to the whole process group (what systemd sends), so that a worker gets its
+    parent's SIGTERM too, or a second Ctrl-C: every process stops and the exit is 0 (a
+    second signal broke off aiohttp's graceful stop, and the process exited 1)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSCRIBE_")}
+    args = ["--port", str(_closed_port()), "--data-dir", str(tmp_path / "data")]
+    if workers > 1:
+        args += ["--workers", str(workers), "--redis-url", redis_url,
+                 "--redis-prefix", redis_prefix, "--projections", "off"]
+    proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "serve", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert "serving on" in proc.stdout.readline()
+        for _ in range(3):
+            os.killpg(proc.pid, signal.SIGTERM)
+            time.sleep(0.02)
+        assert proc.wait(timeout=40) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
