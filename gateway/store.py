@@ -11,6 +11,7 @@ connection becomes ``StoreUnavailable``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -167,6 +168,22 @@ def _create_app(cfg: StoreConfig) -> CoscribeApplication:
             return CoscribeApplication(env=env)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
+
+
+@contextlib.contextmanager
+def _opening(cfg: StoreConfig) -> Iterator[None]:
+    """On SQLite, one process at a time opens the file: setting its WAL journal does not
+    wait for another connection's lock (seen: a worker of ``serve --workers 2`` exiting with
+    "database is locked" at start, 1 start in 6). On PostgreSQL ``_create_app`` serialises."""
+    if cfg.database_url:
+        yield
+        return
+    import fcntl
+
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(cfg.data_dir / "events.sqlite.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 class CoscribeApplication(Application[UUID]):
@@ -333,9 +350,10 @@ class Store:
 
     def __init__(self, cfg: StoreConfig) -> None:
         self.cfg = cfg
-        self.app = _create_app(cfg)
-        """Reads (any thread): loads, catch-ups, lookups, the projection runner."""
-        self._writer_app = CoscribeApplication(env=library_env(cfg, writer=True))
+        with _opening(cfg):
+            self.app = _create_app(cfg)
+            """Reads (any thread): loads, catch-ups, lookups, the projection runner."""
+            self._writer_app = CoscribeApplication(env=library_env(cfg, writer=True))
         """Writes only, from the committer's thread: its own connection, so that reads (even
         a burst of catch-ups, or the library's retries of a failing read) never hold the
         connection a commit needs."""

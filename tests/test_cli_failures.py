@@ -202,8 +202,9 @@ def test_a_second_signal_during_the_stop_does_not_break_it_off(
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        assert proc.stdout is not None
-        assert "serving on" in proc.stdout.readline()
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline()
+        assert "serving on" in line, (line, proc.poll(), proc.stderr.read())
         for _ in range(3):
             os.killpg(proc.pid, signal.SIGTERM)
             time.sleep(0.02)

@@ -460,3 +460,12 @@ def test_processes_start_together_on_a_fresh_schema(tmp_path: Path, pg_url: str)
                     psql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(psql.Identifier(schema))
                 )
     assert errors == [], [f"{type(e).__name__}: {e}" for e in errors]
+
+
+def test_processes_start_together_on_a_fresh_sqlite_store(tmp_path: Path) -> None:
+    """The same on the embedded store: opening the file is serialised (setting its WAL
+    journal does not wait for another connection's lock: "database is locked")."""
+    errors: list[BaseException] = []
+    for i in range(5):
+        errors += _start_together(StoreConfig(data_dir=tmp_path / str(i)), 4)
+    assert errors == [], [f"{type(e).__name__}: {e}" for e in errors]
