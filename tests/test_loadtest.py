@@ -1279,3 +1279,53 @@ def test_tiny_run_against_a_real_server(tmp_path: Path) -> None:
     assert report["server"]["cpu_s"] is not None  # found the server by its port
     probe = report["machine"]["cpu_probe_us"]  # the machine's speed, before and after
     assert probe["before"] > 0 and probe["after"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    COSCRIBE is None or not (ROOT / "gateway" / "app.py").exists(),
+    reason="needs the coscribe server (gateway/app.py and the coscribe script)",
+)
+def test_a_server_gone_mid_run_still_gives_the_finished_steps(tmp_path: Path) -> None:
+    """The server killed in step 2 of 2: exit 1, and the report of step 1 with ``failed``
+    (no report was written at all)."""
+    assert COSCRIBE is not None
+    port = _free_port()
+    data = tmp_path / "data"
+    scenario = tmp_path / "two.toml"
+    scenario.write_text(
+        'name = "two"\ndocuments = 1\nwriters = 2\nop_interval_ms = 50\n'
+        'warmup_s = 0.2\nmeasure_s = 1\n'
+        '[[steps]]\nname = "first"\n[[steps]]\nname = "second"\nmeasure_s = 30\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSCRIBE_")}
+    server = subprocess.Popen(
+        [COSCRIBE, "serve", "--port", str(port), "--data-dir", str(data)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    out = tmp_path / "report.json"
+    try:
+        _wait_healthy(port, server)
+        run = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "ops.loadtest", str(scenario), "--procs", "1"),
+                *("--url", f"http://127.0.0.1:{port}", "--data-dir", str(data), "--json", str(out)),
+            ],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert run.stderr is not None
+        for line in run.stderr:  # progress lines: kill the server once step 2 runs
+            if "step 2/2" in line:
+                server.kill()
+                server.wait()
+                break
+        _, err = run.communicate(timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert run.returncode == 1, err[-2000:]
+    report = json.loads(out.read_text())
+    assert [s["name"] for s in report["steps"]] == ["first"]
+    assert report["failed"].startswith("after step 1: ")
+    assert report["steps"][0]["converged"] is True and report["steps"][0]["lost"] == 0

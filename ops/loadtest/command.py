@@ -2,7 +2,8 @@
 
 Exit status: 0 when the run completed, whatever the figures say (thresholds missed are in
 the report); 1 when the run itself failed (server unreachable, setup refused, a load process
-died); 2 for bad arguments or a bad scenario file; 130 when interrupted.
+died: the report, if asked for, then has the steps that finished before, and ``failed``);
+2 for bad arguments or a bad scenario file; 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -137,12 +138,17 @@ def run(args: argparse.Namespace) -> int:
     )
     progress = Progress(err, scenario.name)
     runner = Runner(scenario, options, progress)
+    failed: str | None = None
     try:
         with progress:
             report = asyncio.run(runner.run())
     except RunFailed as exc:
-        err.print(f"[red]coscribe loadtest: run failed:[/red] {escape(str(exc))}", highlight=False)
-        return 1
+        failed = str(exc)
+        err.print(f"[red]coscribe loadtest: run failed:[/red] {escape(failed)}", highlight=False)
+        if not runner.outcomes:
+            return 1
+        # What the steps before the failure measured is still worth having.
+        report = runner.report(failed=f"after step {len(runner.outcomes)}: {failed}")
     except KeyboardInterrupt:
         err.print("coscribe loadtest: interrupted")
         return 130
@@ -161,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
             err.print(f"[red]coscribe loadtest:[/red] {escape(str(exc))}")
             return 1
         out.print(f"plot written to {args.plot}")
+    if failed is not None:
+        return 1
     unjoined = [s["name"] for s in report["steps"] if _nobody_joined(s)]
     if unjoined:  # nothing was measured: the run itself failed
         err.print(f"[red]coscribe loadtest: run failed:[/red] no session joined in step "

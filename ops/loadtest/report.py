@@ -391,6 +391,9 @@ def summary_table(report: dict[str, Any]) -> Table:
 def notes(report: dict[str, Any]) -> list[str]:
     """Lines worth reading under the table: SLO failures, errors, load-generator limits."""
     out = []
+    if report.get("failed"):
+        out.append(f"the run failed {report['failed']}: the figures are those of the steps "
+                   "that finished before it")
     for s in report["steps"]:
         for why in s["slo"]["failed"]:
             out.append(f"{s['name']}: {why}")

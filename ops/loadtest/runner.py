@@ -182,14 +182,18 @@ class Runner:
         self.port = urlsplit(self.base).port or (443 if self.base.startswith("https") else 80)
         self.progress = progress
         self.outcomes: list[StepOutcome] = []
+        self._started = datetime.now(UTC)
+        self._probe_before = 0.0
 
     async def run(self) -> dict[str, Any]:
-        """Run every step; return the report (see :func:`ops.loadtest.report.run_report`)."""
-        started = datetime.now(UTC)
+        """Run every step; return the report (see :func:`ops.loadtest.report.run_report`).
+
+        Raises ``RunFailed``; ``report`` then gives the steps that finished before it."""
+        self._started = datetime.now(UTC)
         users = max(s.distinct_users for s in self.scenario.steps)
         tokens = sign_tokens(self.options.secret, users)
         procs = _Procs(self.options.procs)
-        probe_before = cpu_probe_us()
+        self._probe_before = cpu_probe_us()
         async with Provisioner(self.base, tokens) as http:
             try:
                 await http.health()
@@ -203,12 +207,19 @@ class Runner:
                 raise RunFailed(f"a request to the server failed: {exc}") from exc
             finally:
                 await procs.stop()
-        meta = {
+        return self.report()
+
+    def report(self, failed: str | None = None) -> dict[str, Any]:
+        """The report of the steps run so far; ``failed``: why the run stopped before the
+        end (the report then says so, and covers only the steps that finished)."""
+        meta: dict[str, Any] = {
             "url": self.base,
             "procs": self.options.procs,
-            "started_at": started.isoformat(timespec="seconds"),
-            "machine": _machine(probe_before, cpu_probe_us()),
+            "started_at": self._started.isoformat(timespec="seconds"),
+            "machine": _machine(self._probe_before, cpu_probe_us()),
         }
+        if failed is not None:
+            meta["failed"] = failed
         return run_report(self.scenario, self.outcomes, meta)
 
     async def _step(
