@@ -1216,6 +1216,20 @@ def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.
 COSCRIBE = shutil.which("coscribe", path=str(Path(sys.executable).parent))
 
 
+def _serve(data: Path) -> tuple[int, subprocess.Popen[bytes], dict[str, str]]:
+    """A ``coscribe serve`` on a free port with ``data`` as its data dir, healthy: its port,
+    process and the environment it runs in (no ``COSCRIBE_*`` of the caller's)."""
+    assert COSCRIBE is not None
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSCRIBE_")}
+    server = subprocess.Popen(
+        [COSCRIBE, "serve", "--port", str(port), "--data-dir", str(data)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    _wait_healthy(port, server)
+    return port, server, env
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     COSCRIBE is None or not (ROOT / "gateway" / "app.py").exists(),
@@ -1223,8 +1237,6 @@ COSCRIBE = shutil.which("coscribe", path=str(Path(sys.executable).parent))
 )
 def test_tiny_run_against_a_real_server(tmp_path: Path) -> None:
     """A 2 s run of every client kind on a real server: all keys, converged, nothing lost."""
-    assert COSCRIBE is not None
-    port = _free_port()
     data = tmp_path / "data"
     scenario = tmp_path / "tiny.toml"
     scenario.write_text(
@@ -1232,15 +1244,8 @@ def test_tiny_run_against_a_real_server(tmp_path: Path) -> None:
         'op_interval_ms = 50\nprotocol = "mixed"\nwarmup_s = 0.5\nmeasure_s = 2\n'
         "presence_interval_s = 0.5\n[http]\nconcurrency = 2\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COSCRIBE_")}
-    server = subprocess.Popen(
-        [COSCRIBE, "serve", "--port", str(port), "--data-dir", str(data)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port, server, env = _serve(data)
     try:
-        _wait_healthy(port, server)
         out = tmp_path / "report.json"
         run = subprocess.run(
             [
@@ -1289,8 +1294,6 @@ def test_tiny_run_against_a_real_server(tmp_path: Path) -> None:
 def test_a_server_gone_mid_run_still_gives_the_finished_steps(tmp_path: Path) -> None:
     """The server killed in step 2 of 2: exit 1, and the report of step 1 with ``failed``
     (no report was written at all)."""
-    assert COSCRIBE is not None
-    port = _free_port()
     data = tmp_path / "data"
     scenario = tmp_path / "two.toml"
     scenario.write_text(
@@ -1298,14 +1301,9 @@ def test_a_server_gone_mid_run_still_gives_the_finished_steps(tmp_path: Path) ->
         'warmup_s = 0.2\nmeasure_s = 1\n'
         '[[steps]]\nname = "first"\n[[steps]]\nname = "second"\nmeasure_s = 30\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COSCRIBE_")}
-    server = subprocess.Popen(
-        [COSCRIBE, "serve", "--port", str(port), "--data-dir", str(data)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    port, server, env = _serve(data)
     out = tmp_path / "report.json"
     try:
-        _wait_healthy(port, server)
         run = subprocess.Popen(
             [
                 *(sys.executable, "-m", "ops.loadtest", str(scenario), "--procs", "1"),
