@@ -215,7 +215,7 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
             curs.execute(self._log_id)
             row = curs.fetchone()
         assert row is not None
-        return str(row["log_id"] if isinstance(row, dict) else row[0])
+        return str(row["log_id"])
 
     def checked_params(
         self,

@@ -10,15 +10,12 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from gateway.app import Services, create_app
 from gateway.auth import BadToken, TokenCache, sign_token
-from gateway.readmodels import Extension
-from gateway.store import Store, StoreConfig
+from gateway.store import StoreConfig
 from projections.cache import Bounded, HeadProbe, PageCache
-
-SECRET = b"test-secret"
+from tests.readside import SECRET, gateway
 
 
 class Client:
@@ -48,13 +45,8 @@ class Client:
 @pytest.fixture
 async def http(store_config: StoreConfig) -> AsyncIterator[Client]:
     """A gateway with the read side, on SQLite and on Postgres."""
-    services = Services(store=Store(store_config), secret=SECRET, extensions=[Extension()])
-    client = TestClient(TestServer(create_app(services), host="127.0.0.1", port=0))
-    await client.start_server()
-    try:
-        yield Client(client)
-    finally:
-        await client.close()
+    async with gateway(store_config) as api:
+        yield Client(api.client)
 
 
 async def test_document_etag_gives_304_until_an_acknowledged_write(http: Client) -> None:
