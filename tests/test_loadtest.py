@@ -1094,6 +1094,24 @@ def test_cpu_account_counts_a_reaped_child_once() -> None:
     assert account.peak_rss["gateway"] > 0
 
 
+def test_cpu_account_charges_a_database_process_its_own_time_only() -> None:
+    """The postmaster's reaped children are every client's backends: not the gateway's."""
+
+    def stat(pid: int, ppid: int, own: int, children: int) -> procstat.ProcStat:
+        return procstat.ProcStat(pid, ppid, "postgres", 7, own, children, 0)
+
+    account = procstat.CpuAccount(roots={"gateway": set()}, started=True)
+    tick = procstat._TICK
+    postmaster = (stat(10, 1, 100, 0), stat(10, 1, 100 + tick, 50 * tick))
+    backend = (stat(11, 10, 0, 0), stat(11, 10, 2 * tick, 0))  # exited after its last sample
+    account.tracked = {
+        (10, 7): procstat._Tracked("postgres", *postmaster),
+        (11, 7): procstat._Tracked("postgres", *backend),
+    }
+    account.alive = {(10, 7)}
+    assert account.cpu_seconds()["postgres"] == pytest.approx(3.0)
+
+
 # --- command line -------------------------------------------------------------------------
 
 

@@ -8,14 +8,18 @@ or Redis (test suites, other servers) are left out:
 - a PostgreSQL backend counts when the client port in its process title (``postgres: user db
   127.0.0.1(PORT) ...``) is the local port of one of the gateway's TCP connections;
   backends of other clients (and ``[local]`` ones) do not. Once any backend counts, the
-  cluster's shared processes (postmaster, WAL writer, checkpointer, autovacuum...) count too;
-- ``redis-server`` counts when the gateway holds a TCP connection to its port.
+  cluster's shared processes (postmaster, WAL writer, checkpointer, autovacuum...) count too,
+  whole: they serve every client of the cluster, and cannot be split among them;
+- ``redis-server`` counts when the gateway holds a TCP connection to its port, whole (one
+  process serves every client: other programs' commands in the window count too).
 
 So an embedded (SQLite) server costs only its own processes. A server that reaches
 PostgreSQL over a Unix socket is under-counted (its backends are ``[local]``).
 
-Accounting (:class:`CpuAccount`): each process contributes its own ``utime + stime`` plus
-its reaped children's ``cutime + cstime`` over the window. A tracked process that exits
+Accounting (:class:`CpuAccount`): each gateway or load process contributes its own ``utime
++ stime`` plus its reaped children's ``cutime + cstime`` over the window; a database process
+only its own (the postmaster reaps every backend of the cluster, whoever it served, so a
+database process that exits counts up to its last sample). A tracked process that exits
 during the window and is reaped by a tracked parent shows up again in the parent's children's
 time, for its whole life; it then contributes minus what it had used before the window, so
 the window is counted once. A process first seen after the window opened counts from zero if
@@ -38,6 +42,7 @@ PROC = Path("/proc")
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 DATABASE_COMMS = {"postgres": "postgres", "postmaster": "postgres", "redis-server": "redis"}
+DATABASE_GROUPS = frozenset(DATABASE_COMMS.values())
 """Process names (``comm``) that may be the server's databases, and their group."""
 _PG_CLIENT = re.compile(r"\((\d+)\)")
 RECLASSIFY_EVERY = 40
@@ -418,7 +423,11 @@ class CpuAccount:
         for key, t in self.tracked.items():
             first_self = t.first.self_ticks if t.first else 0
             first_child = t.first.child_ticks if t.first else 0
-            if key in alive or t.last.ppid not in live_pids:
+            if t.group in DATABASE_GROUPS:
+                # The postmaster reaps every backend, whoever it served: its children's time
+                # is not the gateway's. A database process counts its own time only.
+                ticks = t.last.self_ticks - first_self
+            elif key in alive or t.last.ppid not in live_pids:
                 ticks = t.last.self_ticks + t.last.child_ticks - first_self - first_child
             else:
                 ticks = -(first_self + first_child)  # the live parent now counts its whole life
