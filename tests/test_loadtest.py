@@ -1310,8 +1310,8 @@ def test_tiny_run_against_a_real_server(tmp_path: Path) -> None:
     reason="needs the coscribe server (gateway/app.py and the coscribe script)",
 )
 def test_a_server_gone_mid_run_still_gives_the_finished_steps(tmp_path: Path) -> None:
-    """The server killed in step 2 of 2: exit 1, and the report of step 1 with ``failed``
-    (no report was written at all)."""
+    """The server killed in step 2 of 2: the run stops at once (not at the end of the
+    window), exits 1, and writes the report of step 1 with ``failed``."""
     data = tmp_path / "data"
     scenario = tmp_path / "two.toml"
     scenario.write_text(
@@ -1330,12 +1330,14 @@ def test_a_server_gone_mid_run_still_gives_the_finished_steps(tmp_path: Path) ->
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         assert run.stderr is not None
-        for line in run.stderr:  # progress lines: kill the server once step 2 runs
-            if "step 2/2" in line:
+        for line in run.stderr:  # progress lines: kill the server once step 2's load runs
+            if "step 2/2" in line and "sessions" in line:
                 server.kill()
                 server.wait()
                 break
+        killed = time.monotonic()
         _, err = run.communicate(timeout=120)
+        stopped_s = time.monotonic() - killed
     finally:
         if server.poll() is None:
             server.kill()
@@ -1344,4 +1346,6 @@ def test_a_server_gone_mid_run_still_gives_the_finished_steps(tmp_path: Path) ->
     report = json.loads(out.read_text())
     assert [s["name"] for s in report["steps"]] == ["first"]
     assert report["failed"].startswith("after step 1: ")
+    assert "the server is gone" in report["failed"]
+    assert stopped_s < 20, "the run went on with its 30 s window, the server dead"
     assert report["steps"][0]["converged"] is True and report["steps"][0]["lost"] == 0

@@ -19,10 +19,10 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from ops.loadtest import plan, worker
@@ -50,6 +50,11 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 LAG_EVERY_S = 0.25
 """How often the read models' lag is sampled during a measured window."""
+GONE_AFTER = 2
+"""Refused connections in a row (one a second) after which the server is taken as gone."""
+
+_T = TypeVar("_T")
+
 
 class RunFailed(Exception):
     """The run itself failed (not the server's figures): setup, a load process, a deadline."""
@@ -159,12 +164,14 @@ class _Procs:
                 self.early.append(msg)
         return got
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Tell every process to exit; kill one still running ``grace_s`` later (a process
+        mid-step reads no commands: after a failure the run does not wait for it long)."""
         for channel in self.channels:
             with contextlib.suppress(OSError):
                 await channel.send_wait({"cmd": "exit"})
         for p in self.procs:
-            await asyncio.to_thread(p.join, 10.0)
+            await asyncio.to_thread(p.join, grace_s)
             if p.is_alive():
                 p.kill()  # our own child, by its handle
                 await asyncio.to_thread(p.join, 5.0)
@@ -180,6 +187,7 @@ class Runner:
         self.options = options
         self.base = check_url(options.url)
         self.port = urlsplit(self.base).port or (443 if self.base.startswith("https") else 80)
+        self._host = urlsplit(self.base).hostname or "127.0.0.1"
         self.progress = progress
         self.outcomes: list[StepOutcome] = []
         self._started = datetime.now(UTC)
@@ -200,13 +208,15 @@ class Runner:
             except ProvisionError as exc:
                 raise RunFailed(f"server at {self.base} is not healthy: {exc}") from exc
             await procs.start()
+            grace_s = 1.0
             try:
                 for i, step in enumerate(self.scenario.steps):
                     self.outcomes.append(await self._step(i, step, http, procs, tokens))
+                grace_s = 10.0
             except ProvisionError as exc:  # making documents, or reading them back after
                 raise RunFailed(f"a request to the server failed: {exc}") from exc
             finally:
-                await procs.stop()
+                await procs.stop(grace_s)
         return self.report()
 
     def report(self, failed: str | None = None) -> dict[str, Any]:
@@ -296,10 +306,11 @@ class Runner:
         stop_sampling = asyncio.Event()
         sampler = asyncio.create_task(self._sample(account, window, stop_sampling))
         lags = asyncio.create_task(self._sample_lag(http, window))
+        watch = asyncio.create_task(_watch_server(self._host, self.port))
         self.progress.begin_step(step, index, len(self.scenario.steps), origin, window, arrivals_s)
         try:
             timeout = (drain_deadline - time.time_ns()) / 1e9 + 30.0
-            await procs.gather("drained", timeout, self.progress.update)
+            await _unless_gone(procs.gather("drained", timeout, self.progress.update), watch)
             self.progress.stage(step, index, len(self.scenario.steps), "verifying")
             read = await http.fetch_many(doc_ids)
             versions = {d.id: d.version for d in read}
@@ -308,13 +319,17 @@ class Runner:
                 await procs.send(
                     i, {"cmd": "verify", "versions": versions, "deadline_ns": verify_deadline}
                 )
-            results = await procs.gather("result", VERIFY_S + 60.0, self.progress.update)
+            results = await _unless_gone(
+                procs.gather("result", VERIFY_S + 60.0, self.progress.update), watch
+            )
             final = await http.fetch_many(doc_ids)  # the same, unless late ops still landed
             await procs.gather("closed", 60.0, self.progress.update)
         except BaseException:
             sampler.cancel()  # the run failed: no figures to finish
             lags.cancel()
             raise
+        finally:
+            watch.cancel()
         stop_sampling.set()
         cost = await _cost_of(sampler, account)
         projection_lag = await lags
@@ -371,6 +386,40 @@ class Runner:
                     nxt = edge
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, (nxt - time.time_ns()) / 1e9))
+
+
+async def _watch_server(host: str, port: int) -> None:
+    """Raise :class:`RunFailed` once the server's port has refused ``GONE_AFTER``
+    connections in a row, one a second: the server is gone. A slow answer is not."""
+    refused = 0
+    while True:
+        await asyncio.sleep(SAMPLE_EVERY_S)
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5.0)
+        except ConnectionRefusedError:
+            refused += 1
+            if refused >= GONE_AFTER:
+                raise RunFailed(f"the server is gone: {host}:{port} refuses connections") from None
+            continue
+        except (TimeoutError, OSError):
+            refused = 0
+            continue
+        refused = 0
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _unless_gone(aw: Awaitable[_T], watch: asyncio.Task[None]) -> _T:
+    """``aw``'s result, or the watcher's :class:`RunFailed` as soon as it has one."""
+    task = asyncio.ensure_future(aw)
+    await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        watch.result()  # raises: the watcher ends only by failing
+    return task.result()
 
 
 async def _cost_of(sampler: asyncio.Task[Cost], account: CpuAccount) -> Cost:
