@@ -1158,7 +1158,12 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
     args = _parse(["loadtest", "standard", "--secret", "s", "--url", "http://10.1.2.3:80"])
     assert args.func(args) == 2
     for flag in ("--json", "--plot"):  # checked before the run, not after it
-        args = _parse(["loadtest", "standard", "--secret", "s", flag, "/nonexistent/d/out"])
+        args = _parse(["loadtest", "standard", "--secret", "s", flag, "/nonexistent/d/out.png"])
+        assert args.func(args) == 2
+        args = _parse(["loadtest", "standard", "--secret", "s", flag, str(tmp_path)])
+        assert args.func(args) == 2  # a directory
+    for name in ("out.xyz", "noext"):  # a format matplotlib would refuse, or guess at
+        args = _parse(["loadtest", "standard", "--secret", "s", "--plot", str(tmp_path / name)])
         assert args.func(args) == 2
 
 

@@ -109,6 +109,20 @@ def resolve_secret(secret: str | None, data_dir: Path | None) -> bytes:
     return settings.secret_bytes()
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+"""The formats ``--plot`` writes, by the file's name."""
+
+
+def check_output_path(flag: str, path: Path) -> None:
+    """Refuse, before the run, an output path the report could not be written to."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {path}: not writable")
+    if not os.access(path.parent.resolve(), os.W_OK):
+        raise ValueError(f"{flag} {path}: cannot write in {path.parent.resolve()}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the scenario named by ``args``; return the exit status (see the module doc)."""
     from ops.loadtest.progress import Progress
@@ -128,8 +142,12 @@ def run(args: argparse.Namespace) -> int:
                 "--plot needs matplotlib: pip install 'coscribe[plot]' (or pip install matplotlib)"
             )
         for flag, path in (("--json", args.json_out), ("--plot", args.plot)):
-            if path is not None and not os.access(path.parent.resolve(), os.W_OK):
-                raise ValueError(f"{flag} {path}: cannot write in {path.parent.resolve()}")
+            if path is not None:
+                check_output_path(flag, path)
+        if args.plot is not None and args.plot.suffix.lower() not in PLOT_SUFFIXES:
+            raise ValueError(
+                f"--plot {args.plot}: the name must end in {', '.join(PLOT_SUFFIXES)}"
+            )
     except (ScenarioError, ValueError) as exc:
         err.print(f"[red]coscribe loadtest:[/red] {escape(str(exc))}", highlight=False)
         return 2
@@ -156,7 +174,12 @@ def run(args: argparse.Namespace) -> int:
     for line in notes(report):
         out.print(f"• {escape(line)}", highlight=False)
     if args.json_out is not None:
-        args.json_out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+        try:
+            args.json_out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+        except OSError as exc:
+            err.print(f"[red]coscribe loadtest:[/red] --json {escape(str(args.json_out))}: "
+                      f"{escape(exc.strerror or str(exc))}", highlight=False)
+            return 1
         out.print(f"report written to {args.json_out}")
     if args.plot is not None:
         from ops.loadtest.plot import PlotUnavailable, plot
@@ -165,6 +188,10 @@ def run(args: argparse.Namespace) -> int:
             plot(runner.outcomes, args.plot, f"coscribe loadtest · {scenario.name}")
         except PlotUnavailable as exc:
             err.print(f"[red]coscribe loadtest:[/red] {escape(str(exc))}")
+            return 1
+        except OSError as exc:
+            err.print(f"[red]coscribe loadtest:[/red] --plot {escape(str(args.plot))}: "
+                      f"{escape(exc.strerror or str(exc))}", highlight=False)
             return 1
         out.print(f"plot written to {args.plot}")
     if failed is not None:
