@@ -143,6 +143,70 @@ def test_bad_scenarios_name_the_key(data: dict[str, Any], message: str) -> None:
         parse(data)
 
 
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"writers": 1, "warmup_s": 1e20}, "warmup_s: must be <= 86,400"),
+        ({"writers": 1, "measure_s": 1e300}, "measure_s: must be <= 86,400"),
+        ({"writers": 1, "drain_s": 1e300}, "drain_s: must be <= 86,400"),
+        ({"writers": 1, "presence_interval_s": 86_401}, "presence_interval_s: must be <= 86,400"),
+        ({"writers": 1, "phases": [{"duration_s": 1e300}]}, "duration_s: must be <= 86,400"),
+        ({"writers": 1, "phases": [{"duration_s": 1, "arrival_count": 10**17}]}, "arrival_count"),
+        ({"writers": 1, "phases": [{"duration_s": 86_400, "arrival_rate": 3}]}, "259,200 sess"),
+        ({"writers": 1, "op_interval_ms": 1e-300}, "op_interval_ms: must be >= 1"),
+        ({"writers": 1, "op_interval_ms": 1e300}, "op_interval_ms: must be <= 86,400,000"),
+        ({"writers": 2**63 - 1}, "writers: must be <= 200,000"),
+        ({"writers": 1, "observers": 200_001}, "observers: must be <= 200,000"),
+        ({"writers": 1, "full": 10**30}, "full: must be <= 200,000"),
+        ({"writers": 1, "documents": 10**20}, "documents: must be <= 100,000"),
+        ({"writers": 3, "documents": 100_000}, "300,000 sessions"),
+        ({"writers": 1, "users": 100_001}, "users: must be <= 100,000"),
+        ({"writers": 10**400}, "writers: too large"),
+        ({"writers": 1, "text_size": "99999999999999GiB"}, "text_size: must be <= 268,435,456"),
+        ({"writers": 1, "text_size": "9" * 400 + "GiB"}, "text_size: too large"),
+        ({"http": {"concurrency": 10_001}}, "concurrency: must be <= 10,000"),
+        ({"http": {"rate": 1e-300}}, "rate: must be >= 0.01"),
+        ({"http": {"requests": [{"path": "/", "weight": 1e308}]}}, "weight: must be <= 1,000,0"),
+    ],
+)
+def test_values_beyond_their_bounds_are_refused(data: dict[str, Any], message: str) -> None:
+    """Durations past a day, counts past one load machine, sizes past 256 MiB: one-line errors."""
+    with pytest.raises(ScenarioError, match=message):
+        parse(data)
+
+
+def test_a_value_past_its_bound_exits_2_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``coscribe loadtest`` with drain_s = 1e300: status 2 and one line naming the key."""
+    scenario = tmp_path / "huge.toml"
+    scenario.write_text("writers = 2\ndrain_s = 1e300\n")
+    args = _parse(["loadtest", str(scenario), "--secret", "s", "--url", "http://127.0.0.1:9"])
+    assert args.func(args) == 2
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps at the console width
+    assert "huge.toml: drain_s: must be <= 86,400" in err and "Traceback" not in err
+
+
+def test_the_bounds_themselves_are_accepted() -> None:
+    """A step at every upper bound validates (and offers what it says)."""
+    step = parse(
+        {
+            "documents": 1000,
+            "writers": 100,
+            "observers": 100,
+            "users": 100_000,
+            "text_size": "256MiB",
+            "op_interval_ms": 1,
+            "warmup_s": 86_400,
+            "measure_s": 86_400,
+            "drain_s": 86_400,
+            "phases": [{"duration_s": 86_400, "arrival_count": 200_000}],
+            "http": {"concurrency": 10_000, "rate": 0.01},
+        }
+    ).steps[0]
+    assert (step.sessions, step.text_size, step.offered_ops_s) == (200_000, 256 << 20, 1e8)
+
+
 def test_load_reports_toml_errors_with_the_path(tmp_path: Path) -> None:
     """A file that is not TOML fails with its path in the message."""
     bad = tmp_path / "bad.toml"

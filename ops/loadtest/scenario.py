@@ -12,13 +12,32 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 PROTOCOLS = ("msgpack", "json", "mixed")
 """``protocol`` values: every client on one subprotocol, or alternating by client slot."""
+
+MAX_SECONDS = 86_400.0
+"""The longest warm-up, window, drain, presence interval or phase: one day."""
+MIN_OP_INTERVAL_MS = 1.0
+"""The shortest edit interval: the event loop's timers are millisecond-grained."""
+MAX_DOCUMENTS = 100_000
+"""Most documents one step creates."""
+MAX_SESSIONS = 200_000
+"""Most WebSocket sessions in one step, and most arrivals one phase produces."""
+MAX_USERS = 100_000
+"""Most distinct users per document."""
+MAX_HTTP_CONCURRENCY = 10_000
+"""Most closed-loop HTTP readers (each holds a connection)."""
+MIN_HTTP_RATE = 0.01
+"""The slowest ``[http] rate`` in requests/s (a reader waits at most concurrency / rate)."""
+MAX_HTTP_WEIGHT = 1e6
+"""The largest weight of one HTTP request kind."""
+MAX_TEXT_SIZE = 256 << 20
+"""The largest initial text, in code points (256 MiB)."""
 
 
 class ScenarioError(ValueError):
@@ -153,6 +172,7 @@ _STEP_SCALARS = {f.name: f for f in fields(Step) if f.name not in ("name", "phas
 _TOP_ONLY = {"name", "description", "seed", "steps"}
 _TABLES = {"phases", "http", "slo"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?)?[bB]?\s*$")
+_AT_MOST_A_DAY = f"must be <= {MAX_SECONDS:,.0f} (one day)"
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
@@ -174,6 +194,13 @@ def load(path: str | Path) -> Scenario:
 
 def parse(data: Mapping[str, Any], default_name: str = "scenario", source: str = "") -> Scenario:
     """Validate decoded TOML ``data``; raise :class:`ScenarioError` naming the bad key."""
+    try:
+        return _parse(data, default_name, source)
+    except OverflowError as exc:  # a value no check foresaw, too large for a float
+        raise ScenarioError(f"a value is out of range: {exc}") from None
+
+
+def _parse(data: Mapping[str, Any], default_name: str, source: str) -> Scenario:
     allowed = _TOP_ONLY | _TABLES | set(_STEP_SCALARS)
     _no_unknown(data, allowed, "")
     name = _str(data, "name", "", default_name)
@@ -215,7 +242,10 @@ def parse_size(value: object, where: str) -> int:
     if type(value) is int:
         n = value
     elif isinstance(value, str) and (m := _SIZE.match(value)):
-        n = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+        size = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+        if not math.isfinite(size):
+            raise ScenarioError(f"{where}: too large")
+        n = int(size)
     else:
         raise ScenarioError(f'{where}: must be a size like 2000, "10KB" or "4MiB"')
     if n < 0:
@@ -238,7 +268,13 @@ def _str(data: Mapping[str, Any], key: str, where: str, default: str) -> str:
 
 
 def _number(value: object, where: str, *, integer: bool = False) -> float:
-    if type(value) is bool or not isinstance(value, int | float) or not math.isfinite(value):
+    if type(value) is bool or not isinstance(value, int | float):
+        raise ScenarioError(f"{where}: must be a number")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer beyond every float (TOML integers are unbounded here)
+        raise ScenarioError(f"{where}: too large") from None
+    if not finite:
         raise ScenarioError(f"{where}: must be a number")
     if integer and type(value) is not int:
         raise ScenarioError(f"{where}: must be an integer")
@@ -297,6 +333,16 @@ def _phases(raw: object, where: str) -> tuple[Phase, ...]:
         for key, v in (("arrival_rate", rate), ("ramp_to", ramp), ("arrival_count", count)):
             if v is not None and v < 0:
                 raise ScenarioError(f"{at}{key}: must be >= 0")
+        if duration > MAX_SECONDS:
+            raise ScenarioError(f"{at}duration_s: {_AT_MOST_A_DAY}")
+        if count is not None and count > MAX_SESSIONS:
+            raise ScenarioError(f"{at}arrival_count: must be <= {MAX_SESSIONS:,}")
+        arrivals = 0.0 if rate is None else (rate + (rate if ramp is None else ramp)) / 2 * duration
+        if arrivals > MAX_SESSIONS:  # plan.phase_arrivals lists every one of them
+            raise ScenarioError(
+                f"{at}arrival_rate: the phase brings {arrivals:,.0f} sessions, "
+                f"more than the {MAX_SESSIONS:,} a step may have"
+            )
         out.append(Phase(duration, rate, ramp, count, _str(p, "name", at, "")))
     return tuple(out)
 
@@ -312,9 +358,11 @@ def _http(raw: object, where: str) -> HttpLoad:
     concurrency = int(_number(raw.get("concurrency", 32), where + ".concurrency", integer=True))
     if concurrency < 1:
         raise ScenarioError(f"{where}.concurrency: must be >= 1")
+    if concurrency > MAX_HTTP_CONCURRENCY:
+        raise ScenarioError(f"{where}.concurrency: must be <= {MAX_HTTP_CONCURRENCY:,}")
     rate = _opt_number(raw, "rate", where + ".")
-    if rate is not None and rate <= 0:
-        raise ScenarioError(f"{where}.rate: must be > 0")
+    if rate is not None and rate < MIN_HTTP_RATE:
+        raise ScenarioError(f"{where}.rate: must be >= {MIN_HTTP_RATE} (requests/s)")
     reqs = raw.get("requests", [{"path": "/v1/documents/{doc}"}])
     if not isinstance(reqs, list) or not reqs or not all(isinstance(r, dict) for r in reqs):
         raise ScenarioError(f"{where}.requests: must be a non-empty array of tables")
@@ -328,6 +376,8 @@ def _http(raw: object, where: str) -> HttpLoad:
         weight = float(_number(r.get("weight", 1.0), at + "weight"))
         if weight <= 0:
             raise ScenarioError(f"{at}weight: must be > 0")
+        if weight > MAX_HTTP_WEIGHT:
+            raise ScenarioError(f"{at}weight: must be <= {MAX_HTTP_WEIGHT:,.0f}")
         out.append(HttpRequest(path, weight))
     return HttpLoad(concurrency, tuple(out), rate)
 
@@ -362,5 +412,32 @@ def _check_step(step: Step, where: str) -> None:
             raise bad(key, "must be >= 0")
     if step.measure_s <= 0:
         raise bad("measure_s", "must be > 0")
+    _check_bounds(step, bad)
     if step.sessions == 0 and step.http is None:
         raise bad("writers", "a step needs sessions (writers/observers) or [http] reads")
+
+
+def _check_bounds(step: Step, bad: Callable[[str, str], ScenarioError]) -> None:
+    """The upper bounds: what one machine's load generator can mean, and no overflow later."""
+    if step.documents > MAX_DOCUMENTS:
+        raise bad("documents", f"must be <= {MAX_DOCUMENTS:,}")
+    for key in ("writers", "observers", "full"):
+        if getattr(step, key) > MAX_SESSIONS:
+            raise bad(key, f"must be <= {MAX_SESSIONS:,}")
+    if step.sessions > MAX_SESSIONS:
+        raise bad(
+            "writers",
+            f"documents × (writers + observers) = {step.sessions:,} sessions, "
+            f"more than the {MAX_SESSIONS:,} a step may have",
+        )
+    if step.users is not None and step.users > MAX_USERS:
+        raise bad("users", f"must be <= {MAX_USERS:,}")
+    if step.text_size > MAX_TEXT_SIZE:
+        raise bad("text_size", f'must be <= {MAX_TEXT_SIZE:,} ("256MiB")')
+    if step.op_interval_ms < MIN_OP_INTERVAL_MS:
+        raise bad("op_interval_ms", f"must be >= {MIN_OP_INTERVAL_MS:g} (timers are per ms)")
+    if step.op_interval_ms > MAX_SECONDS * 1000:
+        raise bad("op_interval_ms", f"must be <= {MAX_SECONDS * 1000:,.0f} (one day)")
+    for key in ("presence_interval_s", "warmup_s", "measure_s", "drain_s"):
+        if getattr(step, key) > MAX_SECONDS:
+            raise bad(key, _AT_MOST_A_DAY)
