@@ -208,10 +208,13 @@ def test_the_bounds_themselves_are_accepted() -> None:
 
 
 def test_load_reports_toml_errors_with_the_path(tmp_path: Path) -> None:
-    """A file that is not TOML fails with its path in the message."""
+    """A file that is not TOML (or not text) fails with its path in the message."""
     bad = tmp_path / "bad.toml"
     bad.write_text("writers = \n")
     with pytest.raises(ScenarioError, match=r"bad\.toml: not valid TOML"):
+        load(bad)
+    bad.write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(ScenarioError, match=r"bad\.toml: not valid TOML: not UTF-8"):
         load(bad)
 
 

@@ -186,6 +186,8 @@ def load(path: str | Path) -> Scenario:
         raise ScenarioError(f"{p}: cannot read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{p}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{p}: not valid TOML: not UTF-8 text") from exc
     try:
         return parse(data, default_name=p.stem, source=str(p))
     except ScenarioError as exc:
