@@ -1,11 +1,14 @@
 """Smoke runs of the benchmarks in ``ops/bench``: the smallest parameters, real databases.
 
 These check that each benchmark runs end to end, reports positive rates and leaves no schema
-behind; they assert nothing about speed (the figures are in ``ops/bench/README.md``).
+behind; they assert nothing about speed (the figures are in ``ops/bench/README.md``). And
+that arguments a benchmark cannot use, or a database it cannot reach, stop it with one line.
 """
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ import orjson
 import psycopg
 import pytest
 
-from ops.bench import frames, projections, store
+from ops.bench import commit, fanout, frames, projections, store
 
 
 def _report(path: Path) -> Any:
@@ -114,3 +117,51 @@ def test_summary_plots_are_drawn_from_reports(tmp_path: Path) -> None:
     assert plots.main(argv) == 0
     for name in ("latency-vs-rate", "cost-vs-rate", "memory-vs-sessions", "rebuild-vs-events"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+BENCHES: dict[str, Callable[[list[str]], int]] = {
+    "commit": commit.main,
+    "fanout": fanout.main,
+    "frames": frames.main,
+    "projections": projections.main,
+    "store": store.main,
+}
+
+
+@pytest.mark.parametrize(
+    ("bench", "argv", "message"),
+    [
+        ("commit", ["--commits", "10"], "--commits: must be >= 20"),
+        ("commit", ["--batch", "0"], "--batch: must be >= 1"),
+        ("commit", ["--busy", "1.5"], "--busy: must be in [0, 0.95]"),
+        ("commit", ["--busy", "-3"], "--busy: must be in [0, 0.95]"),
+        ("fanout", ["--rounds", "0"], "--rounds: must be >= 1"),
+        ("fanout", ["--sockets", "0"], "--sockets: must be >= 1"),
+        ("fanout", ["--size", "x"], "--size: not an integer"),
+        ("store", ["--seconds", "inf"], "--seconds: must be in [0, 86400]"),
+        ("frames", ["--seconds", "nan"], "--seconds: must be in [0, 86400]"),
+        ("projections", ["--follow-page", "0"], "--follow-page"),
+    ],
+)
+def test_unusable_arguments_are_usage_errors(
+    bench: str, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A count or fraction a benchmark cannot compute with exits 2 with a message, at once."""
+    with pytest.raises(SystemExit) as exit_:
+        BENCHES[bench](argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bench", ["store", "projections", "commit"])
+def test_an_unreachable_database_is_one_line_and_exit_1(
+    bench: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--database-url naming a closed port: one line on stderr, status 1, no traceback."""
+    with socket.socket() as s:  # a port that was free a moment ago: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert BENCHES[bench](["--database-url", f"postgresql://postgres@127.0.0.1:{port}/x"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot connect to PostgreSQL" in err

@@ -30,6 +30,10 @@ from ops.bench import harness
 DOCS = 10
 SLICE_S = 0.0005
 """One slice of simulated session work (pure Python, holds the GIL)."""
+BLOCK = 10
+"""Commits in a row through one writer before the other takes over."""
+MAX_BUSY = 0.95
+"""The busiest loop ``--busy`` may ask for (at 1 the loop would never yield)."""
 
 
 def _spin(seconds: float) -> None:
@@ -91,7 +95,7 @@ async def _measure(store: Store, args: argparse.Namespace) -> dict[str, dict[str
     busy = asyncio.create_task(_busy(args.busy, stop))
     try:
         for i in range(args.commits):
-            kind = "thread" if (i // 10) % 2 == 0 else "asyncio"
+            kind = "thread" if (i // BLOCK) % 2 == 0 else "asyncio"
             events, ops, heads = docs.batch(args.batch)
             t0 = time.perf_counter()
             if kind == "thread":
@@ -118,11 +122,15 @@ async def _measure(store: Store, args: argparse.Namespace) -> dict[str, dict[str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ops.bench.commit", description=__doc__)
     p.add_argument("--database-url", default=harness.DEFAULT_DATABASE_URL)
-    p.add_argument("--batch", type=int, default=50)
-    p.add_argument("--commits", type=int, default=200)
-    p.add_argument("--busy", type=float, default=0.7, help="loop busy fraction, 0..0.95")
+    p.add_argument("--batch", type=harness.int_at_least(1), default=50)
+    p.add_argument("--commits", type=harness.int_at_least(2 * BLOCK), default=200,
+                   help=f"at least {2 * BLOCK}: blocks of {BLOCK} alternate between the writers")
+    p.add_argument("--busy", type=harness.float_in(0, MAX_BUSY), default=0.7,
+                   help=f"loop busy fraction, 0..{MAX_BUSY}")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    if not harness.database_reachable(args.database_url, p.prog):
+        return 1
     try:
         import uvloop
     except ImportError:

@@ -91,9 +91,9 @@ async def _measure(args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ops.bench.fanout", description=__doc__)
-    p.add_argument("--sockets", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=5000)
-    p.add_argument("--size", type=int, default=150)
+    p.add_argument("--sockets", type=harness.int_at_least(1), default=20)
+    p.add_argument("--rounds", type=harness.int_at_least(1), default=5000)
+    p.add_argument("--size", type=harness.int_at_least(1), default=150, help="bytes per write")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     facts = harness.machine_facts()

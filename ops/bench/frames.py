@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ops.bench.harness import (
+    float_in,
     load_note,
     machine_facts,
     make_console,
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m ops.bench.frames", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--seconds", type=float, default=0.5, help="time per case")
+    parser.add_argument("--seconds", type=float_in(0, 86_400), default=0.5, help="time per case")
     parser.add_argument("--quick", action="store_true", help="0.02 s per case (a smoke run)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", dest="json_out", type=Path, metavar="OUT")

@@ -7,8 +7,11 @@ average included, since other processes may share the two cores).
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import platform
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +28,58 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 SCHEMA_PREFIX = "bench_"
 """Every schema a benchmark creates starts with this; each is dropped when it is done."""
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``low``.
+
+    Anything else is a usage error (the message names the flag and the bound, exit 2), so a
+    computation never starts on a count it cannot use.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low:,}, got {value:,}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float) -> Callable[[str], float]:
+    """An argparse ``type``: a number in ``[low, high]`` (never NaN or infinite)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}], got {text}")
+        return value
+
+    return parse
+
+
+def database_reachable(database_url: str, prog: str) -> bool:
+    """True when PostgreSQL at ``database_url`` accepts a connection.
+
+    Otherwise print one line on stderr (``prog``: the reason psycopg gives) and return
+    False; a benchmark's ``main`` then returns 1, before any work, instead of a traceback
+    from somewhere inside it.
+    """
+    import psycopg
+
+    try:
+        with psycopg.connect(database_url, autocommit=True, connect_timeout=5):
+            return True
+    except psycopg.Error as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{prog}: cannot connect to PostgreSQL: {reason}", file=sys.stderr)
+        return False
 
 
 def machine_facts() -> dict[str, Any]:

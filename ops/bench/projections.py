@@ -52,6 +52,7 @@ from gateway.readmodels import StoreSource, read_db_config
 from gateway.store import Store, StoreConfig
 from ops.bench.harness import (
     DEFAULT_DATABASE_URL,
+    database_reachable,
     fresh_schema,
     load_note,
     machine_facts,
@@ -340,8 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.events is None:
         args.events = 50_000 if args.quick else 1_000_000
-    if args.events < 1 or args.events_per_doc < 5 or args.docs < 1 or args.page < 1:
-        parser.error("--events, --docs, --page >= 1 and --events-per-doc >= 5, please")
+    if (args.events < 1 or args.events_per_doc < 5 or args.docs < 1 or args.page < 1
+            or args.follow_page < 1):
+        parser.error("--events, --docs, --page, --follow-page >= 1 and --events-per-doc >= 5, "
+                     "please")
+    if not database_reachable(args.database_url, parser.prog):
+        return 1
     facts = machine_facts()
     server = server_facts(args.database_url)
     created: list[str] = []

@@ -49,6 +49,8 @@ from domain.document import Document
 from gateway.store import Store, StoreConfig, library_env
 from ops.bench.harness import (
     DEFAULT_DATABASE_URL,
+    database_reachable,
+    float_in,
     fresh_schema,
     load_note,
     machine_facts,
@@ -365,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
-    parser.add_argument("--seconds", type=float, default=2.0, help="timed writing per case")
+    parser.add_argument("--seconds", type=float_in(0, 86_400), default=2.0,
+                        help="timed writing per case")
     parser.add_argument("--batches", type=_ints, default=BATCHES, help="e.g. 1,10,100,1000")
     parser.add_argument("--threads", type=_ints, default=THREADS, help="writer threads, e.g. 1,2")
     parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite store")
@@ -384,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             args.threads = (1,)
     if args.seconds <= 0 or args.repeat < 1:
         parser.error("--seconds > 0 and --repeat >= 1, please")
+    if not database_reachable(args.database_url, parser.prog):
+        return 1
     facts = machine_facts()
     server = server_facts(args.database_url)
     console = make_console()
