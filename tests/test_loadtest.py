@@ -1241,6 +1241,37 @@ def test_a_message_keeps_its_square_brackets(capsys: pytest.CaptureFixture[str])
     assert "[plot]" in capsys.readouterr().err
 
 
+def test_the_live_panel_counts_the_sessions_of_its_own_step() -> None:
+    """A finished step still shows 21/21 joined; the next one starts at 0 of its own plan."""
+    import io
+
+    from rich.console import Console
+
+    from ops.loadtest.progress import Progress
+
+    first, second = parse(
+        {"writers": 7, "documents": 3, "steps": [{"name": "a"}, {"name": "b", "writers": 4}]}
+    ).steps
+    console = Console(file=io.StringIO(), width=200)
+    progress = Progress(console, "two", live=False)
+
+    def sessions_line() -> str:
+        console.file = io.StringIO()
+        console.print(progress._render())
+        return next(x for x in console.file.getvalue().splitlines() if x.startswith("sessions"))
+
+    progress.stage(first, 0, 2, "creating documents")
+    assert sessions_line().startswith("sessions 0/21 joined")
+    progress.begin_step(first, 0, 2, time.time_ns(), Window(0, 10**9), 0.0)
+    progress.update({"worker": 0, "counters": {"joined": 21}, "errors": {}})
+    progress.stage(first, 0, 2, "verifying")
+    assert sessions_line().startswith("sessions 21/21 joined")
+    progress.end_step()
+    assert sessions_line().startswith("sessions 21/21 joined")
+    progress.stage(second, 1, 2, "creating documents")
+    assert sessions_line().startswith("sessions 0/12 joined")
+
+
 def test_a_run_in_which_no_session_joined_failed() -> None:
     """A step that planned sessions and joined none measured nothing."""
     from ops.loadtest.command import _nobody_joined

@@ -56,7 +56,14 @@ class Progress:
             self._live = None
 
     def stage(self, step: Step, index: int, total: int, what: str) -> None:
-        """Name what the run is doing now (creating documents, verifying, ...)."""
+        """Name what the run is doing now (creating documents, verifying, ...).
+
+        The panel's figures are those of ``step``: a new step starts from none joined.
+        """
+        if step is not self._step:
+            self._step = step
+            self._window = None
+            self._clear()
         self._title = f"step {index + 1}/{total} {step.name!r}"
         self._stage = what
         if self._live is None:
@@ -70,10 +77,7 @@ class Progress:
         self._origin = origin
         self._window = window
         self._arrivals_s = arrivals_s
-        self._counters.clear()
-        self._errors.clear()
-        self._recent.clear()
-        self._history.clear()
+        self._clear()
         self.stage(
             step,
             index,
@@ -97,9 +101,14 @@ class Progress:
         self._history.append((time.monotonic(), totals))
 
     def end_step(self) -> None:
-        """The step is over."""
+        """The step is over; the panel keeps its final figures until the next one starts."""
         self._stage = "done"
-        self._step = None
+
+    def _clear(self) -> None:
+        self._counters.clear()
+        self._errors.clear()
+        self._recent.clear()
+        self._history.clear()
 
     def _phase(self) -> str:
         if self._step is None or self._window is None:
