@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -1270,6 +1271,20 @@ def test_the_live_panel_counts_the_sessions_of_its_own_step() -> None:
     assert sessions_line().startswith("sessions 21/21 joined")
     progress.stage(second, 1, 2, "creating documents")
     assert sessions_line().startswith("sessions 0/12 joined")
+
+
+def test_every_error_code_the_tool_counts_is_documented() -> None:
+    """Each code (or code prefix) the tool counts in ``errors`` is in the README's table."""
+    readme = (ROOT / "ops" / "loadtest" / "README.md").read_text()
+    made = {
+        code
+        for path in (ROOT / "ops" / "loadtest").glob("*.py")
+        for line in path.read_text().splitlines()
+        if "errors[" in line
+        for code in re.findall(r'"([a-z]+[:_][a-z_]*)', line)
+    }
+    assert {"close:dropped", "http:", "connect:", "client:version_gap"} <= made
+    assert sorted(c for c in made if f"`{c}" not in readme) == []
 
 
 def test_a_run_in_which_no_session_joined_failed() -> None:
