@@ -435,14 +435,23 @@ async def _events(
 
 
 def parse_time(raw: str, name: str) -> datetime:
-    """An ISO 8601 time (``Z`` or an offset; naive means UTC) as an aware datetime."""
+    """An ISO 8601 time (``Z`` or an offset; naive means UTC) as a datetime in UTC.
+
+    Raises ``Invalid`` for text that is not one, and for an instant whose UTC leaves years
+    1..9999 (``9999-12-31T23:59:59-01:00``): no answer or query could spell it.
+    """
     # An unescaped "+" in a query string arrives as a space: "...T10:00:00 01:00".
     raw = raw.strip().replace(" ", "+") if "T" in raw else raw
     try:
         ts = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise Invalid(f"{name} must be an ISO 8601 time") from None
-    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+    if ts.tzinfo is None:
+        return ts.replace(tzinfo=UTC)
+    try:
+        return ts.astimezone(UTC)
+    except OverflowError:
+        raise Invalid(f"{name} must be an instant within years 1..9999 in UTC") from None
 
 
 def _doc_item(row: dict[str, Any]) -> dict[str, Any]:

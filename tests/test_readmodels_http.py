@@ -228,6 +228,28 @@ async def test_time_travel_by_time_and_its_errors(api: Api) -> None:
     await api.call("GET", f"{TIME_TRAVEL.format(id=doc)}?at=1", user="eve", status=404)
 
 
+async def test_instants_whose_utc_leaves_years_1_to_9999_are_bad_request(api: Api) -> None:
+    """An ``at``, ``from`` or ``to`` with an offset that takes it past 9999 or before year 1
+    in UTC is 400 bad_request (was 500: the answer's ``at`` could not be formatted)."""
+    doc = await api.create("t", "a")
+    late, early = "9999-12-31T23:59:59-01:00", "0001-01-01T00:30:00%2B01:00"
+    for path in (
+        f"/v1/documents/{doc}?at={late}",
+        f"/v1/documents/{doc}?at=9999-12-31T23:45:00-00:30",
+        f"/v1/documents/{doc}?at={early}",
+        f"/v1/analytics/overview?from=9999-12-31T22:00:00-01:00&to={late}",
+        f"/v1/analytics/overview?bucket=day&from={early}",
+        f"/v1/analytics/documents/{doc}?to={late}",
+        f"/v1/analytics/top-documents?from={early}&to=0001-01-02T00:00:00Z",
+    ):
+        body = await api.call("GET", path, status=400)
+        assert body["error"]["code"] == "bad_request", path
+    got = await api.call("GET", f"/v1/documents/{doc}?at=9999-12-31T23:59:59%2B01:00")
+    assert (got["version"], got["at"]) == (0, "9999-12-31T22:59:59.000000Z")
+    got = await api.call("GET", f"/v1/documents/{doc}?at=9999-12-31T23:59:59.999999Z")
+    assert got["at"] == "9999-12-31T23:59:59.999999Z"
+
+
 async def test_history_pages_through_audit_rows_newest_first(api: Api) -> None:
     """History lists one row per event, newest first, over cursor pages; strangers get 404."""
     doc = await api.create("h", "abc")
