@@ -332,13 +332,18 @@ class Document(Aggregate):
         self._trigger(self.Renamed, title=check_title(title), by=by)
 
     def add_member(self, user: str, role: str, by: str) -> None:
-        """Give ``user`` the role ``editor`` or ``viewer`` (owner only)."""
+        """Give ``user`` the role ``editor`` or ``viewer`` (owner only).
+
+        A malformed user name or any other role (``owner`` included: it is never granted) is
+        ``Invalid``; naming the owner is a ``Conflict``; the role ``user`` already has is no
+        change and records nothing.
+        """
         self._require_owner(by)
         if not isinstance(user, str) or not user or len(user) > MAX_USER_CHARS:
-            raise Conflict(f"user must be a non-empty string of at most {MAX_USER_CHARS} chars")
+            raise Invalid(f"user must be a non-empty string of at most {MAX_USER_CHARS} chars")
         check_no_nul("user", user)
         if role not in GRANTABLE:
-            raise Conflict("role must be 'editor' or 'viewer'")
+            raise Invalid("role must be 'editor' or 'viewer'")
         if user == self.owner:
             raise Conflict("the owner's role cannot be changed")
         if self.members.get(user) == role:

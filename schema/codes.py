@@ -17,7 +17,7 @@ class Code(StrEnum):
     BAD_MESSAGE = "bad_message"
     """A message is malformed: unknown type ``t``, missing or mistyped field."""
     BAD_REQUEST = "bad_request"
-    """An HTTP body or query is malformed."""
+    """An HTTP body or query is malformed (a wrong type, or a value outside its domain)."""
     UNAUTHORIZED = "unauthorized"
     """No token, or a token whose signature or expiry does not check out."""
     FORBIDDEN = "forbidden"
@@ -30,7 +30,11 @@ class Code(StrEnum):
     """A version outside the document's: an op's base or a ``sub``'s ``v`` negative or
     ahead of it, or a read's ``at``/``from``/``to`` past its current version."""
     CONFLICT = "conflict"
-    """The request clashes with the current state (e.g. a member that already exists)."""
+    """The request clashes with the current state: sharing with or removing the owner.
+
+    Never for malformed input (a role other than editor/viewer, a bad user name: that is
+    ``BAD_REQUEST``); re-sharing with an existing member is no clash (it sets the role).
+    """
     TOO_LARGE = "too_large"
     """The frame, body, op or field is over its documented size limit."""
     RATE_LIMITED = "rate_limited"

@@ -164,19 +164,29 @@ def test_member_lifecycle() -> None:
 @pytest.mark.parametrize(
     ("user", "role"),
     [
-        (OWNER, "editor"),  # the owner's role cannot change
         ("zoe", "owner"),  # owner is not grantable
         ("zoe", "admin"),
+        (OWNER, "admin"),  # bad input first, whoever it names
         ("", "viewer"),
         ("z" * 129, "viewer"),
         (None, "viewer"),
     ],
 )
-def test_add_member_conflicts(user: Any, role: str) -> None:
-    """Granting owner, an unknown role, or changing the owner's role is a Conflict."""
+def test_add_member_bad_input_is_invalid(user: Any, role: str) -> None:
+    """A role other than editor/viewer, or an empty, over-long or non-string user name, is
+    Invalid (bad_request), not a Conflict: no state of the document would accept it."""
+    doc = _doc()
+    with pytest.raises(Invalid) as info:
+        doc.add_member(user, role, by=OWNER)
+    assert info.value.code is Code.BAD_REQUEST
+    assert doc.collect_events() == []
+
+
+def test_changing_the_owners_role_is_a_conflict() -> None:
+    """Naming the owner with a grantable role clashes with who owns it: Conflict."""
     doc = _doc()
     with pytest.raises(Conflict) as info:
-        doc.add_member(user, role, by=OWNER)
+        doc.add_member(OWNER, "editor", by=OWNER)
     assert info.value.code is Code.CONFLICT
     assert doc.collect_events() == []
 
