@@ -253,9 +253,15 @@ class Room:
         self._on_dirty(self)
 
     def subscribe(self, session: Subscriber) -> Member:
-        """Register ``session``; it receives every op committed after ``snapshot.v``."""
+        """Register ``session``; it receives every op committed after ``snapshot.v``, and
+        every presence change from now on (``send_presence_to`` gives it the presence as it
+        is now: call it before yielding to the loop)."""
         member = self.members.get(session)
         if member is None:
+            if self._presence_out:
+                # Changes not broadcast yet are in ``presence`` already, which the newcomer
+                # is sent whole: they go to the others now, not to it a second time.
+                self._flush_presence()
             member = self.members[session] = Member(session)
         self.last_used = time.monotonic()
         return member
@@ -294,6 +300,10 @@ class Room:
         if not json_value(data):
             data = None
         msg = {"t": "presence", "doc": str(self.id), "session": sid, "user": user, "data": data}
+        if data is not None and self.presence.get(sid) == msg:
+            # No change: the same entry read from Redis (opening the room) and published.
+            self.presence_proc[sid] = proc
+            return
         if data is None:
             self.presence_proc.pop(sid, None)
             if self.presence.pop(sid, None) is None:
@@ -324,7 +334,8 @@ class Room:
                     member.send(enc)
 
     def send_presence_to(self, session: Subscriber) -> None:
-        """Send ``session`` the presence of everyone else here (after its snapshot)."""
+        """Send ``session`` the presence of everyone else here (after its snapshot), once:
+        call it in the loop turn of ``subscribe`` (later changes reach it as broadcasts)."""
         member = self.members.get(session)
         if member is None:
             return

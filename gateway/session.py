@@ -348,18 +348,20 @@ class Session:
         member = room.subscribe(self)
         if msg.v is None:
             self.deliver(room.snapshot_message())
-        else:
-            records = room.ops_since(msg.v)
-            if records is not None:
-                self._send_ops(doc, [r.entry() for r in records])
-            else:
-                # From the store, before the frame's next message: its answers (an error
-                # too) must not overtake the catch-up. Ops committed meanwhile wait in
-                # the member until it is out.
-                member.ready = False
-                if not await self._catch_up(room, msg.v, snap.v):
-                    return
+            room.send_presence_to(self)
+            return
+        records = room.ops_since(msg.v)
+        if records is not None:
+            self._send_ops(doc, [r.entry() for r in records])
+            room.send_presence_to(self)
+            return
+        # From the store, before the frame's next message: its answers (an error too) must
+        # not overtake the catch-up. Ops committed and presence changed meanwhile wait in
+        # the member until it is out, after the presence as it is now (sent before any
+        # await: a change broadcast during the read must not come a second time).
+        member.ready = False
         room.send_presence_to(self)
+        await self._catch_up(room, msg.v, snap.v)
 
     async def _catch_up(self, room: Room, v: int, upto: int) -> bool:
         """Send the ops after ``v`` up to ``upto`` from the store; False if it could not (the

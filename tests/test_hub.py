@@ -414,6 +414,29 @@ async def test_presence_crosses_rooms_of_two_processes(
         assert room_b.presence == {}
 
 
+async def test_a_newcomer_gets_each_presence_once_and_repeats_are_dropped() -> None:
+    """Presence queued for broadcast when a session subscribes (the room just read it from
+    the hub) reaches the newcomer once, through ``send_presence_to``; a remote entry that
+    comes again unchanged (read from Redis, then published) is not broadcast again."""
+    room = Room(Document.create(title="T", text="", owner=OWNER), lambda room: None)
+    old = Collector()
+    room.subscribe(old)
+    room.remote_presence("s1", "ulla", {"cursor": 1}, "p1")
+    room.set_presence(old, "s0", OWNER, {"cursor": 0})
+    new = Collector()
+    room.subscribe(new)  # in the same loop turn, before the broadcast went out
+    room.send_presence_to(new)
+    await asyncio.sleep(0)
+    assert sorted(new.presence()) == [("s0", OWNER, {"cursor": 0}), ("s1", "ulla", {"cursor": 1})]
+    assert old.presence() == [("s1", "ulla", {"cursor": 1})]
+    room.remote_presence("s1", "ulla", {"cursor": 1}, "p1")
+    await asyncio.sleep(0)
+    assert len(new.presence()) == 2 and len(old.presence()) == 1
+    room.remote_presence("s1", "ulla", {"cursor": 2}, "p1")
+    await asyncio.sleep(0)
+    assert new.presence()[-1] == old.presence()[-1] == ("s1", "ulla", {"cursor": 2})
+
+
 def _command(room: Room, command: Callable[[Document], Any]) -> asyncio.Future[Any]:
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     room.submit(Submission(kind="command", by=OWNER, future=fut, command=command))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from domain import ot
-from gateway import session
+from gateway import keys, session
 from gateway.app import Services, create_app
 from gateway.auth import sign_token
+from gateway.hub import Hub
+from gateway.redis_hub import RedisHub
 from gateway.store import Store, StoreConfig
 from schema.frames import Codec
 from tests.conftest import PG_URL
@@ -253,9 +257,10 @@ def api(app_client: TestClient[Any, Any]) -> Api:
 
 
 @contextlib.asynccontextmanager
-async def second_gateway(store_config: StoreConfig) -> AsyncIterator[Api]:
-    """Another gateway on the same database: a process whose rooms start from the store."""
-    app = create_app(Services(store=Store(store_config), secret=b"test-secret"))
+async def second_gateway(store_config: StoreConfig, hub: Hub | None = None) -> AsyncIterator[Api]:
+    """Another gateway on the same database: a process whose rooms start from the store
+    (with ``hub``, which it closes, it hears the other gateways on that hub)."""
+    app = create_app(Services(store=Store(store_config), secret=b"test-secret", hub=hub))
     client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1", port=0))
     await client.start_server()
     try:
@@ -434,6 +439,106 @@ async def test_sub_reads_what_the_hub_never_delivered(api: Api, store_config: St
                 await fresh.close()
         finally:
             await watcher.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_a_subscriber_gets_each_presence_once_where_the_room_opens(
+    pg_schema: str, tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    """Two gateways on one PostgreSQL and one Redis: a session subscribing where the
+    document is not open yet (snapshot, catch-up from the store, or a second sub) gets the
+    other process's session's presence exactly once (opening the room queued it for
+    broadcast, and the sub sent it as well: twice, about 3 runs in 4)."""
+    cfg = StoreConfig(data_dir=tmp_path, database_url=PG_URL, database_schema=pg_schema)
+    here_hub, there_hub = RedisHub(redis_url, redis_prefix), RedisHub(redis_url, redis_prefix)
+    async with second_gateway(cfg, here_hub) as here, second_gateway(cfg, there_hub) as there:
+        setter = await here.connect(Codec.JSON)
+        try:
+            for i, v in enumerate([None, 0, None, 1, None, 0]):
+                doc = await here.create("ab")
+                if v is not None:
+                    await here.post_op(doc, 0, ["x"])
+                await setter.subscribe(doc)
+                await setter.send({"t": "presence", "doc": doc, "data": {"cursor": i}})
+                await _until(functools.partial(there_hub.presence_of, UUID(doc)))
+                ws = await there.connect(Codec.MSGPACK if i % 2 else Codec.JSON)
+                try:
+                    await ws.subscribe(doc, v=v, text=None if v is None else "ab")
+                    await ws.send({"t": "sub", "doc": doc})  # again: unsub, then sub
+                    await ws.ping()
+                    seen = [m for m in ws.log if m["t"] == "presence"]
+                    assert [m["data"] for m in seen] == [{"cursor": i}] * 2, (v, ws.log)
+                    assert [m["t"] for m in ws.log].count("snapshot") == 1 + (v is None)
+                finally:
+                    await ws.close()
+        finally:
+            await setter.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_presence_changed_during_a_catch_up_from_the_store_comes_once(
+    pg_schema: str, tmp_path: Path, redis_url: str, redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A presence change broadcast while a ``sub``'s catch-up is read from the store reaches
+    the subscriber once, after the presence as it was (not the new one twice)."""
+    cfg = StoreConfig(data_dir=tmp_path, database_url=PG_URL, database_schema=pg_schema)
+    here_hub, there_hub = RedisHub(redis_url, redis_prefix), RedisHub(redis_url, redis_prefix)
+    async with second_gateway(cfg, here_hub) as here, second_gateway(cfg, there_hub) as there:
+        doc = await here.create("ab")
+        await here.post_op(doc, 0, ["x"])
+        setter = await here.connect(Codec.JSON)
+        ws = await there.connect(Codec.JSON)
+        entered, gate = threading.Event(), threading.Event()
+        read = Store.edits_after
+
+        def held(store: Store, *args: Any) -> Any:
+            entered.set()
+            gate.wait(10)
+            return read(store, *args)
+
+        try:
+            await setter.subscribe(doc)
+            await setter.send({"t": "presence", "doc": doc, "data": {"cursor": 0}})
+            await _until(lambda: there_hub.presence_of(UUID(doc)))
+            monkeypatch.setattr(Store, "edits_after", held)
+            await ws.send({"t": "sub", "doc": doc, "v": 0})
+            await _until(entered.is_set)
+            await setter.send({"t": "presence", "doc": doc, "data": {"cursor": 1}})
+            assert isinstance(there.http, TestClient)
+            rooms = there.http.app[keys.ROOMS]
+
+            def moved() -> bool:
+                room = rooms.peek(UUID(doc))
+                msg = room.presence.get(setter.session or "") if room else None
+                return msg is not None and msg["data"] == {"cursor": 1}
+
+            await _until(moved)
+            await asyncio.sleep(0.05)  # the broadcast's loop turn has passed
+            gate.set()
+            await ws.wait_for(lambda m: m["t"] == "ops")
+            await ws.ping()
+            seen = [m["data"] for m in ws.log if m["t"] == "presence"]
+            assert seen == [{"cursor": 0}, {"cursor": 1}], ws.log
+            assert [m["t"] for m in ws.log][1] == "ops", "presence before the catch-up"
+        finally:
+            gate.set()
+            await setter.close()
+            await ws.close()
+
+
+async def _until(cond: Any, within: float = 5.0) -> None:
+    """Poll ``cond()`` (a value or an awaitable) until it is true."""
+    async with asyncio.timeout(within):
+        while True:
+            value = cond()
+            if asyncio.iscoroutine(value):
+                value = await value
+            if value:
+                return
+            await asyncio.sleep(0.01)
 
 
 async def test_http_op_with_old_base_is_transformed(api: Api) -> None:
