@@ -46,7 +46,11 @@ class CommitStats:
     max_batch: int = 0
     commit_seconds: float = 0.0
     locked: int = 0
-    """Ticks that took the table lock first (contended documents)."""
+    """Commits made under the table lock taken first (contended documents): a subset of
+    ``commits``."""
+    locked_idle: int = 0
+    """Ticks that took the table lock and then committed nothing under it (every queued
+    submission was refused or was a resend, or the commit failed)."""
     caught_up: int = 0
     """Events read under that lock: other processes' commits the rooms had not seen yet."""
 
@@ -112,6 +116,7 @@ class Committer:
         rooms = list(self._dirty)
         self._dirty.clear()
         locked = await self._lock_contended(rooms)
+        locked_before = self.stats.locked
         try:
             batch: list[tuple[Room, list[Any]]] = []
             count = 0
@@ -145,6 +150,8 @@ class Committer:
         finally:
             # Whatever happened in between (nothing to commit, a bug), never leave the table
             # lock held: every writer of every process would wait on it.
+            if locked and self.stats.locked == locked_before:
+                self.stats.locked_idle += 1
             writer = self._async_writer
             if writer is not None and writer.in_transaction:
                 await writer.abort()
@@ -163,6 +170,10 @@ class Committer:
             return False
         if not any(r.contended for r in rooms):
             return False
+        # A tick with nothing queued (rooms dirty again after the last tick took their work)
+        # has nothing to commit: no lock. Ops that do not fit were refused on submission.
+        if not any(r.inbox for r in rooms if r.state is State.READY):
+            return False
         # Every room of the tick, not only the contended ones: one that had nothing queued
         # when the tick began, or had not seen the other process yet, may still be prepared
         # in it, and must then be on the true head too (measured: a third of the commits of
@@ -174,7 +185,6 @@ class Committer:
             missed = await writer.begin_locked(heads)
         except StoreUnavailable:
             return False  # the commit itself then fails and refuses, as without the lock
-        self.stats.locked += 1
         for room in rooms:
             events = missed.get(room.id)
             if events:
@@ -208,6 +218,8 @@ class Committer:
                 self._writer, self.store.save, events, client_ops
             )
         self.stats.commits += 1
+        if locked:
+            self.stats.locked += 1
         self.stats.events += len(recordings)
         self.stats.conflicts += len(stale)
         self.stats.max_batch = max(self.stats.max_batch, len(recordings))

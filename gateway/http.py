@@ -304,6 +304,8 @@ async def metrics(request: web.Request) -> web.Response:
         f"coscribe_commit_conflicts_total {st.conflicts}",
         "# TYPE coscribe_commit_locked_total counter",
         f"coscribe_commit_locked_total {st.locked}",
+        "# TYPE coscribe_commit_locked_idle_total counter",
+        f"coscribe_commit_locked_idle_total {st.locked_idle}",
         "# TYPE coscribe_commit_caught_up_events_total counter",
         f"coscribe_commit_caught_up_events_total {st.caught_up}",
         "# TYPE coscribe_commit_failures_total counter",

@@ -28,7 +28,7 @@ from uuid import UUID
 
 from domain import ot
 from domain.document import MAX_TEXT_CHARS, Document
-from domain.errors import BadVersion, DomainError, NotFound, TooLarge
+from domain.errors import BadOp, BadVersion, DomainError, NotFound, TooLarge
 from schema.codes import Code
 from schema.frames import Encoded, OpsMessage
 from schema.messages import json_value
@@ -141,6 +141,8 @@ class Submission:
     dup_of: int | None = None
     looked_up: bool = False
     """The store was asked whether ``(client, seq)`` was committed; ``dup_of`` has the answer."""
+    checked: bool = False
+    """``op`` was validated (and normalized) against the text at ``base`` on submission."""
 
     def fail(self, code: Code, message: str) -> None:
         """Resolve with an error (never after an ack)."""
@@ -243,11 +245,27 @@ class Room:
 
         An edit whose op has more than ``ot.MAX_OP_COMPONENTS`` components is refused at
         once with ``too_large``, before it is checked or transformed (WebSocket and HTTP).
+        An edit on a committed version this room holds (``first_v - 1 .. snapshot.v``) is
+        validated here against the text's length at that version, which its transformed
+        form fits too: one that does not fit is refused at once with ``bad_op``, and never
+        reaches a commit tick (nor, on a contended document, the table lock). Only an op on
+        a version this process has not seen needs the tick (its catch-up) to be checked.
         """
-        if sub.kind == "edit" and isinstance(sub.op, list) and len(sub.op) > ot.MAX_OP_COMPONENTS:
-            limit = ot.MAX_OP_COMPONENTS
-            sub.fail(Code.TOO_LARGE, f"op has {len(sub.op)} components; at most {limit}")
-            return
+        if sub.kind == "edit":
+            op = sub.op
+            if isinstance(op, list) and len(op) > ot.MAX_OP_COMPONENTS:
+                limit = ot.MAX_OP_COMPONENTS
+                sub.fail(Code.TOO_LARGE, f"op has {len(op)} components; at most {limit}")
+                return
+            base = sub.base
+            if self.first_v - 1 <= base <= self.snapshot.v:
+                try:
+                    sub.op = ot.validate(op, self._len_at(base))
+                    sub.checked = True
+                except BadOp as exc:
+                    if self._refusable(sub):
+                        sub.fail(exc.code, exc.message)
+                        return
         self.inbox.append(sub)
         self.last_used = time.monotonic()
         self._on_dirty(self)
@@ -616,7 +634,7 @@ class Room:
             sub.kind = "parked"
             self.parked.append(sub)
             return
-        op = ot.validate(sub.op, self._len_at(sub.base))
+        op = sub.op if sub.checked else ot.validate(sub.op, self._len_at(sub.base))
         start = sub.base - self.first_v + 1
         if start < len(self.history):
             op = ot.transform_many(op, [rec.op for rec in self.history[start:]], "left")
@@ -629,6 +647,18 @@ class Room:
         sub.result = v
         if sub.client is not None and sub.seq is not None:
             self._inflight_keys[(sub.client, sub.seq)] = sub
+
+    def _refusable(self, sub: Submission) -> bool:
+        """Whether an edit whose op does not fit its base may be refused now: ``prepare``
+        would refuse it with ``bad_op`` too, not answer otherwise first (a viewer's op is
+        ``forbidden``, a resend of a committed op is acked)."""
+        if not self.doc.can_write(sub.by):
+            return False
+        if sub.client is None or sub.seq is None:
+            return True
+        last = self.doc.clients.get(sub.client)
+        fresh = last is None or sub.seq > last[0]
+        return fresh and (sub.client, sub.seq) not in self._inflight_keys
 
     def _find_seq(self, client: str, seq: int) -> int | None:
         for rec in reversed(self.history):

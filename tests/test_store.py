@@ -377,14 +377,74 @@ async def test_a_failure_under_the_lock_releases_it(store: Store, other_store: S
             raise RuntimeError("injected")
 
         room_b.client_ops = boom  # type: ignore[method-assign]
+        idle = b.committer.stats.locked_idle
         with pytest.raises(Rejected):
             await result(submit(room_b, ["w"], room_b.snapshot.v))
-        assert b.committer.stats.locked > 0
+        assert b.committer.stats.locked_idle == idle + 1  # took the lock, committed nothing
         room_b.client_ops = real  # type: ignore[method-assign]
         # The other process can still commit (the lock was released), and so can this one.
         v = await result(submit(room_a, ["q"], room_a.snapshot.v))
         assert v == 4
         await result(submit(room_b, ["r"], room_b.snapshot.v))
+
+
+async def test_ops_refused_on_a_known_version_never_take_the_lock(
+    store: Store, other_store: Store
+) -> None:
+    """On a contended document, an op that does not fit its base (a version this process
+    holds: the head, or older, the op then transformed or not) is refused on submission,
+    without a tick or the table lock; a valid one is committed under the lock as before,
+    and an op on a version only the other process has seen is checked after the catch-up."""
+    if not store.checks_heads:
+        pytest.skip("the lock-first commit is PostgreSQL's")
+    doc = _saved(store, "abc", vic="viewer")
+    async with running(store) as a, running(other_store) as b:
+        room_a, room_b = await a.get(doc.id), await b.get(doc.id)
+        assert room_a is not None and room_b is not None
+        await result(submit(room_a, ["x"], 0))
+        await result(submit(room_b, ["y"], 0))  # conflicts once: now contended
+        await result(submit(room_a, ["z"], room_a.snapshot.v))
+        await result(submit(room_b, ["w"], room_b.snapshot.v))
+        assert room_b.contended and room_b.snapshot.v == 4
+        stats = b.committer.stats
+        before = (stats.commits, stats.locked, stats.locked_idle)
+        for i, (op, base) in enumerate([
+            ([99, "x"], 4),  # the head: 7 code points
+            ([9999], 4),
+            ([5, "x"], 0),  # fits the head, not its base "abc": refused, not transformed
+            ("nope", 2),
+            ([{"d": 8}], 4),
+        ] * 6):
+            with pytest.raises(Rejected) as info:
+                await result(submit(room_b, op, base, client="b", seq=100 + i))
+            assert info.value.code is Code.BAD_OP
+        assert (stats.commits, stats.locked, stats.locked_idle) == before
+        b.committer.mark(room_b)  # dirty with nothing queued: a tick, but no lock
+        await b.committer.drain()
+        assert stats.locked_idle == before[2]
+        # Refusal on submission does not overtake the answers prepare gives first (those
+        # need the catch-up: the other process may have changed the roles).
+        with pytest.raises(Rejected) as info:
+            await result(submit(room_b, [99, "x"], 4, by="vic"))
+        assert info.value.code is Code.FORBIDDEN
+        with pytest.raises(Rejected) as info:
+            await result(submit(room_b, [99, "x"], 4, by="eve"))
+        assert info.value.code is Code.NOT_FOUND
+        assert stats.locked_idle == before[2] + 2
+        # Valid ops, transformed or not, commit under the lock.
+        assert await result(submit(room_b, [3, "!"], 0)) == 5
+        assert await result(submit(room_b, ["?"], 5)) == 6
+        assert stats.locked == before[1] + 2 and stats.commits == before[0] + 2
+        # The other process moves on; an op on its version is checked after the catch-up.
+        v = await result(submit(room_a, ["ab"], room_a.snapshot.v))
+        assert room_b.snapshot.v < v  # no hub here: b learns of it under the lock
+        with pytest.raises(Rejected) as info:
+            await result(submit(room_b, [99, "x"], v))
+        assert info.value.code is Code.BAD_OP
+        assert stats.locked_idle == before[2] + 3
+        assert await result(submit(room_b, ["."], v)) == v + 1
+    final = store.load(doc.id)
+    assert final is not None and final.doc_version == 8
 
 
 async def test_late_op_is_transformed_after_conflict(store: Store, other_store: Store) -> None:
