@@ -5,8 +5,8 @@ Every setting has a flag and a ``COSCRIBE_*`` variable of the same name (``--dat
 ``--page``, ``loadtest --url``, ...) have no variable.
 
 Exit codes of ``serve`` and ``token``: 0 done; 1 a runtime failure (the port is in use, the
-database does not answer, the data directory cannot be used, a worker failed); 2 bad
-arguments (a flag or variable out of range, an empty user).
+host does not resolve, the database does not answer, the data directory cannot be used, a
+worker failed); 2 bad arguments (a flag or variable out of range, an empty user).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -87,6 +88,8 @@ def _serve_one(settings: Settings, listening: Callable[[], None]) -> int:
                     print=lambda _banner: listening(), access_log=access_log,
                     shutdown_timeout=10, reuse_port=settings.workers > 1, backlog=4096,
                     handle_signals=False)
+    except socket.gaierror as exc:  # the host was resolved at start; a name may go away
+        return _fail("serve", _unresolved(settings, exc))
     except OSError as exc:
         if exc.errno not in BIND_ERRORS:
             raise
@@ -94,6 +97,11 @@ def _serve_one(settings: Settings, listening: Callable[[], None]) -> int:
                               f"{BIND_ERRORS[exc.errno]}")
     _ignore_stop_signals()
     return 0
+
+
+def _unresolved(settings: Settings, exc: socket.gaierror) -> str:
+    return (f"cannot listen on {settings.host}:{settings.port}: the host is not an address "
+            f"and does not resolve to one ({exc.strerror})")
 
 
 def _ignore_stop_signals() -> None:
@@ -144,6 +152,11 @@ def _projections_worker(settings: Settings) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve HTTP and WebSocket; ``--workers N`` runs N processes on one port."""
     settings = _settings(args)
+    try:
+        socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM,
+                           flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:  # was a traceback from deep inside the event loop
+        return _fail("serve", _unresolved(settings, exc))
     url = f"http://{settings.host}:{settings.port}"
     if settings.workers == 1:
         return _serve_one(settings, lambda: print(f"coscribe serving on {url}", flush=True))

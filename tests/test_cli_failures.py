@@ -74,6 +74,21 @@ def test_serve_workers_exit_non_zero_when_they_fail_at_start(
     assert "serving on" not in run.stdout
 
 
+@pytest.mark.parametrize("host", ["999.1.1.1", "example.invalid"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_on_a_host_that_does_not_resolve_exits_1_in_one_line(
+    tmp_path: Path, host: str, workers: int
+) -> None:
+    """An unresolvable ``--host`` was a 25-line socket.gaierror traceback."""
+    run = _serve(["--host", host, "--port", str(_closed_port()), "--workers", str(workers),
+                  "--redis-url", "redis://127.0.0.1:1/0"], tmp_path)
+    assert run.returncode == 1
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert (f"cannot listen on {host}:" in _one_line(run.stderr)
+            and "does not resolve" in run.stderr)
+    assert "serving on" not in run.stdout
+
+
 def test_serve_with_an_unreachable_database_exits_1(tmp_path: Path) -> None:
     """A closed PostgreSQL port: one line naming the URL, exit 1 (with or without workers)."""
     url = f"postgresql://postgres:pw@127.0.0.1:{_closed_port()}/postgres"
