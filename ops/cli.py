@@ -40,6 +40,9 @@ BIND_ERRORS = {
 STOP_GRACE = 30.0
 """Seconds ``serve --workers`` gives its processes to stop after SIGTERM (a gateway drains
 for up to 10 s, then closes for up to 10 s) before it kills them."""
+PORT_CLAIM = "coscribe-serve-port-{port}"
+"""Name, in Linux's abstract Unix socket namespace, of the claim each ``coscribe serve``
+holds on its port for its whole life (the kernel frees it when the process ends)."""
 MAX_TTL_SECONDS = 100 * 365 * 86400
 """Longest ``token --ttl``: a hundred years (omit it for a token that never expires)."""
 
@@ -104,6 +107,30 @@ def _unresolved(settings: Settings, exc: socket.gaierror) -> str:
             f"and does not resolve to one ({exc.strerror})")
 
 
+def _claim_port(port: int) -> socket.socket | None:
+    """This machine's claim on ``port`` for ``coscribe serve`` (None: another process holds
+    it); the caller keeps the socket open while it serves.
+
+    The workers of ``serve --workers`` bind with ``SO_REUSEPORT``, so the kernel let a
+    second group bind the same port and split the connections between two servers (with
+    different secrets, one token got 401 or 200 at random). The claim is per port, not per
+    address: ``0.0.0.0`` overlaps every address. It is an abstract Unix socket (Linux): no
+    file to clean up, gone with the process, even after kill -9; not inherited by the
+    workers. Elsewhere there is no claim.
+    """
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if not sys.platform.startswith("linux"):
+        return claim
+    try:
+        claim.bind("\0" + PORT_CLAIM.format(port=port))
+    except OSError as exc:
+        claim.close()
+        if exc.errno == errno.EADDRINUSE:
+            return None
+        raise
+    return claim
+
+
 def _ignore_stop_signals() -> None:
     """Once stopped: a late SIGTERM or SIGINT (the process group's, a second Ctrl-C) must
     not kill the process while it exits (the interpreter's exit resets Python's handlers)."""
@@ -152,18 +179,28 @@ def _projections_worker(settings: Settings) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve HTTP and WebSocket; ``--workers N`` runs N processes on one port."""
     settings = _settings(args)
+    if settings.workers > 1 and not settings.redis_url:
+        print("coscribe serve: --workers > 1 needs --redis-url (COSCRIBE_REDIS_URL): processes "
+              "tell each other about committed ops through Redis", file=sys.stderr)
+        return 2
     try:
         socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM,
                            flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:  # was a traceback from deep inside the event loop
         return _fail("serve", _unresolved(settings, exc))
-    url = f"http://{settings.host}:{settings.port}"
-    if settings.workers == 1:
-        return _serve_one(settings, lambda: print(f"coscribe serving on {url}", flush=True))
-    if not settings.redis_url:
-        print("coscribe serve: --workers > 1 needs --redis-url (COSCRIBE_REDIS_URL): processes "
-              "tell each other about committed ops through Redis", file=sys.stderr)
-        return 2
+    claim = _claim_port(settings.port)
+    if claim is None:
+        return _fail("serve", f"cannot listen on {settings.host}:{settings.port}: the port is "
+                              "in use (by another coscribe serve on this machine)")
+    with claim:
+        url = f"http://{settings.host}:{settings.port}"
+        if settings.workers == 1:
+            return _serve_one(settings, lambda: print(f"coscribe serving on {url}", flush=True))
+        return _serve_workers(settings, url)
+
+
+def _serve_workers(settings: Settings, url: str) -> int:
+    """``serve --workers N``: N gateway processes, and the projections' one."""
     from ops.wiring import StoreUnreachable, open_store
 
     try:

@@ -21,6 +21,7 @@ import pytest
 
 from ops import cli
 from tests.conftest import PG_URL
+from tests.procs import ServerProcess
 
 
 def _closed_port() -> int:
@@ -72,6 +73,38 @@ def test_serve_workers_exit_non_zero_when_they_fail_at_start(
     assert run.returncode == 1
     assert "the port is in use" in _one_line(run.stderr)
     assert "serving on" not in run.stdout
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("first", "second"), [(2, 2), (1, 2), (2, 1)])
+def test_a_second_serve_on_the_port_of_a_running_one_exits_1(
+    tmp_path: Path, redis_url: str, redis_prefix: str, first: int, second: int
+) -> None:
+    """Two ``serve --workers 2`` on one port both served (their workers bind with
+    SO_REUSEPORT) and the kernel split the connections between them: with another secret,
+    a token got 401 or 200 at random. Now the second exits 1 with the port-in-use line,
+    whichever kind comes first."""
+    server = ServerProcess(tmp_path / "first", workers=str(first), redis_url=redis_url,
+                           redis_prefix=redis_prefix, projections="off")
+    server.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSCRIBE_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ops.cli", "serve", "--port", str(server.port),
+         "--workers", str(second), "--redis-url", redis_url, "--redis-prefix", redis_prefix,
+         "--projections", "off", "--secret", "another", "--data-dir", str(tmp_path / "2nd")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 1, (out, err)
+        assert f"cannot listen on 127.0.0.1:{server.port}: the port is in use" in _one_line(err)
+        assert "serving on" not in out
+    finally:
+        if proc.poll() is None:  # it served: its workers are in its process group
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        server.stop()
+    assert server.proc is not None and server.proc.returncode == 0
 
 
 @pytest.mark.parametrize("host", ["999.1.1.1", "example.invalid"])
