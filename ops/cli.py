@@ -6,7 +6,8 @@ Every setting has a flag and a ``COSCRIBE_*`` variable of the same name (``--dat
 
 Exit codes of ``serve`` and ``token``: 0 done; 1 a runtime failure (the port is in use, the
 host does not resolve, the database does not answer, the data directory cannot be used, a
-worker failed); 2 bad arguments (a flag or variable out of range, an empty user).
+worker failed at start or kept dying); 2 bad arguments (a flag or variable out of range, an
+empty user).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ops.runtime import tune_gc
@@ -40,6 +41,11 @@ BIND_ERRORS = {
 STOP_GRACE = 30.0
 """Seconds ``serve --workers`` gives its processes to stop after SIGTERM (a gateway drains
 for up to 10 s, then closes for up to 10 s) before it kills them."""
+CRASH_LIMIT = 5
+CRASH_WINDOW = 10.0
+"""``serve --workers`` gives up on a process that ended less than ``CRASH_WINDOW`` seconds
+after its start ``CRASH_LIMIT`` times in a row: it stops the others and exits 1, for the
+service manager to restart the lot (a longer-lived process is started again at once)."""
 PORT_CLAIM = "coscribe-serve-port-{port}"
 """Name, in Linux's abstract Unix socket namespace, of the claim each ``coscribe serve``
 holds on its port for its whole life (the kernel frees it when the process ends)."""
@@ -163,8 +169,13 @@ async def _stop_on_first_signal(app: Any) -> None:
 
 
 def _worker(settings: Settings, ready: Any) -> None:
-    """A gateway process of ``serve --workers N``: tells ``ready`` its pid once listening."""
-    sys.exit(_serve_one(settings, lambda: ready.put(os.getpid())))
+    """A gateway process of ``serve --workers N``: tells ``ready`` (if any) its pid once
+    listening."""
+    def listening() -> None:
+        if ready is not None:
+            ready.put(os.getpid())
+
+    sys.exit(_serve_one(settings, listening))
 
 
 def _projections_worker(settings: Settings) -> None:
@@ -199,8 +210,55 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _serve_workers(settings, url)
 
 
+@dataclass
+class CrashLoop:
+    """Whether to give up on a process that keeps ending soon after its start: it ended
+    less than ``window`` seconds after its start ``limit`` times in a row. The caller
+    gives the times (``time.monotonic()``)."""
+
+    limit: int = CRASH_LIMIT
+    window: float = CRASH_WINDOW
+    started_at: float = 0.0
+    quick: int = 0
+    """Ends in a row that came within ``window`` of their start."""
+
+    def started(self, now: float) -> None:
+        """The process was started at ``now``."""
+        self.started_at = now
+
+    def ended(self, now: float) -> bool:
+        """The process ended at ``now``: True if that is the ``limit``-th quick end in a row."""
+        self.quick = self.quick + 1 if now - self.started_at < self.window else 0
+        return self.quick >= self.limit
+
+
+@dataclass
+class _Child:
+    """A process of ``serve --workers``, with what it takes to start it again."""
+
+    ctx: Any
+    name: str
+    target: Callable[..., None]
+    args: tuple[Any, ...]
+    again: tuple[Any, ...]
+    """The arguments of a restart (a restarted worker tells nobody that it listens)."""
+    proc: Any = None
+    crashes: CrashLoop = field(default_factory=CrashLoop)
+
+    def start(self) -> None:
+        """Start the process (the first time with ``args``, then with ``again``)."""
+        # Known before it runs, so that a stop that comes meanwhile reaches it.
+        ended, self.proc = self.proc, self.ctx.Process(
+            target=self.target, args=self.args if self.proc is None else self.again,
+            name=self.name)
+        if ended is not None:
+            ended.close()  # its sentinel and pipe: a long-lived parent may restart many
+        self.proc.start()
+        self.crashes.started(time.monotonic())
+
+
 def _serve_workers(settings: Settings, url: str) -> int:
-    """``serve --workers N``: N gateway processes, and the projections' one."""
+    """``serve --workers N``: N gateway processes, and the projections' one, supervised."""
     from ops.wiring import StoreUnreachable, open_store
 
     try:
@@ -212,39 +270,80 @@ def _serve_workers(settings: Settings, url: str) -> int:
     ready = ctx.Queue()
     # The gateways only serve; one process of its own follows the log for the read models
     # (a runner inside a gateway competes with its event loop for the GIL).
-    procs = [
-        ctx.Process(target=_worker, args=(replace(settings, projections="off"), ready),
-                    name=f"coscribe-worker-{i}")
-        for i in range(settings.workers)
-    ]
+    gateway = replace(settings, projections="off")
+    children = [_Child(ctx, f"coscribe-worker-{i}", _worker, (gateway, ready), (gateway, None))
+                for i in range(settings.workers)]
     if settings.projections == "inline":
-        procs.append(ctx.Process(target=_projections_worker, args=(settings,),
-                                 name="coscribe-projections"))
-    for p in procs:
-        p.start()
+        children.append(_Child(ctx, "coscribe-projections", _projections_worker, (settings,),
+                               (settings,)))
+    for child in children:
+        child.start()
     stopping = False
+    gave_up: str | None = None
 
     def stop_children(signum: int, frame: Any) -> None:
         nonlocal stopping
         stopping = True
-        for p in procs:
-            if p.is_alive():
-                p.terminate()  # SIGTERM: each worker drains and closes sessions with 1001
+        for child in children:
+            if child.proc.is_alive():
+                child.proc.terminate()  # SIGTERM: each worker drains, closes sessions with 1001
 
     signal.signal(signal.SIGTERM, stop_children)
     try:
-        if _await_listening(procs, ready, settings.workers):
+        if _await_listening([c.proc for c in children], ready, settings.workers):
             print(f"coscribe serving on {url} with {settings.workers} workers", flush=True)
-            _join(procs, lambda: stopping)
+            gave_up = _supervise(children, lambda: stopping)
+            if gave_up is not None:
+                _fail("serve", gave_up)  # before the others stop, whose lines follow
     except KeyboardInterrupt:
         stopping = True
     finally:
+        procs = [c.proc for c in children]
         for p in procs:
             if p.is_alive():
                 p.terminate()
         _join(procs, lambda: True)
         _ignore_stop_signals()
+    if gave_up is not None:
+        return 1
     return _exit_code(procs, stopping)
+
+
+def _supervise(children: Sequence[_Child], stopping: Callable[[], bool]) -> str | None:
+    """Until ``stopping()``, start again every child that ends, with one line on stderr each
+    time; return why it gave up if one kept ending soon after its start (the caller then
+    stops the others).
+
+    Nothing was restarted: with both gateways killed the parent stayed up for good (the
+    runner was alive), so the service manager never restarted it; with the runner killed
+    the read models froze, without a word, and every read waited for them.
+    """
+    from multiprocessing.connection import wait
+
+    while True:
+        wait([c.proc.sentinel for c in children], timeout=1.0)
+        if stopping():
+            return None
+        for child in children:
+            if (code := child.proc.exitcode) is None:
+                continue
+            how = _how_it_ended(code)
+            if child.crashes.ended(time.monotonic()):
+                return (f"{child.name} {how}, and ended within {child.crashes.window:g} s of "
+                        f"its start {child.crashes.limit} times in a row; giving up")
+            print(f"coscribe serve: {child.name} (pid {child.proc.pid}) {how}; restarted",
+                  file=sys.stderr, flush=True)
+            child.start()
+
+
+def _how_it_ended(code: int) -> str:
+    """A process's exit code (negative: the signal that killed it) in words."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"was killed by signal {-code}"
 
 
 def _join(procs: Sequence[Any], stopping: Callable[[], bool]) -> None:
