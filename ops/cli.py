@@ -168,9 +168,25 @@ async def _stop_on_first_signal(app: Any) -> None:
         loop.add_signal_handler(sig, stop)
 
 
-def _worker(settings: Settings, ready: Any) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when ``parent`` ends (Linux), and exit now
+    if it already has: a child of ``serve --workers`` whose parent was killed (kill -9,
+    outside a service manager that would kill the group) went on serving, orphaned, on a
+    port whose claim was gone, so that a new group shared the port with it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it ended before the prctl: no signal will come
+        sys.exit(1)
+
+
+def _worker(settings: Settings, ready: Any, parent: int) -> None:
     """A gateway process of ``serve --workers N``: tells ``ready`` (if any) its pid once
-    listening."""
+    listening; stops (SIGTERM) when its parent ends."""
+    _die_with_parent(parent)
+
     def listening() -> None:
         if ready is not None:
             ready.put(os.getpid())
@@ -178,8 +194,10 @@ def _worker(settings: Settings, ready: Any) -> None:
     sys.exit(_serve_one(settings, listening))
 
 
-def _projections_worker(settings: Settings) -> None:
-    """``coscribe projections run`` with the parent's settings (passed as COSCRIBE_*)."""
+def _projections_worker(settings: Settings, parent: int) -> None:
+    """``coscribe projections run`` with the parent's settings (passed as COSCRIBE_*); stops
+    (SIGTERM) when its parent ends."""
+    _die_with_parent(parent)
     for f in fields(settings):
         value = getattr(settings, f.name)
         if value is not None:
@@ -271,11 +289,13 @@ def _serve_workers(settings: Settings, url: str) -> int:
     # The gateways only serve; one process of its own follows the log for the read models
     # (a runner inside a gateway competes with its event loop for the GIL).
     gateway = replace(settings, projections="off")
-    children = [_Child(ctx, f"coscribe-worker-{i}", _worker, (gateway, ready), (gateway, None))
+    parent = os.getpid()
+    children = [_Child(ctx, f"coscribe-worker-{i}", _worker, (gateway, ready, parent),
+                       (gateway, None, parent))
                 for i in range(settings.workers)]
     if settings.projections == "inline":
-        children.append(_Child(ctx, "coscribe-projections", _projections_worker, (settings,),
-                               (settings,)))
+        children.append(_Child(ctx, "coscribe-projections", _projections_worker,
+                               (settings, parent), (settings, parent)))
     for child in children:
         child.start()
     stopping = False

@@ -173,3 +173,22 @@ def test_supervise_restarts_nothing_once_stopping() -> None:
     child.proc.join(20)
     assert cli._supervise([child], lambda: True) is None
     assert child.proc is first
+
+
+def test_the_children_stop_when_the_parent_is_killed(group: ServerProcess) -> None:
+    """The parent killed with SIGKILL (outside a service manager that kills the group): its
+    workers and runner went on serving, orphaned, and a new group could share their port.
+    Now each gets SIGTERM from the kernel and stops; the port is free."""
+    assert group.proc is not None
+    workers = listening_pids(group.port)
+    children = workers | _runners(group, workers)
+    assert len(children) == 3
+    group.proc.kill()
+    group.proc.wait(10)
+    try:
+        _until(lambda: all(read(pid) is None for pid in children), timeout=40)
+        assert not listening_pids(group.port)
+    finally:
+        for pid in children:  # orphans, if the kernel did not stop them: ours to end
+            if read(pid) is not None:
+                os.kill(pid, signal.SIGKILL)
