@@ -3,7 +3,8 @@
 This is the only module that reads the environment. A flag wins over its variable; the
 flag of ``COSCRIBE_DATABASE_URL`` is ``--database-url`` (lowercase, dashes). A flag and its
 variable are checked alike: a value out of its range, not one of its choices or not of its
-type is a :class:`SettingsError` (a bad argument: the CLI exits 2).
+type, or a URL its driver would not take, is a :class:`SettingsError` (a bad argument: the
+CLI exits 2).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "projections": ("inline", "off"),
@@ -36,7 +37,8 @@ URL_SCHEMES: dict[str, tuple[str, ...]] = {
     "database_url": ("postgresql", "postgres"),
     "redis_url": ("redis", "rediss", "unix"),
 }
-"""The schemes a URL setting may have."""
+"""The schemes a URL setting may have (followed by ``//``: ``postgresql:foo`` is not a URL to
+libpq, nor ``redis:x`` to redis-py)."""
 
 
 class SettingsError(ValueError):
@@ -118,8 +120,8 @@ def _coerce(source: str, raw: Any, kind: Any) -> Any:
 
 
 def _checked(name: str, source: str, value: Any) -> Any:
-    """``value`` if it is in the setting's range, choices or URL schemes (``source`` names
-    the flag or variable it came from in the error)."""
+    """``value`` if it is in the setting's range or choices, or a URL of its schemes that its
+    driver takes (``source`` names the flag or variable it came from in the error)."""
     if name in CHOICES:
         value = value.lower() if name == "log_level" else value
         if value not in CHOICES[name]:
@@ -127,14 +129,86 @@ def _checked(name: str, source: str, value: Any) -> Any:
                 f"{source} must be one of {', '.join(CHOICES[name])}, not {value!r}"
             )
     if name in RANGES:
-        low, high = RANGES[name]
-        if value < low or (high is not None and value > high):
-            bounds = f"in {low}..{high}" if high is not None else f"at least {low}"
-            raise SettingsError(f"{source} must be {bounds}, not {value}")
+        check_range(source, value, *RANGES[name])
     if name in URL_SCHEMES:
-        scheme = urlsplit(value).scheme
-        if scheme not in URL_SCHEMES[name]:
-            wanted = ", ".join(f"{s}://" for s in URL_SCHEMES[name])
-            found = f"{scheme}:" if scheme else repr(value)
-            raise SettingsError(f"{source} must start with {wanted}, not {found}")
+        _check_url(name, source, value)
     return value
+
+
+def check_range(source: str, value: float, low: float, high: float | None,
+                unit: str = "") -> None:
+    """Raise :class:`SettingsError` unless ``low <= value <= high`` (``high`` None: no upper
+    bound; NaN is in no range). For the settings, and for the commands' flags that are not
+    settings (``replay --page``), so that both are refused alike."""
+    if not (low <= value and (high is None or value <= high)):
+        bounds = f"in {low}..{high}" if high is not None else f"at least {low}"
+        raise SettingsError(f"{source} must be {bounds}{unit}, not {value}")
+
+
+def _check_url(name: str, source: str, url: str) -> None:
+    """Raise :class:`SettingsError` unless ``url`` has one of the setting's schemes and its
+    driver takes it (the scheme alone let ``redis://h:abc`` through to a traceback)."""
+    schemes = URL_SCHEMES[name]
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL": an unclosed [
+        raise SettingsError(f"{source} is not a URL: {exc}") from None
+    if not url.lower().startswith(tuple(f"{s}://" for s in schemes)):
+        wanted = ", ".join(f"{s}://" for s in schemes)
+        found = f"{parts.scheme}:" if parts.scheme else repr(url)
+        if not parts.scheme and "@" in url:  # user:password@host
+            found = "a URL without a scheme"
+        if parts.scheme in schemes:
+            found += " without //"
+        raise SettingsError(f"{source} must start with {wanted}, not {found}")
+    problem = _postgres_problem(url, parts) if name == "database_url" else _redis_problem(parts)
+    if problem is None and name == "redis_url":
+        from redis.connection import parse_url
+
+        try:
+            parse_url(url)  # its query arguments (socket_timeout=...)
+        except ValueError as exc:
+            problem = str(exc)
+    if problem is not None:
+        raise SettingsError(f"{source} is not usable: {problem}")
+
+
+def _port_problem(parts: SplitResult) -> str | None:
+    """What is wrong with the URL's port (it may have none), as ``urlsplit`` reads it."""
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is None or 1 <= port <= 65535:
+        return None
+    hostport = parts.netloc.rpartition("@")[2]
+    text = hostport.rpartition("]")[2] if hostport.startswith("[") else hostport
+    return f"the port must be an integer in 1..65535, not {text.partition(':')[2]!r}"
+
+
+def _postgres_problem(url: str, parts: SplitResult) -> str | None:
+    """Why libpq (through psycopg) or the event store, which reads the host and port with
+    ``urlsplit``, would not take ``url``; None if both would. No host is fine (libpq's
+    default socket, or ``?host=/run/postgresql``)."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except ProgrammingError as exc:  # libpq's message quotes the URL, password and all
+        return str(exc).strip().splitlines()[0].replace(url, "the URL")
+    problem = _port_problem(parts)
+    if problem and "," in parts.netloc:
+        return "hosts in a list share one port, after the last (h1,h2:5432)"
+    return problem
+
+
+def _redis_problem(parts: SplitResult) -> str | None:
+    """Why the hub and redis-py would not reach a server at ``parts``; None if they would.
+    A TCP URL must name its host (redis-py would quietly take localhost), a socket URL
+    its path."""
+    if parts.scheme == "unix":
+        return None if parts.path else "no socket path (unix:///path/to/redis.sock)"
+    if not parts.hostname:
+        return _port_problem(parts) or f"no host ({parts.scheme}://HOST[:PORT][/DB])"
+    return _port_problem(parts)

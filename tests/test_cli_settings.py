@@ -145,3 +145,96 @@ def test_token_with_a_data_dir_that_is_a_file_exits_1_naming_it(
     assert cli.main(["token", "alice", "--data-dir", str(plain)]) == 1
     err = capsys.readouterr().err
     assert str(plain) in err and len(err.strip().splitlines()) == 1
+
+
+BAD_URLS = [
+    ("redis_url", "redis:x", "must start with redis://"),  # a ValueError traceback in serve
+    ("redis_url", "redis://:99999", "port must be an integer in 1..65535, not '99999'"),
+    ("redis_url", "redis://h:abc", "port must be an integer in 1..65535, not 'abc'"),
+    ("redis_url", "redis://h:0/0", "1..65535, not '0'"),
+    ("redis_url", "redis:///0", "no host"),  # redis-py would quietly take localhost
+    ("redis_url", "unix://", "no socket path"),
+    ("redis_url", "redis://[::1/0", "not a URL"),
+    ("redis_url", "redis://h/0?socket_timeout=abc", "socket_timeout"),
+    ("database_url", "postgresql:foo", "must start with postgresql://"),  # a psycopg traceback
+    ("database_url", "postgresql://127.0.0.1:99999/x", "1..65535, not '99999'"),
+    ("database_url", "postgres://127.0.0.1:abc/x", "1..65535, not 'abc'"),
+    ("database_url", "postgresql://u:secret@h/x?nosuch=1", 'invalid URI query parameter: "nosuch"'),
+    ("database_url", "postgresql://h1:5432,h2:5433/x", "share one port"),
+    ("database_url", "//u:secret@db/x", "not a URL without a scheme"),
+]
+
+
+@pytest.mark.parametrize("from_env", [False, True], ids=["flag", "variable"])
+@pytest.mark.parametrize(("name", "value", "message"), BAD_URLS)
+def test_a_malformed_url_is_a_settings_error_naming_its_source(
+    name: str, value: str, message: str, from_env: bool
+) -> None:
+    """A URL its driver would not take is refused at load, flag and variable alike (the
+    scheme was all that was checked), and the message does not repeat a password."""
+    variable, flag = f"COSCRIBE_{name.upper()}", "--" + name.replace("_", "-")
+    with pytest.raises(SettingsError) as refused:
+        if from_env:
+            Settings.load({variable: value})
+        else:
+            Settings.load({}, {name: value})
+    text = str(refused.value)
+    assert text.startswith(variable if from_env else flag) and message in text
+    assert "secret" not in text and len(text.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("redis_url", "redis://127.0.0.1:6379/0"), ("redis_url", "rediss://u:p@cache:6380/1"),
+    ("redis_url", "redis://[::1]:6379"), ("redis_url", "unix:///run/redis/redis.sock"),
+    ("redis_url", "REDIS://cache"), ("database_url", "postgres://db"),
+    ("database_url", "postgresql://coscribe@/coscribe?host=/var/run/postgresql"),
+    ("database_url", "postgresql://u:p@[::1]:5432/x?sslmode=require"),
+    ("database_url", "postgresql://h1,h2:5432/x"),
+])
+def test_well_formed_urls_load(name: str, value: str) -> None:
+    """Sockets, TLS, IPv6, passwords, libpq's query parameters and host lists still load."""
+    assert getattr(Settings.load({}, {name: value}), name) == value
+
+
+SHOW = ["audit", "show", "00000000-0000-0000-0000-000000000001"]
+
+
+@pytest.mark.parametrize("command", [["serve"], ["token", "alice"], ["replay", "--quiet"],
+                                     ["projections", "run"], ["audit", "verify"], SHOW])
+@pytest.mark.parametrize(("variable", "value"), [
+    ("COSCRIBE_REDIS_URL", "redis://h:abc"),
+    ("COSCRIBE_DATABASE_URL", "postgresql://127.0.0.1:99999/x"),
+])
+def test_every_command_exits_2_on_a_malformed_url_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    command: list[str], variable: str, value: str
+) -> None:
+    """A malformed ``COSCRIBE_*_URL`` is one line and exit 2 before anything is opened or
+    made, in every command that reads the settings (it was a traceback and exit 1)."""
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("COSCRIBE_DATA_DIR", str(tmp_path / "data"))
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    assert variable in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--redis-url", "redis://:99999"], ["serve", "--database-url", "postgresql:foo"],
+    ["projections", "run", "--redis-url", "redis:x"],
+    ["projections", "run", "--database-url", "postgresql://127.0.0.1:99999/x"],
+    ["replay", "--quiet", "--database-url", "postgresql://127.0.0.1:99999/x"],
+    ["audit", "verify", "--database-url", "postgresql:foo"],
+    [*SHOW, "--database-url", "postgres://h:abc/x"],
+])
+def test_every_command_exits_2_on_a_malformed_url_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    argv: list[str]
+) -> None:
+    """``--redis-url redis://:99999`` and the like: one line naming the flag, exit 2."""
+    for name in ("DATABASE_URL", "DATABASE_SCHEMA", "REDIS_URL"):
+        monkeypatch.delenv(f"COSCRIBE_{name}", raising=False)
+    assert cli.main([*argv, "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert argv[-2] in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists()
