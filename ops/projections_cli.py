@@ -8,8 +8,9 @@ read the events: where there is no event store they say so instead of making an 
 
 Exit codes: 0 done; 1 ``audit verify`` found a broken chain; 2 bad arguments (an unknown
 read model, a malformed or unknown document id, a version the document does not have, a
-setting out of range, no event store where the settings point); 3 ``replay`` while another
-replay runs; 4 the database is unreachable (or the data directory cannot be opened).
+setting or a flag out of range, no event store where the settings point); 3 ``replay``
+while another replay runs; 4 the database is unreachable (or the data directory cannot be
+opened).
 """
 
 from __future__ import annotations
@@ -25,16 +26,37 @@ from typing import Any, NoReturn
 from uuid import UUID
 
 from ops.runtime import tune_gc
-from ops.settings import Settings
+from ops.settings import Settings, check_range
 
 UNREACHABLE = 4
 """Exit code: the event store's database does not answer (distinct from 1, a broken chain)."""
+
+MAX_PAGE = 100_000
+"""Most events of one ``--page``: a page is held in memory and applied in one transaction."""
+MAX_WAIT = 3600
+"""Longest ``--poll`` or ``--batch``, in seconds (``inf`` waited for good after one step)."""
+FLAG_RANGES: dict[str, tuple[float, float, str]] = {
+    "page": (1, MAX_PAGE, ""),
+    "poll": (0.001, MAX_WAIT, " seconds"),
+    "batch": (0, MAX_WAIT, " seconds"),
+}
+"""Inclusive bounds (and unit) of the numeric flags that are not settings. A page of 0 or
+less reads nothing (``replay --page 0`` never ended, ``projections run --page 0`` never
+applied an event); a poll of 0 or less (or NaN) asks the database in a busy loop."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     names = ("data_dir", "database_url", "database_schema", "redis_url", "redis_prefix",
              "log_level")
     return Settings.load(overrides={n: getattr(args, n, None) for n in names})
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Raise ``SettingsError`` (exit 2, one line) for a flag of ``args`` out of its range."""
+    for name, (low, high, unit) in FLAG_RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            check_range(f"--{name}", value, low, high, unit)
 
 
 def _add_store_flags(p: argparse.ArgumentParser) -> None:
@@ -96,6 +118,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Rebuild read models from the first event into fresh tables, then swap them in."""
     from projections.db import Busy
 
+    _check_flags(args)
     models = _models(args.projection)
     store, source, db = _open(args, existing=True)
     tune_gc()
@@ -209,6 +232,7 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
     """Follow the log and keep the read models up to date until SIGTERM or Ctrl-C."""
     from projections.runner import Runner
 
+    _check_flags(args)
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(process)d %(name)s %(message)s")
@@ -369,7 +393,8 @@ def register(subparsers: Any) -> None:
     """Add ``replay``, ``projections run`` and ``audit verify|show`` to ``coscribe``."""
     replay = subparsers.add_parser("replay", help="rebuild read models from the first event")
     replay.add_argument("--projection", help="only this read model (default: all)")
-    replay.add_argument("--page", type=int, default=2000, help="events per transaction")
+    replay.add_argument("--page", type=int, default=2000,
+                        help=f"events per transaction (1..{MAX_PAGE:,})")
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_store_flags(replay)
     replay.set_defaults(func=cmd_replay)
@@ -378,10 +403,13 @@ def register(subparsers: Any) -> None:
     proj_sub = proj.add_subparsers(dest="projections_command", required=True)
     run = proj_sub.add_parser("run", help="follow the log until stopped")
     run.add_argument("--projection", help="only this read model (default: all)")
-    run.add_argument("--page", type=int, default=500, help="events per transaction")
-    run.add_argument("--poll", type=float, default=0.1, help="seconds between polls when idle")
+    run.add_argument("--page", type=int, default=500,
+                     help=f"events per transaction (1..{MAX_PAGE:,})")
+    run.add_argument("--poll", type=float, default=0.1,
+                     help=f"seconds between polls when idle (0.001..{MAX_WAIT})")
     run.add_argument("--batch", type=float, default=0.05,
-                     help="seconds to wait after a step that found less than a page (0: none)")
+                     help="seconds to wait after a step that found less than a page "
+                          f"(0: none; at most {MAX_WAIT})")
     run.add_argument("--redis-url",
                      help="the gateways' redis://...: invalidates their caches (needed when "
                           "they run without projections; without it they serve stale answers)")
