@@ -3,8 +3,9 @@
 ``register(subparsers)`` adds them to the ``coscribe`` parser; ``python -m ops.projections_cli``
 runs them on their own. Each reads the same settings as ``serve`` (``COSCRIBE_*``) and takes
 the flags ``--data-dir``, ``--database-url``, ``--database-schema``; ``projections run`` takes
-``--redis-url``, ``--redis-prefix`` and ``--log-level`` too. ``replay`` and ``audit`` only
-read the events: where there is no event store they say so instead of making an empty one.
+``--redis-url``, ``--redis-prefix`` and ``--log-level`` too. None of them makes an event
+store: where there is none they say so (``coscribe serve`` makes it) instead of making an
+empty one, which ``projections run`` would have followed for good.
 
 Exit codes: 0 done; 1 ``audit verify`` found a broken chain; 2 bad arguments (an unknown
 read model, a malformed or unknown document id, a version the document does not have, a
@@ -66,7 +67,8 @@ def _add_store_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _store_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """``cmd`` with the store's failures as exit codes: no store 2, unreachable 4."""
+    """``cmd`` with the store's failures as exit codes: no store 2 (the message says where
+    it looked, and who makes it), unreachable 4."""
 
     @functools.wraps(cmd)
     def run(args: argparse.Namespace) -> int:
@@ -78,7 +80,8 @@ def _store_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argpars
         try:
             return cmd(args)
         except NoStore as exc:
-            _usage(str(exc))
+            _usage(f"{exc}: the gateway (coscribe serve) creates it; start one first, or "
+                   f"check --data-dir, --database-url and --database-schema")
         except (StoreUnreachable, StoreUnavailable, OperationalError, InterfaceError) as exc:
             # The library's errors: the database went away after the store was opened.
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -88,14 +91,14 @@ def _store_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argpars
     return run
 
 
-def _open(args: argparse.Namespace, *, existing: bool) -> tuple[Any, Any, Any]:
-    """The store, its log as an event source, and the read-model database; with
-    ``existing``, only if the store is there already (else ``NoStore``)."""
+def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The store (only if it is there already, else ``NoStore``), its log as an event
+    source, and the read-model database."""
     from gateway.readmodels import StoreSource, read_db_config
     from ops.wiring import open_store
     from projections.db import open_db
 
-    store = open_store(_settings(args), existing=existing)
+    store = open_store(_settings(args), existing=True)
     return store, StoreSource(store), open_db(read_db_config(store.cfg))
 
 
@@ -120,7 +123,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     _check_flags(args)
     models = _models(args.projection)
-    store, source, db = _open(args, existing=True)
+    store, source, db = _open(args)
     tune_gc()
     try:
         with db.exclusive("replay"):  # two rebuilds would share the fresh tables
@@ -238,10 +241,12 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(process)d %(name)s %(message)s")
     log = logging.getLogger("coscribe.projections")
     models = _models(args.projection)
+    # Not made here: an empty store where a mistyped --data-dir or --database-schema points
+    # would be followed for good. ``serve --workers N`` makes it before starting this.
+    store, source, db = _open(args)
     if not settings.redis_url:
         log.warning("no Redis URL (--redis-url, COSCRIBE_REDIS_URL): gateways that cache "
                     "through Redis without running projections will serve stale analytics")
-    store, source, db = _open(args, existing=False)  # it may start before the gateways
     stop = Stop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop.handle)

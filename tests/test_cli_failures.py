@@ -1,6 +1,6 @@
 """Start-up failures of the commands are one line on stderr and an exit code, no traceback:
 1 for a runtime failure of ``serve`` (port in use, database unreachable, a worker failed),
-2 for no event store where a read-only command looks, 4 for an unreachable database."""
+2 for no event store where a read-side command looks, 4 for an unreachable database."""
 
 from __future__ import annotations
 
@@ -179,6 +179,41 @@ def test_read_only_commands_make_no_schema_for_a_mistyped_one(
             cli.main([*command, "--database-url", PG_URL, "--database-schema", schema])
         assert stop.value.code == 2
         assert f"(schema {schema})" in _one_line(capsys.readouterr().err)
+        with psycopg.connect(PG_URL) as conn:
+            found = conn.execute("SELECT 1 FROM information_schema.schemata "
+                                 "WHERE schema_name = %s", (schema,)).fetchone()
+        assert found is None
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def _projections_run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSCRIBE_")}
+    return subprocess.run([sys.executable, "-m", "ops.cli", "projections", "run", *args],
+                          env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_projections_run_makes_no_store_in_a_mistyped_data_dir(tmp_path: Path) -> None:
+    """It made an empty store there and followed it for good; now exit 2, one line saying
+    where it looked and that the gateway makes the store, and nothing made."""
+    typo = tmp_path / "typo"
+    run = _projections_run(["--data-dir", str(typo)])
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [_one_line(run.stderr)]
+    assert f"no event store at {typo / 'events.sqlite'}" in run.stderr
+    assert "the gateway (coscribe serve) creates it" in run.stderr
+    assert not typo.exists() and run.stdout == ""
+
+
+@pytest.mark.postgres
+def test_projections_run_makes_no_schema_for_a_mistyped_one() -> None:
+    """``--database-schema typo`` got the schema, the event table and the read models made."""
+    schema = f"fixc_typo_{uuid.uuid4().hex[:8]}"
+    try:
+        run = _projections_run(["--database-url", PG_URL, "--database-schema", schema])
+        assert run.returncode == 2, run.stderr
+        assert f"(schema {schema}): the gateway (coscribe serve)" in _one_line(run.stderr)
         with psycopg.connect(PG_URL) as conn:
             found = conn.execute("SELECT 1 FROM information_schema.schemata "
                                  "WHERE schema_name = %s", (schema,)).fetchone()

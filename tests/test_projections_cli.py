@@ -1,4 +1,5 @@
-"""``coscribe projections run`` raises the gateways' cache generations under their prefix."""
+"""``coscribe projections run`` raises the gateways' cache generations under their prefix,
+refuses flags out of range as ``replay`` does, and follows the store that ``serve`` makes."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
+from psycopg import sql
 
 from domain.document import Document
 from gateway.store import Store, StoreConfig
+from tests.conftest import PG_URL
+from tests.procs import TEST_SECRET, ServerProcess
 
 pytestmark = [pytest.mark.redis]
 
@@ -129,3 +134,44 @@ def test_the_bounds_of_the_numeric_flags_are_accepted(tmp_path: Path) -> None:
                     "--batch", "0"], tmp_path / "run.log", applied_both)
     finally:
         db.close()
+
+
+@pytest.mark.postgres
+def test_serve_workers_make_the_store_their_runner_follows(
+    tmp_path: Path, pg_schema: str, redis_url: str, redis_prefix: str
+) -> None:
+    """``serve --workers 2`` on a fresh schema: its ``projections run`` process, which no
+    longer makes a store, starts after the parent made it and applies the first event."""
+    import json
+    import urllib.request
+
+    from gateway.auth import sign_token
+
+    server = ServerProcess(tmp_path / "data", workers="2", database_url=PG_URL,
+                           database_schema=pg_schema, redis_url=redis_url,
+                           redis_prefix=redis_prefix, projections="inline").start(60)
+    try:
+        token = sign_token(TEST_SECRET.encode(), "ann")
+        request = urllib.request.Request(
+            server.url + "/v1/documents", data=json.dumps({"title": "T"}).encode(),
+            headers={"Authorization": f"Bearer {token}"}, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status in (200, 201)
+        query = sql.SQL("SELECT min(position) FROM {}.rm_tracking").format(
+            sql.Identifier(pg_schema))
+        deadline = time.monotonic() + 30
+        position = 0
+        while position < 1:
+            assert server.proc is not None and server.proc.poll() is None, \
+                server.log_path.read_text()
+            assert time.monotonic() < deadline, server.log_path.read_text()
+            time.sleep(0.1)
+            with psycopg.connect(PG_URL, autocommit=True) as conn:
+                try:
+                    row = conn.execute(query).fetchone()
+                except psycopg.errors.UndefinedTable:
+                    continue
+            position = int(row[0] or 0) if row else 0
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0, server.log_path.read_text()
