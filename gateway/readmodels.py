@@ -546,18 +546,24 @@ async def batch_get(request: web.Request) -> web.Response:
     rooms: Rooms = request.app[keys.ROOMS]
     user = _user(request)
 
-    async def one(raw: str) -> dict[str, Any] | None:
+    def canonical(raw: str) -> UUID | None:
         try:
-            doc_id = UUID(raw)
+            return UUID(raw)
         except ValueError:
             return None
+
+    async def one(doc_id: UUID) -> dict[str, Any] | None:
         room = await rooms.readable(doc_id, user)
         return None if room is None else dict(room.snapshot.as_json())
 
-    found = await asyncio.gather(*(one(i) for i in dict.fromkeys(ids)))
+    # Any spelling of a UUID names the same document: it comes once, where first named; an
+    # id is missing as it was sent (it was listed both ways, and items came twice).
+    named = {raw: canonical(raw) for raw in ids}
+    wanted = list(dict.fromkeys(d for d in named.values() if d is not None))
+    found = await asyncio.gather(*(one(d) for d in wanted))
     items = [f for f in found if f is not None]
     got = {f["id"] for f in items}
-    missing = [i for i in dict.fromkeys(ids) if i not in got]
+    missing = [raw for raw, d in named.items() if d is None or str(d) not in got]
     return _json({"items": items, "missing": missing})
 
 

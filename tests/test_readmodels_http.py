@@ -149,6 +149,16 @@ async def test_batch_get_returns_readable_documents_and_names_the_rest(api: Api)
     await api.call("POST", "/v1/documents:batch-get", status=413, json={"ids": [mine] * 101})
 
 
+async def test_batch_get_takes_any_spelling_of_an_id_once(api: Api) -> None:
+    """Other spellings of a UUID name the same document: it comes once, and is not missing
+    (it was listed in both, and twice in items for two spellings)."""
+    mine = await api.create("mine", "hello")
+    spellings = [mine.upper(), mine.replace("-", ""), f"{{{mine}}}", f"urn:uuid:{mine}", mine]
+    out = await api.call("POST", "/v1/documents:batch-get", json={"ids": spellings})
+    assert [d["id"] for d in out["items"]] == [mine]
+    assert out["missing"] == []
+
+
 async def test_projections_report_head_position_and_lag(api: Api) -> None:
     """After reads caught up, every model is at the head with no lag."""
     doc = await api.create("p", "abc")
