@@ -36,6 +36,7 @@ class Services:
 
 def create_app(services: Services) -> web.Application:
     """A ready-to-run gateway application over ``services``."""
+    http.install_log_filters()
     app = web.Application(
         client_max_size=http.MAX_BODY_BYTES, middlewares=[http.errors_middleware]
     )

@@ -23,6 +23,8 @@ from uuid import UUID
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
 from domain.document import Document
@@ -83,6 +85,31 @@ GATE = web.AppKey("gate", Gate)
 """The app's ``Gate`` (set by ``add_routes``)."""
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs a request its parser refuses (a control character in a header, a line
+    over 8190 bytes, broken chunking) at ERROR with a traceback, before any handler: any
+    client could fill the log. Such a record becomes one INFO line naming the error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.INFO):
+            return False
+        record.msg = f"{record.getMessage()}: refused ({exc.code}): {type(exc).__name__}"
+        record.args = ()
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def install_log_filters() -> None:
+    """Add :class:`MalformedRequests` to aiohttp's server logger (once per process)."""
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequests) for f in server.filters):
+        server.addFilter(MalformedRequests())
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every failure into the error envelope; nothing else leaks out."""
@@ -108,6 +135,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(Code.BAD_REQUEST, f"{request.method} not allowed here")
     except web.HTTPBadRequest as exc:  # aiohttp's own, e.g. /v1/ws without an upgrade
         return error_response(Code.BAD_REQUEST, exc.text or exc.reason)
+    except (RequestPayloadError, HttpProcessingError):
+        # A body its Content-Encoding or chunked framing cannot decode (it was a 500). Where
+        # it ends is unknown, so the connection cannot carry another request: say so.
+        resp = error_response(Code.BAD_REQUEST, "the request body cannot be decoded "
+                              "(Content-Encoding or chunked framing)")
+        resp.force_close()
+        return resp
     except web.HTTPException:
         raise
     except Exception:

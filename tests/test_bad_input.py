@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -884,6 +885,11 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("POST", "/A/ops", {"json": {"v": 0, "op": ["x"], "client": "c\x00", "seq": 1}}, 400,
      "bad_request"),
     ("POST", "/v1/documents", {"data": "big"}, 413, "too_large"),
+    # A body its Content-Encoding cannot decode (it was a 500 with a traceback).
+    ("POST", "/v1/documents", {"data": b"\x1f\x8b not gzip", "headers": {
+        "Content-Encoding": "gzip", "Content-Type": "application/json"}}, 400, "bad_request"),
+    ("POST", "/A/ops", {"data": b"\x00\x00", "headers": {"Content-Encoding": "gzip"}}, 400,
+     "bad_request"),
     ("POST", "/A/ops", {"data": b"{"}, 400, "bad_request"),
     ("POST", "/A/ops", {"json": {"op": ["x"]}}, 400, "bad_request"),
     ("POST", "/A/ops", {"json": {"v": True, "op": ["x"]}}, 400, "bad_request"),
@@ -1079,3 +1085,27 @@ def test_first_request_emits_no_warnings() -> None:
         check=False,
     )
     assert out.stdout.strip().splitlines()[-1:] == ["201"], out.stdout + out.stderr
+
+
+async def test_a_request_the_http_parser_refuses_is_one_log_line(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A control character in a header, a header line over 8190 bytes: aiohttp answers 400
+    itself and logged a traceback at ERROR for each (any client could fill the log); now
+    each is one INFO line, and the server goes on serving."""
+    port = env.http.server.port
+    assert port is not None
+    caplog.set_level(logging.INFO, logger="aiohttp.server")
+    for head in (b"Authorization: Bearer a\x1fb", b"X-Big: " + b"a" * 9000):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n")
+        status = await reader.readline()
+        writer.close()
+        assert status.startswith(b"HTTP/1.") and b" 400 " in status, status
+    await asyncio.sleep(0.05)
+    server = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(server) == 2, [r.getMessage() for r in server]
+    assert all(r.levelno == logging.INFO and r.exc_info is None for r in server)
+    assert "refused (400)" in server[0].getMessage()
+    status, _ = await env.api("GET", "/healthz", user=None)
+    assert status == 200
