@@ -110,7 +110,8 @@ class ReadModels:
         self.cache = cache
         self.source = StoreSource(store)
         self.runner = Runner(db, self.source, MODELS)
-        self.follower = Follower(self.runner, invalidate=cache.invalidate)
+        self.follower = Follower(self.runner, invalidate=cache.invalidate,
+                                 confirm=cache.confirm)
         self.run = run
         self.reader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readmodels")
         self.heads = HeadProbe(self.head)
@@ -195,7 +196,9 @@ class ReadModels:
             return self.follower.position
         rows = await self.call(queries.tracking, self.db)
         names = {m.name for m in MODELS}
-        return min((int(r["position"]) for r in rows if r["name"] in names), default=0)
+        position = min((int(r["position"]) for r in rows if r["name"] in names), default=0)
+        self.cache.reached(position)  # cached entries count only with raises that far
+        return position
 
     async def fresh(self, response_headers: dict[str, str]) -> int:
         """Wait until the read models hold every event committed so far; returns the lag,

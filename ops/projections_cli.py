@@ -181,23 +181,13 @@ def _replay(args: argparse.Namespace, models: Sequence[Any], source: Any, db: An
 
 
 def _redis_bump(redis_url: str | None, prefix: str, log_id: str) -> Any:
-    """An observer that bumps the cache's tag generations in Redis (other processes' caches)."""
+    """The runner hooks that raise the cache's tag generations in Redis (other processes'
+    caches; ``projections.cache.RedisRaiser``), or None without Redis."""
     if not redis_url:
         return None
-    import redis
+    from projections.cache import RedisRaiser, redis_keys
 
-    from projections.cache import RAISE_TO, redis_keys, tags_for
-
-    client = redis.Redis.from_url(redis_url)
-    where = redis_keys(prefix, log_id)
-
-    def observe(model: str, events: Sequence[tuple[int, Any]]) -> None:
-        tags = tags_for(model, events)
-        if tags:
-            keys = [f"{where}gen:{t}" for t in tags]
-            client.eval(RAISE_TO, len(keys), *keys, *tags.values())
-
-    return observe
+    return RedisRaiser(redis_url, redis_keys(prefix, log_id))
 
 
 class Stop:
@@ -250,10 +240,10 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
     stop = Stop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop.handle)
+    bump = _redis_bump(settings.redis_url, settings.redis_prefix, store.log_id())
     try:
         runner = Runner(db, source, models, page_size=args.page,
-                        observe=_redis_bump(settings.redis_url, settings.redis_prefix,
-                                            store.log_id()))
+                        observe=bump and bump.observe, confirm=bump and bump.confirm)
         runner.setup()
         tune_gc()
         log.info("following the log from %s for %s", runner.seen(),
@@ -273,6 +263,8 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
                 stop.wait(1.0)
         log.info("stopped at %s", runner.seen())
     finally:
+        if bump is not None:
+            bump.close()
         db.close()
         store.close()
     return 0

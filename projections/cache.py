@@ -10,13 +10,18 @@ Staleness is ruled out with *tag generations* rather than by deleting keys:
 - ``get`` accepts an entry only if its tags still have the generations it was stored with.
   An entry computed from data older than an invalidation therefore never counts, even if it
   was written after the invalidation (the classic read-compute-write race).
-- The runner invalidates (``invalidate``) for every event a model takes in, before the
-  follower publishes that position (see ``projections.follower``). So a reader that waited
-  for its writes to reach the read models never gets an entry that predates them.
+- The runner invalidates (``invalidate``, then ``confirm``) for every event a model takes in,
+  before the follower publishes that position (see ``projections.follower``). So a reader
+  that waited for its writes to reach the read models never gets an entry that predates them.
+- With Redis, entries also carry the global generation, and count only while Redis's stamp
+  says its generations are complete up to the read-model position this process relies on
+  (``projections.generations``): raises that failed are kept and sent again, and until they
+  land, nothing tagged is served. While Redis is unreachable nothing tagged is served or
+  stored, from either level.
 
 Entries without tags (time travel at a version, diffs, blame at a version) never change.
-Redis errors are logged and turn the second level off for the call; the cache is an
-optimisation, never a source of failures.
+Redis errors turn the second level off for the call (logged once until Redis works again);
+the cache is an optimisation, never a source of failures.
 
 ``PageCache`` keeps rendered response bodies of read-model pages (document lists) in this
 process, each valid only while the event log's head is still the one it was computed at;
@@ -35,6 +40,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 
 from domain.document import Document
+from projections.generations import FLUSH, GLOBAL, Flush, Health, Raises, parse_stamp
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,8 @@ class CacheStats:
     stale: int = 0
     sets: int = 0
     invalidations: int = 0
+    behind: int = 0
+    """Lookups that found Redis's generations not yet complete (see ``ReadCache.reached``)."""
 
 
 def tags_for(model: str, events: Sequence[tuple[int, Any]]) -> dict[str, int]:
@@ -78,21 +86,6 @@ def tags_for(model: str, events: Sequence[tuple[int, Any]]) -> dict[str, int]:
     return tags
 
 
-RAISE_TO = """
-for i, key in ipairs(KEYS) do
-  local want = tonumber(ARGV[i])
-  if tonumber(redis.call('GET', key) or '0') < want then redis.call('SET', key, want) end
-end
-return #KEYS
-"""
-"""Redis script: raise each generation in KEYS to the position in ARGV (never lower it).
-
-Generations are log positions, so every process that observes an event sets the same value:
-invalidation is idempotent, and a second process seeing the event later does not spoil
-entries computed in between.
-"""
-
-
 def redis_keys(prefix: str, log_id: str) -> str:
     """Where the cache's Redis keys of the event log ``log_id`` (``Store.log_id``) live.
 
@@ -103,7 +96,12 @@ def redis_keys(prefix: str, log_id: str) -> str:
 
 
 class ReadCache:
-    """Two-level cache of JSON-ready values. ``start`` before use, ``close`` after."""
+    """Two-level cache of JSON-ready values. ``start`` before use, ``close`` after.
+
+    A process that runs projections calls ``invalidate`` for what each model took in and then
+    ``confirm`` with the position reached; one that reads another runner's tables calls
+    ``reached`` with every read-model position it relies on.
+    """
 
     def __init__(
         self,
@@ -116,7 +114,13 @@ class ReadCache:
         self.prefix = redis_keys(prefix, log_id)
         self.enabled = enabled
         self.stats_ = CacheStats()
+        self.need = 0
+        """The highest read-model position this process relied on: Redis's generations must
+        be complete up to it for a tagged entry to count."""
         self._gens: dict[str, int] = {}
+        self._raises = Raises()
+        self._health = Health("read cache", "nothing cached is served until it works again "
+                              "and the runner's raises are in")
         self._memory: Any = None
         self._redis: Any = None
 
@@ -130,7 +134,9 @@ class ReadCache:
         if self.redis_url:
             import redis.asyncio as aioredis
 
-            self._redis = aioredis.Redis.from_url(self.redis_url)
+            self._redis = aioredis.Redis.from_url(
+                self.redis_url, socket_connect_timeout=2, socket_timeout=5
+            )
 
     async def close(self) -> None:
         """Release the backends."""
@@ -140,48 +146,93 @@ class ReadCache:
             await self._redis.aclose()
 
     def stats(self) -> dict[str, int | bool]:
-        """Hit, miss, stale, set and invalidation counts, and whether Redis is the 2nd level."""
+        """Hit, miss, stale, set, invalidation and behind counts, and whether Redis is the
+        2nd level."""
         s = self.stats_
         return {"hits": s.hits, "misses": s.misses, "stale": s.stale, "sets": s.sets,
-                "invalidations": s.invalidations, "redis": self._redis is not None}
+                "invalidations": s.invalidations, "behind": s.behind,
+                "redis": self._redis is not None}
 
     # -- generations ------------------------------------------------------------------------
 
-    async def _current(self, tags: Iterable[str]) -> dict[str, int]:
+    def reached(self, position: int) -> None:
+        """This process relies on the read models holding every event up to ``position``."""
+        if position > self.need:
+            self.need = position
+
+    async def _current(self, tags: Iterable[str]) -> tuple[dict[str, int], bool] | None:
+        """The generations of ``tags`` now (with Redis, also ``GLOBAL``), and whether they are
+        complete up to ``need``; None when Redis cannot say."""
         tags = sorted(set(tags))
         if not tags:
-            return {}
-        if self._redis is not None:
-            try:
-                raw = await self._redis.mget([self.prefix + "gen:" + t for t in tags])
-                return {t: int(v or 0) for t, v in zip(tags, raw, strict=True)}
-            except Exception:  # Redis is an optimisation: fall back to this process's view
-                log.warning("redis generations unavailable", exc_info=True)
-                return {t: -1 for t in tags}  # never matches: no hits without Redis
-        return {t: self._gens.get(t, 0) for t in tags}
+            return {}, True
+        if self._redis is None:
+            return {t: self._gens.get(t, 0) for t in tags}, True
+        try:
+            raw = await self._redis.mget(
+                [self.prefix + "stamp", *(self.prefix + "gen:" + t for t in tags)]
+            )
+        except Exception as exc:  # Redis is an optimisation: no hits and no sets without it
+            self._health.failed(exc)
+            return None
+        self._health.ok()
+        g, r = parse_stamp(raw[0])
+        gens = {t: int(v or 0) for t, v in zip(tags, raw[1:], strict=True)}
+        gens[GLOBAL] = g
+        return gens, r >= self.need
 
     async def invalidate(self, model: str, events: Sequence[tuple[int, Any]]) -> None:
-        """Make every entry depending on what ``events`` changed in ``model`` stale."""
-        await self.raise_tags(tags_for(model, events))
+        """Make every entry depending on what ``events`` changed in ``model`` stale: at once
+        in this process, in Redis with the next ``confirm``."""
+        self._note(tags_for(model, events))
+
+    async def confirm(self, position: int) -> None:
+        """This process's runner observed, and ``invalidate``d for, every event up to
+        ``position``: send the raises to Redis (or keep them for the next call if it fails;
+        the first call says where the runner started). Called after every step, and now and
+        then when idle, so that a failed send is retried."""
+        self.reached(position)
+        if self._redis is None:
+            return
+        self._raises.reached(position)
+        if self._raises.due():
+            await self._flush()
+
+    def _note(self, tags: Mapping[str, int]) -> None:
+        self.stats_.invalidations += len(tags)
+        for t, pos in tags.items():
+            self._gens[t] = max(self._gens.get(t, 0), pos)
+        if self._redis is not None:
+            self._raises.add(tags)
+
+    async def _flush(self) -> None:
+        flush: Flush = self._raises.take()
+        try:
+            bumped = await self._redis.eval(FLUSH, *flush.args(self.prefix))
+        except Exception as exc:
+            self._raises.failed()
+            self._health.failed(exc)
+            return
+        self._raises.sent(flush)
+        self._health.ok()
+        if bumped:
+            log.info("cache generations: Redis may lack raises up to %s; every cached entry "
+                     "goes stale", flush.position)
 
     async def raise_tags(self, tags: Mapping[str, int]) -> None:
         """Raise the generation of each tag to (at least) the log position given for it."""
         if not tags:
             return
-        self.stats_.invalidations += len(tags)
-        for t, pos in tags.items():
-            self._gens[t] = max(self._gens.get(t, 0), pos)
+        self._note(tags)
         if self._redis is not None:
-            try:
-                keys = [self.prefix + "gen:" + t for t in tags]
-                await self._redis.eval(RAISE_TO, len(keys), *keys, *tags.values())
-            except Exception:
-                log.warning("redis invalidation failed", exc_info=True)
+            await self._flush()
 
     async def invalidate_tags(self, tags: Iterable[str]) -> None:
         """Make entries under ``tags`` stale now (past any position seen so far)."""
+        tags = set(tags)
         current = await self._current(tags)
-        await self.raise_tags({t: max(g, self._gens.get(t, 0)) + 1 for t, g in current.items()})
+        known = {} if current is None else current[0]
+        await self.raise_tags({t: max(known.get(t, 0), self._gens.get(t, 0)) + 1 for t in tags})
 
     # -- entries ----------------------------------------------------------------------------
 
@@ -194,8 +245,8 @@ class ReadCache:
         if entry is None and self._redis is not None:
             try:
                 raw = await self._redis.get(self.prefix + key)
-            except Exception:
-                log.warning("redis get failed", exc_info=True)
+            except Exception as exc:
+                self._health.failed(exc)
                 raw = None
             if raw is not None:
                 entry = orjson.loads(raw)
@@ -204,10 +255,14 @@ class ReadCache:
             self.stats_.misses += 1
             return None
         gens = entry["g"]
-        if gens and await self._current(gens) != gens:
-            self.stats_.stale += 1
-            self.stats_.misses += 1
-            return None
+        if gens:
+            current = await self._current(t for t in gens if t != GLOBAL)
+            if current is None or not current[1] or current[0] != gens:
+                if current is not None and not current[1]:
+                    self.stats_.behind += 1
+                self.stats_.stale += 1
+                self.stats_.misses += 1
+                return None
         if from_redis:
             await self._memory.set(key, entry, ttl=TTL_SECONDS)
         self.stats_.hits += 1
@@ -216,13 +271,18 @@ class ReadCache:
     async def fetch(
         self, key: str, tags: Iterable[str], compute: Callable[[], Awaitable[T]]
     ) -> T:
-        """The cached value of ``key``, or ``compute()`` stored with the current ``tags``."""
+        """The cached value of ``key``, or ``compute()`` stored with the current ``tags``.
+
+        Without an answer from Redis about the generations the value is computed and not
+        kept: it could not be told stale later.
+        """
         hit = await self.get(key)
         if hit is not None:
             return hit  # type: ignore[no-any-return]
-        gens = await self._current(tags)  # read before computing: see the module docstring
+        current = await self._current(tags)  # read before computing: see the module docstring
         value = await compute()
-        await self._store(key, {"v": value, "g": gens})
+        if current is not None:
+            await self._store(key, {"v": value, "g": current[0]})
         return value
 
     async def _store(self, key: str, entry: dict[str, Any]) -> None:
@@ -233,8 +293,53 @@ class ReadCache:
         if self._redis is not None:
             try:
                 await self._redis.set(self.prefix + key, orjson.dumps(entry), ex=TTL_SECONDS)
-            except Exception:
-                log.warning("redis set failed", exc_info=True)
+            except Exception as exc:
+                self._health.failed(exc)
+
+
+class RedisRaiser:
+    """The runner hooks of ``coscribe projections run``: ``observe`` and ``confirm`` raise the
+    generations of the gateways' caches in Redis (see ``projections.generations``).
+
+    Synchronous, for the runner's thread; never raises. Raises that fail are kept and sent
+    again at most every ``RETRY_SECONDS``, logged once until Redis works again.
+    """
+
+    def __init__(self, redis_url: str, where: str) -> None:
+        import redis
+
+        self.where = where
+        self.client = redis.Redis.from_url(redis_url, socket_connect_timeout=2,
+                                           socket_timeout=5)
+        self.raises = Raises()
+        self.health = Health("cache generations", "the raises are kept and retried; "
+                             "the gateways compute cached answers afresh meanwhile")
+
+    def observe(self, model: str, events: Sequence[tuple[int, Any]]) -> None:
+        """The runner's ``observe``: keep the tags ``events`` make stale."""
+        self.raises.add(tags_for(model, events))
+
+    def confirm(self, position: int) -> None:
+        """The runner's ``confirm``: send what is due."""
+        self.raises.reached(position)
+        if not self.raises.due():
+            return
+        flush = self.raises.take()
+        try:
+            bumped = self.client.eval(FLUSH, *flush.args(self.where))
+        except Exception as exc:
+            self.raises.failed()
+            self.health.failed(exc)
+            return
+        self.raises.sent(flush)
+        self.health.ok()
+        if bumped:
+            log.info("cache generations: Redis may lack raises up to %s; every cached entry "
+                     "goes stale", flush.position)
+
+    def close(self) -> None:
+        """Release the connection."""
+        self.client.close()
 
 
 class HeadProbe:

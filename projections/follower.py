@@ -8,8 +8,10 @@ apart, so that a busy store's commits are taken in by a few steps rather than on
 ``position`` and can ``wait_for`` a position: read-your-writes for the read models.
 
 ``position`` only moves after the runner's observer ran for the events it covers, and the
-observer's loop-side work (cache invalidation) is awaited before waiters wake, so a reader
-that waited never gets a cache entry older than the events it waited for.
+observer's loop-side work (cache invalidation, then ``confirm`` with the new position) is
+awaited before waiters wake, so a reader that waited never gets a cache entry older than the
+events it waited for. ``confirm`` is also called once at start, before the first step, and
+at least every ``HEARTBEAT_SECONDS`` when idle (it retries what it could not send).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -36,9 +39,14 @@ step's fixed cost (a read, a transaction) is paid once per this interval, not pe
 A coroutine waiting for a position (``wait_for``) cuts the wait short."""
 ERROR_BACKOFF = 1.0
 """Pause after a failed step before retrying (the database may be restarting)."""
+HEARTBEAT_SECONDS = 0.5
+"""Longest an idle follower goes without calling ``confirm``."""
 
 Invalidate = Callable[[str, Sequence[tuple[int, Any]]], Awaitable[None]]
 """Loop-side hook run for every batch of events a model has taken in, before waiters wake."""
+
+Confirm = Callable[[int], Awaitable[None]]
+"""Loop-side hook run with the position every model reached, after its invalidations."""
 
 
 class Follower:
@@ -50,11 +58,13 @@ class Follower:
         poll: float = POLL_SECONDS,
         invalidate: Invalidate | None = None,
         batch: float = BATCH_SECONDS,
+        confirm: Confirm | None = None,
     ) -> None:
         self.runner = runner
         self.poll = poll
         self.batch = batch
         self.invalidate = invalidate
+        self.confirm = confirm
         self.position = 0
         """Lowest position every model reached, as published on the loop."""
         self.last_error: str | None = None
@@ -71,6 +81,7 @@ class Follower:
             tuple[int, list[tuple[str, Sequence[tuple[int, Any]]]]] | None
         ] = asyncio.Queue()
         self._consumer: asyncio.Task[None] | None = None
+        self._beat = 0.0
         runner.observe = self._observe
 
     async def start(self) -> None:
@@ -87,6 +98,8 @@ class Follower:
             log.exception("read models not set up yet; retrying in the background")
             self.last_error = f"{type(exc).__name__}: {exc}"
         self.position = self.runner.seen()
+        if self._ready:  # confirm where we start before any step (not a position before setup)
+            self._queue.put_nowait((self.position, []))
         self._consumer = self._loop.create_task(self._consume(), name="projections-publish")
         self._thread = threading.Thread(target=self._run, name="projections", daemon=True)
         self._thread.start()
@@ -167,8 +180,11 @@ class Follower:
             return
         with self._lock:
             pending, self._pending = self._pending, []
-        if not pending and position == self.position:
+        now = time.monotonic()
+        beat = self.confirm is not None and now - self._beat >= HEARTBEAT_SECONDS
+        if not pending and position == self.position and not beat:
             return
+        self._beat = now
         try:
             loop.call_soon_threadsafe(self._advance, position, pending)
         except RuntimeError:  # the loop closed between the check and the call
@@ -194,6 +210,13 @@ class Follower:
                         log.exception("cache invalidation failed for %s", name)
                     if task is not None and task.cancelling():
                         raise asyncio.CancelledError  # one that the invalidation swallowed
+            if self.confirm is not None:
+                try:
+                    await self.confirm(position)
+                except Exception:  # like a failed invalidation
+                    log.exception("cache confirm failed at %s", position)
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
             if position > self.position:
                 self.position = position
             self._moved.set()

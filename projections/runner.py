@@ -15,6 +15,9 @@ Exactly once, across crashes and competing runners:
   saw applied by another runner. It only moves over events it has read and passed to
   ``observe`` (the cache invalidation hook), so a reader that waits for ``seen`` to reach a
   position also knows this process dropped every cache entry those events made stale.
+  ``confirm`` is then told the position reached: after ``setup`` (before the first step:
+  whatever was committed before may lack its invalidation) and after every step, idle ones
+  too (a hook that keeps failed invalidations retries them from there).
 
 Everything here is synchronous; the gateway drives ``step`` from a thread of its own.
 """
@@ -50,6 +53,9 @@ TRACKING_DDL = """CREATE TABLE IF NOT EXISTS rm_tracking (
 
 Observer = Callable[[str, Sequence[tuple[int, Any]]], None]
 """``observe(model_name, [(position, event), ...])``: those events are now in the model."""
+
+Confirm = Callable[[int], None]
+"""``confirm(position)``: every model observed every event up to ``position``."""
 
 
 class EventSource(Protocol):
@@ -104,6 +110,7 @@ class Runner:
         page_size: int = PAGE_SIZE,
         suffix: str = "",
         observe: Observer | None = None,
+        confirm: Confirm | None = None,
     ) -> None:
         self.db = db
         self.source = source
@@ -111,6 +118,7 @@ class Runner:
         self.page_size = page_size
         self.suffix = suffix
         self.observe = observe
+        self.confirm = confirm
         self.tracks: dict[str, Track] = {}
         self._plain = Renderer(db.dialect, {})
         self._renderers: dict[str, Renderer] = {}
@@ -133,6 +141,7 @@ class Runner:
                 self.db.lock(tx, "coscribe-readmodels-setup")
                 tx.execute(self._plain(TRACKING_DDL))
                 self._setup_model(tx, model, fresh)
+        self._confirm()
 
     def create_read_indexes(self) -> None:
         """Create every model's read indexes (after a ``fresh`` setup has caught up)."""
@@ -182,9 +191,9 @@ class Runner:
         """Read one page after the lowest ``seen`` and apply it; returns events read."""
         start = self.seen()
         page = self.source.read(start, self.page_size)
-        if not page:
-            return 0
-        self._apply_page(page)
+        if page:
+            self._apply_page(page)
+        self._confirm()
         return len(page)
 
     def apply_in(self, tx: Tx, model: ReadModel, page: Sequence[tuple[int, Any]]) -> int:
@@ -289,6 +298,13 @@ class Runner:
             except Exception:  # a cache hook must never stop the projection
                 log.exception("observer failed for %s", model.name)
         track.seen = max(track.seen, upto)
+
+    def _confirm(self) -> None:
+        if self.confirm is not None:
+            try:
+                self.confirm(self.seen())
+            except Exception:  # like the observer: never stop the projection
+                log.exception("confirm hook failed")
 
     def run_until(
         self,
