@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -89,21 +90,51 @@ class Settings:
         return cls(**values)
 
     def secret_bytes(self) -> bytes:
-        """The token secret: ``COSCRIBE_SECRET``, or ``<data dir>/secret`` (made on first use)."""
+        """The token secret: ``COSCRIBE_SECRET``, or ``<data dir>/secret`` (made on first use).
+
+        The file appears whole or not at all: it is written under another name, synced, then
+        linked to ``secret``, which fails if another process linked first (its secret wins).
+        Creating and writing it in two steps let a concurrent process read it empty, and a
+        crash between them left it empty for good, and an empty HMAC key verified tokens
+        anyone can forge. A secret that is empty after all is refused.
+        """
         if self.secret:
             return self.secret.encode()
         path = self.data_dir / "secret"
         try:
             if not path.exists():
                 self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(secrets.token_hex(32))
-            return path.read_text().strip().encode()
+                _create_once(path, secrets.token_hex(32).encode())
+            secret = path.read_bytes().strip()
         except OSError as exc:
             raise DataDirUnusable(
                 f"cannot keep the token secret in {path}: {exc.strerror or exc}"
             ) from exc
+        if not secret:
+            raise DataDirUnusable(f"the token secret in {path} is empty: delete the file "
+                                  "(tokens signed before are then refused) or set COSCRIBE_SECRET")
+        return secret
+
+
+def _create_once(path: Path, data: bytes) -> None:
+    """Make ``path`` hold ``data`` (mode 0600) unless it exists: never seen half-written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:  # mkstemp's mode is 0600
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return  # another process made it first: the caller reads theirs
+        dirfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+    finally:
+        os.unlink(tmp)
 
 
 def _coerce(source: str, raw: Any, kind: Any) -> Any:

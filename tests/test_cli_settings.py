@@ -3,13 +3,15 @@ checked alike (a value out of range or not one of the choices exits 2 with a mes
 
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ops import cli
-from ops.settings import Settings, SettingsError
+from ops.settings import DataDirUnusable, Settings, SettingsError
 
 
 def _serve_flags() -> set[str]:
@@ -56,6 +58,42 @@ def test_the_secret_goes_in_a_private_data_dir(tmp_path: Path) -> None:
     assert settings.secret_bytes()
     modes = [(p.stat().st_mode & 0o777) for p in (settings.data_dir, settings.data_dir / "secret")]
     assert modes == [0o700, 0o600]
+    assert [p.name for p in settings.data_dir.iterdir()] == ["secret"]  # no temporary left
+
+
+def _take_secret(data_dir: Path, barrier: Any, out: Any) -> None:
+    barrier.wait()
+    try:
+        out.put(Settings(data_dir=data_dir).secret_bytes())
+    except Exception as exc:
+        out.put(repr(exc).encode())
+
+
+def test_processes_taking_a_new_secret_at_once_agree_on_one(tmp_path: Path) -> None:
+    """Two processes making the secret of a new data dir at the same moment: one failed
+    ("File exists") or read it empty in 10-77% of tries; now both get the same secret."""
+    ctx = multiprocessing.get_context("fork")
+    for i in range(30):
+        barrier, out = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_take_secret, args=(tmp_path / str(i), barrier, out))
+                 for _ in range(2)]
+        for p in procs:
+            p.start()
+        got = [out.get(timeout=20), out.get(timeout=20)]
+        for p in procs:
+            p.join(20)
+        assert got[0] == got[1] and len(got[0]) == 64, (i, got)
+
+
+def test_an_empty_secret_file_is_refused(tmp_path: Path) -> None:
+    """An empty ``secret`` (left by a crash between create and write) made an empty HMAC key
+    that verified tokens anyone could forge; it is now a start-up error."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "secret").write_text("\n")
+    with pytest.raises(DataDirUnusable, match="is empty"):
+        Settings(data_dir=data).secret_bytes()
+    assert cli.main(["token", "alice", "--data-dir", str(data)]) == 1
 
 
 BAD_VALUES = [

@@ -97,7 +97,7 @@ def resolve_secret(secret: str | None, data_dir: Path | None) -> bytes:
     token`` does. Unlike the server it never creates a secret: one the server does not know
     would only get every session refused. Raises ``ValueError`` when there is none.
     """
-    from ops.settings import Settings
+    from ops.settings import DataDirUnusable, Settings
 
     settings = Settings.load(overrides={"secret": secret, "data_dir": data_dir})
     path = settings.data_dir / "secret"
@@ -106,7 +106,10 @@ def resolve_secret(secret: str | None, data_dir: Path | None) -> bytes:
             "no secret to sign tokens with: pass --secret, set COSCRIBE_SECRET, or point "
             f"--data-dir at the server's data directory (no {path})"
         )
-    return settings.secret_bytes()
+    try:
+        return settings.secret_bytes()
+    except DataDirUnusable as exc:  # an empty or unreadable secret file
+        raise ValueError(str(exc)) from None
 
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
