@@ -130,7 +130,7 @@ class Connection:
         if "path" in opts:
             reader, writer = await asyncio.open_unix_connection(opts["path"])
         else:
-            tls = ssl.create_default_context() if url.startswith("rediss:") else None
+            tls = ssl.create_default_context() if url[:7].lower() == "rediss:" else None
             reader, writer = await asyncio.open_connection(
                 opts.get("host", "localhost"), int(opts.get("port", 6379)), ssl=tls
             )

@@ -97,3 +97,22 @@ async def test_connection_refused_auth_is_an_error(redis_url: str) -> None:
     url = redis_url.replace("redis://", "redis://:wrong@", 1)
     with pytest.raises(resp.RespError, match=r"AUTH|WRONGPASS|password"):
         await resp.Connection.open(url)
+
+
+@pytest.mark.parametrize(("url", "tls"), [("rediss://h:1", True), ("REDISS://h:1", True),
+                                          ("redis://h:1", False), ("Redis://h:1", False)])
+async def test_tls_follows_the_scheme_in_any_case(
+    monkeypatch: pytest.MonkeyPatch, url: str, tls: bool
+) -> None:
+    """``REDISS://`` (schemes are case-insensitive, and the settings accept it) connected
+    without TLS here while redis-py's pool used TLS."""
+    seen: list[object] = []
+
+    async def fake_open(host: str, port: int, ssl: object = None) -> Any:
+        seen.append(ssl)
+        raise ConnectionRefusedError
+
+    monkeypatch.setattr(resp.asyncio, "open_connection", fake_open)
+    with pytest.raises(ConnectionRefusedError):
+        await resp.Connection.open(url)
+    assert (seen[0] is not None) is tls
