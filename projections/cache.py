@@ -208,7 +208,8 @@ class ReadCache:
     async def _flush(self) -> None:
         flush: Flush = self._raises.take()
         try:
-            bumped = await self._redis.eval(FLUSH, *flush.args(self.prefix))
+            numkeys, keys_args = flush.args(self.prefix)
+            bumped = await self._redis.eval(FLUSH, numkeys, *keys_args)
         except Exception as exc:
             self._raises.failed()
             self._health.failed(exc)
@@ -326,7 +327,8 @@ class RedisRaiser:
             return
         flush = self.raises.take()
         try:
-            bumped = self.client.eval(FLUSH, *flush.args(self.where))
+            numkeys, keys_args = flush.args(self.where)
+            bumped = self.client.eval(FLUSH, numkeys, *keys_args)
         except Exception as exc:
             self.raises.failed()
             self.health.failed(exc)

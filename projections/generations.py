@@ -104,10 +104,10 @@ class Flush:
     position: int
     """The runner's position to confirm, or -1 (tags only, the stamp untouched)."""
 
-    def args(self, where: str) -> list[str | int]:
-        """``numkeys, *keys, *args`` of ``EVAL FLUSH`` for keys under ``where``."""
-        keys = [f"{where}stamp", *(f"{where}gen:{t}" for t in self.tags)]
-        return [len(keys), *keys, self.doubt, self.position, *self.tags.values()]
+    def args(self, where: str) -> tuple[int, list[str | int]]:
+        """``numkeys`` and ``keys + args`` of ``EVAL FLUSH`` for keys under ``where``."""
+        keys: list[str | int] = [f"{where}stamp", *(f"{where}gen:{t}" for t in self.tags)]
+        return len(keys), [*keys, self.doubt, self.position, *self.tags.values()]
 
 
 @dataclass(slots=True)
