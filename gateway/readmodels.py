@@ -392,7 +392,8 @@ VERSION_PARAMS = ("at", "from", "to")
 
 
 async def _readable_room(request: web.Request) -> Room:
-    """The room, if the caller may read it, and up to date with any version it asks for."""
+    """The room, if the caller may read it, and knowing any version it asks for that the
+    store has (its ``head``; these routes read the versions' events from the store)."""
     asked = [request.query.get(n, "") for n in VERSION_PARAMS]
     v = max((int(a) for a in asked if _digits(a) and len(a) <= MAX_VERSION_DIGITS),
             default=None)
@@ -624,7 +625,7 @@ async def time_travel(request: web.Request) -> web.Response:
     version: int | None = None
     when: datetime | None = None
     if _digits(raw):
-        version = _version(request, "at", 0, room.snapshot.v)
+        version = _version(request, "at", 0, room.head)
     else:
         when = parse_time(raw, "at")
     rm = _rm(request)
@@ -644,7 +645,7 @@ async def time_travel(request: web.Request) -> web.Response:
             "updated_at": iso(state.updated_at),
         }
 
-    if version is not None and version < room.snapshot.v:
+    if version is not None and version < room.head:
         # Fixed for good once the edit after it exists (until then a rename or a member
         # change still lands in it): cache it.
         data = await rm.cache.fetch(f"tt:{room.id}:{version}", (), compute)
@@ -678,9 +679,9 @@ async def document_history(request: web.Request) -> web.Response:
 async def document_diff(request: web.Request) -> web.Response:
     """``GET /v1/documents/{id}/diff?from=V1&to=V2``: composed op and a readable diff."""
     room = await _readable_room(request)
-    current = room.snapshot.v
-    v1 = _version(request, "from", 0, current)
-    v2 = _version(request, "to", current, current)
+    head = room.head
+    v1 = _version(request, "from", 0, head)
+    v2 = _version(request, "to", room.snapshot.v, head)
     if v1 > v2:
         raise Invalid("from must not be after to")
     rm = _rm(request)
@@ -703,7 +704,7 @@ def _diff(events: Sequence[Any], v1: int, v2: int) -> dict[str, Any]:
 async def document_blame(request: web.Request) -> web.Response:
     """``GET /v1/documents/{id}/blame[?at=V]``: the text as spans with author and version."""
     room = await _readable_room(request)
-    v = _version(request, "at", room.snapshot.v, room.snapshot.v)
+    v = _version(request, "at", room.snapshot.v, room.head)
     rm = _rm(request)
 
     async def compute() -> dict[str, Any]:

@@ -12,7 +12,8 @@ The room is a state machine driven by the committer, all on the event loop, neve
 
 Ordering promise per subscriber: ops in version order, and every op with ``v < M`` before
 the ack of version ``M``. A subscriber that is catching up from the store buffers live
-messages until its catch-up has been sent.
+messages until its catch-up has been sent; one whose catch-up went past the room's snapshot
+(to versions other processes committed that wait here, ``skip_to``) is not sent those again.
 """
 
 from __future__ import annotations
@@ -237,6 +238,9 @@ class Room:
         self.writers: set[str] = set()
         """Other processes whose commits of this document the hub delivered: if one dies,
         the room re-reads the store (it may have died before publishing its last)."""
+        self._ahead: dict[Subscriber, int] = {}
+        """Members sent the ops up to a version past the snapshot from the store (``skip_to``):
+        the room's broadcast of those ops is not sent to them again."""
 
     # -- what sessions and handlers call -----------------------------------------------
 
@@ -284,9 +288,17 @@ class Room:
         self.last_used = time.monotonic()
         return member
 
+    def skip_to(self, session: Subscriber, v: int) -> None:
+        """``session`` (subscribed) is sent the ops up to ``v`` from the store, past the
+        snapshot (they wait here as ``head``): the room's broadcast of them, once it applies
+        them, leaves them out for it. It still gets every ack of its own ops."""
+        if v > self.snapshot.v:
+            self._ahead[session] = v
+
     def unsubscribe(self, session: Subscriber) -> None:
         """Stop sending to ``session`` and clear its presence."""
         self.members.pop(session, None)
+        self._ahead.pop(session, None)
         sid = self._local_sids.pop(session, None)
         if sid is not None and sid in self.presence:
             self.set_presence(session, sid, self.presence[sid]["user"], None)
@@ -367,9 +379,10 @@ class Room:
     def remote_events(self, events: list[Any]) -> None:
         """Events another process committed (from the hub or read back from the store).
 
-        Applied in position order once nothing of ours is in flight; duplicates are
-        dropped; a gap asks the store for the missing ones (``on_gap``). Subscribers get
-        the edits as ``ops``, exactly once and in version order.
+        Applied in position order once nothing of ours is in flight (meanwhile ``head``
+        names the newest version among them); duplicates are dropped; a gap asks the store
+        for the missing ones (``on_gap``). Subscribers get the edits as ``ops``, exactly once
+        and in version order.
         """
         self._remote.extend(events)
         self._contended_until = time.monotonic() + CONTENDED_SECONDS
@@ -421,8 +434,23 @@ class Room:
             cached = self._snapshot_msg = (snap, Encoded(msg))
         return cached[1]
 
+    @property
+    def head(self) -> int:
+        """The latest version known to be committed: the snapshot's, or past it that of an
+        edit another process committed which waits here (``remote_events`` holds them while
+        a commit of ours is in flight or the room re-reads the store). Every version up to
+        it is in the store, whatever the room applied so far."""
+        top = self.snapshot.v
+        for e in self._remote:
+            if isinstance(e, Document.Edited) and e.v > top:
+                top = e.v
+        return top
+
     def ops_since(self, v: int) -> list[OpRecord] | None:
-        """Committed ops after ``v`` from memory, or None if the window does not reach."""
+        """Committed ops after ``v`` from memory, or None if the window does not reach.
+
+        ``v`` at most ``snapshot.v`` (past it, a catch-up comes from the store: ``skip_to``).
+        """
         if v < self.first_v - 1:
             return None
         start = v - self.first_v + 1
@@ -709,7 +737,10 @@ class Room:
                 own.setdefault(sub.session, []).append(sub)
         entries = [Encoded(r.entry()) for r in records]
         shared = OpsMessage(doc, entries)
-        for session, member in self.members.items():
+        members = self.members
+        if self._ahead:
+            members = self._send_ahead(doc, records, entries, own)
+        for session, member in members.items():
             mine = own.get(session)
             if mine is None:
                 if records:
@@ -717,6 +748,35 @@ class Room:
                 continue
             for msg in _ordered_for(doc, records, entries, mine):
                 member.send(msg)
+
+    def _send_ahead(
+        self,
+        doc: str,
+        records: list[OpRecord],
+        entries: list[Encoded],
+        own: dict[Subscriber, list[Submission]],
+    ) -> dict[Subscriber, Member]:
+        """Send the members ahead of the room (``skip_to``) the part of a broadcast they
+        lack; return the other members. A member the snapshot has caught up with is no
+        longer ahead."""
+        rest = dict(self.members)
+        for session, after in list(self._ahead.items()):
+            member = rest.pop(session, None)
+            if member is None:
+                del self._ahead[session]
+                continue
+            mine = own.get(session, [])
+            acked = {sub.result for sub in mine if sub.dup_of is None}
+            keep = [i for i, r in enumerate(records) if r.v > after or r.v in acked]
+            recs, ents = [records[i] for i in keep], [entries[i] for i in keep]
+            if mine:
+                for msg in _ordered_for(doc, recs, ents, mine):
+                    member.send(msg)
+            elif recs:
+                member.send(OpsMessage(doc, ents))
+            if after <= self.snapshot.v:
+                del self._ahead[session]
+        return rest
 
 
 def _ordered_for(

@@ -173,12 +173,14 @@ class Rooms:
         This process's copy can lag another's by the few ms of a publish (more while Redis
         is down). Where that could change the answer, the store is read first: the copy
         says ``user`` may not read (a member just added elsewhere), ``v`` is past it (a
-        version seen elsewhere), or the hub is down.
+        version seen elsewhere), or the hub is down. Versions are checked against the room's
+        ``head``, not its snapshot: what the store read returns waits in the room while a
+        commit of the room's own is in flight, and the snapshot stays behind it until then.
         """
         room = await self.get(doc_id)
         if room is None:
             return None
-        behind = v is not None and v > room.snapshot.v
+        behind = v is not None and v > room.head
         if behind or not room.doc.can_read(user) or not self.hub.healthy:
             await self.current(room)
         return room if room.doc.can_read(user) else None

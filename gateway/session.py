@@ -339,9 +339,9 @@ class Session:
         room = await self.rooms.readable(msg.doc, self.user, msg.v)
         if room is None:
             raise MessageError(Code.NOT_FOUND, "no such document", doc)
-        snap = room.snapshot
-        if msg.v is not None and not 0 <= msg.v <= snap.v:
-            raise MessageError(Code.BAD_VERSION, f"v must be in 0..{snap.v}", doc)
+        snap, head = room.snapshot, room.head
+        if msg.v is not None and not 0 <= msg.v <= head:
+            raise MessageError(Code.BAD_VERSION, f"v must be in 0..{head}", doc)
         if msg.doc in self.subs:
             self.subs[msg.doc].unsubscribe(self)
         self.subs[msg.doc] = room
@@ -350,7 +350,16 @@ class Session:
             self.deliver(room.snapshot_message())
             room.send_presence_to(self)
             return
-        records = room.ops_since(msg.v)
+        upto = snap.v
+        if msg.v > upto:
+            # The room holds back what other processes committed while a commit of its own
+            # is in flight (or it re-reads the store): the store has it. The catch-up reads
+            # it there up to the head, and the room leaves those ops out for this session.
+            upto = head
+            room.skip_to(self, head)
+            records = None
+        else:
+            records = room.ops_since(msg.v)
         if records is not None:
             self._send_ops(doc, [r.entry() for r in records])
             room.send_presence_to(self)
@@ -361,7 +370,7 @@ class Session:
         # await: a change broadcast during the read must not come a second time).
         member.ready = False
         room.send_presence_to(self)
-        await self._catch_up(room, msg.v, snap.v)
+        await self._catch_up(room, msg.v, upto)
 
     async def _catch_up(self, room: Room, v: int, upto: int) -> bool:
         """Send the ops after ``v`` up to ``upto`` from the store; False if it could not (the

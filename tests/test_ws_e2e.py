@@ -12,7 +12,7 @@ import contextlib
 import functools
 import random
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -27,6 +27,7 @@ from gateway import keys, session
 from gateway.app import Services, create_app
 from gateway.auth import sign_token
 from gateway.hub import Hub
+from gateway.readmodels import Extension
 from gateway.redis_hub import RedisHub
 from gateway.store import Store, StoreConfig
 from schema.frames import Codec
@@ -257,10 +258,15 @@ def api(app_client: TestClient[Any, Any]) -> Api:
 
 
 @contextlib.asynccontextmanager
-async def second_gateway(store_config: StoreConfig, hub: Hub | None = None) -> AsyncIterator[Api]:
+async def second_gateway(
+    store_config: StoreConfig, hub: Hub | None = None, extensions: Sequence[Any] = ()
+) -> AsyncIterator[Api]:
     """Another gateway on the same database: a process whose rooms start from the store
-    (with ``hub``, which it closes, it hears the other gateways on that hub)."""
-    app = create_app(Services(store=Store(store_config), secret=b"test-secret", hub=hub))
+    (with ``hub``, which it closes, it hears the other gateways on that hub; with
+    ``extensions``, the read side say, it mounts them)."""
+    app = create_app(Services(
+        store=Store(store_config), secret=b"test-secret", hub=hub, extensions=list(extensions)
+    ))
     client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1", port=0))
     await client.start_server()
     try:
@@ -527,6 +533,71 @@ async def test_presence_changed_during_a_catch_up_from_the_store_comes_once(
             gate.set()
             await setter.close()
             await ws.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_versions_committed_elsewhere_are_served_while_a_commit_here_is_in_flight(
+    pg_schema: str, tmp_path: Path, redis_url: str, redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a process's commit of a document is in flight, its room holds back the events
+    another process committed meanwhile: a ``sub`` with a version among them still gets the
+    ops after it (from the store), then the live ops with nothing repeated or skipped, and
+    reads naming it in ``at``/``from``/``to`` answer (both were ``bad_version``, audit D F4)."""
+    cfg = StoreConfig(data_dir=tmp_path, database_url=PG_URL, database_schema=pg_schema)
+    here_hub, there_hub = RedisHub(redis_url, redis_prefix), RedisHub(redis_url, redis_prefix)
+    read_side = [Extension(run_projections=False, warm=False)]
+    async with (
+        second_gateway(cfg, here_hub) as here,
+        second_gateway(cfg, there_hub, read_side) as there,
+    ):
+        doc = await here.create("ab")
+        writer = await there.connect(Codec.JSON, client_id="w")
+        movers = [await there.connect(Codec.MSGPACK), await there.connect(Codec.JSON)]
+        entered, gate = asyncio.Event(), asyncio.Event()
+        try:
+            w = await writer.subscribe(doc)  # the room is open there, at version 0
+            assert isinstance(there.http, TestClient)
+            async_writer = there.http.app[keys.ROOMS].committer._async_writer
+            save = async_writer.save_checked
+
+            async def held(*args: Any, **kwargs: Any) -> Any:
+                entered.set()
+                await gate.wait()
+                return await save(*args, **kwargs)
+
+            monkeypatch.setattr(async_writer, "save_checked", held)
+            w.edit([2, "!"])  # tentative version 1 there; its commit waits at the gate
+            await _until(entered.is_set)
+            texts = ["ab"]
+            for i in range(3):  # versions 1..3, committed here meanwhile
+                op: ot.Op = [f"{i}"]
+                assert await here.post_op(doc, i, op) == i + 1
+                texts.append(ot.apply(texts[-1], op))
+            states = []
+            for ws, v in zip(movers, [1, 3], strict=True):  # seen committed elsewhere
+                states.append(await ws.subscribe(doc, v=v, text=texts[v]))
+                first = next(m for m in ws.log if m["t"] == "ops")
+                assert [e["v"] for e in first["ops"]] == list(range(v + 1, 4))
+            for path in ("?at=3", "/diff?from=1&to=3", "/blame?at=3"):
+                status, body = await there.call("GET", f"/v1/documents/{doc}{path}")
+                assert status == 200, (path, body)
+            assert (await there.call("GET", f"/v1/documents/{doc}?at=3"))[1]["text"] == texts[3]
+            assert entered.is_set() and not gate.is_set() and not w.acks  # still in flight
+            gate.set()  # the held commit conflicts; the op is transformed and lands as v4
+            await writer.wait_until(lambda: w.quiet)
+            assert w.acks == [(1, 4)] and not w.problems
+            for ws, state, v in zip(movers, states, [1, 3], strict=True):
+                await ws.wait_until(lambda state=state: state.version == 4)
+                await ws.ping()
+                assert [e["v"] for e in state.remote] == list(range(v + 1, 5)), ws.log
+                assert state.text == w.text == (await there.get(doc))[0]
+                assert not state.problems
+        finally:
+            gate.set()
+            for ws in (writer, *movers):
+                await ws.close()
 
 
 async def _until(cond: Any, within: float = 5.0) -> None:
