@@ -446,6 +446,23 @@ class Room:
                 top = e.v
         return top
 
+    def may_read(self, user: str) -> bool:
+        """Whether ``user`` may read at ``head``: the document's members, with the changes of
+        membership that other processes committed and that wait here (``remote_events``, in
+        position order from the committed state on, up to a gap) applied on top. A member
+        just added elsewhere got 404 while a commit of this room was in flight."""
+        allowed = self.doc.can_read(user)
+        pos = self.position
+        for e in sorted(self._remote, key=lambda e: e.originator_version):
+            if e.originator_version <= pos:
+                continue
+            if e.originator_version != pos + 1:
+                break  # a gap: what follows it is not known to hold
+            pos = e.originator_version
+            if isinstance(e, Document.MemberAdded | Document.MemberRemoved) and e.user == user:
+                allowed = isinstance(e, Document.MemberAdded)
+        return allowed
+
     def ops_since(self, v: int) -> list[OpRecord] | None:
         """Committed ops after ``v`` from memory, or None if the window does not reach.
 

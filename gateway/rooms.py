@@ -181,9 +181,9 @@ class Rooms:
         if room is None:
             return None
         behind = v is not None and v > room.head
-        if behind or not room.doc.can_read(user) or not self.hub.healthy:
+        if behind or not room.may_read(user) or not self.hub.healthy:
             await self.current(room)
-        return room if room.doc.can_read(user) else None
+        return room if room.may_read(user) else None
 
     async def current(self, room: Room) -> None:
         """Apply what the store holds beyond the room's position.

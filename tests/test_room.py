@@ -192,3 +192,30 @@ def _run(
     assert [writer.msgs[i]["v"] for i in acks] == [ours]
     assert max((e["v"] for m in writer.msgs[: acks[0]] if m["t"] == "ops" for e in m["ops"]),
                default=writer.msgs[0]["v"]) == ours - 1
+
+
+def test_a_member_added_elsewhere_may_read_while_a_commit_is_in_flight() -> None:
+    """The other process shares the document (and later unshares it) while this room's own
+    commit is in flight: the event waits in the room, and the new member got 404 here until
+    that commit resolved. ``may_read`` counts the waiting membership changes, in order."""
+    loop = asyncio.new_event_loop()
+    try:
+        p = Process(1)
+        room = p.room
+        fut = loop.create_future()
+        room.submit(Submission(kind="edit", by=OWNER, future=fut, base=1, op=["L"],
+                               client="w", seq=1, session=p.sub(None)))
+        assert room.prepare()  # in flight
+        p.other.add_member("vic", "viewer", OWNER)
+        added = list(p.other.collect_events())
+        room.remote_events(added)
+        assert not room.doc.can_read("vic") and room.may_read("vic")
+        p.other.remove_member("vic", OWNER)
+        p.other.edit(["x"], OWNER, None, None)
+        later = list(p.other.collect_events())
+        room.remote_events(later[1:])  # the removal not here yet: a gap before the edit
+        assert room.may_read("vic")
+        room.remote_events(later[:1])
+        assert not room.may_read("vic") and room.may_read(OWNER)
+    finally:
+        loop.close()
