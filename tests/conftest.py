@@ -77,6 +77,22 @@ def redis_prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}:"
 
 
+@pytest.fixture
+def redis_client(redis_url: str, redis_prefix: str) -> Iterator[Any]:
+    """A (sync) client of the test Redis; the test's keys (``redis_prefix``) are deleted
+    afterwards."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        found = list(client.scan_iter(f"{redis_prefix}*"))
+        if found:
+            client.delete(*found)
+        client.close()
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> StoreConfig:
     """A store configuration for each adapter: SQLite in tmp_path, Postgres in a new schema."""

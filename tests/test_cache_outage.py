@@ -313,21 +313,8 @@ def _value(value: str) -> Any:
     return compute
 
 
-@pytest.fixture
-def shared(redis_url: str, redis_prefix: str) -> Iterator[redis.Redis]:
-    """A client of the shared test Redis; the test's keys are deleted afterwards."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        found = list(client.scan_iter(f"{redis_prefix}*"))
-        if found:
-            client.delete(*found)
-        client.close()
-
-
 async def test_raises_that_redis_lost_retire_every_older_entry(
-    redis_url: str, redis_prefix: str, shared: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, redis_prefix: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis back at an older state (an AOF that missed the last writes, a lagging replica):
     its stamp is below what the runner confirmed, so the runner's next check raises the
@@ -339,19 +326,19 @@ async def test_raises_that_redis_lost_retire_every_older_entry(
     try:
         raiser.raises.add({"t": 3})
         raiser.confirm(3)
-        assert shared.get(f"{where}stamp") == b"3 3"
+        assert redis_client.get(f"{where}stamp") == b"3 3"
         cache.reached(3)
         assert await cache.fetch("k", ["t"], _value("at 3")) == "at 3"
         raiser.raises.add({"t": 7})
         raiser.confirm(7)
-        assert shared.get(f"{where}stamp") == b"3 7"
-        shared.set(f"{where}gen:t", 3)  # Redis loses the last script
-        shared.set(f"{where}stamp", "3 3")
+        assert redis_client.get(f"{where}stamp") == b"3 7"
+        redis_client.set(f"{where}gen:t", 3)  # Redis loses the last script
+        redis_client.set(f"{where}stamp", "3 3")
         cache.reached(7)
         assert await cache.get("k") is None  # its raises are not complete up to 7
         monkeypatch.setattr(generations, "CHECK_SECONDS", 0.0)
         raiser.confirm(7)  # the idle check
-        assert shared.get(f"{where}stamp") == b"7 7"
+        assert redis_client.get(f"{where}stamp") == b"7 7"
         assert await cache.get("k") is None  # without the global generation: "at 3"
         assert await cache.fetch("k", ["t"], _value("at 7")) == "at 7"
         assert await cache.get("k") == "at 7"

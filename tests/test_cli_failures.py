@@ -179,13 +179,20 @@ def test_read_only_commands_make_no_schema_for_a_mistyped_one(
             cli.main([*command, "--database-url", PG_URL, "--database-schema", schema])
         assert stop.value.code == 2
         assert f"(schema {schema})" in _one_line(capsys.readouterr().err)
-        with psycopg.connect(PG_URL) as conn:
-            found = conn.execute("SELECT 1 FROM information_schema.schemata "
-                                 "WHERE schema_name = %s", (schema,)).fetchone()
-        assert found is None
+        assert not _schema_exists(schema)
     finally:
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        _drop_schema(schema)
+
+
+def _schema_exists(schema: str) -> bool:
+    with psycopg.connect(PG_URL) as conn:
+        return conn.execute("SELECT 1 FROM information_schema.schemata WHERE schema_name = %s",
+                            (schema,)).fetchone() is not None
+
+
+def _drop_schema(schema: str) -> None:
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def _projections_run(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -214,13 +221,9 @@ def test_projections_run_makes_no_schema_for_a_mistyped_one() -> None:
         run = _projections_run(["--database-url", PG_URL, "--database-schema", schema])
         assert run.returncode == 2, run.stderr
         assert f"(schema {schema}): the gateway (coscribe serve)" in _one_line(run.stderr)
-        with psycopg.connect(PG_URL) as conn:
-            found = conn.execute("SELECT 1 FROM information_schema.schemata "
-                                 "WHERE schema_name = %s", (schema,)).fetchone()
-        assert found is None
+        assert not _schema_exists(schema)
     finally:
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        _drop_schema(schema)
 
 
 def _deaf() -> None:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -22,19 +22,6 @@ from tests.conftest import PG_URL
 from tests.procs import TEST_SECRET, ServerProcess
 
 pytestmark = [pytest.mark.redis]
-
-
-@pytest.fixture
-def keys(redis_url: str, redis_prefix: str) -> Iterator[redis.Redis]:
-    """A Redis client; the test's keys are deleted afterwards."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        found = list(client.scan_iter(f"{redis_prefix}*"))
-        if found:
-            client.delete(*found)
-        client.close()
 
 
 def _run_until(args: list[str], log: Path, done: Callable[[], bool]) -> str:
@@ -59,7 +46,7 @@ def _run_until(args: list[str], log: Path, done: Callable[[], bool]) -> str:
 
 
 def test_runner_bumps_generations_under_the_given_prefix(
-    tmp_path: Path, redis_url: str, redis_prefix: str, keys: redis.Redis
+    tmp_path: Path, redis_url: str, redis_prefix: str, redis_client: redis.Redis
 ) -> None:
     """--redis-prefix names the keys it raises; without a Redis URL it warns at start."""
     store = Store(StoreConfig(data_dir=tmp_path))
@@ -72,7 +59,7 @@ def test_runner_bumps_generations_under_the_given_prefix(
     generation = f"{redis_prefix}rm:{log_id}:gen:an-doc:{doc.id}"
     out = _run_until(["--data-dir", str(tmp_path), "--redis-url", redis_url,
                       "--redis-prefix", redis_prefix], tmp_path / "with.log",
-                     lambda: keys.get(generation) == b"1")
+                     lambda: redis_client.get(generation) == b"1")
     assert "no Redis URL" not in out
     out = _run_until(["--data-dir", str(tmp_path)], tmp_path / "without.log",
                      lambda: "projections running" in (tmp_path / "without.log").read_text())

@@ -12,13 +12,14 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 
 from domain import ot
 from domain.document import Document
 from gateway.room import Rejected, Room, Submission
+from gateway.rooms import Rooms
 from gateway.store import Store, StoreConfig, VersionConflict
 from gateway.writer import AsyncWriter
 from schema.codes import Code
@@ -359,18 +360,25 @@ async def test_contended_rooms_commit_under_the_lock_without_conflicts(
     assert sorted(final.text) == sorted(marks)
 
 
+async def _contended(a: Rooms, b: Rooms, doc_id: UUID) -> tuple[Room, Room]:
+    """The document's rooms in two processes, after 3 edits that made ``b``'s contended (its
+    first commit conflicted with ``a``'s)."""
+    room_a, room_b = await a.get(doc_id), await b.get(doc_id)
+    assert room_a is not None and room_b is not None
+    await result(submit(room_a, ["x"], 0))
+    await result(submit(room_b, ["y"], 0))  # conflicts once: now contended
+    await result(submit(room_a, ["z"], room_a.snapshot.v))
+    assert room_b.contended
+    return room_a, room_b
+
+
 async def test_a_failure_under_the_lock_releases_it(store: Store, other_store: Store) -> None:
     """A bug between the lock-first read and the commit must not leave the table locked."""
     if not store.checks_heads:
         pytest.skip("the lock-first commit is PostgreSQL's")
     doc = _saved(store)
     async with running(store) as a, running(other_store) as b:
-        room_a, room_b = await a.get(doc.id), await b.get(doc.id)
-        assert room_a is not None and room_b is not None
-        await result(submit(room_a, ["x"], 0))
-        await result(submit(room_b, ["y"], 0))  # conflicts once: now contended
-        await result(submit(room_a, ["z"], room_a.snapshot.v))
-        assert room_b.contended
+        room_a, room_b = await _contended(a, b, doc.id)
         real = room_b.client_ops
 
         def boom() -> list[tuple[str, str, int, int]]:
@@ -399,11 +407,7 @@ async def test_ops_refused_on_a_known_version_never_take_the_lock(
         pytest.skip("the lock-first commit is PostgreSQL's")
     doc = _saved(store, "abc", vic="viewer")
     async with running(store) as a, running(other_store) as b:
-        room_a, room_b = await a.get(doc.id), await b.get(doc.id)
-        assert room_a is not None and room_b is not None
-        await result(submit(room_a, ["x"], 0))
-        await result(submit(room_b, ["y"], 0))  # conflicts once: now contended
-        await result(submit(room_a, ["z"], room_a.snapshot.v))
+        room_a, room_b = await _contended(a, b, doc.id)
         await result(submit(room_b, ["w"], room_b.snapshot.v))
         assert room_b.contended and room_b.snapshot.v == 4
         stats = b.committer.stats
