@@ -92,11 +92,12 @@ class MalformedRequests(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
-            return True
+        if not isinstance(exc, HttpProcessingError | RequestPayloadError):
+            return True  # (the latter: a body that did not decode, drained after our 400)
         if not logging.getLogger(record.name).isEnabledFor(logging.INFO):
             return False
-        record.msg = f"{record.getMessage()}: refused ({exc.code}): {type(exc).__name__}"
+        code = getattr(exc, "code", 400)
+        record.msg = f"{record.getMessage()}: refused ({code}): {type(exc).__name__}"
         record.args = ()
         record.exc_info = record.exc_text = None
         record.levelno, record.levelname = logging.INFO, "INFO"

@@ -1109,3 +1109,18 @@ async def test_a_request_the_http_parser_refuses_is_one_log_line(
     assert "refused (400)" in server[0].getMessage()
     status, _ = await env.api("GET", "/healthz", user=None)
     assert status == 200
+
+
+async def test_an_undecodable_body_is_one_log_line(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gzip body that is not gzip: 400 ``bad_request``, and aiohttp, draining it after the
+    answer, logged three chained tracebacks at ERROR for each; now one INFO line."""
+    caplog.set_level(logging.INFO, logger="aiohttp.server")
+    status, body = await env.api("POST", "/v1/documents", data=b"\x1f\x8b not gzip",
+                                 headers={"Content-Encoding": "gzip"})
+    assert (status, body["error"]["code"]) == (400, "bad_request")
+    await asyncio.sleep(0.05)
+    server = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert all(r.levelno == logging.INFO and r.exc_info is None for r in server), [
+        (r.levelname, r.getMessage()) for r in server]
