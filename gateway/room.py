@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -233,7 +233,8 @@ class Room:
         """Session id -> the process it is connected to (remote sessions only)."""
         self._local_sids: dict[Subscriber, str] = {}
         self._presence_out: dict[str, tuple[Subscriber | None, dict[str, Any]]] = {}
-        self._removed: list[str] = []
+        self._removed: dict[str, int] = {}
+        """Users removed by the batch in flight, each with the version it was removed at."""
         """Users removed from the members by the events in flight."""
         self.writers: set[str] = set()
         """Other processes whose commits of this document the hub delivered: if one dies,
@@ -395,7 +396,7 @@ class Room:
         pending = sorted(self._remote, key=lambda e: e.originator_version)
         self._remote = []
         records: list[OpRecord] = []
-        removed: list[str] = []
+        removed: dict[str, int] = {}
         changed = False
         for i, e in enumerate(pending):
             pos = e.originator_version
@@ -410,12 +411,11 @@ class Room:
             if isinstance(e, Document.Edited):
                 records.append(_record(e, self.doc.length))
             elif isinstance(e, Document.MemberRemoved):
-                removed.append(e.user)
+                removed.setdefault(e.user, self.doc.doc_version)
         if changed:
             self.history.extend(records)
             self.snapshot = self._snap()
-            self._broadcast(records, [])
-            self._drop_readers(removed)
+            self._broadcast(records, [], removed)
             self._trim()
             if self.inbox:
                 self._on_dirty(self)
@@ -515,7 +515,7 @@ class Room:
                 continue
             self.inflight.append(sub)
         events = list(self.doc.collect_events())
-        self._removed = [e.user for e in events if isinstance(e, Document.MemberRemoved)]
+        self._removed = _removals(events, self.snapshot.v)
         return events
 
     def mark_contended(self) -> None:
@@ -540,9 +540,8 @@ class Room:
         self._inflight_keys.clear()
         self._checkpoint = None
         self.snapshot = self._snap()
-        self._broadcast(fresh, inflight)
-        removed, self._removed = self._removed, []
-        self._drop_readers(removed)
+        removed, self._removed = self._removed, {}
+        self._broadcast(fresh, inflight, removed)
         for sub in inflight:
             if not sub.future.done():
                 sub.future.set_result(sub.result)
@@ -565,17 +564,36 @@ class Room:
         self.inflight = []
         self.state = State.STALE
 
-    def _drop_readers(self, users: Iterable[str]) -> None:
-        """Subscribers whose user may no longer read (removed from the members) leave."""
-        gone = {u for u in users if not self.doc.can_read(u)}
-        if not gone:
-            return
-        for session in [s for s in self.members if s.user in gone]:
-            self.unsubscribe(session)
-            session.removed(self.id)
+    def _send_until_removed(
+        self,
+        doc: str,
+        records: list[OpRecord],
+        entries: list[Encoded],
+        own: dict[Subscriber, list[Submission]],
+        removed: Mapping[str, int],
+    ) -> tuple[dict[Subscriber, Member], list[Subscriber]]:
+        """Send the members whose user ``removed`` names the records up to the version the
+        user was removed at (and no further: the whole batch went out before they were
+        dropped, so an op committed after the removal reached them); return the other
+        members and those to drop. Dropped even if added again later in the batch: they
+        would miss the ops in between."""
+        rest = dict(self.members)
+        gone = [s for s in rest if s.user in removed]
+        for session in gone:
+            member = rest.pop(session)
+            cut = removed[session.user]  # type: ignore[index]
+            keep = [i for i, r in enumerate(records) if r.v <= cut]
+            recs, ents = [records[i] for i in keep], [entries[i] for i in keep]
+            mine = own.get(session)
+            if mine:
+                for msg in _ordered_for(doc, recs, ents, mine):
+                    member.send(msg)
+            elif recs:
+                member.send(OpsMessage(doc, ents))
+        return rest, gone
 
     def _rollback(self) -> None:
-        self._removed = []
+        self._removed = {}
         self._drop_tentative()
         if self._checkpoint is not None:
             _restore(self.doc, self._checkpoint)
@@ -599,6 +617,7 @@ class Room:
                 continue
             prev_len = ot.target_length(e.op, prev_len)
             records.append(_record(e, prev_len))
+        before = self.snapshot.v
         self.doc = doc
         self.needs_reload = False
         self.history.extend(records)
@@ -606,8 +625,10 @@ class Room:
             self.first_v = doc.doc_version + 1
             self.base_len = doc.length
         self.snapshot = self._snap()
-        self._broadcast(records, [])
-        self._drop_readers({s.user for s in self.members if s.user is not None})
+        # When a reader lost access among the missed events is not known here: it gets none.
+        gone = {s.user: before for s in self.members
+                if s.user is not None and not doc.can_read(s.user)}
+        self._broadcast(records, [], gone)
         self.state = State.READY
         self._apply_remote()
         if self.inbox:
@@ -745,8 +766,16 @@ class Room:
             updated_at=d.updated_at.timestamp(),
         )
 
-    def _broadcast(self, records: list[OpRecord], inflight: list[Submission]) -> None:
-        """Send ``records`` to every member; a submitter gets its ack in place of its op."""
+    def _broadcast(
+        self,
+        records: list[OpRecord],
+        inflight: list[Submission],
+        removed: Mapping[str, int] | None = None,
+    ) -> None:
+        """Send ``records`` to every member; a submitter gets its ack in place of its op.
+
+        ``removed``: users who lost access in this batch, each with the version it happened
+        at; their sessions get the records up to it, then leave (``removed``)."""
         doc = str(self.id)
         own: dict[Subscriber, list[Submission]] = {}
         for sub in inflight:
@@ -755,8 +784,11 @@ class Room:
         entries = [Encoded(r.entry()) for r in records]
         shared = OpsMessage(doc, entries)
         members = self.members
+        gone: list[Subscriber] = []
+        if removed:
+            members, gone = self._send_until_removed(doc, records, entries, own, removed)
         if self._ahead:
-            members = self._send_ahead(doc, records, entries, own)
+            members = self._send_ahead(doc, records, entries, own, members)
         for session, member in members.items():
             mine = own.get(session)
             if mine is None:
@@ -765,6 +797,9 @@ class Room:
                 continue
             for msg in _ordered_for(doc, records, entries, mine):
                 member.send(msg)
+        for session in gone:
+            self.unsubscribe(session)
+            session.removed(self.id)
 
     def _send_ahead(
         self,
@@ -772,11 +807,12 @@ class Room:
         records: list[OpRecord],
         entries: list[Encoded],
         own: dict[Subscriber, list[Submission]],
+        members: dict[Subscriber, Member],
     ) -> dict[Subscriber, Member]:
-        """Send the members ahead of the room (``skip_to``) the part of a broadcast they
-        lack; return the other members. A member the snapshot has caught up with is no
-        longer ahead."""
-        rest = dict(self.members)
+        """Send the ``members`` ahead of the room (``skip_to``) the part of a broadcast they
+        lack; return the others. A member the snapshot has caught up with is no longer
+        ahead."""
+        rest = dict(members)
         for session, after in list(self._ahead.items()):
             member = rest.pop(session, None)
             if member is None:
@@ -794,6 +830,18 @@ class Room:
             if after <= self.snapshot.v:
                 del self._ahead[session]
         return rest
+
+
+def _removals(events: Sequence[Any], v: int) -> dict[str, int]:
+    """The users ``events`` (a batch, in order, from edit version ``v``) remove, each with
+    the edit version it was removed at (the first time, if more than once)."""
+    out: dict[str, int] = {}
+    for e in events:
+        if isinstance(e, Document.Edited):
+            v = e.v
+        elif isinstance(e, Document.MemberRemoved):
+            out.setdefault(e.user, v)
+    return out
 
 
 def _ordered_for(

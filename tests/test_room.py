@@ -56,8 +56,10 @@ def _edits(events: list[Any]) -> list[Document.Edited]:
 class Process:
     """The room of one process, its readers, and the store both processes write to."""
 
-    def __init__(self, committed: int) -> None:
+    def __init__(self, committed: int, viewers: tuple[str, ...] = ()) -> None:
         seed = Document.create(title="T", text="", owner=OWNER)
+        for user in viewers:
+            seed.add_member(user, "viewer", OWNER)
         for i in range(committed):
             seed.edit([f"{i}"], OWNER, None, None)
         self.stored = list(seed.collect_events())
@@ -217,5 +219,57 @@ def test_a_member_added_elsewhere_may_read_while_a_commit_is_in_flight() -> None
         assert room.may_read("vic")
         room.remote_events(later[:1])
         assert not room.may_read("vic") and room.may_read(OWNER)
+    finally:
+        loop.close()
+
+
+class Removable(Reader):
+    """A reader that records being removed, and what it had received by then."""
+
+    def __init__(self, user: str) -> None:
+        super().__init__(None)
+        self.user = user
+        self.gone_after: int | None = None
+
+    def removed(self, doc: Any) -> None:
+        self.gone_after = len(self.msgs)
+
+
+def test_a_removed_member_gets_no_op_committed_after_its_removal() -> None:
+    """An edit, the removal of a member and another edit in one commit (the owner's DELETE
+    and ops landing in one tick, on this process or another): the whole batch went out
+    before the removed member's sessions left, so the edit after its removal reached it.
+    Now it gets the ops up to its removal, then leaves: for our commits, for another
+    process's (held or not), and after a reload, where the moment is unknown (nothing)."""
+    loop = asyncio.new_event_loop()
+    try:
+        for path in ("ours", "theirs", "reload"):
+            p = Process(1, viewers=("vic",))
+            room = p.room
+            other = p.other
+            vic = Removable("vic")
+            room.subscribe(vic)
+            if path == "ours":
+                futs = [loop.create_future() for _ in range(3)]
+                room.submit(Submission(kind="edit", by=OWNER, future=futs[0], base=1, op=["a"]))
+                room.submit(Submission(kind="command", by=OWNER, future=futs[1],
+                                       command=lambda d: d.remove_member("vic", OWNER)))
+                room.submit(Submission(kind="edit", by=OWNER, future=futs[2], base=1, op=["b"]))
+                assert room.prepare()
+                room.committed()
+            else:
+                other.edit(["a"], OWNER, None, None)
+                other.remove_member("vic", OWNER)
+                other.edit(["b"], OWNER, None, None)
+                events = list(other.collect_events())
+                if path == "theirs":
+                    room.remote_events(events)
+                else:
+                    p.store(events)
+                    room.refreshed(_load(p.stored), _edits(events))
+            assert vic.gone_after is not None, path
+            got = [e["v"] for e in vic.entries()]
+            assert got == ([] if path == "reload" else [2]), (path, vic.msgs)
+            assert vic not in room.members
     finally:
         loop.close()
