@@ -31,9 +31,9 @@ from ops.runtime import tune_gc
 from ops.settings import DataDirUnusable, Settings, SettingsError
 
 BIND_ERRORS = {
-    errno.EADDRINUSE: "is in use",
-    errno.EACCES: "needs privileges this process does not have",
-    errno.EADDRNOTAVAIL: "is not an address of this machine",
+    errno.EADDRINUSE: "the port is in use",
+    errno.EACCES: "the port needs privileges this process does not have",
+    errno.EADDRNOTAVAIL: "the host is not an address of this machine",
 }
 """Why binding the server's address failed (the other OSErrors of a start are not these)."""
 
@@ -102,10 +102,35 @@ def _serve_one(settings: Settings, listening: Callable[[], None]) -> int:
     except OSError as exc:
         if exc.errno not in BIND_ERRORS:
             raise
-        return _fail("serve", f"cannot listen on {settings.host}:{settings.port}: the port "
-                              f"{BIND_ERRORS[exc.errno]}")
+        return _fail("serve", _cannot_listen(settings, exc))
     _ignore_stop_signals()
     return 0
+
+
+def _cannot_listen(settings: Settings, exc: OSError) -> str:
+    return f"cannot listen on {settings.host}:{settings.port}: {BIND_ERRORS[exc.errno]}"
+
+
+def _port_taken(settings: Settings) -> OSError | None:
+    """Why the port cannot be bound by a socket without ``SO_REUSEPORT``, or None.
+
+    The workers of ``serve --workers`` bind with ``SO_REUSEPORT``: another program that
+    listens there with it too (nginx's ``reuseport``, envoy) let them in, and the kernel
+    split the connections between the two servers. Binding once without it first finds any
+    listener. (The claim covers other ``coscribe serve``s only.)
+    """
+    for family, kind, proto, _, addr in socket.getaddrinfo(
+        settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                if exc.errno in BIND_ERRORS:
+                    return exc
+                raise
+    return None
 
 
 def _unresolved(settings: Settings, exc: socket.gaierror) -> str:
@@ -225,6 +250,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         url = f"http://{settings.host}:{settings.port}"
         if settings.workers == 1:
             return _serve_one(settings, lambda: print(f"coscribe serving on {url}", flush=True))
+        if (taken := _port_taken(settings)) is not None:
+            return _fail("serve", _cannot_listen(settings, taken))
         return _serve_workers(settings, url)
 
 
@@ -477,7 +504,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``coscribe`` script."""
     args: Any = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return dispatch(args)
+    try:
+        return dispatch(args)
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling is up (start-up)
+        print(f"coscribe {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def dispatch(args: Any) -> int:

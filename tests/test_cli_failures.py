@@ -76,6 +76,24 @@ def test_serve_workers_exit_non_zero_when_they_fail_at_start(
 
 
 @pytest.mark.redis
+def test_serve_workers_share_no_port_with_another_program_using_reuseport(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    """Another program listening with SO_REUSEPORT (nginx's ``reuseport``) let the workers
+    bind beside it, and the kernel split the connections; now exit 1, the port in use."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = int(holder.getsockname()[1])
+        run = _serve(["--port", str(port), "--workers", "2", "--projections", "off",
+                      "--redis-url", redis_url, "--redis-prefix", redis_prefix], tmp_path)
+    assert run.returncode == 1, run.stdout
+    assert f":{port}: the port is in use" in _one_line(run.stderr)
+    assert "serving on" not in run.stdout
+
+
+@pytest.mark.redis
 @pytest.mark.parametrize(("first", "second"), [(2, 2), (1, 2), (2, 1)])
 def test_a_second_serve_on_the_port_of_a_running_one_exits_1(
     tmp_path: Path, redis_url: str, redis_prefix: str, first: int, second: int
@@ -299,3 +317,23 @@ def test_a_second_signal_during_the_stop_does_not_break_it_off(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
+
+
+def test_a_host_that_is_not_this_machines_names_the_host(tmp_path: Path) -> None:
+    """EADDRNOTAVAIL said "the port is not an address of this machine"; it is the host."""
+    run = _serve(["--host", "192.0.2.1", "--port", "19999"], tmp_path)  # TEST-NET-1
+    assert run.returncode == 1
+    assert "192.0.2.1:19999: the host is not an address of this machine" in _one_line(run.stderr)
+
+
+def test_ctrl_c_before_a_command_handles_it_is_one_line_and_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C in the first half second of ``serve`` (imports, before its handlers) was a
+    KeyboardInterrupt traceback."""
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "dispatch", interrupted)
+    assert cli.main(["token", "alice"]) == 130
+    assert capsys.readouterr().err == "coscribe token: interrupted\n"
