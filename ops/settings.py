@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "projections": ("inline", "off"),
@@ -194,14 +194,32 @@ def _check_url(name: str, source: str, url: str) -> None:
         raise SettingsError(f"{source} must start with {wanted}, not {found}")
     problem = _postgres_problem(url, parts) if name == "database_url" else _redis_problem(parts)
     if problem is None and name == "redis_url":
-        from redis.connection import parse_url
-
-        try:
-            parse_url(url)  # its query arguments (socket_timeout=...)
-        except ValueError as exc:
-            problem = str(exc)
+        problem = _redis_client_problem(url)
     if problem is not None:
-        raise SettingsError(f"{source} is not usable: {problem}")
+        raise SettingsError(f"{source} is not usable: {_masked(problem, parts)}")
+
+
+def _masked(message: str, parts: SplitResult) -> str:
+    """``message`` without the URL's password, as written or decoded (a driver's message
+    may quote the part it could not read: ``invalid percent-encoded token: "%zzPw..."``)."""
+    raw = parts.netloc.rpartition("@")[0].partition(":")[2] if "@" in parts.netloc else ""
+    for secret in sorted({raw, unquote(raw)} - {""}, key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message
+
+
+def _redis_client_problem(url: str) -> str | None:
+    """Why redis-py would not make a connection of ``url``'s options (without connecting):
+    its query arguments (``socket_timeout=abc``; an unknown one, ``nosuch=1``, is a
+    TypeError when the first connection is made, and the hub then failed for good)."""
+    import redis
+
+    try:
+        pool = redis.ConnectionPool.from_url(url)
+        pool.make_connection()
+    except (ValueError, TypeError, redis.RedisError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 def _port_problem(parts: SplitResult) -> str | None:
@@ -217,6 +235,10 @@ def _port_problem(parts: SplitResult) -> str | None:
     return f"the port must be an integer in 1..65535, not {text.partition(':')[2]!r}"
 
 
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+"""libpq's ``sslmode`` values (a query parameter libpq checks only when it connects)."""
+
+
 def _postgres_problem(url: str, parts: SplitResult) -> str | None:
     """Why libpq (through psycopg) or the event store, which reads the host and port with
     ``urlsplit``, would not take ``url``; None if both would. No host is fine (libpq's
@@ -225,9 +247,15 @@ def _postgres_problem(url: str, parts: SplitResult) -> str | None:
     from psycopg.conninfo import conninfo_to_dict
 
     try:
-        conninfo_to_dict(url)
+        params = conninfo_to_dict(url)
     except ProgrammingError as exc:  # libpq's message quotes the URL, password and all
         return str(exc).strip().splitlines()[0].replace(url, "the URL")
+    for port in str(params.get("port") or "").split(","):  # an empty one: the default
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            return f"the port must be an integer in 1..65535, not {port!r}"
+    sslmode = params.get("sslmode")
+    if sslmode is not None and sslmode not in SSLMODES:
+        return f"sslmode must be one of {', '.join(SSLMODES)}, not {sslmode!r}"
     problem = _port_problem(parts)
     if problem and "," in parts.netloc:
         return "hosts in a list share one port, after the last (h1,h2:5432)"

@@ -200,6 +200,14 @@ BAD_URLS = [
     ("database_url", "postgresql://u:secret@h/x?nosuch=1", 'invalid URI query parameter: "nosuch"'),
     ("database_url", "postgresql://h1:5432,h2:5433/x", "share one port"),
     ("database_url", "//u:secret@db/x", "not a URL without a scheme"),
+    # Found by the operator audit: a password in libpq's message, and query parameters that
+    # were checked only when the first connection was made (exit 1 or a failing hub).
+    ("database_url", "postgresql://u:%zzsecret@h/x", "invalid percent-encoded token"),
+    ("database_url", "postgresql://u:secret@h/x?port=99999", "1..65535, not '99999'"),
+    ("database_url", "postgresql://h/x?host=/tmp&port=abc", "1..65535, not 'abc'"),
+    ("database_url", "postgresql://u:secret@h/x?sslmode=bogus", "sslmode must be one of"),
+    ("redis_url", "redis://:secret@h:6379/0?nosuch=1", "unexpected keyword argument 'nosuch'"),
+    ("redis_url", "rediss://h:6379/0?ssl_cert_reqs=bogus", "Certificate Requirements"),
 ]
 
 
@@ -228,6 +236,8 @@ def test_a_malformed_url_is_a_settings_error_naming_its_source(
     ("database_url", "postgresql://coscribe@/coscribe?host=/var/run/postgresql"),
     ("database_url", "postgresql://u:p@[::1]:5432/x?sslmode=require"),
     ("database_url", "postgresql://h1,h2:5432/x"),
+    ("database_url", "postgresql://h1,h2/x?port=5432,5433"),
+    ("redis_url", "redis://h/0?socket_timeout=2"),
 ])
 def test_well_formed_urls_load(name: str, value: str) -> None:
     """Sockets, TLS, IPv6, passwords, libpq's query parameters and host lists still load."""
