@@ -223,6 +223,7 @@ class Stop:
 @_store_errors
 def cmd_projections_run(args: argparse.Namespace) -> int:
     """Follow the log and keep the read models up to date until SIGTERM or Ctrl-C."""
+    from projections.generations import Health
     from projections.runner import Runner
 
     _check_flags(args)
@@ -249,6 +250,8 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
         log.info("following the log from %s for %s", runner.seen(),
                  ", ".join(m.name for m in models))
         print(f"projections running from position {runner.seen()}", flush=True)
+        health = Health("projections", "the read models wait; retried every 1 s",
+                        dependency="a step", traceback=True)
         while not stop.is_set():
             try:
                 n = runner.step()
@@ -258,9 +261,11 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
                     # Let more commits arrive: a step costs the same for 5 events or 100
                     # (one read, one transaction), so a busy log is taken in by few steps.
                     stop.wait(args.batch)
-            except Exception:  # keep following: the database may come back
-                log.exception("projection step failed")
+            except Exception as exc:  # keep following: the database may come back
+                health.failed(exc)
                 stop.wait(1.0)
+                continue
+            health.ok()
         log.info("stopped at %s", runner.seen())
     finally:
         if bump is not None:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from projections.generations import Health
 from projections.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class Follower:
         confirm: Confirm | None = None,
     ) -> None:
         self.runner = runner
+        self._health = Health("projections", f"the read models wait; retried every "
+                              f"{ERROR_BACKOFF:g} s", dependency="a step", traceback=True)
         self.poll = poll
         self.batch = batch
         self.invalidate = invalidate
@@ -159,10 +162,11 @@ class Follower:
                 n = self.runner.step()
                 self.last_error = None
             except Exception as exc:  # keep following: the database may come back
-                log.exception("projection step failed")
+                self._health.failed(exc)
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._stop.wait(ERROR_BACKOFF)
                 continue
+            self._health.ok()
             self._publish(self.runner.seen())
             if n == 0:
                 self._wake.wait(self.poll)

@@ -180,12 +180,16 @@ class Raises:
 
 
 class Health:
-    """Logs a Redis dependency going bad once, with the reason and no traceback, and once when
-    it works again, however many calls fail in between."""
+    """Logs a dependency (Redis by default) going bad once, with the reason (and, with
+    ``traceback``, the first failure's traceback), and once when it works again, however
+    many calls fail in between."""
 
-    def __init__(self, what: str, meanwhile: str) -> None:
+    def __init__(self, what: str, meanwhile: str, dependency: str = "Redis",
+                 traceback: bool = False) -> None:
         self.what = what
         self.meanwhile = meanwhile
+        self.dependency = dependency
+        self.traceback = traceback
         self.failures = 0
 
     @property
@@ -196,13 +200,14 @@ class Health:
     def failed(self, exc: BaseException) -> None:
         """A call failed with ``exc``."""
         if self.failures == 0:
-            log.warning("%s: Redis failing (%s: %s); %s", self.what, type(exc).__name__,
-                        exc, self.meanwhile)
+            log.warning("%s: %s failing (%s: %s); %s", self.what, self.dependency,
+                        type(exc).__name__, exc, self.meanwhile,
+                        exc_info=exc if self.traceback else None)
         self.failures += 1
 
     def ok(self) -> None:
         """A call worked."""
         if self.failures:
-            log.warning("%s: Redis works again (after %d failed calls)", self.what,
-                        self.failures)
+            log.warning("%s: %s works again (after %d failed calls)", self.what,
+                        self.dependency, self.failures)
             self.failures = 0

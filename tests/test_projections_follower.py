@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import pytest
 
@@ -77,3 +78,34 @@ async def test_stop_applies_the_invalidations_published_before_it() -> None:
         await follower.stop()
         assert follower.position == source(store).head()
     assert seen
+
+
+async def test_failing_steps_are_logged_once_and_the_recovery_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the database unreachable every failed step logged a full traceback (~80 lines a
+    second); now the first failure is logged (with its traceback), then its recovery."""
+    monkeypatch.setattr("projections.follower.ERROR_BACKOFF", 0.01)
+    with store_and_db("sqlite") as (store, db):
+        make_history(store, docs=1, edits=3)
+        runner = Runner(db, source(store), MODELS)
+        real, fails = runner.step, [5]
+
+        def flaky() -> int:
+            if fails[0]:
+                fails[0] -= 1
+                raise ConnectionError("database unreachable")
+            return real()
+
+        monkeypatch.setattr(runner, "step", flaky)
+        follower = Follower(runner)
+        caplog.set_level(logging.WARNING, logger="projections.generations")
+        await follower.start()
+        try:
+            assert await follower.wait_for(source(store).head(), 20)
+        finally:
+            await follower.stop()
+    lines = [r for r in caplog.records if r.name == "projections.generations"]
+    assert [r.getMessage().split(" (")[0] for r in lines] == [
+        "projections: a step failing", "projections: a step works again"]
+    assert lines[0].exc_info is not None and "after 5 failed calls" in lines[1].getMessage()
