@@ -582,14 +582,8 @@ class Room:
         for session in gone:
             member = rest.pop(session)
             cut = removed[session.user]  # type: ignore[index]
-            keep = [i for i, r in enumerate(records) if r.v <= cut]
-            recs, ents = [records[i] for i in keep], [entries[i] for i in keep]
-            mine = own.get(session)
-            if mine:
-                for msg in _ordered_for(doc, recs, ents, mine):
-                    member.send(msg)
-            elif recs:
-                member.send(OpsMessage(doc, ents))
+            keep = [r.v <= cut for r in records]
+            _send_part(member, doc, records, entries, keep, own.get(session, []))
         return rest, gone
 
     def _rollback(self) -> None:
@@ -820,16 +814,29 @@ class Room:
                 continue
             mine = own.get(session, [])
             acked = {sub.result for sub in mine if sub.dup_of is None}
-            keep = [i for i, r in enumerate(records) if r.v > after or r.v in acked]
-            recs, ents = [records[i] for i in keep], [entries[i] for i in keep]
-            if mine:
-                for msg in _ordered_for(doc, recs, ents, mine):
-                    member.send(msg)
-            elif recs:
-                member.send(OpsMessage(doc, ents))
+            keep = [r.v > after or r.v in acked for r in records]
+            _send_part(member, doc, records, entries, keep, mine)
             if after <= self.snapshot.v:
                 del self._ahead[session]
         return rest
+
+
+def _send_part(
+    member: Member,
+    doc: str,
+    records: list[OpRecord],
+    entries: list[Encoded],
+    keep: list[bool],
+    mine: list[Submission],
+) -> None:
+    """Send ``member`` the records ``keep`` marks, with the acks of ``mine`` in their place."""
+    recs = [r for r, k in zip(records, keep, strict=True) if k]
+    ents = [e for e, k in zip(entries, keep, strict=True) if k]
+    if mine:
+        for msg in _ordered_for(doc, recs, ents, mine):
+            member.send(msg)
+    elif recs:
+        member.send(OpsMessage(doc, ents))
 
 
 def _removals(events: Sequence[Any], v: int) -> dict[str, int]:
