@@ -33,6 +33,7 @@ from gateway.store import Store, StoreConfig
 from schema.frames import Codec
 from tests.conftest import PG_URL
 from tests.procs import TEST_SECRET, ServerProcess
+from tests.test_hub import eventually
 from tests.wsclient import DocState, WsClient
 
 OWNER = "olga"
@@ -467,7 +468,7 @@ async def test_a_subscriber_gets_each_presence_once_where_the_room_opens(
                     await here.post_op(doc, 0, ["x"])
                 await setter.subscribe(doc)
                 await setter.send({"t": "presence", "doc": doc, "data": {"cursor": i}})
-                await _until(functools.partial(there_hub.presence_of, UUID(doc)))
+                await eventually(functools.partial(there_hub.presence_of, UUID(doc)))
                 ws = await there.connect(Codec.MSGPACK if i % 2 else Codec.JSON)
                 try:
                     await ws.subscribe(doc, v=v, text=None if v is None else "ab")
@@ -508,10 +509,10 @@ async def test_presence_changed_during_a_catch_up_from_the_store_comes_once(
         try:
             await setter.subscribe(doc)
             await setter.send({"t": "presence", "doc": doc, "data": {"cursor": 0}})
-            await _until(lambda: there_hub.presence_of(UUID(doc)))
+            await eventually(lambda: there_hub.presence_of(UUID(doc)))
             monkeypatch.setattr(Store, "edits_after", held)
             await ws.send({"t": "sub", "doc": doc, "v": 0})
-            await _until(entered.is_set)
+            await eventually(entered.is_set)
             await setter.send({"t": "presence", "doc": doc, "data": {"cursor": 1}})
             assert isinstance(there.http, TestClient)
             rooms = there.http.app[keys.ROOMS]
@@ -521,7 +522,7 @@ async def test_presence_changed_during_a_catch_up_from_the_store_comes_once(
                 msg = room.presence.get(setter.session or "") if room else None
                 return msg is not None and msg["data"] == {"cursor": 1}
 
-            await _until(moved)
+            await eventually(moved)
             await asyncio.sleep(0.05)  # the broadcast's loop turn has passed
             gate.set()
             await ws.wait_for(lambda m: m["t"] == "ops")
@@ -569,7 +570,7 @@ async def test_versions_committed_elsewhere_are_served_while_a_commit_here_is_in
 
             monkeypatch.setattr(async_writer, "save_checked", held)
             w.edit([2, "!"])  # tentative version 1 there; its commit waits at the gate
-            await _until(entered.is_set)
+            await eventually(entered.is_set)
             texts = ["ab"]
             for i in range(3):  # versions 1..3, committed here meanwhile
                 op: ot.Op = [f"{i}"]
@@ -600,16 +601,6 @@ async def test_versions_committed_elsewhere_are_served_while_a_commit_here_is_in
                 await ws.close()
 
 
-async def _until(cond: Any, within: float = 5.0) -> None:
-    """Poll ``cond()`` (a value or an awaitable) until it is true."""
-    async with asyncio.timeout(within):
-        while True:
-            value = cond()
-            if asyncio.iscoroutine(value):
-                value = await value
-            if value:
-                return
-            await asyncio.sleep(0.01)
 
 
 async def test_http_op_with_old_base_is_transformed(api: Api) -> None:
