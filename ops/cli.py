@@ -298,7 +298,14 @@ class _Child:
             name=self.name)
         if ended is not None:
             ended.close()  # its sentinel and pipe: a long-lived parent may restart many
-        self.proc.start()
+        # Started with SIGINT ignored (an exec keeps that): a Ctrl-C to the process group
+        # while it imports was a KeyboardInterrupt traceback from each child; the parent
+        # handles it and stops them. Each child sets its own handlers once it can stop well.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.proc.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         self.crashes.started(time.monotonic())
 
 

@@ -192,3 +192,20 @@ def test_the_children_stop_when_the_parent_is_killed(group: ServerProcess) -> No
         for pid in children:  # orphans, if the kernel did not stop them: ours to end
             if read(pid) is not None:
                 os.kill(pid, signal.SIGKILL)
+
+
+def _exit_with_sigint_disposition() -> None:
+    sys.exit(3 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else 4)
+
+
+def test_children_start_with_sigint_ignored_and_the_parent_keeps_its_handler() -> None:
+    """A Ctrl-C to the process group while the children imported printed a KeyboardInterrupt
+    traceback from each; they now start with SIGINT ignored (their own handlers come with
+    their servers), and the parent's handler is as it was."""
+    ctx = multiprocessing.get_context("spawn")
+    before = signal.getsignal(signal.SIGINT)
+    child = cli._Child(ctx, "probe", _exit_with_sigint_disposition, (), ())
+    child.start()
+    child.proc.join(30)
+    assert child.proc.exitcode == 3
+    assert signal.getsignal(signal.SIGINT) is before
