@@ -40,7 +40,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 
 from domain.document import Document
-from projections.generations import FLUSH, GLOBAL, Flush, Health, Raises, parse_stamp
+from projections.generations import FLUSH, GLOBAL, Flush, Health, Raises, parse_stamp, settle
 
 log = logging.getLogger(__name__)
 
@@ -211,14 +211,9 @@ class ReadCache:
             numkeys, keys_args = flush.args(self.prefix)
             bumped = await self._redis.eval(FLUSH, numkeys, *keys_args)
         except Exception as exc:
-            self._raises.failed()
-            self._health.failed(exc)
+            settle(self._raises, self._health, flush, None, exc)
             return
-        self._raises.sent(flush)
-        self._health.ok()
-        if bumped:
-            log.info("cache generations: Redis may lack raises up to %s; every cached entry "
-                     "goes stale", flush.position)
+        settle(self._raises, self._health, flush, bumped)
 
     async def raise_tags(self, tags: Mapping[str, int]) -> None:
         """Raise the generation of each tag to (at least) the log position given for it."""
@@ -330,14 +325,9 @@ class RedisRaiser:
             numkeys, keys_args = flush.args(self.where)
             bumped = self.client.eval(FLUSH, numkeys, *keys_args)
         except Exception as exc:
-            self.raises.failed()
-            self.health.failed(exc)
+            settle(self.raises, self.health, flush, None, exc)
             return
-        self.raises.sent(flush)
-        self.health.ok()
-        if bumped:
-            log.info("cache generations: Redis may lack raises up to %s; every cached entry "
-                     "goes stale", flush.position)
+        settle(self.raises, self.health, flush, bumped)
 
     def close(self) -> None:
         """Release the connection."""

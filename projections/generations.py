@@ -211,3 +211,18 @@ class Health:
             log.warning("%s: %s works again (after %d failed calls)", self.what,
                         self.dependency, self.failures)
             self.failures = 0
+
+
+def settle(raises: Raises, health: Health, flush: Flush, bumped: object,
+           error: BaseException | None = None) -> None:
+    """Record how an ``EVAL FLUSH`` of ``flush`` went: failed with ``error`` (the raises are
+    kept for the next attempt), or done, ``bumped`` its answer (1: ``G`` moved)."""
+    if error is not None:
+        raises.failed()
+        health.failed(error)
+        return
+    raises.sent(flush)
+    health.ok()
+    if bumped:
+        log.info("cache generations: Redis may lack raises up to %s; every cached entry goes "
+                 "stale", flush.position)
