@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from ops.runtime import tune_gc
 from ops.settings import DataDirUnusable, Settings, SettingsError
@@ -466,9 +466,19 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage error is one line, not ten lines of usage text before it (the
+    usage itself comes first only when it is one line: ``coscribe``'s list of commands)."""
+
+    def error(self, message: str) -> NoReturn:
+        usage = self.format_usage()
+        head = usage if usage.count("\n") == 1 else ""
+        self.exit(2, f"{head}{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="coscribe", description=__doc__)
+    parser = Parser(prog="coscribe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")

@@ -435,7 +435,9 @@ def register(subparsers: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one of these subcommands without the rest of ``coscribe``."""
-    parser = argparse.ArgumentParser(prog="coscribe")
+    from ops.cli import Parser
+
+    parser = Parser(prog="coscribe")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     from ops.cli import dispatch

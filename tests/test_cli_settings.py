@@ -286,3 +286,35 @@ def test_every_command_exits_2_on_a_malformed_url_flag(
     err = capsys.readouterr().err
     assert argv[-2] in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [(["serve", "--port", "abc"], "coscribe serve: error: argument --port: invalid int value"),
+     (["loadtest", "--procs", "x"], "coscribe loadtest: error: argument --procs"),
+     (["audit", "show"], "coscribe audit show: error: the following arguments are required: doc")],
+)
+def test_a_bad_flag_is_one_line_naming_it(
+    capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    """argparse printed ten lines of ``serve``'s usage before the error; now the error is one
+    line, with where the flags are listed."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "--help" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("argv", "says"), [([], "required: command"),
+                                            (["serve", "--bogus"], "unrecognized arguments")])
+def test_a_top_level_error_shows_the_commands(
+    capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    """``coscribe`` alone, or a flag no command has: the one-line usage (the commands), then
+    the error."""
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("usage: coscribe") and "serve" in err[0] and len(err) == 2
+    assert says in err[1]

@@ -214,7 +214,9 @@ def _nobody_joined(step: dict[str, Any]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ops.loadtest``: the subcommand on its own, until the main CLI has it."""
-    parser = argparse.ArgumentParser(prog="coscribe")
+    from ops.cli import Parser
+
+    parser = Parser(prog="coscribe")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["loadtest", *(sys.argv[1:] if argv is None else argv)])
     return int(args.func(args))
