@@ -49,12 +49,19 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ApiError(Exception):
-    """An error response with a stable code."""
+    """An error response with a stable code (and its headers, if it needs any)."""
 
-    def __init__(self, code: Code, message: str) -> None:
+    def __init__(self, code: Code, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.headers = headers
+
+
+CHALLENGE = 'Bearer realm="coscribe"'
+"""``WWW-Authenticate`` of a 401 without a token (RFC 6750 section 3: a 401 names the scheme)."""
+INVALID_TOKEN = f'{CHALLENGE}, error="invalid_token"'
+"""``WWW-Authenticate`` of a 401 for a token that is malformed, forged or expired."""
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -62,9 +69,14 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def error_response(code: Code, message: str) -> web.Response:
+def error_response(
+    code: Code, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
     """The error envelope with the status that goes with ``code``."""
-    return json_response({"error": {"code": code.value, "message": message}}, HTTP_STATUS[code])
+    resp = json_response({"error": {"code": code.value, "message": message}}, HTTP_STATUS[code])
+    if headers:
+        resp.headers.update(headers)
+    return resp
 
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v1/ws", "/metrics"})
@@ -122,7 +134,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             request[keys.USER] = _authenticate(gate, request)
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.code, exc.message)
+        return error_response(exc.code, exc.message, exc.headers)
     except (DomainError, Rejected) as exc:
         return error_response(Code(exc.code), exc.message)
     except StoreUnavailable as exc:
@@ -154,14 +166,16 @@ def _authenticate(gate: Gate, request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise ApiError(Code.UNAUTHORIZED, "send Authorization: Bearer <token>")
+        raise ApiError(Code.UNAUTHORIZED, "send Authorization: Bearer <token>",
+                       {"WWW-Authenticate": CHALLENGE})
     tokens = gate.tokens
     if tokens is None:
         tokens = gate.tokens = TokenCache(request.app[keys.SECRET])
     try:
         return tokens.verify(token.strip())
     except BadToken as exc:
-        raise ApiError(Code.UNAUTHORIZED, str(exc)) from None
+        raise ApiError(Code.UNAUTHORIZED, str(exc),
+                       {"WWW-Authenticate": INVALID_TOKEN}) from None
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

@@ -82,13 +82,15 @@ async def test_cached_body_still_checks_the_caller_every_time(http: Client) -> N
     assert body["error"]["code"] == "not_found"
     await http.ok("DELETE", f"{path}/members/bob", status=204)
     await http.ok("GET", path, "bob", status=404)
-    status, _, body = await http.send("GET", path, user=None)
+    status, headers, body = await http.send("GET", path, user=None)
     assert status == 401 and body["error"]["code"] == "unauthorized"
+    assert headers["WWW-Authenticate"] == 'Bearer realm="coscribe"'  # RFC 6750 section 3
     expired = sign_token(SECRET, "ann", ttl=-1)
-    status, _, body = await http.send(
+    status, headers, body = await http.send(
         "GET", path, user=None, headers={"Authorization": f"Bearer {expired}"}
     )
     assert status == 401 and body["error"]["message"] == "token expired"
+    assert headers["WWW-Authenticate"] == 'Bearer realm="coscribe", error="invalid_token"'
     await http.ok("GET", "/v1/documents/not-a-uuid", status=404)
 
 
