@@ -49,8 +49,11 @@ service manager to restart the lot (a longer-lived process is started again at o
 PORT_CLAIM = "coscribe-serve-port-{port}"
 """Name, in Linux's abstract Unix socket namespace, of the claim each ``coscribe serve``
 holds on its port for its whole life (the kernel frees it when the process ends)."""
+DEFAULT_TTL_SECONDS = 86400.0
+"""``token``'s tokens expire after a day unless ``--ttl`` says otherwise (they were valid for
+ever: nothing revokes a token but a new secret)."""
 MAX_TTL_SECONDS = 100 * 365 * 86400
-"""Longest ``token --ttl``: a hundred years (omit it for a token that never expires)."""
+"""Longest ``token --ttl``: a hundred years."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -248,6 +251,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               "in use (by another coscribe serve on this machine)")
     with claim:
         url = f"http://{settings.host}:{settings.port}"
+        try:
+            settings.secret_bytes()  # made once, before any worker races for it
+        except DataDirUnusable as exc:
+            return _fail("serve", str(exc))
+        if (weak := settings.secret_warning()) is not None:
+            print(f"coscribe serve: warning: {weak}", file=sys.stderr)
         if settings.workers == 1:
             return _serve_one(settings, lambda: print(f"coscribe serving on {url}", flush=True))
         if (taken := _port_taken(settings)) is not None:
@@ -314,7 +323,6 @@ def _serve_workers(settings: Settings, url: str) -> int:
     from ops.wiring import StoreUnreachable, open_store
 
     try:
-        settings.secret_bytes()  # create the embedded secret once, before the workers race
         open_store(settings).close()  # one message, not one a worker, if it cannot be opened
     except (StoreUnreachable, DataDirUnusable) as exc:
         return _fail("serve", str(exc))
@@ -451,7 +459,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     from gateway.auth import sign_token
 
     settings = _settings(args)
-    if args.ttl is not None and not 1 <= args.ttl <= MAX_TTL_SECONDS:  # NaN fails too
+    if not 1 <= args.ttl <= MAX_TTL_SECONDS:  # NaN fails too
         return _fail("token", f"--ttl must be in 1..{MAX_TTL_SECONDS:,} seconds, "
                               f"not {args.ttl:g}", 2)
     try:
@@ -501,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("token", help="print a signed token for a user")
     token.add_argument("user")
-    token.add_argument("--ttl", type=float, default=None, help="seconds until it expires")
+    token.add_argument("--ttl", type=float, default=DEFAULT_TTL_SECONDS,
+                       help=f"seconds until it expires ({DEFAULT_TTL_SECONDS:g}: a day)")
     _add_common(token)
     token.set_defaults(func=cmd_token)
 

@@ -46,6 +46,10 @@ class SettingsError(ValueError):
     """A setting's value is out of its range, not one of its choices or of the wrong type."""
 
 
+MIN_SECRET_CHARS = 32
+"""A shorter ``COSCRIBE_SECRET`` is warned about at start (the made one has 64 hex digits)."""
+
+
 class DataDirUnusable(Exception):
     """The data directory cannot be made, or the secret in it cannot be made or read (a
     runtime failure, not a bad argument: the message names the path and the cause)."""
@@ -84,10 +88,35 @@ class Settings:
             if overrides and overrides.get(f.name) is not None:
                 raw = overrides[f.name]
                 source = "--" + f.name.replace("_", "-")
+            if raw == "" and f.name == "secret":
+                # Set, but to nothing (an unset shell variable in a unit file, say): falling
+                # back to this machine's own secret file would make each machine's tokens
+                # fail on the others.
+                raise SettingsError(f"{source} is empty: set it to a long random value, or "
+                                    "unset it to use the data directory's secret file")
             if raw is None or raw == "":
                 continue
             values[f.name] = _checked(f.name, source, _coerce(source, raw, f.type))
         return cls(**values)
+
+    def secret_warning(self) -> str | None:
+        """What is weak about the token secret, said once at ``serve``'s start: a
+        ``COSCRIBE_SECRET`` shorter than ``MIN_SECRET_CHARS``, or a secret file that other
+        users may read. (Call after ``secret_bytes``, which makes the file.)"""
+        if self.secret:
+            if len(self.secret) < MIN_SECRET_CHARS:
+                return (f"COSCRIBE_SECRET has {len(self.secret)} characters: tokens can be "
+                        f"forged by guessing it; use {MIN_SECRET_CHARS} or more random ones")
+            return None
+        path = self.data_dir / "secret"
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            return None
+        if mode & 0o077:
+            return (f"the token secret {path} can be read by other users (mode "
+                    f"{mode & 0o777:04o}): chmod 600 it")
+        return None
 
     def secret_bytes(self) -> bytes:
         """The token secret: ``COSCRIBE_SECRET``, or ``<data dir>/secret`` (made on first use).
@@ -163,6 +192,8 @@ def _checked(name: str, source: str, value: Any) -> Any:
         check_range(source, value, *RANGES[name])
     if name in URL_SCHEMES:
         _check_url(name, source, value)
+    if name == "secret" and not value.strip():
+        raise SettingsError(f"{source} is only whitespace: set it to a long random value")
     return value
 
 

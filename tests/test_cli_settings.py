@@ -3,6 +3,8 @@ checked alike (a value out of range or not one of the choices exits 2 with a mes
 
 from __future__ import annotations
 
+import base64
+import json
 import multiprocessing
 from dataclasses import fields
 from pathlib import Path
@@ -318,3 +320,42 @@ def test_a_top_level_error_shows_the_commands(
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("usage: coscribe") and "serve" in err[0] and len(err) == 2
     assert says in err[1]
+
+
+def test_a_token_expires_after_a_day_by_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``coscribe token USER`` printed a token valid for ever; now for a day unless --ttl."""
+    from gateway.auth import verify_token
+
+    assert cli.main(["token", "alice", "--data-dir", str(tmp_path)]) == 0
+    token = capsys.readouterr().out.strip()
+    secret = Settings(data_dir=tmp_path).secret_bytes()
+    assert verify_token(secret, token) == "alice"
+    payload = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert payload["exp"] - payload["iat"] == cli.DEFAULT_TTL_SECONDS
+
+
+@pytest.mark.parametrize(("value", "says"), [("", "is empty"), ("  \t", "is only whitespace")])
+def test_an_empty_or_blank_secret_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    value: str, says: str,
+) -> None:
+    """``COSCRIBE_SECRET=`` fell back to this machine's own secret file (so tokens from the
+    other machines failed), and ``COSCRIBE_SECRET='   '`` was a key anyone could guess."""
+    monkeypatch.setenv("COSCRIBE_SECRET", value)
+    assert cli.main(["token", "alice", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"COSCRIBE_SECRET {says}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "secret").exists()
+
+
+def test_a_weak_secret_is_warned_about(tmp_path: Path) -> None:
+    """A short ``COSCRIBE_SECRET``, or a secret file others may read, gets a warning at start."""
+    assert "5 characters" in str(Settings(secret="short").secret_warning())
+    assert Settings(secret="x" * 32).secret_warning() is None
+    settings = Settings(data_dir=tmp_path)
+    settings.secret_bytes()
+    assert settings.secret_warning() is None  # made 0600
+    (tmp_path / "secret").chmod(0o644)
+    assert "mode 0644" in str(settings.secret_warning())
