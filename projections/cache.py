@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -47,7 +48,21 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TTL_SECONDS = 600
-"""How long an entry lives at most, in either level."""
+"""How long an entry lives at most, in either level, counted from the moment its generations
+were read (``fetch``): a slow computation leaves it less, and a copy of it from Redis into
+the memory level lives only as long as it had left. ``generations.GEN_TTL_SECONDS`` relies on
+this bound."""
+
+
+LOCK_POLL_SECONDS = 0.1
+"""How often a process waiting for ``ReadCache.exclusive`` tries again."""
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+"""Redis script: delete the lock ``KEYS[1]`` if it still holds this holder's token
+``ARGV[1]`` (it may have lapsed and been taken by another)."""
 
 
 @dataclass(slots=True)
@@ -247,6 +262,8 @@ class ReadCache:
             if raw is not None:
                 entry = orjson.loads(raw)
                 from_redis = True
+        if from_redis and entry.get("x", 0) - time.time() <= 0:
+            entry = None  # at its end (or of a version without one): as if Redis had expired it
         if entry is None:
             self.stats_.misses += 1
             return None
@@ -259,8 +276,8 @@ class ReadCache:
                 self.stats_.stale += 1
                 self.stats_.misses += 1
                 return None
-        if from_redis:
-            await self._memory.set(key, entry, ttl=TTL_SECONDS)
+        if from_redis:  # until the entry's own end, not for a new TTL_SECONDS
+            await self._memory.set(key, entry, ttl=max(entry["x"] - time.time(), 1e-3))
         self.stats_.hits += 1
         return entry["v"]
 
@@ -270,25 +287,30 @@ class ReadCache:
         """The cached value of ``key``, or ``compute()`` stored with the current ``tags``.
 
         Without an answer from Redis about the generations the value is computed and not
-        kept: it could not be told stale later.
+        kept: it could not be told stale later. The entry ends ``TTL_SECONDS`` after its
+        generations were read (``"x"``, a wall-clock time), in both levels, however long the
+        computation took: not kept at all if it took longer.
         """
         hit = await self.get(key)
         if hit is not None:
             return hit  # type: ignore[no-any-return]
+        born = time.time()
         current = await self._current(tags)  # read before computing: see the module docstring
         value = await compute()
         if current is not None:
-            await self._store(key, {"v": value, "g": current[0]})
+            await self._store(key, {"v": value, "g": current[0], "x": born + TTL_SECONDS})
         return value
 
     async def _store(self, key: str, entry: dict[str, Any]) -> None:
-        if self._memory is None:
+        ttl = entry["x"] - time.time()
+        if self._memory is None or ttl <= 0:
             return
         self.stats_.sets += 1
-        await self._memory.set(key, entry, ttl=TTL_SECONDS)
+        await self._memory.set(key, entry, ttl=ttl)
         if self._redis is not None:
             try:
-                await self._redis.set(self.prefix + key, orjson.dumps(entry), ex=TTL_SECONDS)
+                await self._redis.set(self.prefix + key, orjson.dumps(entry),
+                                      px=max(1, int(ttl * 1000)))
             except Exception as exc:
                 self._health.failed(exc)
 

@@ -25,6 +25,9 @@ entries valid for their whole TTL. So:
   tables instead of trusting generations that may lag. The stamp is one more key in the
   reader's MGET, no extra round trip.
 
+Generation keys expire ``GEN_TTL_SECONDS`` after the raise that last moved them (the
+stamp never does): see there why no entry can be served stale by it.
+
 ``Raises`` does no I/O: ``ReadCache`` (asyncio, a gateway's own runner) and ``RedisRaiser``
 (a ``coscribe projections run`` thread) drive it. ``Health`` keeps their logs to one line when
 Redis starts failing and one when it works again.
@@ -48,6 +51,23 @@ without any call failing: restarted in between)."""
 MAX_PENDING = 10_000
 """Most tags kept waiting for Redis; past that they are dropped and the global generation
 covers them (one raise retires every entry)."""
+GEN_TTL_SECONDS = 86_400
+"""How long a tag's generation key lives in Redis after the last raise that moved it.
+
+Safe because no entry outlives ``projections.cache.TTL_SECONDS`` (600 s) counted from the
+moment its generations were read, in either level (see ``ReadCache.fetch``). An entry is
+valid only while the key reads what it read. For the key to read that value again after a
+change raised it past it, the key must first expire, at least ``GEN_TTL_SECONDS`` after that
+raise (each raise sets the expiry anew), and so after the read: then it reads 0 (the value of
+an entry read while the key was missing), or a runner lagging behind sets it to an older
+position (the value of an entry read before the raise). Every such entry was read before
+the raise, so it has been gone for most of a day. An entry that reads a key after it expired
+is computed from the tables as they are, and the next change raises the key past it again.
+A day leaves room for clocks of the processes that disagree by hours (entries' lives are
+counted by the clock of the process that holds them, keys' by Redis's); an evicted key
+would break this like a lost one, hence ``maxmemory-policy noeviction`` (ops/DEPLOYMENT.md).
+The stamp has no expiry: it is one key.
+"""
 
 GLOBAL = "*"
 """The name of the global generation in an entry's generations."""
@@ -55,7 +75,9 @@ GLOBAL = "*"
 FLUSH = """
 for i = 2, #KEYS do
   local want = tonumber(ARGV[i + 1])
-  if tonumber(redis.call('GET', KEYS[i]) or '0') < want then redis.call('SET', KEYS[i], want) end
+  if tonumber(redis.call('GET', KEYS[i]) or '0') < want then
+    redis.call('SET', KEYS[i], want, 'EX', GEN_TTL)
+  end
 end
 local at = tonumber(ARGV[2])
 if at < 0 then return 0 end
@@ -73,11 +95,12 @@ end
 if r < at then r = at end
 redis.call('SET', KEYS[1], string.format('%d %d', g, r))
 return bumped
-"""
+""".replace("GEN_TTL", str(GEN_TTL_SECONDS))
 """Redis script: raise each generation in ``KEYS[2..]`` to its position in ``ARGV[3..]`` (never
-lower one), then, unless ``ARGV[2]`` (the runner's position) is negative, update the stamp
-``KEYS[1]``: raise ``G`` to that position if ``R`` is below ``ARGV[1]`` (the position up to
-which the runner cannot tell what Redis has), and raise ``R`` to it. Returns 1 if ``G`` moved.
+lower one; each raise makes the key expire ``GEN_TTL_SECONDS`` later), then, unless
+``ARGV[2]`` (the runner's position) is negative, update the stamp ``KEYS[1]``: raise ``G`` to
+that position if ``R`` is below ``ARGV[1]`` (the position up to which the runner cannot tell
+what Redis has), and raise ``R`` to it. Returns 1 if ``G`` moved.
 
 Generations are log positions, so every process that observes an event sets the same value:
 invalidation is idempotent, and a second process seeing the event later does not spoil

@@ -7,14 +7,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
+from domain.document import Document
 from gateway.app import Services, create_app
 from gateway.auth import sign_token
 from gateway.readmodels import READMODELS, Extension
 from gateway.store import Store, StoreConfig
-from projections.cache import ReadCache
+from projections import cache as cache_module
+from projections.cache import ReadCache, RedisRaiser, redis_keys
+from projections.generations import GEN_TTL_SECONDS
 
 pytestmark = [
     pytest.mark.redis,
@@ -194,3 +198,59 @@ async def test_start_warms_the_busiest_dashboards(
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+async def test_generation_keys_expire_a_day_after_their_last_raise(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    """A tag's key (one per document) lived for ever; each raise now gives it
+    ``GEN_TTL_SECONDS``, far past any entry's life, from a gateway's runner and from
+    ``projections run`` alike. A write that raises nothing leaves the expiry alone (only a
+    raise can make an entry stale), and the stamp is kept."""
+    where = redis_keys(prefix, "")
+    cache = await _cache(redis_url, prefix)
+    raiser = RedisRaiser(redis_url, where)
+    try:
+        await cache.raise_tags({"a": 5})
+        raiser.observe("analytics", [(6, Document.Created)])  # no originator: tag "an-doc:"
+        raiser.confirm(6)
+        for tag in ("a", "an-doc:", "an-all"):
+            assert GEN_TTL_SECONDS - 60 < redis_client.ttl(f"{where}gen:{tag}") <= GEN_TTL_SECONDS
+        assert GEN_TTL_SECONDS >= 100 * cache_module.TTL_SECONDS
+        redis_client.expire(f"{where}gen:a", 100)
+        await cache.raise_tags({"a": 4})
+        assert redis_client.ttl(f"{where}gen:a") <= 100
+        await cache.raise_tags({"a": 7})
+        assert redis_client.get(f"{where}gen:a") == b"7"
+        assert redis_client.ttl(f"{where}gen:a") > GEN_TTL_SECONDS - 60
+        assert redis_client.ttl(f"{where}stamp") == -1
+    finally:
+        raiser.close()
+        await cache.close()
+
+
+async def test_no_entry_outlives_its_ttl_counted_from_the_read_of_its_generations(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the generation keys' expiry relies on: a copy of an entry from Redis into
+    another process's memory ends with the entry (it got a whole new TTL), and a value that
+    took longer than the TTL to compute is not kept at all."""
+    monkeypatch.setattr(cache_module, "TTL_SECONDS", 1)
+    a, b = await _cache(redis_url, prefix), await _cache(redis_url, prefix)
+    try:
+        assert await a.fetch("k", ["t"], _const("v")) == "v"
+        await asyncio.sleep(0.5)
+        assert await b.get("k") == "v"  # now in b's memory too
+        await asyncio.sleep(0.8)
+        assert await b.get("k") is None
+
+        async def slow() -> str:
+            await asyncio.sleep(1.1)
+            return "slow"
+
+        assert await a.fetch("s", ["t"], slow) == "slow"
+        assert await a.get("s") is None and await b.get("s") is None
+        assert a.stats()["sets"] == 1
+    finally:
+        await a.close()
+        await b.close()
