@@ -190,6 +190,17 @@ class ReadModels:
         """The store's latest notification id."""
         return int(await self.call(self.source.head))
 
+    async def built(self) -> bool:
+        """Whether every read model has its tables (its tracking row), asked quietly: at start
+        the runner of another process may not have made them yet, and a poll for them is no
+        failure to log."""
+        loop = asyncio.get_running_loop()
+        try:
+            rows = await loop.run_in_executor(self.reader, queries.tracking, self.db)
+        except ReadDBError:
+            return False
+        return {m.name for m in MODELS} <= {r["name"] for r in rows}
+
     async def position(self) -> int:
         """How far every read model got (this runner's view, or the tracking table's)."""
         if self.run:
@@ -241,7 +252,8 @@ class Extension:
     redis_url: str | None = None
     redis_prefix: str = "coscribe:"
     warm: bool = True
-    """Compute the busiest users' dashboards and open the busiest documents at start."""
+    """Compute the busiest users' dashboards and open the busiest documents at start (in
+    every process, with projections here or not: see ``warm``)."""
 
     def __call__(self, app: web.Application) -> None:
         """Add the routes, the dashboard and the runner's lifecycle to ``app``."""
@@ -276,7 +288,7 @@ class Extension:
             await cache.close()
 
     async def _warm(self, rm: ReadModels, rooms: Rooms) -> None:
-        if not (self.warm and rm.run):
+        if not self.warm:
             return
         try:
             await warm(rm, rooms)
@@ -927,19 +939,56 @@ WARM_USERS = 20
 """How many of the most active users' dashboards are computed at start."""
 WARM_DOCUMENTS = 10
 """How many of the most edited documents are opened (rooms loaded) at start."""
+WARM_WAIT_SECONDS = 60.0
+"""Longest the warm-up waits at start for the read models to catch up."""
+WARM_LOCK_SECONDS = 60.0
+"""Longest one process's warm-up keeps the others' waiting (``ReadCache.exclusive``)."""
+
+
+async def caught_up(rm: ReadModels, within: float) -> bool:
+    """Whether, within ``within`` seconds, every read model has its tables, they reach the
+    log's head (read anew at each try) and the cache may rely on its generations that far
+    (``ReadCache.complete``: the runner's raises are in Redis). Tables that no runner has
+    made yet (another process runs them and has just started) and a store or read-model
+    database that does not answer yet count as not yet."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        try:
+            if (await rm.built() and await rm.reach(await rm.head()) == 0
+                    and await rm.cache.complete()):
+                return True
+        except (Rejected, StoreUnavailable):
+            pass
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.1)
 
 
 async def warm(rm: ReadModels, rooms: Rooms) -> None:
     """Fill the cache with the dashboards of the most active users of the last day and open
-    the most edited documents, once the read models have caught up. Best effort."""
-    if not await rm.follower.wait_for(await rm.head(), 60):
+    the most edited documents, once the read models have caught up. Best effort.
+
+    Every process warms, whether it runs the projections or not (``serve --workers N``:
+    none of the gateways does): its rooms and the cache's memory level are its own. With
+    Redis, the dashboards are warmed by one process at a time (``ReadCache.exclusive``): the
+    first computes them and stores them in both levels, the others then find them in Redis
+    and copy them into their memory, so N processes starting together query the database
+    for them once, not N times.
+    """
+    if not await caught_up(rm, WARM_WAIT_SECONDS):
+        log.info("caches not warmed: the read models did not catch up within %g s",
+                 WARM_WAIT_SECONDS)
         return
     since = iso(datetime.now(UTC) - timedelta(hours=24))
-    users = await rm.call(queries.most_active, rm.db, "user_id", since, WARM_USERS)
-    for user in users:
-        for bucket in ("hour", "day"):
-            await series(rm, queries.Scope(user), bucket, *bucket_range(bucket))
-        await top(rm, user, *bucket_range("hour"), 10)
+    users: list[str] = []
+    if rm.cache.enabled:  # else nothing would be kept
+        async with rm.cache.exclusive("warm", WARM_LOCK_SECONDS):
+            users = await rm.call(queries.most_active, rm.db, "user_id", since, WARM_USERS)
+            for user in users:
+                for bucket in ("hour", "day"):
+                    await series(rm, queries.Scope(user), bucket, *bucket_range(bucket))
+                await top(rm, user, *bucket_range("hour"), 10)
     docs = await rm.call(queries.most_active, rm.db, "document_id", since, WARM_DOCUMENTS)
     for doc in docs:
         await rooms.get(UUID(doc))

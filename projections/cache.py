@@ -31,10 +31,20 @@ process, each valid only while the event log's head is still the one it was comp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import time
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -174,6 +184,47 @@ class ReadCache:
         """This process relies on the read models holding every event up to ``position``."""
         if position > self.need:
             self.need = position
+
+    async def complete(self) -> bool:
+        """Whether tagged entries can count now: always without Redis; with it, when Redis's
+        stamp says its generations are complete up to ``need`` (one ``GET``)."""
+        if self._redis is None:
+            return True
+        try:
+            raw = await self._redis.get(self.prefix + "stamp")
+        except Exception as exc:
+            self._health.failed(exc)
+            return False
+        self._health.ok()
+        return parse_stamp(raw)[1] >= self.need
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str, seconds: float) -> AsyncIterator[None]:
+        """Run the body in one process at a time of those sharing this Redis and event log:
+        wait until no other holds ``name``, then hold it while the body runs, for at most
+        ``seconds`` (a holder that dies or takes longer frees it by then).
+
+        Only to save work done twice, never for correctness: without Redis, or while its
+        calls fail, the body runs at once.
+        """
+        key = f"{self.prefix}lock:{name}"
+        token = os.urandom(16).hex()
+        held = False
+        while self._redis is not None and not held:
+            try:
+                held = bool(await self._redis.set(key, token, nx=True,
+                                                  px=int(seconds * 1000)))
+            except Exception as exc:
+                self._health.failed(exc)
+                break
+            if not held:
+                await asyncio.sleep(LOCK_POLL_SECONDS)
+        try:
+            yield
+        finally:
+            if held:
+                with contextlib.suppress(Exception):
+                    await self._redis.eval(RELEASE, 1, key, token)
 
     async def _current(self, tags: Iterable[str]) -> tuple[dict[str, int], bool] | None:
         """The generations of ``tags`` now (with Redis, also ``GLOBAL``), and whether they are

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -12,13 +13,18 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from domain.document import Document
+from gateway import readmodels
 from gateway.app import Services, create_app
 from gateway.auth import sign_token
-from gateway.readmodels import READMODELS, Extension
+from gateway.readmodels import READMODELS, Extension, StoreSource, read_db_config
 from gateway.store import Store, StoreConfig
 from projections import cache as cache_module
 from projections.cache import ReadCache, RedisRaiser, redis_keys
+from projections.db import open_db
 from projections.generations import GEN_TTL_SECONDS
+from projections.registry import MODELS
+from projections.runner import Runner
+from tests.readside import gateway
 
 pytestmark = [
     pytest.mark.redis,
@@ -198,6 +204,81 @@ async def test_start_warms_the_busiest_dashboards(
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+def _project_with_raises(cfg: StoreConfig, redis_url: str, prefix: str) -> None:
+    """What ``coscribe projections run --redis-url`` does once: the read models of every
+    event so far, and their raises (and stamp) in Redis under ``prefix``."""
+    store = Store(cfg)
+    db = open_db(read_db_config(cfg))
+    raiser = RedisRaiser(redis_url, redis_keys(prefix, store.log_id()))
+    try:
+        runner = Runner(db, StoreSource(store), MODELS, observe=raiser.observe,
+                        confirm=raiser.confirm)
+        runner.setup()
+        runner.catch_up()
+    finally:
+        raiser.close()
+        db.close()
+        store.close()
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str, times: int) -> None:
+    for _ in range(1000):
+        if sum(text in r.getMessage() for r in caplog.records) >= times:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{text!r} not logged {times} times: {caplog.text}")
+
+
+async def test_gateways_without_projections_warm_and_query_once_for_all(
+    store_config: StoreConfig, redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateways of ``serve --workers N`` run no projections, and each warms its caches
+    at start all the same (they warmed nothing); one computes the dashboards, the other
+    copies them from Redis into its memory instead of querying them again."""
+    store = Store(store_config)
+    try:
+        doc = Document.create("w", "", "ann")
+        doc.edit(["x"], "ann")
+        store.save(doc.collect_events())
+    finally:
+        store.close()
+    _project_with_raises(store_config, redis_url, prefix)
+    with caplog.at_level(logging.INFO, logger="gateway.readmodels"):
+        async with (
+            gateway(store_config, run_projections=False, redis_url=redis_url,
+                    redis_prefix=prefix) as a,
+            gateway(store_config, run_projections=False, redis_url=redis_url,
+                    redis_prefix=prefix) as b,
+        ):
+            await _logged(caplog, "warmed 1 dashboards and 1 documents", 2)
+            caches = [api.client.app[READMODELS].cache.stats_ for api in (a, b)]
+            # hour and day overviews and the top documents: computed by one, copied by one
+            assert sorted((c.sets, c.hits) for c in caches) == [(0, 3), (3, 0)]
+            for api, stats in zip((a, b), caches, strict=True):
+                before = (stats.hits, stats.misses)
+                over = await api.call("GET", "/v1/analytics/overview")
+                assert sum(s["edits"] for s in over["series"]) == 1
+                assert (stats.hits, stats.misses) == (before[0] + 1, before[1])
+
+
+async def test_a_warm_up_that_cannot_start_never_holds_up_the_gateway(
+    store_config: StoreConfig, redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gateway without projections whose read models nobody has built yet serves at once;
+    its warm-up waits for them in the background and gives up with one line."""
+    monkeypatch.setattr(readmodels, "WARM_WAIT_SECONDS", 0.5)
+    with caplog.at_level(logging.INFO, logger="gateway.readmodels"):
+        async with gateway(store_config, run_projections=False, redis_url=redis_url,
+                           redis_prefix=prefix) as api:
+            r = await api.client.get("/healthz")
+            assert r.status == 200
+            await _logged(caplog, "caches not warmed", 1)
+            assert api.client.app[READMODELS].cache.stats_.sets == 0
+    assert not any(r.exc_info for r in caplog.records), caplog.text
+    assert "read-model query failed" not in caplog.text  # polled quietly, not 10 lines a second
 
 
 async def test_generation_keys_expire_a_day_after_their_last_raise(
