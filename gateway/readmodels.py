@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -377,20 +378,31 @@ async def _object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def encode_cursor(kind: str, key: int) -> str:
-    """An opaque cursor for the next page after the row with ``key``."""
-    raw = orjson.dumps({"k": kind, "p": key})
+def _scope_digest(scope: str) -> str:
+    """What a cursor carries of its list's scope: short, whatever the scope's length."""
+    return hashlib.blake2b(scope.encode(), digest_size=8).hexdigest()
+
+
+def encode_cursor(kind: str, key: int, scope: str) -> str:
+    """An opaque cursor for the next page after the row with ``key`` of the list ``kind``
+    (the order, or ``history``) of ``scope`` (the list's ``q``, or the document's id)."""
+    raw = orjson.dumps({"k": kind, "p": key, "s": _scope_digest(scope)})
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str | None, kind: str) -> int | None:
-    """The key a cursor made by ``encode_cursor(kind, ...)`` carries; raise if not one."""
+def decode_cursor(cursor: str | None, kind: str, scope: str) -> int | None:
+    """The key a cursor made by ``encode_cursor(kind, ..., scope)`` carries; raise if not one.
+
+    A cursor of another order, ``q`` or document would page a list it was not made for: a
+    mix of two filters, or nothing at all.
+    """
     if not cursor:
         return None
     try:
         data = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         key = data["p"]
-        if data["k"] != kind or not isinstance(key, int) or isinstance(key, bool):
+        if (data["k"] != kind or data["s"] != _scope_digest(scope)
+                or not isinstance(key, int) or isinstance(key, bool)):
             raise ValueError(cursor)
         if not 0 <= key < 1 << 63:  # no list gives out a key a database integer cannot hold
             raise ValueError(cursor)
@@ -495,12 +507,12 @@ async def list_documents(request: web.Request) -> web.Response:
         raise Invalid("order must be 'created' or 'updated'")
     limit = _int(request, "limit", 50, 1, MAX_PAGE)
     assert limit is not None
-    before = decode_cursor(request.query.get("cursor"), order)
     q = request.query.get("q") or None
     if q is not None and len(q) > 200:
         raise TooLarge("q is longer than 200 characters")
     if q is not None:
         check_no_nul("q", q)
+    before = decode_cursor(request.query.get("cursor"), order, q or "")
     user = _user(request)
     key = ("documents", user, order, before, limit, q)
     head = await rm.heads.read()
@@ -511,7 +523,7 @@ async def list_documents(request: web.Request) -> web.Response:
         more = len(rows) > limit
         rows = rows[:limit]
         pos = "created_pos" if order == "created" else "updated_pos"
-        next_cursor = encode_cursor(order, int(rows[-1][pos])) if more else None
+        next_cursor = encode_cursor(order, int(rows[-1][pos]), q or "") if more else None
         data = {"items": [_doc_item(r) for r in rows], "next_cursor": next_cursor}
         if lag:  # not caught up: say so, and keep nothing
             return _json(data, headers={"X-Projection-Lag": str(lag)})
@@ -672,7 +684,7 @@ async def document_history(request: web.Request) -> web.Response:
     rm = _rm(request)
     limit = _int(request, "limit", 50, 1, MAX_PAGE)
     assert limit is not None
-    before = decode_cursor(request.query.get("cursor"), "history")
+    before = decode_cursor(request.query.get("cursor"), "history", str(room.id))
     headers: dict[str, str] = {}
     await rm.fresh(headers)
     rows = await rm.call(queries.history, rm.db, str(room.id), before, limit + 1)
@@ -684,7 +696,7 @@ async def document_history(request: web.Request) -> web.Response:
          "event_version": int(r["event_version"]), "summary": r["summary"], "hash": r["hash"]}
         for r in rows
     ]
-    nxt = encode_cursor("history", items[-1]["position"]) if more else None
+    nxt = encode_cursor("history", items[-1]["position"], str(room.id)) if more else None
     return _json({"items": items, "next_cursor": nxt}, headers=headers)
 
 

@@ -4,19 +4,17 @@ context items, analytics and the cache, on SQLite and Postgres."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import random
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from domain import ot
 from gateway.app import Services, create_app
-from gateway.readmodels import Extension, time_travel
+from gateway.readmodels import Extension, encode_cursor, time_travel
 from gateway.store import Store, StoreConfig
 from tests.readside import SECRET, Api, gateway
 
@@ -81,6 +79,32 @@ async def test_bad_list_queries_get_bad_request(api: Api) -> None:
     page = await api.call("GET", "/v1/documents?order=updated&limit=1")
     body = await api.call("GET", f"/v1/documents?order=created&cursor={page['next_cursor']}",
                           status=400)
+    assert body["error"]["code"] == "bad_request"
+
+
+async def test_a_cursor_pages_only_the_list_that_made_it(api: Api) -> None:
+    """A list cursor works only with the order and ``q`` that made it, a history cursor only
+    on its document; any other is 400 bad_request (another ``q`` paged a mix of both
+    filters, another document an empty page)."""
+    for i in range(3):
+        await api.create(f"seed {i}")
+        await api.create(f"new {i}")
+    seed = (await api.call("GET", "/v1/documents?q=seed&limit=1"))["next_cursor"]
+    page = await api.call("GET", f"/v1/documents?q=seed&limit=1&cursor={seed}")
+    assert [i["title"] for i in page["items"]] == ["seed 1"]
+    plain = (await api.call("GET", "/v1/documents?limit=1"))["next_cursor"]
+    assert (await api.call("GET", f"/v1/documents?limit=1&cursor={plain}"))["items"]
+    for query in (f"cursor={seed}", f"cursor={seed}&q=new", f"cursor={seed}&q=seed&order=updated",
+                  f"cursor={plain}&q=seed", f"cursor={plain}&q=new"):
+        body = await api.call("GET", f"/v1/documents?limit=1&{query}", status=400)
+        assert body["error"]["code"] == "bad_request", query
+    first, other = await api.create("first", ""), await api.create("other", "")
+    for doc in (first, other):
+        await api.edit(doc, await api.edit(doc, 0, ["x"]), ["y"])
+    cursor = (await api.call("GET", f"/v1/documents/{first}/history?limit=1"))["next_cursor"]
+    page = await api.call("GET", f"/v1/documents/{first}/history?limit=1&cursor={cursor}")
+    assert [r["action"] for r in page["items"]] == ["edited"]
+    body = await api.call("GET", f"/v1/documents/{other}/history?cursor={cursor}", status=400)
     assert body["error"]["code"] == "bad_request"
 
 
@@ -481,14 +505,14 @@ async def test_queries_at_the_edges_of_their_types_get_bad_request(api: Api) -> 
     """Times whose whole buckets leave years 1..9999, list keys past 2**63, U+0000 in q and
     a context kind that is not a string: 400 bad_request, never 500 or 503."""
     doc = await api.create("t", "a")
-    cursor = base64.urlsafe_b64encode(orjson.dumps({"k": "created", "p": 1 << 63}))
+    cursor = encode_cursor("created", 1 << 63, "")
     for path in (
         "/v1/analytics/overview?bucket=hour&to=9999-12-31T23:30:00Z",
         "/v1/analytics/overview?bucket=day&to=9999-12-31T12:00:00Z",
         "/v1/analytics/overview?bucket=hour&to=0001-01-01T05:00:00Z",
         f"/v1/analytics/documents/{doc}?bucket=day&to=9999-12-31T12:00:00Z",
         "/v1/analytics/top-documents?to=9999-12-31T23:30:00Z",
-        f"/v1/documents?cursor={cursor.decode().rstrip('=')}",
+        f"/v1/documents?cursor={cursor}",
         "/v1/documents?q=%00",
         "/v1/documents?q=a%00b",
         f"/v1/documents/{doc}?at=%D9%A3",  # ARABIC-INDIC DIGIT THREE: a digit, not ASCII
