@@ -843,9 +843,17 @@ def _step(bucket: str) -> timedelta:
 def bucket_range(
     bucket: str, start: datetime | None = None, end: datetime | None = None
 ) -> tuple[datetime, datetime]:
-    """``[start, end)`` widened to whole buckets; defaults: the last 24 hours or 30 days."""
+    """``[start, end)`` widened to whole buckets; defaults: the last 24 hours or 30 days
+    before ``end`` (default: now).
+
+    Raises ``Invalid`` unless ``start`` is before ``end``, as given (once widened, an
+    inverted range inside one bucket was one bucket long), and ``OverflowError`` for whole
+    buckets past year 1 or 9999.
+    """
     end = end or datetime.now(UTC)
     start = start or end - (timedelta(hours=24) if bucket == "hour" else timedelta(days=30))
+    if start >= end:
+        raise Invalid("from must be before to")
     start = _floor(start, bucket)
     end = _floor(end, bucket) + _step(bucket) if _floor(end, bucket) != end else end
     return start, end
@@ -861,8 +869,6 @@ def _range(request: web.Request, bucket: str) -> tuple[datetime, datetime]:
         )
     except OverflowError:  # whole buckets past year 1 or 9999
         raise Invalid("from and to must be whole buckets within years 1..9999") from None
-    if start >= end:
-        raise Invalid("from must be before to")
     if (end - start) / _step(bucket) > MAX_BUCKETS:
         raise Invalid(f"at most {MAX_BUCKETS} buckets per series")
     return start, end

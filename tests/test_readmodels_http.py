@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from domain import ot
 from gateway.app import Services, create_app
 from gateway.readmodels import Extension, encode_cursor, time_travel
 from gateway.store import Store, StoreConfig
+from projections.sql import iso
 from tests.readside import SECRET, Api, gateway
 
 TIME_TRAVEL = "/test/time-travel/{id}"
@@ -369,6 +371,28 @@ async def test_analytics_totals_equal_the_edits_and_count_only_readable(api: Api
     await api.call("GET", f"/v1/analytics/documents/{d2}", "bob", status=404)
     await api.call("GET", "/v1/analytics/overview?bucket=week", status=400)
     await api.call("GET", "/v1/analytics/overview?from=2020-01-01T00:00:00Z", status=400)
+
+
+async def test_analytics_from_must_be_before_to_as_given(api: Api) -> None:
+    """On every analytics route ``from`` must be before ``to``, as given (``to`` defaults to
+    now): an inversion inside one bucket was 200 with that bucket, while ``from == to`` and
+    larger inversions were 400 already."""
+    doc = await api.create("t")
+    hour = datetime(2026, 5, 1, 10, tzinfo=UTC)
+
+    def at(minutes: int) -> str:
+        return iso(hour + timedelta(minutes=minutes))
+
+    for route in ("/v1/analytics/overview", f"/v1/analytics/documents/{doc}",
+                  "/v1/analytics/top-documents"):
+        for start, end in ((20, 10), (10, 10), (60, 0), (0, -1)):
+            body = await api.call("GET", f"{route}?from={at(start)}&to={at(end)}", status=400)
+            assert body["error"] == {"code": "bad_request",
+                                     "message": "from must be before to"}, (route, start, end)
+        got = await api.call("GET", f"{route}?from={at(10)}&to={at(20)}")
+        assert (got["from"], got["to"]) == (at(0), at(60))
+        soon = iso(datetime.now(UTC) + timedelta(minutes=1))
+        await api.call("GET", f"{route}?from={soon}", status=400)
 
 
 async def test_cached_analytics_are_never_stale_after_a_write(api: Api) -> None:
