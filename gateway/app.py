@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway import http, keys
+from gateway.clients import ClientIds
 from gateway.hub import Hub
 from gateway.rooms import Rooms
 from gateway.session import CLOSE_GOING_AWAY, Session, SessionLimits, handle_ws
@@ -44,6 +45,7 @@ def create_app(services: Services) -> web.Application:
     app[keys.SECRET] = services.secret
     app[keys.SESSION_LIMITS] = services.limits
     app[keys.ROOMS] = Rooms(services.store, services.hub)
+    app[keys.CLIENTS] = ClientIds(services.store)
     app[keys.SESSIONS] = set[Session]()
     http.add_routes(app)
     app.router.add_get("/v1/ws", handle_ws)

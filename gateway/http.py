@@ -435,10 +435,13 @@ async def post_op(request: web.Request) -> web.Response:
             f"'client' (1..{MAX_CLIENT_ID_CHARS} characters, none U+0000) and 'seq' (an integer in"
             f" 0..{MAX_SEQ}) go together",
         )
+    user = request[keys.USER]
+    if client is not None:
+        await request.app[keys.CLIENTS].claim(client, user)  # another user's: 403
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     room.submit(
         Submission(
-            kind="edit", by=request[keys.USER], future=fut, base=v, op=op, client=client, seq=seq
+            kind="edit", by=user, future=fut, base=v, op=op, client=client, seq=seq
         )
     )
     return json_response({"v": await fut})

@@ -6,10 +6,13 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.clients import ClientIds
 from gateway.rooms import Rooms
 
 ROOMS = web.AppKey("rooms", Rooms)
 """The process's rooms (and through them the store, committer and hub)."""
+CLIENTS = web.AppKey("clients", ClientIds)
+"""Which user each client id belongs to (bound on first use, cached)."""
 SECRET = web.AppKey("secret", bytes)
 """The token signing secret."""
 SESSION_LIMITS: web.AppKey[Any] = web.AppKey("session_limits", object)

@@ -5,6 +5,10 @@ primary key makes a client's submission unique in the store for ever. Its rows a
 in the same transaction as the events (the recorders' ``_insert_events`` hook), from the
 ``client_ops`` keyword that ``Store.save`` passes through ``Application.save``. A clash on
 it is an ``IntegrityError`` like a version conflict: the room re-reads and finds the op.
+
+And ``coscribe_clients (client, "user")``: which user each client id belongs to, the first
+to use it, for ever (``bind_clients``), so that one user's ``(client, seq)`` can never pass
+for another's.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from gateway import pgarrays
 
 CLIENT_OPS_TABLE = "coscribe_client_ops"
 """Table of ``(doc, client, seq) -> v``: one row per op submitted with a client id."""
+
+CLIENTS_TABLE = "coscribe_clients"
+"""Table of ``client -> user``: the user each client id belongs to (the first to use it)."""
 
 LOG_TABLE = "coscribe_log"
 """One row: a random id made when the event table was, naming this log (``log_id``)."""
@@ -57,6 +64,24 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
                 "seq bigint NOT NULL, v bigint NOT NULL, PRIMARY KEY (doc, client, seq))"
             ).format(schema, table)
         )
+        clients = Identifier(CLIENTS_TABLE)
+        self.sql_create_statements.append(
+            SQL(
+                'CREATE TABLE IF NOT EXISTS {}.{} (client text PRIMARY KEY, "user" text NOT NULL)'
+            ).format(schema, clients)
+        )
+        # One statement binds what is free and reads the owner of what is not. Its snapshot
+        # predates its own inserts (``ins`` has those) and any row another transaction
+        # commits meanwhile, which ``bind_clients`` then reads again. Inserted in the order
+        # of the ids, as every process does: two binding the same ids wait on each other's
+        # rows in one order, never in a deadlock.
+        self._bind_clients = SQL(
+            'WITH want AS (SELECT * FROM unnest(%s::text[], %s::text[]) AS w(client, "user")), '
+            'ins AS (INSERT INTO {t} (client, "user") SELECT client, "user" FROM want '
+            '  ORDER BY client ON CONFLICT (client) DO NOTHING RETURNING client, "user") '
+            'SELECT client, "user" FROM ins UNION ALL '
+            'SELECT c.client, c."user" FROM {t} c JOIN want USING (client)'
+        ).format(t=SQL("{}.{}").format(schema, clients))
         log = Identifier(LOG_TABLE)
         self.sql_create_statements.append(
             SQL(
@@ -323,6 +348,21 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
             row = curs.fetchone()
         return None if row is None else int(row["v"])
 
+    def bind_clients(self, wanted: dict[str, str]) -> dict[str, str]:
+        """Bind each client id of ``wanted`` (``client -> user``) that is free to its user;
+        return the owner of every one (that user, or whoever had it first). One statement;
+        a second only for an id another transaction bound while the first ran."""
+        owners: dict[str, str] = {}
+        todo = wanted
+        for _ in range(3):
+            with self.datastore.transaction(commit=True) as curs:
+                curs.execute(self._bind_clients, (list(todo), list(todo.values())), prepare=True)
+                owners.update((row["client"], row["user"]) for row in curs.fetchall())
+            todo = {c: u for c, u in todo.items() if c not in owners}
+            if not todo:
+                break
+        return owners
+
 
 class SQLiteClientOpsRecorder(SQLiteApplicationRecorder):
     """The library's SQLite recorder plus the ``coscribe_client_ops`` table."""
@@ -342,6 +382,8 @@ class SQLiteClientOpsRecorder(SQLiteApplicationRecorder):
             f"CREATE TABLE IF NOT EXISTS {CLIENT_OPS_TABLE} (doc TEXT NOT NULL, "
             "client TEXT NOT NULL, seq INTEGER NOT NULL, v INTEGER NOT NULL, "
             "PRIMARY KEY (doc, client, seq)) WITHOUT ROWID",
+            f"CREATE TABLE IF NOT EXISTS {CLIENTS_TABLE} (client TEXT PRIMARY KEY, "
+            '"user" TEXT NOT NULL) WITHOUT ROWID',
             f"CREATE TABLE IF NOT EXISTS {LOG_TABLE} (id TEXT PRIMARY KEY)",
             f"INSERT INTO {LOG_TABLE} SELECT lower(hex(randomblob(16))) "
             f"WHERE NOT EXISTS (SELECT 1 FROM {LOG_TABLE})",
@@ -375,3 +417,22 @@ class SQLiteClientOpsRecorder(SQLiteApplicationRecorder):
             )
             row = c.fetchone()
         return None if row is None else int(row[0])
+
+    def bind_clients(self, wanted: dict[str, str]) -> dict[str, str]:
+        """Bind each client id of ``wanted`` (``client -> user``) that is free to its user;
+        return the owner of every one (that user, or whoever had it first). One transaction,
+        its inserts first: it takes the write lock at once (a read first could not upgrade
+        past another writer's commit)."""
+        with self.datastore.transaction(commit=True) as c:
+            c.executemany(
+                f'INSERT INTO {CLIENTS_TABLE} (client, "user") VALUES (?, ?) '
+                "ON CONFLICT (client) DO NOTHING",
+                list(wanted.items()),
+            )
+            owners: dict[str, str] = {}
+            for client in wanted:
+                c.execute(f'SELECT "user" FROM {CLIENTS_TABLE} WHERE client = ?', (client,))
+                row = c.fetchone()
+                if row is not None:
+                    owners[client] = str(row[0])
+        return owners

@@ -23,10 +23,13 @@ from uuid import UUID
 
 from aiohttp import WSMsgType, web
 
+from domain.errors import Forbidden
 from gateway import keys
 from gateway.auth import BadToken, verify_token_until
+from gateway.clients import ClientIds
 from gateway.room import Rejected, Room, Submission
 from gateway.rooms import Rooms
+from gateway.store import UNAVAILABLE_MESSAGE, StoreUnavailable
 from schema import frames, messages
 from schema.codes import Code
 from schema.frames import Codec, Encoded
@@ -92,10 +95,12 @@ class Session:
         secret: bytes,
         limits: SessionLimits,
         transport: asyncio.Transport,
+        clients: ClientIds,
     ) -> None:
         self.ws = ws
         self.codec = codec
         self.rooms = rooms
+        self.clients = clients
         self.secret = secret
         self.limits = limits
         self.id = secrets.token_hex(8)
@@ -286,9 +291,18 @@ class Session:
         if self.user is not None:
             raise MessageError(Code.BAD_MESSAGE, "hello was already accepted")
         try:
-            self.user, expires = verify_token_until(self.secret, msg.token)
+            user, expires = verify_token_until(self.secret, msg.token)
         except BadToken as exc:
             raise MessageError(Code.UNAUTHORIZED, str(exc)) from None
+        if msg.client is not None:
+            # Refused, the session stays unauthenticated: another hello may follow.
+            try:
+                await self.clients.claim(msg.client, user)
+            except Forbidden as exc:
+                raise MessageError(Code.FORBIDDEN, exc.message) from None
+            except StoreUnavailable:  # logged once per batch by ClientIds
+                raise MessageError(Code.UNAVAILABLE, UNAVAILABLE_MESSAGE) from None
+        self.user = user
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -465,7 +479,9 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
         log.debug("client left during the WebSocket upgrade")
         return ws
     codec = Codec(ws.ws_protocol) if ws.ws_protocol else Codec.JSON
-    session = Session(ws, codec, app[keys.ROOMS], app[keys.SECRET], limits, transport)
+    session = Session(
+        ws, codec, app[keys.ROOMS], app[keys.SECRET], limits, transport, app[keys.CLIENTS]
+    )
     sessions: set[Session] = app[keys.SESSIONS]
     sessions.add(session)
     try:

@@ -444,6 +444,20 @@ class Store:
         except (OperationalError, InterfaceError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 
+    def bind_clients(self, wanted: dict[str, str]) -> dict[str, str]:
+        """Bind the free client ids of ``wanted`` (``client -> user``) to those users, for
+        ever; return every one's owner (``gateway.clients``). Idempotent: a second attempt
+        is made at once for a connection that went stale (the server restarted)."""
+        recorder = self.app.recorder
+        assert isinstance(recorder, (PostgresClientOpsRecorder, SQLiteClientOpsRecorder))
+        try:
+            try:
+                return recorder.bind_clients(wanted)
+            except (OperationalError, InterfaceError):
+                return recorder.bind_clients(wanted)
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
     def notifications(self, after: int, limit: int) -> list[tuple[int, Any]]:
         """Up to ``limit`` ``(notification id, event)`` after notification ``after``, in order.
 

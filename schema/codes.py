@@ -21,7 +21,8 @@ class Code(StrEnum):
     UNAUTHORIZED = "unauthorized"
     """No token, or a token whose signature or expiry does not check out."""
     FORBIDDEN = "forbidden"
-    """The user may not do this to this document (a viewer writing, a non-owner sharing)."""
+    """The user may not do this to this document (a viewer writing, a non-owner sharing),
+    or may not use this client id (it is another user's)."""
     NOT_FOUND = "not_found"
     """No such document (or route, or member)."""
     BAD_OP = "bad_op"

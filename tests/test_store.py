@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import random
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -511,6 +512,29 @@ async def test_resend_after_the_author_became_a_viewer_is_acked(store: Store) ->
             await result(submit(room, ["b"], 1, by="vic", client="c", seq=2))
         assert refused.value.code is Code.FORBIDDEN
         assert room.snapshot.text == "a"
+
+
+def test_a_client_id_is_bound_to_its_first_user(store: Store, other_store: Store) -> None:
+    """``bind_clients`` binds the free ids and returns the owner of each, also through
+    another store on the same database (another process)."""
+    assert store.bind_clients({"a": "alice", "b": "bob"}) == {"a": "alice", "b": "bob"}
+    assert other_store.bind_clients({"a": "bob", "c": "carol"}) == {"a": "alice", "c": "carol"}
+    assert store.bind_clients({"c": "alice", "b": "bob"}) == {"c": "carol", "b": "bob"}
+
+
+def test_processes_binding_the_same_ids_at_once_agree(store: Store, other_store: Store) -> None:
+    """Two processes' recorders binding the same 300 ids for two users at once, in opposite
+    orders, both return the same owner for every id: never a deadlock (which the store's
+    one retry would hide, after the server's deadlock_timeout), nor an id unanswered."""
+    for _ in range(10):
+        ids = [uuid4().hex for _ in range(300)]
+        with ThreadPoolExecutor(2) as pool:
+            mine = pool.submit(store.app.recorder.bind_clients, dict.fromkeys(ids, "alice"))
+            theirs = pool.submit(
+                other_store.app.recorder.bind_clients, dict.fromkeys(ids[::-1], "bob")
+            )
+            a, b = mine.result(), theirs.result()
+        assert sorted(a) == sorted(ids) and a == b
 
 
 async def test_resend_twice_in_one_tick_applies_once(store: Store) -> None:
