@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from domain import ot
-from ops.loadtest import httpclient, plan, procstat, receipts, stamp, wsclient
+from ops.loadtest import httpclient, plan, procstat, provision, receipts, stamp, wsclient
 from ops.loadtest.command import register, resolve_secret, shipped
 from ops.loadtest.convergence import check
 from ops.loadtest.editor import (
@@ -273,6 +273,18 @@ def test_sessions_fill_documents_evenly_writers_and_full_first() -> None:
     assert [s.full for s in got] == [True, True, True, True, False, False]
     assert [s.codec for s in got] == ["msgpack", "msgpack", "json", "json", "msgpack", "msgpack"]
     assert [len(p) for p in plan.split(got, 4)] == [2, 2, 1, 1]
+
+
+def test_a_client_id_names_one_user_in_every_scenario() -> None:
+    """Across the shipped scenarios' steps a client id always goes with the same user (it
+    is that user's for ever on the server), and is unique within a step."""
+    owners: dict[str, int] = {}
+    for name in shipped():
+        for i, step in enumerate(load(SCENARIOS / f"{name}.toml").steps):
+            ids = [(provision.client_id(s.user, i, s.index), s.user) for s in plan.sessions(step)]
+            assert len({c for c, _ in ids}) == len(ids), name
+            for c, user in ids:
+                assert owners.setdefault(c, user) == user, (name, c)
 
 
 # --- stamps -------------------------------------------------------------------------------

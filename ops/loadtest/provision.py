@@ -44,6 +44,16 @@ def user_name(index: int) -> str:
     return f"lt{index}"
 
 
+def client_id(user: int, step: int, session: int) -> str:
+    """The client id of session ``session`` of step ``step``, for user ``user``.
+
+    A client id belongs to the first user who says hello with it, for ever, and a server
+    keeps them across runs: so the id names its user (another scenario gives a session of
+    the same index another user, and would be refused the id of a run before).
+    """
+    return f"{user_name(user)}-{step}-{session}"
+
+
 def filler_text(size: int, seed: int) -> str:
     """``size`` code points of lowercase words and spaces, the same for the same seed."""
     if size <= 0:

@@ -30,7 +30,13 @@ from ops.loadtest.channel import Channel
 from ops.loadtest.convergence import check
 from ops.loadtest.procstat import CpuAccount, find_servers
 from ops.loadtest.progress import Progress
-from ops.loadtest.provision import Provisioner, ProvisionError, filler_text, user_name
+from ops.loadtest.provision import (
+    Provisioner,
+    ProvisionError,
+    client_id,
+    filler_text,
+    user_name,
+)
 from ops.loadtest.recorder import StepMetrics, Window
 from ops.loadtest.report import SERVER_GROUPS, Cost, StepOutcome, run_report
 from ops.loadtest.scenario import Scenario, Step
@@ -268,7 +274,7 @@ class Runner:
                 token=tokens[user_name(s.user)],
                 codec=s.codec,
                 arrival_ns=origin + int(offsets[s.index] * 1e9),
-                client_id=f"lt-{index}-{s.index}",
+                client_id=client_id(s.user, index, s.index),
             )
             for s in sessions
         ]
