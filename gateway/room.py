@@ -29,7 +29,7 @@ from uuid import UUID
 
 from domain import ot
 from domain.document import MAX_TEXT_CHARS, Document
-from domain.errors import BadOp, BadVersion, DomainError, NotFound, TooLarge
+from domain.errors import BadOp, BadVersion, DomainError, Forbidden, NotFound, TooLarge
 from schema.codes import Code
 from schema.frames import Encoded, OpsMessage
 from schema.messages import json_value
@@ -678,11 +678,13 @@ class Room:
                         self.lookups.append(sub)
                         return
             if done is not None:
+                self._require_author(sub, self._author(done))
                 sub.dup_of = done
                 sub.result = done
                 return
             twin = self._inflight_keys.get((sub.client, sub.seq))
             if twin is not None:
+                self._require_author(sub, twin.by)
                 sub.dup_of = doc.doc_version
                 sub.result = twin.result
                 return
@@ -707,6 +709,19 @@ class Room:
         sub.result = v
         if sub.client is not None and sub.seq is not None:
             self._inflight_keys[(sub.client, sub.seq)] = sub
+
+    def _author(self, v: int) -> str | None:
+        """Who made version ``v``, if the window holds it."""
+        i = v - self.first_v
+        return self.history[i].by if 0 <= i < len(self.history) else None
+
+    @staticmethod
+    def _require_author(sub: Submission, author: str | None) -> None:
+        """A resend is its author's. A client id is bound to one user (``gateway.clients``)
+        before any op of it gets here, so this refuses only what that check let through, and
+        only where the author is known here (the window, or the op in flight)."""
+        if author is not None and author != sub.by:
+            raise Forbidden(f"client id {sub.client!r} is another user's")
 
     def _refusable(self, sub: Submission) -> bool:
         """Whether an edit whose op does not fit its base may be refused now: ``prepare``

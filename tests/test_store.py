@@ -514,6 +514,27 @@ async def test_resend_after_the_author_became_a_viewer_is_acked(store: Store) ->
         assert room.snapshot.text == "a"
 
 
+async def test_a_resend_from_another_user_is_refused(store: Store) -> None:
+    """A (client, seq) of alice's submitted by bob (past the gateway's binding check) is
+    refused, not acked as hers: latest, older, and in flight in the same tick."""
+    doc = _saved(store, "", bob="editor")
+    async with running(store) as rooms:
+        room = await rooms.get(doc.id)
+        assert room is not None
+        assert await result(submit(room, ["a"], 0, client="c", seq=1)) == 1
+        assert await result(submit(room, ["b"], 1, client="c", seq=2)) == 2
+        first = submit(room, ["c"], 2, client="c", seq=3)
+        twin = submit(room, ["c"], 2, by="bob", client="c", seq=3)
+        assert await result(first) == 3
+        for fut in (twin, submit(room, ["x"], 0, by="bob", client="c", seq=3),
+                    submit(room, ["x"], 0, by="bob", client="c", seq=2),
+                    submit(room, ["x"], 0, by="bob", client="c", seq=1)):
+            with pytest.raises(Rejected) as refused:
+                await result(fut)
+            assert refused.value.code is Code.FORBIDDEN
+        assert room.snapshot.text == "cba"
+
+
 def test_a_client_id_is_bound_to_its_first_user(store: Store, other_store: Store) -> None:
     """``bind_clients`` binds the free ids and returns the owner of each, also through
     another store on the same database (another process)."""
