@@ -439,10 +439,11 @@ async def post_op(request: web.Request) -> web.Response:
     if client is not None:
         await request.app[keys.CLIENTS].claim(client, user)  # another user's: 403
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    room.submit(
+    await request.app[keys.ROOMS].submit(
+        room,
         Submission(
             kind="edit", by=user, future=fut, base=v, op=op, client=client, seq=seq
-        )
+        ),
     )
     return json_response({"v": await fut})
 

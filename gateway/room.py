@@ -254,7 +254,10 @@ class Room:
         validated here against the text's length at that version, which its transformed
         form fits too: one that does not fit is refused at once with ``bad_op``, and never
         reaches a commit tick (nor, on a contended document, the table lock). Only an op on
-        a version this process has not seen needs the tick (its catch-up) to be checked.
+        a version this process has not applied yet (up to ``head``) needs the tick (its
+        catch-up) to be checked. An edit on a version past ``head`` is refused at once with
+        ``bad_version``: the caller has asked the store for it first (``Rooms.submit``), and
+        a version past ``head`` then is past the store's head too.
         """
         if sub.kind == "edit":
             op = sub.op
@@ -262,8 +265,12 @@ class Room:
                 limit = ot.MAX_OP_COMPONENTS
                 sub.fail(Code.TOO_LARGE, f"op has {len(op)} components; at most {limit}")
                 return
-            base = sub.base
-            if self.first_v - 1 <= base <= self.snapshot.v:
+            base, head = sub.base, self.head
+            if not 0 <= base <= head:
+                if self._refusable(sub):
+                    sub.fail(Code.BAD_VERSION, f"base version {base} is not in 0..{head}")
+                    return
+            elif self.first_v - 1 <= base <= self.snapshot.v:
                 try:
                     sub.op = ot.validate(op, self._len_at(base))
                     sub.checked = True

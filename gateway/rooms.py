@@ -185,14 +185,36 @@ class Rooms:
             await self.current(room)
         return room if room.may_read(user) else None
 
-    async def current(self, room: Room) -> None:
+    async def submit(self, room: Room, sub: Submission) -> None:
+        """Queue ``sub`` in ``room`` (``Room.submit``), knowing the version it was made on.
+
+        An edit on a version past the room's ``head`` (seen on another process, whose
+        publish is still on its way here, or was lost) waits for one read of the store
+        first (``current``): the room then holds every version the store held when the
+        edit arrived, and only a version past that is ``bad_version``. If the store cannot
+        be read the edit is refused with ``unavailable``. Any other submission, and an edit
+        on a version the room knows, is queued at once.
+        """
+        if sub.kind == "edit" and sub.base > room.head:
+            try:
+                await self.current(room, strict=True)
+            except StoreUnavailable:
+                sub.fail(Code.UNAVAILABLE, UNAVAILABLE_MESSAGE)
+                return
+            except Exception:  # a bug reading the store (logged there); never a hang
+                sub.fail(Code.INTERNAL, "internal error; the op was not applied")
+                return
+        room.submit(sub)
+
+    async def current(self, room: Room, *, strict: bool = False) -> None:
         """Apply what the store holds beyond the room's position.
 
         The hub cannot reveal a gap after the last message: another process may have died
         between its commit and its publish, or Redis may be down. A client that moved here
         with a version seen elsewhere would then get a wrong ``bad_version`` or an empty
         catch-up (``Session`` asks for this then). One read of the room serves every caller
-        that came before it began; if the store cannot be read, the room stays as it is.
+        that came before it began; if the store cannot be read, the room stays as it is
+        and, with ``strict``, the store's error is raised (``StoreUnavailable``).
         """
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._sync_waiters.get(room.id)
@@ -201,7 +223,11 @@ class Rooms:
             self._spawn(self._sync(room))
         else:
             waiters.append(waiter)
-        await waiter
+        try:
+            await waiter
+        except Exception:
+            if strict:
+                raise
 
     async def _sync(self, room: Room) -> None:
         try:
@@ -210,14 +236,16 @@ class Rooms:
                 waiters, self._sync_waiters[room.id] = self._sync_waiters[room.id], []
                 if not waiters:  # none came during the last read
                     return
+                failed: Exception | None = None
                 try:
                     events = await self._read(self.store.events_after, room.id, room.position)
                     if events:
                         room.remote_events(events)
                 except Exception as exc:
-                    log.warning("reading %s before a subscription failed: %s", room.id, exc)
+                    log.warning("reading %s from the store failed: %s", room.id, exc)
+                    failed = exc
                 finally:
-                    _resolve(waiters)
+                    _resolve(waiters, failed)
         finally:
             _resolve(self._sync_waiters.pop(room.id, []))
 
@@ -368,10 +396,14 @@ class Rooms:
                 await task
 
 
-def _resolve(waiters: list[asyncio.Future[None]]) -> None:
+def _resolve(waiters: list[asyncio.Future[None]], failed: Exception | None = None) -> None:
     for waiter in waiters:
-        if not waiter.done():
+        if waiter.done():
+            continue
+        if failed is None:
             waiter.set_result(None)
+        else:
+            waiter.set_exception(failed)
 
 
 def _fail_inbox(room: Room, code: Code, message: str) -> None:

@@ -279,7 +279,7 @@ class Session:
         if self.user is None:
             raise MessageError(Code.UNAUTHORIZED, "send hello with a token first")
         if isinstance(msg, messages.OpMsg):
-            self._op(msg)
+            await self._op(msg)
         elif isinstance(msg, messages.Sub):
             await self._sub(msg)
         elif isinstance(msg, messages.Unsub):
@@ -311,7 +311,10 @@ class Session:
         self.client = msg.client
         self.send({"t": "welcome", "user": self.user, "session": self.id})
 
-    def _op(self, msg: messages.OpMsg) -> None:
+    async def _op(self, msg: messages.OpMsg) -> None:
+        """Queue an op. One on a version this process has not seen yet (the client saw it
+        elsewhere) waits for a read of the store (``Rooms.submit``), and so do the
+        connection's next messages: its ops reach the room in the order it sent them."""
         doc = str(msg.doc)
         room = self.subs.get(msg.doc)
         if room is None:
@@ -329,7 +332,7 @@ class Session:
             session=self,
         )
         fut.add_done_callback(lambda f: self._op_done(f, doc, msg.seq))
-        room.submit(sub)
+        await self.rooms.submit(room, sub)
 
     def _op_done(self, fut: asyncio.Future[Any], doc: str, seq: int) -> None:
         if fut.cancelled():

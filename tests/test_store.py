@@ -65,6 +65,14 @@ def submit(
     return fut
 
 
+async def submit_through(rooms: Rooms, room: Room, op: Any, base: int) -> asyncio.Future[Any]:
+    """Queue an edit as the handlers do (``Rooms.submit``: a version past the room's head is
+    looked up in the store first); the future resolves to the version it produced."""
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    await rooms.submit(room, Submission(kind="edit", by=OWNER, future=fut, base=base, op=op))
+    return fut
+
+
 async def result(fut: asyncio.Future[Any]) -> Any:
     """The future's result, within a few seconds."""
     async with asyncio.timeout(10):
@@ -403,7 +411,8 @@ async def test_ops_refused_on_a_known_version_never_take_the_lock(
     """On a contended document, an op that does not fit its base (a version this process
     holds: the head, or older, the op then transformed or not) is refused on submission,
     without a tick or the table lock; a valid one is committed under the lock as before,
-    and an op on a version only the other process has seen is checked after the catch-up."""
+    and an op on a version only the other process has seen is checked once the store was
+    read for it (``Rooms.submit``), on submission too."""
     if not store.checks_heads:
         pytest.skip("the lock-first commit is PostgreSQL's")
     doc = _saved(store, "abc", vic="viewer")
@@ -440,16 +449,42 @@ async def test_ops_refused_on_a_known_version_never_take_the_lock(
         assert await result(submit(room_b, [3, "!"], 0)) == 5
         assert await result(submit(room_b, ["?"], 5)) == 6
         assert stats.locked == before[1] + 2 and stats.commits == before[0] + 2
-        # The other process moves on; an op on its version is checked after the catch-up.
+        # The other process moves on; an op on its version reads the store first.
         v = await result(submit(room_a, ["ab"], room_a.snapshot.v))
-        assert room_b.snapshot.v < v  # no hub here: b learns of it under the lock
+        assert room_b.head < v  # no hub here: b learns of it from the store
         with pytest.raises(Rejected) as info:
-            await result(submit(room_b, [99, "x"], v))
+            await result(await submit_through(b, room_b, [99, "x"], v))
         assert info.value.code is Code.BAD_OP
-        assert stats.locked_idle == before[2] + 3
+        assert stats.locked_idle == before[2] + 2
         assert await result(submit(room_b, ["."], v)) == v + 1
     final = store.load(doc.id)
     assert final is not None and final.doc_version == 8
+
+
+async def test_an_op_on_a_version_committed_elsewhere_reads_the_store_first(
+    store: Store, other_store: Store
+) -> None:
+    """An op on a version another process committed, which this one has not heard of, is
+    transformed on it and committed (it was ``bad_version``: audit 4); one past the store's
+    head is ``bad_version`` at once, without a tick."""
+    doc = _saved(store, "abc")
+    async with running(store) as a, running(other_store) as b:  # no hub between them
+        room_a, room_b = await a.get(doc.id), await b.get(doc.id)
+        assert room_a is not None and room_b is not None
+        assert await result(submit(room_b, [3, "!"], 0)) == 1
+        assert room_a.head == 0
+        assert await result(await submit_through(a, room_a, ["<"], 1)) == 2
+        assert await result(submit(room_b, [4, ">"], 1)) == 3  # b re-reads: a race lost
+        commits = a.committer.stats.commits
+        with pytest.raises(Rejected) as info:
+            await result(await submit_through(a, room_a, ["x"], 4))
+        assert (info.value.code, info.value.message) == (
+            Code.BAD_VERSION, "base version 4 is not in 0..3"
+        )
+        assert a.committer.stats.commits == commits and not room_a.inbox
+    final = store.load(doc.id)
+    assert final is not None
+    assert (final.text, final.doc_version) == ("<abc!>", 3)
 
 
 async def test_late_op_is_transformed_after_conflict(store: Store, other_store: Store) -> None:

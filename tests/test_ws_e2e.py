@@ -449,6 +449,72 @@ async def test_sub_reads_what_the_hub_never_delivered(api: Api, store_config: St
 
 
 @pytest.mark.postgres
+async def test_an_http_op_on_a_version_committed_elsewhere_is_accepted(
+    api: Api, store_config: StoreConfig
+) -> None:
+    """``POST .../ops`` on a version another process just committed (its publish not here
+    yet: here never hears it) is transformed on it and committed, not ``bad_version``
+    (audit 4: "base version 1 is not in 0..0"); a version past the store's head still is,
+    before any commit tick."""
+    if store_config.database_url is None:
+        pytest.skip("two gateways share a store only on PostgreSQL")
+    doc = await api.create("abc")  # the room is open here, at version 0
+    assert isinstance(api.http, TestClient)
+    stats = api.http.app[keys.ROOMS].committer.stats
+    async with second_gateway(store_config) as other:  # its hub hears nothing from api's
+        assert await other.post_op(doc, 0, [3, "!"]) == 1
+        assert await api.post_op(doc, 1, ["<"]) == 2
+        assert await api.get(doc) == ("<abc!", 2)
+        assert await other.post_op(doc, 2, [5, ">"]) == 3
+        locked_idle = stats.locked_idle
+        status, body = await api.call(
+            "POST", f"/v1/documents/{doc}/ops", json={"v": 4, "op": ["x"]}
+        )
+        assert status == 400, body
+        assert body["error"] == {"code": "bad_version", "message": "base version 4 is not in 0..3"}
+        assert stats.locked_idle == locked_idle
+        assert await api.post_op(doc, 3, [6, "."]) == 4
+        assert await api.get(doc) == ("<abc!>.", 4)
+        assert replay("abc", await other.ops(doc)) == "<abc!>."  # the store's log
+
+
+@pytest.mark.postgres
+async def test_a_websocket_op_on_a_version_committed_elsewhere_is_accepted(
+    api: Api, store_config: StoreConfig
+) -> None:
+    """A subscriber's ops on a version it saw committed through another process (whose
+    publish never comes here) get the ops up to it, then their acks, in the order sent;
+    a version past the store's head is ``bad_version``."""
+    if store_config.database_url is None:
+        pytest.skip("two gateways share a store only on PostgreSQL")
+    doc = await api.create("abc")
+    ws = await api.connect(Codec.JSON, client_id="c")
+    try:
+        await ws.subscribe(doc)  # a snapshot at version 0
+        async with second_gateway(store_config) as other:
+            assert await other.post_op(doc, 0, [3, "!"]) == 1
+            mark = len(ws.log)
+            await ws.send(
+                {"t": "op", "doc": doc, "v": 1, "op": ["<"], "seq": 1},
+                {"t": "op", "doc": doc, "v": 1, "op": [4, ">"], "seq": 2},
+                {"t": "op", "doc": doc, "v": 9, "op": ["x"], "seq": 3},
+            )
+            await ws.wait_for(lambda m: m["t"] == "error", since=mark)
+            await ws.wait_for(lambda m: m["t"] == "ack" and m["seq"] == 2, since=mark)
+            await ws.ping()
+            errors = [(m["seq"], m["code"]) for m in ws.since(mark) if m["t"] == "error"]
+            assert errors == [(3, "bad_version")], ws.log
+            seen = [m for m in ws.since(mark) if m["t"] not in ("error", "pong")]
+            assert [(m["t"], m.get("seq"), m.get("v")) for m in seen] == [
+                ("ops", None, None), ("ack", 1, 2), ("ack", 2, 3)
+            ], ws.log
+            assert [e["v"] for e in seen[0]["ops"]] == [1]
+            assert await api.get(doc) == ("<abc!>", 3)
+    finally:
+        await ws.close()
+
+
+@pytest.mark.postgres
 @pytest.mark.redis
 async def test_a_subscriber_gets_each_presence_once_where_the_room_opens(
     pg_schema: str, tmp_path: Path, redis_url: str, redis_prefix: str
