@@ -129,6 +129,9 @@ class Committer:
                         self._dirty[room] = None
                         continue
                     events = room.prepare()
+                    if room.state is State.STALE:  # behind the store: re-read, then prepare
+                        self._on_stale(room)
+                        continue
                     if room.parked or room.lookups:
                         self._on_parked(room)
                     if events or room.inflight:

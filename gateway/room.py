@@ -500,7 +500,20 @@ class Room:
         A room that other processes write to as well (it saw their events lately) first
         takes a checkpoint of the aggregate, so that a conflict costs a rollback and a read
         of the missed events, not a replay of the whole document.
+
+        An edit made on a version the store holds that the room has not applied (past the
+        snapshot, up to ``head``: events another process committed wait behind a gap in what
+        the hub delivered) is not refused: the room prepares nothing and goes STALE, as
+        after a lost race (a commit on its position would lose one), and its submissions
+        stay queued until it has read the store. A commit under the table lock catches up
+        before preparing, so this is the path of an unlocked tick.
         """
+        if self._remote:
+            cur, head = self.doc.doc_version, self.head
+            if any(sub.kind == "edit" and cur < sub.base <= head for sub in self.inbox):
+                self.mark_contended()
+                self.state = State.STALE
+                return []
         queue, self.inbox = self.inbox, []
         self._checkpoint = None
         if queue and time.monotonic() < self._contended_until:

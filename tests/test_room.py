@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from domain.document import Document
-from gateway.room import Room, Submission
+from gateway.room import Room, State, Submission
 from schema.frames import Encoded
 
 OWNER = "olga"
@@ -219,6 +219,34 @@ def test_a_member_added_elsewhere_may_read_while_a_commit_is_in_flight() -> None
         assert room.may_read("vic")
         room.remote_events(later[:1])
         assert not room.may_read("vic") and room.may_read(OWNER)
+    finally:
+        loop.close()
+
+
+def test_an_op_on_a_version_behind_a_gap_waits_for_the_store() -> None:
+    """An op on a version the hub delivered past a gap (the message before it was lost) is
+    not refused with ``bad_version`` by a tick that did not catch up: the room prepares
+    nothing and goes STALE (to re-read, as after a lost race), then commits it on that
+    version."""
+    loop = asyncio.new_event_loop()
+    try:
+        p = Process(1)
+        room = p.room
+        p.other.edit(["a"], OWNER, None, None)
+        p.other.edit(["b"], OWNER, None, None)
+        theirs = list(p.other.collect_events())
+        p.store(theirs)
+        room.remote_events(theirs[1:])  # version 3 came; version 2's message was lost
+        assert (room.snapshot.v, room.head) == (1, 3)
+        fut = loop.create_future()
+        room.submit(Submission(kind="edit", by=OWNER, future=fut, base=3, op=[2, "!"]))
+        assert room.prepare() == []
+        assert not fut.done() and room.state is State.STALE and room.contended
+        room.resynced(p.stored[room.position :])  # what Rooms._refresh reads
+        assert room.state is State.READY and room.snapshot.v == 3
+        assert room.prepare()
+        room.committed()
+        assert fut.result() == 4 and room.snapshot.text == "ba!0"
     finally:
         loop.close()
 

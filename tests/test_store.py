@@ -487,6 +487,37 @@ async def test_an_op_on_a_version_committed_elsewhere_reads_the_store_first(
     assert (final.text, final.doc_version) == ("<abc!>", 3)
 
 
+async def test_an_op_on_a_version_waiting_behind_a_gap_is_not_refused(
+    store: Store, other_store: Store
+) -> None:
+    """An op on a version the hub delivered past a gap (the message before it was lost)
+    waits for the room's read of the store, then commits on that version: not
+    ``bad_version``, also where the tick takes no lock (SQLite) and the read is not done
+    before the tick."""
+    doc = _saved(store, "abc")
+    async with running(store) as rooms:
+        room = await rooms.get(doc.id)
+        assert room is not None
+
+        def commit_elsewhere() -> list[Any]:
+            theirs = other_store.load(doc.id)
+            assert theirs is not None
+            theirs.edit([3, "!"], OWNER, None, None)
+            theirs.edit(["<"], OWNER, None, None)
+            events = list(theirs.collect_events())
+            other_store.save(events)
+            return events
+
+        events = await asyncio.to_thread(commit_elsewhere)
+        room.remote_events(events[1:])  # version 2 came; version 1's message was lost
+        assert (room.snapshot.v, room.head) == (0, 2)
+        fut = submit(room, [5, ">"], 2)  # in the same loop turn: before the gap is filled
+        assert await result(fut) == 3
+    final = store.load(doc.id)
+    assert final is not None
+    assert (final.text, final.doc_version) == ("<abc!>", 3)
+
+
 async def test_late_op_is_transformed_after_conflict(store: Store, other_store: Store) -> None:
     """An op made on an old version and clashing in the store is transformed like a late op."""
     doc = _saved(store, "abc")
