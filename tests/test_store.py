@@ -7,12 +7,14 @@ connections, and neither sees the other's in-memory state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID, uuid4
 
 import pytest
@@ -24,7 +26,7 @@ from gateway.rooms import Rooms
 from gateway.store import Store, StoreConfig, VersionConflict
 from gateway.writer import AsyncWriter
 from schema.codes import Code
-from tests.conftest import every_kind_of_event, fresh_pg_schema
+from tests.conftest import PG_URL, every_kind_of_event, fresh_pg_schema
 from tests.running import running
 
 OWNER = "olga"
@@ -516,6 +518,85 @@ async def test_an_op_on_a_version_waiting_behind_a_gap_is_not_refused(
     final = store.load(doc.id)
     assert final is not None
     assert (final.text, final.doc_version) == ("<abc!>", 3)
+
+
+class Outage:
+    """A TCP path to the database that the test can cut: the network fails, not a double of
+    the database. Every connection made through it is dropped at once by ``cut``, and no
+    new one gets through."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.listen_port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Listen on a free port of 127.0.0.1 (``listen_port``)."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.listen_port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self._writers += [writer, up_writer]
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.get_running_loop().create_task(self._pipe(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(1 << 16):
+                dst.write(data)
+                await dst.drain()
+        except OSError:
+            pass
+        finally:
+            dst.transport.abort()
+
+    async def cut(self) -> None:
+        """Drop every connection and refuse new ones."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in self._writers:
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+async def test_an_op_on_an_unseen_version_is_unavailable_while_the_store_is_down(
+    tmp_path: Path, pg_schema: str
+) -> None:
+    """With the store out of reach, an op on a version past the room's head (only the store
+    could tell whether it was committed elsewhere) is refused with ``unavailable`` at once,
+    not ``bad_version``, nor left waiting (about 12 s: the library's read retries)."""
+    url = urlsplit(PG_URL)
+    outage = Outage(url.hostname or "127.0.0.1", url.port or 5432)
+    await outage.start()
+    via = url._replace(netloc=f"{url.username or 'postgres'}@127.0.0.1:{outage.listen_port}")
+    cfg = StoreConfig(data_dir=tmp_path, database_url=urlunsplit(via), database_schema=pg_schema)
+    store = await asyncio.to_thread(Store, cfg)
+    try:
+        doc = await asyncio.to_thread(_saved, store, "abc")
+        async with running(store) as rooms:
+            room = await rooms.get(doc.id)
+            assert room is not None
+            await outage.cut()
+            with pytest.raises(Rejected) as info:
+                await result(await submit_through(rooms, room, ["x"], 1))
+            assert info.value.code is Code.UNAVAILABLE
+            assert not room.busy and room.head == 0
+    finally:
+        await outage.cut()
+        await asyncio.to_thread(store.close)
 
 
 async def test_late_op_is_transformed_after_conflict(store: Store, other_store: Store) -> None:
