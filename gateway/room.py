@@ -304,8 +304,15 @@ class Room:
             self._ahead[session] = v
 
     def unsubscribe(self, session: Subscriber) -> None:
-        """Stop sending to ``session`` and clear its presence."""
-        self.members.pop(session, None)
+        """Stop sending to ``session`` and clear its presence.
+
+        The acks of its ops still reach it: those held back while it caught up are sent now
+        (the ops around them are not), and later ones are sent to it directly."""
+        member = self.members.pop(session, None)
+        if member is not None:
+            for msg in member.buffer:
+                if _is_ack(msg):
+                    session.deliver(msg)
         self._ahead.pop(session, None)
         sid = self._local_sids.pop(session, None)
         if sid is not None and sid in self.presence:
@@ -801,15 +808,20 @@ class Room:
         inflight: list[Submission],
         removed: Mapping[str, int] | None = None,
     ) -> None:
-        """Send ``records`` to every member; a submitter gets its ack in place of its op.
+        """Send ``records`` to every member; a submitter gets its ack in place of its op (one
+        no longer subscribed gets the ack alone: every op is answered while its connection is
+        open).
 
         ``removed``: users who lost access in this batch, each with the version it happened
         at; their sessions get the records up to it, then leave (``removed``)."""
         doc = str(self.id)
         own: dict[Subscriber, list[Submission]] = {}
+        left: list[Submission] = []
         for sub in inflight:
             if sub.session is not None and sub.session in self.members:
                 own.setdefault(sub.session, []).append(sub)
+            elif sub.session is not None:
+                left.append(sub)  # it unsubscribed: the ack still goes to its connection
         entries = [Encoded(r.entry()) for r in records]
         shared = OpsMessage(doc, entries)
         members = self.members
@@ -826,6 +838,9 @@ class Room:
                 continue
             for msg in _ordered_for(doc, records, entries, mine):
                 member.send(msg)
+        for sub in left:
+            assert sub.session is not None
+            sub.session.deliver(_ack(doc, sub.seq, sub.result))
         for session in gone:
             self.unsubscribe(session)
             session.removed(self.id)
@@ -904,13 +919,21 @@ def _ordered_for(
         if run:
             out.append(OpsMessage(doc, run))
             run = []
-        out.append(Encoded({"t": "ack", "doc": doc, "seq": sub.seq, "v": rec.v}))
+        out.append(_ack(doc, sub.seq, rec.v))
     if run:
         out.append(OpsMessage(doc, run))
     for sub in mine:
         if sub.dup_of is not None:
-            out.append(Encoded({"t": "ack", "doc": doc, "seq": sub.seq, "v": sub.result}))
+            out.append(_ack(doc, sub.seq, sub.result))
     return out
+
+
+def _ack(doc: str, seq: int | None, v: int) -> Encoded:
+    return Encoded({"t": "ack", "doc": doc, "seq": seq, "v": v})
+
+
+def _is_ack(msg: Encoded) -> bool:
+    return not isinstance(msg, OpsMessage) and msg.msg.get("t") == "ack"
 
 
 def _capture(doc: Document) -> dict[str, Any]:

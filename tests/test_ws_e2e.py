@@ -736,6 +736,76 @@ async def test_websocket_resend_after_reconnect_is_acked_once(api: Api) -> None:
     assert [(e["client"], e["seq"]) for e in await api.ops(doc)] == [("laptop", 7)]
 
 
+@pytest.mark.parametrize("client_id", [None, "laptop"], ids=["anonymous", "client-id"])
+async def test_an_op_in_flight_at_unsub_is_acked_and_known_by_its_version(
+    api: Api, client_id: str | None
+) -> None:
+    """An op in flight when its connection unsubscribes is still acked; subscribing again
+    from the version held before it, the catch-up has it as the entry of the acked version
+    (with the client's id and seq when it said hello with one)."""
+    doc = await api.create("abc")
+    ws = await api.connect(Codec.JSON, client_id=client_id)
+    try:
+        await ws.subscribe(doc)
+        await ws.send(
+            {"t": "op", "doc": doc, "v": 0, "op": [3, "!"], "seq": 1}, {"t": "unsub", "doc": doc}
+        )
+        await eventually(lambda: _version_is(api, doc, 1))
+        await ws.ping()  # the ack was queued before the pong
+        acks = [m for m in ws.log if m["t"] == "ack"]
+        assert acks == [{"t": "ack", "doc": doc, "seq": 1, "v": 1}], ws.log
+        mark = len(ws.log)
+        await ws.send({"t": "sub", "doc": doc, "v": 0})
+        await ws.ping()
+        (entry,) = [e for m in ws.since(mark) if m["t"] == "ops" for e in m["ops"]]
+        mine = {} if client_id is None else {"client": client_id, "seq": 1}
+        assert entry == {"v": 1, "op": [3, "!"], "by": OWNER, **mine}
+    finally:
+        await ws.close()
+
+
+async def test_an_ack_held_during_a_failed_catch_up_still_arrives(
+    api: Api, store_config: StoreConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An op acked while its connection's new subscription reads its catch-up from the store
+    waits behind that catch-up; when the read fails (``unavailable``, unsubscribed) the ack
+    is sent all the same."""
+    doc = await api.create("abc")
+    for v in range(3):
+        await api.post_op(doc, v, ["x"])
+    entered, gate = threading.Event(), threading.Event()
+
+    def failing(store: Store, *args: Any) -> Any:
+        entered.set()
+        gate.wait(10)
+        raise RuntimeError("the store went away")
+
+    async with second_gateway(store_config) as other:  # its room has none of the 3 in memory
+        ws = await other.connect(Codec.JSON)
+        try:
+            await ws.subscribe(doc)
+            monkeypatch.setattr(Store, "edits_after", failing)
+            await ws.send(
+                {"t": "op", "doc": doc, "v": 3, "op": ["!"], "seq": 1},
+                {"t": "sub", "doc": doc, "v": 0},
+            )
+            await eventually(entered.is_set)
+            await eventually(lambda: _version_is(other, doc, 4))
+            gate.set()
+            await ws.wait_for(lambda m: m["t"] == "error")
+            await ws.ping()
+            got = [(m["t"], m.get("code"), m.get("v")) for m in ws.log
+                   if m["t"] in ("ack", "error")]
+            assert got == [("error", "unavailable", None), ("ack", None, 4)], ws.log
+        finally:
+            gate.set()
+            await ws.close()
+
+
+async def _version_is(api: Api, doc: str, v: int) -> bool:
+    return (await api.get(doc))[1] == v
+
+
 async def test_ops_paging(api: Api) -> None:
     """GET ops pages with from and limit, in version order, from the event store."""
     doc = await api.create("")
