@@ -32,7 +32,7 @@ from gateway.rooms import Rooms
 from gateway.store import UNAVAILABLE_MESSAGE, StoreUnavailable
 from schema import frames, messages
 from schema.codes import Code
-from schema.frames import Codec, Encoded
+from schema.frames import Codec, Encoded, OpsMessage
 from schema.messages import MessageError
 
 log = logging.getLogger(__name__)
@@ -360,6 +360,7 @@ class Session:
         if msg.v is not None and not 0 <= msg.v <= head:
             raise MessageError(Code.BAD_VERSION, f"v must be in 0..{head}", doc)
         if msg.doc in self.subs:
+            self._out = without_unsent_ops(self._out, doc)
             self.subs[msg.doc].unsubscribe(self)
         self.subs[msg.doc] = room
         member = room.subscribe(self)
@@ -424,6 +425,7 @@ class Session:
     def _unsub(self, doc_id: UUID) -> None:
         room = self.subs.pop(doc_id, None)
         if room is not None:
+            self._out = without_unsent_ops(self._out, str(doc_id))
             room.unsubscribe(self)
 
     def _presence(self, msg: messages.Presence) -> None:
@@ -452,6 +454,26 @@ class Session:
         for room in self.subs.values():
             room.unsubscribe(self)
         self.subs.clear()
+
+
+def without_unsent_ops(out: list[Encoded], doc: str) -> list[Encoded]:
+    """``out`` (a session's queue, not written yet) without the ``ops`` of ``doc``, for a
+    subscription that ends or is replaced: the client asked for no more, or the new snapshot
+    or catch-up has them. Those before the last ``ack`` of ``doc`` stay, as acks, errors and
+    everything else do: an ack follows every op before it."""
+    last_ack = -1
+    for i, msg in enumerate(out):
+        if not isinstance(msg, OpsMessage) and msg.msg.get("t") == "ack" and (
+            msg.msg.get("doc") == doc
+        ):
+            last_ack = i
+    return out[: last_ack + 1] + [m for m in out[last_ack + 1 :] if not _ops_of(m, doc)]
+
+
+def _ops_of(msg: Encoded, doc: str) -> bool:
+    if isinstance(msg, OpsMessage):
+        return msg.doc == doc
+    return msg.msg.get("t") == "ops" and msg.msg.get("doc") == doc
 
 
 def _field(item: Any, name: str, kind: type) -> Any:

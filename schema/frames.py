@@ -150,6 +150,11 @@ class OpsMessage(Encoded):
         self._frames = None
 
     @property
+    def doc(self) -> str:
+        """The document the ops are of."""
+        return self._doc
+
+    @property
     def msg(self) -> dict[str, Any]:  # type: ignore[override]
         """The message as a map (for inspection; sending uses the bytes)."""
         return {"t": "ops", "doc": self._doc, "ops": [e.msg for e in self._entries]}

@@ -30,7 +30,7 @@ from gateway.hub import Hub
 from gateway.readmodels import Extension
 from gateway.redis_hub import RedisHub
 from gateway.store import Store, StoreConfig
-from schema.frames import Codec
+from schema.frames import Codec, Encoded, OpsMessage
 from tests.conftest import PG_URL
 from tests.procs import TEST_SECRET, ServerProcess
 from tests.test_hub import eventually
@@ -800,6 +800,62 @@ async def test_an_ack_held_during_a_failed_catch_up_still_arrives(
         finally:
             gate.set()
             await ws.close()
+
+
+async def test_a_sub_again_or_unsub_drops_the_ops_not_yet_sent(api: Api) -> None:
+    """Ops queued for a subscription that is replaced or ended, and not written yet, are left
+    out: ``[sub v=0, sub v=1]`` in one frame gets one catch-up, ``[sub v=0, unsub]`` none."""
+    doc = await api.create("abc")
+    for v in range(3):
+        await api.post_op(doc, v, ["x"])
+    ws = await api.connect(Codec.JSON)
+    try:
+        await ws.send({"t": "sub", "doc": doc, "v": 0}, {"t": "sub", "doc": doc, "v": 1})
+        await ws.ping()
+        assert [[e["v"] for e in m["ops"]] for m in ws.log if m["t"] == "ops"] == [[2, 3]]
+        mark = len(ws.log)
+        await ws.send({"t": "sub", "doc": doc, "v": 0}, {"t": "unsub", "doc": doc})
+        await ws.ping()
+        assert [m["t"] for m in ws.since(mark)] == ["pong"]
+    finally:
+        await ws.close()
+
+
+def test_unsent_ops_before_an_ack_of_the_document_stay() -> None:
+    """Dropping a document's unsent ops keeps those before its last ack (which must follow
+    every op before it), its acks and errors, and everything of other documents."""
+    def ops(doc: str, v: int) -> Encoded:
+        return OpsMessage(doc, [Encoded({"v": v, "op": [], "by": OWNER})])
+
+    catch_up = Encoded({"t": "ops", "doc": "d", "ops": []})
+    out = [
+        ops("d", 1), ops("e", 1), Encoded({"t": "ack", "doc": "d", "seq": 1, "v": 2}),
+        ops("d", 3), catch_up, Encoded({"t": "error", "doc": "d", "code": "bad_op"}),
+        Encoded({"t": "ack", "doc": "e", "seq": 1, "v": 2}), ops("e", 3),
+    ]
+    kept = session.without_unsent_ops(out, "d")
+    assert kept == [out[0], out[1], out[2], out[5], out[6], out[7]]
+    assert session.without_unsent_ops([ops("d", 1), catch_up], "d") == []
+
+
+def test_the_reference_client_skips_repeats_only_after_subscribing_again() -> None:
+    """``DocState`` skips entries at or below its version after a ``sub`` that replaced a
+    subscription (the old one's ops on the wire, then the catch-up), and calls them a
+    problem within one subscription."""
+    def ops(*vs: int) -> dict[str, Any]:
+        return {"t": "ops", "doc": "d", "ops": [{"v": v, "op": [str(v)], "by": OWNER} for v in vs]}
+
+    again = DocState(None, "d", "", 0, again=True)  # type: ignore[arg-type]  # sends nothing
+    again.on_ops(ops(1, 2))  # the old subscription's, written before the new sub was read
+    again.on_ops(ops(1, 2, 3))  # the catch-up from 0
+    assert (again.text, again.version, again.repeats, again.problems) == ("321", 3, 2, [])
+    snap = DocState(None, "d", None, -1, again=True)  # type: ignore[arg-type]
+    snap.on_ops(ops(4))  # before the new snapshot
+    snap.on_snapshot({"t": "snapshot", "doc": "d", "v": 4, "text": "4321"})
+    assert (snap.text, snap.version, snap.repeats, snap.problems) == ("4321", 4, 1, [])
+    once = DocState(None, "d", "", 0)  # type: ignore[arg-type]
+    once.on_ops(ops(1, 1))
+    assert once.problems == ["op v1 repeated at v1"]
 
 
 async def _version_is(api: Api, doc: str, v: int) -> bool:

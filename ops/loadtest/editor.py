@@ -17,6 +17,10 @@ reconstructs it (remote ops as received, its own ops as they were acknowledged).
 a run compares ``confirmed`` with the server, which checks the client-side transforms even
 when edits are still pending; with nothing pending both texts must be equal. A light client
 (``keep_text=False``) keeps only the length, all it needs to make valid edits and transform.
+
+A repeated op (``v`` at or below ``version``) is a violation here, not skipped: the protocol
+allows repeats only after a ``sub`` that replaces a subscription, where clients skip them,
+and a load-test session subscribes once per connection.
 """
 
 from __future__ import annotations
