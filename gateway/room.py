@@ -31,7 +31,7 @@ from domain import ot
 from domain.document import MAX_TEXT_CHARS, Document
 from domain.errors import BadOp, BadVersion, DomainError, Forbidden, NotFound, TooLarge
 from schema.codes import Code
-from schema.frames import Encoded, OpsMessage
+from schema.frames import Codec, Encoded, OpsMessage, encode_one
 from schema.messages import json_value
 
 log = logging.getLogger(__name__)
@@ -323,13 +323,16 @@ class Room:
         """Record a local session's presence (None clears); sent to others this loop turn.
 
         Coalesced: of several updates from one session in one loop turn only the latest
-        goes out, locally and to other processes.
+        goes out, locally and to other processes. The value it has already is no change and
+        goes nowhere (as a remote session's, ``remote_presence``).
         """
         msg = {"t": "presence", "doc": str(self.id), "session": sid, "user": user, "data": data}
         if data is None:
             if self.presence.pop(sid, None) is None and sid not in self._presence_out:
                 return
             self._local_sids.pop(session, None)
+        elif _same_presence(self.presence.get(sid), msg):
+            return  # the value it has: not a change, here or on the other processes
         else:
             self.presence[sid] = msg
             self._local_sids[session] = sid
@@ -345,7 +348,7 @@ class Room:
         if not json_value(data):
             data = None
         msg = {"t": "presence", "doc": str(self.id), "session": sid, "user": user, "data": data}
-        if data is not None and self.presence.get(sid) == msg:
+        if data is not None and _same_presence(self.presence.get(sid), msg):
             # No change: the same entry read from Redis (opening the room) and published.
             self.presence_proc[sid] = proc
             return
@@ -930,6 +933,14 @@ def _ordered_for(
 
 def _ack(doc: str, seq: int | None, v: int) -> Encoded:
     return Encoded({"t": "ack", "doc": doc, "seq": seq, "v": v})
+
+
+def _same_presence(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether presence message ``new`` says what ``old`` said. The data is compared as
+    encoded: Python has ``1 == 1.0 == True``, which clients tell apart."""
+    if old is None or old["user"] != new["user"]:
+        return False
+    return encode_one(old["data"], Codec.MSGPACK) == encode_one(new["data"], Codec.MSGPACK)
 
 
 def _is_ack(msg: Encoded) -> bool:

@@ -437,6 +437,42 @@ async def test_a_newcomer_gets_each_presence_once_and_repeats_are_dropped() -> N
     assert new.presence()[-1] == old.presence()[-1] == ("s1", "ulla", {"cursor": 2})
 
 
+async def test_a_local_presence_sent_again_unchanged_goes_nowhere() -> None:
+    """A session's presence sent again with the value it has is no change: not broadcast
+    here, nor published to the other processes (which would not relay it either)."""
+    published: list[Any] = []
+    room = Room(
+        Document.create(title="T", text="", owner=OWNER), lambda room: None,
+        on_presence=lambda room, sid, user, data: published.append(data),
+    )
+    setter, peer = Collector(), Collector()
+    room.subscribe(setter)
+    room.subscribe(peer)
+    for data in [{"cursor": 1}, {"cursor": 1}, {"cursor": 2}, {"cursor": 2}, None, None]:
+        room.set_presence(setter, "s0", OWNER, data)
+        await asyncio.sleep(0)
+    changes = [{"cursor": 1}, {"cursor": 2}, None]
+    assert [d for _, _, d in peer.presence()] == published == changes
+
+
+async def test_presence_values_python_finds_equal_are_changes() -> None:
+    """``1``, ``1.0`` and ``true`` are different JSON to clients: each is a change, from a
+    local session or from another process (a JSON integer past 64 bits reads as a float,
+    which can equal the integer before it)."""
+    room = Room(Document.create(title="T", text="", owner=OWNER), lambda room: None)
+    setter, peer = Collector(), Collector()
+    room.subscribe(setter)
+    room.subscribe(peer)
+    values = [1, 1.0, True, -(2**63), float(-(2**63) - 1)]
+    for data in values:
+        room.set_presence(setter, "s0", OWNER, data)
+        room.remote_presence("s1", "ulla", data, "p1")
+        await asyncio.sleep(0)
+    got = [(sid, d) for sid, _, d in peer.presence()]
+    assert got == [(sid, d) for d in values for sid in ("s0", "s1")]
+    assert [type(d) for _, d in got] == [type(d) for d in values for _ in "ab"]
+
+
 def _command(room: Room, command: Callable[[Document], Any]) -> asyncio.Future[Any]:
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     room.submit(Submission(kind="command", by=OWNER, future=fut, command=command))
