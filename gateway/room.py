@@ -303,8 +303,9 @@ class Room:
         if v > self.snapshot.v:
             self._ahead[session] = v
 
-    def unsubscribe(self, session: Subscriber) -> None:
-        """Stop sending to ``session`` and clear its presence.
+    def unsubscribe(self, session: Subscriber, keep_presence: bool = False) -> None:
+        """Stop sending to ``session`` and clear its presence (kept with ``keep_presence``:
+        it subscribes again at once, a ``sub`` replacing its subscription).
 
         The acks of its ops still reach it: those held back while it caught up are sent now
         (the ops around them are not), and later ones are sent to it directly."""
@@ -314,7 +315,7 @@ class Room:
                 if _is_ack(msg):
                     session.deliver(msg)
         self._ahead.pop(session, None)
-        sid = self._local_sids.pop(session, None)
+        sid = None if keep_presence else self._local_sids.pop(session, None)
         if sid is not None and sid in self.presence:
             self.set_presence(session, sid, self.presence[sid]["user"], None)
         self.last_used = time.monotonic()

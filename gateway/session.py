@@ -359,9 +359,10 @@ class Session:
         snap, head = room.snapshot, room.head
         if msg.v is not None and not 0 <= msg.v <= head:
             raise MessageError(Code.BAD_VERSION, f"v must be in 0..{head}", doc)
-        if msg.doc in self.subs:
+        old = self.subs.get(msg.doc)
+        if old is not None:  # replaced: what the session set as presence there stays
             self._out = without_unsent_ops(self._out, doc)
-            self.subs[msg.doc].unsubscribe(self)
+            old.unsubscribe(self, keep_presence=old is room)
         self.subs[msg.doc] = room
         member = room.subscribe(self)
         if msg.v is None:

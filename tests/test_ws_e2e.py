@@ -858,6 +858,31 @@ def test_the_reference_client_skips_repeats_only_after_subscribing_again() -> No
     assert once.problems == ["op v1 repeated at v1"]
 
 
+@pytest.mark.parametrize("v", [None, 0], ids=["snapshot", "catch-up"])
+async def test_a_sub_again_keeps_the_session_s_presence(api: Api, v: int | None) -> None:
+    """Subscribing again without an unsub keeps the session's presence: the others get no
+    ``null`` for it, and a newcomer still gets it."""
+    doc = await api.create("abc")
+    setter, peer = await api.connect(Codec.JSON), await api.connect(Codec.MSGPACK)
+    late = await api.connect(Codec.JSON)
+    try:
+        await setter.subscribe(doc)
+        await peer.subscribe(doc)
+        await setter.send({"t": "presence", "doc": doc, "data": {"cursor": 1}})
+        await peer.wait_for(lambda m: m["t"] == "presence")
+        await setter.subscribe(doc, v=v, text=None if v is None else "abc")
+        await setter.ping()
+        await peer.ping()
+        assert [m["data"] for m in peer.log if m["t"] == "presence"] == [{"cursor": 1}]
+        await late.subscribe(doc)
+        await late.ping()
+        seen = [(m["session"], m["data"]) for m in late.log if m["t"] == "presence"]
+        assert seen == [(setter.session, {"cursor": 1})]
+    finally:
+        for ws in (setter, peer, late):
+            await ws.close()
+
+
 async def _version_is(api: Api, doc: str, v: int) -> bool:
     return (await api.get(doc))[1] == v
 
