@@ -277,7 +277,13 @@ class Session:
             await self._hello(msg)
             return
         if self.user is None:
-            raise MessageError(Code.UNAUTHORIZED, "send hello with a token first")
+            doc = getattr(msg, "doc", None)
+            raise MessageError(
+                Code.UNAUTHORIZED,
+                "send hello with a token first",
+                None if doc is None else str(doc),
+                getattr(msg, "seq", None),
+            )
         if isinstance(msg, messages.OpMsg):
             await self._op(msg)
         elif isinstance(msg, messages.Sub):

@@ -517,14 +517,19 @@ async def test_op_after_unsub_is_not_subscribed(env: Env, conn: Conn) -> None:
 
 
 async def test_messages_before_hello_are_unauthorized(env: Env) -> None:
-    """Before hello only ping works; other messages get unauthorized and change nothing."""
+    """Before hello only ping works; other messages get unauthorized, with their doc and
+    seq, and change nothing."""
     ws = await WsClient.connect(env.http.session, env.ws_url)
     try:
         mark = len(ws.log)
         await ws.send({"t": "sub", "doc": env.docs["a"]})
         await ws.send(op_msg(env.docs["a"], 0, ["x"], 1))
+        await ws.send({"t": "unsub", "doc": env.docs["b"].upper()})
         errors = await errors_after(ws, mark)
-        assert [e["code"] for e in errors] == ["unauthorized", "unauthorized"]
+        assert [e["code"] for e in errors] == ["unauthorized"] * 3
+        # Each names its request, as any error does (the document in its canonical form).
+        named = [(e.get("doc"), e.get("seq")) for e in errors]
+        assert named == [(env.docs["a"], None), (env.docs["a"], 1), (env.docs["b"], None)]
         assert await env.text("a") == ("alpha", 0)
     finally:
         await ws.close()
