@@ -329,6 +329,36 @@ async def test_sub_with_wrong_version_is_bad_version(env: Env, conn: Conn) -> No
     await assert_intact(env, conn)
 
 
+async def test_json_integers_past_64_bits_read_as_floats(env: Env) -> None:
+    """In JSON an integer outside -2**63..2**64-1 reads as a float: as ``v`` that is not an
+    integer (``bad_message``, with the doc), and presence carries it as that float."""
+    doc = env.docs["a"]
+    ws, peer = await env.connect(), await env.connect(codec=Codec.MSGPACK)
+    try:
+        await ws.subscribe(doc)
+        await peer.subscribe(doc)
+        for v, code in ((2**64 - 1, "bad_version"), (10**20, "bad_message")):
+            mark = len(ws.log)
+            await ws.send_raw(f'[{{"t":"sub","doc":"{doc}","v":{v}}}]')
+            await expect_one_error(ws, mark, code, doc)
+            mark = len(ws.log)
+            await ws.send_raw(f'[{{"t":"op","doc":"{doc}","v":{v},"op":["x"],"seq":5}}]')
+            await expect_one_error(ws, mark, code, doc, 5)
+        def seen() -> list[Any]:
+            return [m["data"] for m in peer.log if m["t"] == "presence"]
+
+        for n, value in enumerate((2**64, -(2**63), -(2**63) - 1), 1):
+            await ws.send_raw(f'[{{"t":"presence","doc":"{doc}","data":{value}}}]')
+            await peer.wait_until(lambda n=n: len(seen()) == n)  # type: ignore[misc]
+        got = seen()
+        assert got == [2.0**64, -(2**63), -(2.0**63)]
+        assert [type(d) for d in got] == [float, int, float]
+        assert await env.text("a") == ("alpha", 0)
+    finally:
+        await ws.close()
+        await peer.close()
+
+
 async def test_op_making_document_too_large_is_refused(env: Env, conn: Conn) -> None:
     """An op over the document size limit (8 Mi code points) gets too_large, over HTTP too."""
     from gateway.room import MAX_DOCUMENT_CHARS
