@@ -507,6 +507,11 @@ async def rename_document(request: web.Request) -> web.Response:
     return json_response(room.snapshot.as_json())
 
 
+DOC_ROUTE = "/v1/documents/{id:[^/]+}"
+"""The path of a document. Any spelling of its UUID names it, ``{…}`` too: aiohttp's
+default pattern for ``{id}`` refuses braces, and the route would be missing for it."""
+
+
 def add_routes(app: web.Application) -> None:
     """Register the routes of this module, and the ``GATE`` and ``BODIES`` they use."""
     app[GATE] = Gate()
@@ -515,10 +520,10 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/documents", create_document)
-    app.router.add_get("/v1/documents/{id}", get_document)
-    app.router.add_patch("/v1/documents/{id}", rename_document)
-    app.router.add_post("/v1/documents/{id}/ops", post_op)
-    app.router.add_get("/v1/documents/{id}/ops", list_ops)
-    app.router.add_get("/v1/documents/{id}/members", list_members)
-    app.router.add_post("/v1/documents/{id}/members", add_member)
-    app.router.add_delete("/v1/documents/{id}/members/{user}", remove_member)
+    app.router.add_get(DOC_ROUTE, get_document)
+    app.router.add_patch(DOC_ROUTE, rename_document)
+    app.router.add_post(DOC_ROUTE + "/ops", post_op)
+    app.router.add_get(DOC_ROUTE + "/ops", list_ops)
+    app.router.add_get(DOC_ROUTE + "/members", list_members)
+    app.router.add_post(DOC_ROUTE + "/members", add_member)
+    app.router.add_delete(DOC_ROUTE + "/members/{user}", remove_member)

@@ -45,7 +45,7 @@ from multidict import CIMultiDict
 from domain.document import CONTEXT_FIELDS, Document, check_no_nul
 from domain.errors import BadVersion, DomainError, Invalid, NotFound, TooLarge
 from gateway import keys
-from gateway.http import GATE, cached_response, parse_int, readable_room
+from gateway.http import DOC_ROUTE, GATE, cached_response, parse_int, readable_room
 from gateway.room import Rejected, Room, Submission
 from gateway.rooms import Rooms
 from gateway.store import Store, StoreConfig, StoreUnavailable
@@ -1029,15 +1029,15 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/documents:bulk", bulk_create)
     r.add_post("/v1/documents:batch-get", batch_get)
     r.add_get("/v1/projections", projections_status)
-    r.add_get("/v1/documents/{id}/history", document_history)
-    r.add_get("/v1/documents/{id}/diff", document_diff)
-    r.add_get("/v1/documents/{id}/blame", document_blame)
-    r.add_get("/v1/documents/{id}/context", list_context)
-    r.add_post("/v1/documents/{id}/context", add_context)
-    r.add_patch("/v1/documents/{id}/context/{item}", update_context)
-    r.add_delete("/v1/documents/{id}/context/{item}", remove_context)
+    r.add_get(DOC_ROUTE + "/history", document_history)
+    r.add_get(DOC_ROUTE + "/diff", document_diff)
+    r.add_get(DOC_ROUTE + "/blame", document_blame)
+    r.add_get(DOC_ROUTE + "/context", list_context)
+    r.add_post(DOC_ROUTE + "/context", add_context)
+    r.add_patch(DOC_ROUTE + "/context/{item}", update_context)
+    r.add_delete(DOC_ROUTE + "/context/{item}", remove_context)
     r.add_get("/v1/analytics/overview", analytics_overview)
-    r.add_get("/v1/analytics/documents/{id}", analytics_document)
+    r.add_get("/v1/analytics/documents/{id:[^/]+}", analytics_document)
     r.add_get("/v1/analytics/top-documents", analytics_top)
 
 

@@ -185,6 +185,20 @@ async def test_batch_get_takes_any_spelling_of_an_id_once(api: Api) -> None:
     assert out["missing"] == []
 
 
+async def test_a_path_takes_any_spelling_of_an_id(api: Api) -> None:
+    """Every spelling of a document's UUID names it in a path, braces too (aiohttp's default
+    pattern for a path part refuses them), on the gateway's routes and the read side's."""
+    mine = await api.create("mine", "hello")
+    want = await api.call("GET", f"/v1/documents/{mine}")
+    for alt in (mine.upper(), mine.replace("-", ""), f"{{{mine}}}", f"%7B{mine}%7D",
+                f"urn:uuid:{mine}"):
+        assert await api.call("GET", f"/v1/documents/{alt}") == want, alt
+        members = await api.call("GET", f"/v1/documents/{alt}/members")
+        assert members["members"] == [{"user": "ann", "role": "owner"}], alt
+        history = await api.call("GET", f"/v1/documents/{alt}/history")
+        assert history == await api.call("GET", f"/v1/documents/{mine}/history"), alt
+
+
 async def test_projections_report_head_position_and_lag(api: Api) -> None:
     """After reads caught up, every model is at the head with no lag."""
     doc = await api.create("p", "abc")
