@@ -96,6 +96,11 @@ class StoreConfig:
     pool_size: int = 4
 
 
+SQLITE_LOCK_SECONDS = 10
+"""How long an SQLite connection of the store waits for another's write lock (its busy
+timeout) before "database is locked"."""
+
+
 def library_env(cfg: StoreConfig, *, writer: bool = False) -> dict[str, str]:
     """The ``eventsourcing`` environment for ``cfg`` (persistence module and connection).
 
@@ -133,7 +138,7 @@ def library_env(cfg: StoreConfig, *, writer: bool = False) -> dict[str, str]:
         env.update(
             PERSISTENCE_MODULE="eventsourcing.sqlite",
             SQLITE_DBNAME=str(cfg.data_dir / "events.sqlite"),
-            SQLITE_LOCK_TIMEOUT="10",
+            SQLITE_LOCK_TIMEOUT=str(SQLITE_LOCK_SECONDS),
             APPLICATION_RECORDER_TOPIC="gateway.recorders:SQLiteClientOpsRecorder",
         )
     return env

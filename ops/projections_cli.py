@@ -11,7 +11,7 @@ Exit codes: 0 done; 1 ``audit verify`` found a broken chain; 2 bad arguments (an
 read model, a malformed or unknown document id, a version the document does not have, a
 setting or a flag out of range, no event store where the settings point); 3 ``replay``
 while another replay runs; 4 the database is unreachable (or the data directory cannot be
-opened).
+opened; or, on SQLite, another process held the write lock past the busy timeout).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _store_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argpars
     def run(args: argparse.Namespace) -> int:
         from eventsourcing.persistence import InterfaceError, OperationalError
 
-        from gateway.store import StoreUnavailable
+        from gateway.store import SQLITE_LOCK_SECONDS, StoreUnavailable
         from ops.wiring import NoStore, StoreUnreachable
 
         try:
@@ -85,7 +85,11 @@ def _store_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argpars
         except (StoreUnreachable, StoreUnavailable, OperationalError, InterfaceError) as exc:
             # The library's errors: the database went away after the store was opened.
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"coscribe: database unreachable: {reason}", file=sys.stderr)
+            if "database is locked" in reason:  # SQLite: a writer outlasted the busy timeout
+                print(f"coscribe: database locked: {reason} (another process held its write "
+                      f"lock for more than {SQLITE_LOCK_SECONDS} s)", file=sys.stderr)
+            else:
+                print(f"coscribe: database unreachable: {reason}", file=sys.stderr)
             return UNREACHABLE
 
     return run

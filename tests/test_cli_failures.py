@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import os
 import signal
@@ -337,3 +338,48 @@ def test_ctrl_c_before_a_command_handles_it_is_one_line_and_130(
     monkeypatch.setattr(cli, "dispatch", interrupted)
     assert cli.main(["token", "alice"]) == 130
     assert capsys.readouterr().err == "coscribe token: interrupted\n"
+
+
+def test_a_read_side_command_waits_for_the_writer_of_the_sqlite_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Opening the store read before it wrote, in a deferred transaction: while the server
+    held the write lock, ``audit verify`` failed at once with "database is locked" (exit 4)
+    instead of waiting out the busy timeout."""
+    import sqlite3
+
+    from domain.document import Document
+    from gateway.store import Store, StoreConfig
+
+    store = Store(StoreConfig(data_dir=tmp_path))
+    try:
+        store.save(Document.create("T", "", "ann").collect_events())
+    finally:
+        store.close()
+    writer = sqlite3.connect(tmp_path / "events.sqlite", isolation_level=None,
+                             check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")  # what a commit of the server holds
+    release = threading.Timer(0.5, writer.commit)
+    release.start()
+    try:
+        assert cli.main(["audit", "verify", "--data-dir", str(tmp_path)]) == 0
+    finally:
+        release.join()
+        writer.close()
+    assert "ok: 1 documents" in capsys.readouterr().out
+
+
+def test_a_store_still_locked_after_the_busy_timeout_says_locked(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite's "database is locked" past the busy timeout was "database unreachable"."""
+    from eventsourcing.persistence import OperationalError
+
+    from ops.projections_cli import _store_errors
+
+    def command(args: object) -> int:
+        raise OperationalError("database is locked")
+
+    assert _store_errors(command)(argparse.Namespace()) == 4
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("coscribe: database locked: database is locked") and "10 s" in line
