@@ -192,6 +192,10 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
             "SELECT notification_id, originator_id, originator_version, topic, state"
             " FROM {}.{} WHERE notification_id > %b ORDER BY notification_id LIMIT %b"
         ).format(schema, events)
+        self._select_document = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state"
+            " FROM {}.{} WHERE originator_id = %s ORDER BY notification_id"
+        ).format(schema, events)
 
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
@@ -347,6 +351,14 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
             curs.execute(self._select_rows, (after, limit), prepare=True)
             return curs.fetchall()
 
+    def select_document(self, doc: UUID) -> list[EventRow]:
+        """Every row of document ``doc``, in log (notification) order."""
+        with self.datastore.get_connection() as conn, conn.cursor(
+            row_factory=tuple_row, binary=True
+        ) as curs:
+            curs.execute(self._select_document, (doc,))
+            return curs.fetchall()
+
     def find_client_op(self, doc: str, client: str, seq: int) -> int | None:
         """The version the op ``(doc, client, seq)`` produced, or None if never committed."""
         with self.datastore.transaction(commit=False) as curs:
@@ -445,6 +457,16 @@ class SQLiteClientOpsRecorder(SQLiteApplicationRecorder):
                 [(d.replace("-", ""), cl, s, v) for d, cl, s, v in rows],
             )
         return super()._insert_events(c, stored_events, **kwargs)
+
+    def select_document(self, doc: UUID) -> list[EventRow]:
+        """Every row of document ``doc``, in log (notification) order."""
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(
+                "SELECT rowid, originator_version, topic, state FROM"
+                f" {self.events_table_name} WHERE originator_id = ? ORDER BY rowid",
+                (doc.hex,),
+            )
+            return [(r[0], doc, r[1], r[2], r[3]) for r in c.fetchall()]
 
     def find_client_op(self, doc: str, client: str, seq: int) -> int | None:
         """The version the op ``(doc, client, seq)`` produced, or None if never committed."""

@@ -283,20 +283,27 @@ def cmd_projections_run(args: argparse.Namespace) -> int:
 
 
 def _stored_events(store: Any, doc: UUID | None) -> Any:
-    """Every stored event (of ``doc``, or all in log order), decoded one by one."""
-    from projections.history import Undecodable
+    """``(event, payload as stored)`` for every stored event (of ``doc``, or all), in log
+    order, decoded one by one: a row that does not decode is an ``Undecodable`` (payload
+    None) instead of an error."""
+    from eventsourcing.persistence import StoredEvent
+
+    from projections.history import Undecodable, stored_payload
 
     recorder, mapper = store.app.recorder, store.app.mapper
 
-    def decode(stored: Any, doc_id: Any) -> Any:
+    def decode(stored: Any) -> tuple[Any, Any]:
         try:
-            return mapper.to_domain_event(stored)
+            event = mapper.to_domain_event(stored)
+            # The store's mapper has neither cipher nor compressor (gateway.store).
+            return event, stored_payload(mapper.transcoder.decode(bytes(stored.state)))
         except Exception as exc:  # a tampered row: report it instead of stopping
-            return Undecodable(doc_id, stored.originator_version, f"{type(exc).__name__}")
+            error = f"{type(exc).__name__} ({stored.topic})"
+            return Undecodable(stored.originator_id, stored.originator_version, error), None
 
     if doc is not None:
-        for stored in recorder.select_events(doc):
-            yield decode(stored, doc)
+        for _, oid, version, topic, state in recorder.select_document(doc):
+            yield decode(StoredEvent(oid, version, topic, state))
         return
     after = 0
     while True:
@@ -304,7 +311,7 @@ def _stored_events(store: Any, doc: UUID | None) -> Any:
         if not page:
             return
         for n in page:
-            yield decode(n, n.originator_id)
+            yield decode(n)
         after = page[-1].id
 
 
@@ -319,18 +326,19 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     store = open_store(_settings(args), existing=True)
     try:
         check = ChainCheck()
-        for e in _stored_events(store, doc):
-            check.feed(e)
+        for e, payload in _stored_events(store, doc):
+            check.feed(e, payload)
     finally:
         store.close()
     if doc is not None and check.documents == 0:
         _usage(f"no events for document {doc}")
-    for bad in sorted(check.broken.values(), key=lambda b: b.doc):
+    broken = check.finish()
+    for bad in sorted(broken.values(), key=lambda b: b.doc):
         print(f"BROKEN {bad.doc} at event {bad.position}: {bad.reason}")
-    status = "broken" if check.broken else "ok"
+    status = "broken" if broken else "ok"
     print(f"{status}: {check.documents} documents, {check.checked} events verified, "
-          f"{len(check.broken)} broken")
-    return 1 if check.broken else 0
+          f"{len(broken)} broken")
+    return 1 if broken else 0
 
 
 @_store_errors

@@ -197,60 +197,102 @@ class Undecodable:
 
 
 def payload_of(e: Any) -> dict[str, Any]:
-    """The fields of ``e`` that ``chain_hash`` covers."""
+    """The fields of ``e`` that ``chain_hash`` covers (as stored, unless ``e`` was upcast)."""
     return {k: v for k, v in vars(e).items() if k not in ENVELOPE}
+
+
+def stored_payload(state: dict[str, Any]) -> dict[str, Any]:
+    """The fields that ``chain_hash`` covers, from a stored event's decoded ``state``.
+
+    The payload as it was written, before any upcast: an event's ``h`` was computed when it
+    was made, over the fields its class had then (``schema/events.md``, Upcasting). The
+    library adds ``class_version`` to the stored state of a class above version 1; it is
+    not a field of the event.
+    """
+    return {k: v for k, v in state.items() if k not in ENVELOPE and k != "class_version"}
+
+
+MISSING = "event missing (versions skip)"
+"""Why a link breaks when a document's log has no event at a version."""
 
 
 class ChainCheck:
     """Checks hash chains event by event, for any number of documents at once.
 
-    Feed every event of the store in log order (each document's events then come in
-    aggregate order). A document's link breaks when an event's stored ``h`` differs from the
-    hash of the previous event's ``h`` and its own content (an edited row), when aggregate
-    versions skip (a removed row), or when a row cannot be decoded (``Undecodable``). Only
-    the first broken link of each document is reported; later events of it are skipped.
-    A removed *last* event cannot be seen from the chain alone.
+    Feed every event in log order (all of the store's, or one document's), then call
+    ``finish``. A document's link breaks when an event's stored ``h`` differs from the hash
+    of the previous event's ``h`` and its own content (an edited row), when a version has
+    no event (a removed row), when the log holds a document's events out of version order
+    (rows renumbered), or when a row cannot be decoded (``Undecodable``). Only the first
+    broken link of each document is reported; later events of it are skipped. A removed
+    *last* event, or a last event edited with its ``h`` recomputed, cannot be seen from the
+    chain alone.
     """
 
     def __init__(self) -> None:
         self._prev: dict[str, tuple[bytes, int]] = {}
+        self._ahead: dict[str, int] = {}
+        """Per document, the first version seen before its turn: a gap, or the log holds the
+        missing event later (out of order); ``finish`` tells which is left."""
         self.broken: dict[str, Broken] = {}
         self.checked = 0
 
-    def feed(self, e: Any) -> Broken | None:
-        """Check one event; returns the document's first broken link if this is it."""
+    def feed(self, e: Any, payload: dict[str, Any] | None = None) -> Broken | None:
+        """Check one event; returns the document's first broken link if this is it.
+
+        ``payload``: the event's fields as stored (``stored_payload``), which the chain
+        covers; without it, ``payload_of(e)`` (the same unless ``e`` was upcast).
+        """
         doc = str(e.originator_id)
         if doc in self.broken:
             return None
         prev, last = self._prev.get(doc, (GENESIS, 0))
+        version = e.originator_version
+        ahead = self._ahead.get(doc)
         bad: Broken | None = None
-        if e.originator_version != last + 1:
-            bad = Broken(doc, last + 1, "event missing (versions skip)")
+        if version > last + 1:
+            if ahead is None:
+                self._ahead[doc] = version
+            return None
+        if version <= last or ahead is not None:
+            bad = Broken(doc, version, f"out of order: the log holds event "
+                                       f"{ahead or last} of this document before it")
         elif isinstance(e, Undecodable):
-            bad = Broken(doc, e.originator_version, f"undecodable: {e.error}")
+            bad = Broken(doc, version, f"undecodable: {e.error}")
         else:
-            h = chain_hash(prev, type(e).__name__, e.originator_id, e.originator_version,
-                           e.timestamp, payload_of(e))
+            h = chain_hash(prev, type(e).__name__, e.originator_id, version, e.timestamp,
+                           payload_of(e) if payload is None else payload)
             if getattr(e, "h", None) != h:
-                bad = Broken(doc, e.originator_version, BAD_LINK)
+                bad = Broken(doc, version, BAD_LINK)
             else:
-                self._prev[doc] = (h, e.originator_version)
+                self._prev[doc] = (h, version)
                 self.checked += 1
         if bad is not None:
             self.broken[doc] = bad
         return bad
 
+    def finish(self) -> dict[str, Broken]:
+        """The first broken link of each document, once every event has been fed."""
+        for doc in self._ahead:
+            if doc not in self.broken:
+                last = self._prev.get(doc, (GENESIS, 0))[1]
+                self.broken[doc] = Broken(doc, last + 1, MISSING)
+        self._ahead.clear()
+        return self.broken
+
     @property
     def documents(self) -> int:
         """Documents seen so far."""
-        return len(self._prev.keys() | self.broken.keys())
+        return len(self._prev.keys() | self._ahead.keys() | self.broken.keys())
 
 
 def verify_chain(events: Iterable[Any]) -> tuple[int, Broken | None]:
-    """Check one document's chain; returns (events that checked out, first broken link)."""
+    """Check one document's chain (its events in log order, not upcast); returns (events
+    that checked out, first broken link)."""
     check = ChainCheck()
     for e in events:
         bad = check.feed(e)
         if bad is not None:
             return check.checked, bad
-    return check.checked, None
+    broken = list(check.finish().values())
+    return check.checked, broken[0] if broken else None
