@@ -7,11 +7,12 @@ the flags ``--data-dir``, ``--database-url``, ``--database-schema``; ``projectio
 store: where there is none they say so (``coscribe serve`` makes it) instead of making an
 empty one, which ``projections run`` would have followed for good.
 
-Exit codes: 0 done; 1 ``audit verify`` found a broken chain; 2 bad arguments (an unknown
-read model, a malformed or unknown document id, a version the document does not have, a
-setting or a flag out of range, no event store where the settings point); 3 ``replay``
-while another replay runs; 4 the database is unreachable (or the data directory cannot be
-opened; or, on SQLite, another process held the write lock past the busy timeout).
+Exit codes: 0 done; 1 ``audit verify`` found a broken chain (``audit show``: the document's
+is broken); 2 bad arguments (an unknown read model, a malformed or unknown document id, a
+version the document does not have, a setting or a flag out of range, no event store where
+the settings point); 3 ``replay`` while another replay runs; 4 the database is unreachable
+(or the data directory cannot be opened; or, on SQLite, another process held the write lock
+past the busy timeout).
 """
 
 from __future__ import annotations
@@ -343,24 +344,37 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 @_store_errors
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    """Print a document's history (from the events) and its text at ``--at`` (or now)."""
+    """Print a document's history (from the events) and its text at ``--at`` (or now).
+
+    The document's chain is checked first: a broken one (exit 1, one line) shows nothing,
+    since a text rebuilt across a removed or changed event is one that never existed.
+    """
     from rich.console import Console
     from rich.table import Table
 
     from domain.document import Document
     from ops.wiring import open_store
     from projections.audit import action_of, summary_of
-    from projections.history import state_at
+    from projections.history import ChainCheck, state_at
     from projections.sql import iso
 
     doc = _uuid(args.doc)
     store = open_store(_settings(args), existing=True)
     try:
-        events = store.events_after(doc, 0)
+        stored = list(_stored_events(store, doc))
     finally:
         store.close()
-    if not events:
+    if not stored:
         _usage(f"no such document {doc}")
+    check = ChainCheck()
+    for e, payload in stored:
+        check.feed(e, payload)
+    bad = check.finish().get(str(doc))
+    if bad is not None:
+        print(f"coscribe: BROKEN {doc} at event {bad.position}: {bad.reason}; not shown",
+              file=sys.stderr)
+        return 1
+    events = [e for e, _ in stored]
     current = sum(isinstance(e, Document.Edited) for e in events)
     if args.at is not None and not 0 <= args.at <= current:
         _usage(f"--at {args.at}: document {doc} has versions 0..{current}")

@@ -256,3 +256,25 @@ def test_the_upcasting_recipe_keeps_the_chain_valid(
         store.close()
     assert main(["audit", "verify", *_flags(store_config)]) == 0
     assert "ok: 3 documents, 16 events verified, 0 broken" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tamper", ["garbage", "topic", "delete"])
+def test_show_refuses_a_broken_chain_in_one_line(
+    store_config: StoreConfig, capsys: pytest.CaptureFixture[str], tamper: str
+) -> None:
+    """Undecodable state and an unknown topic were 36- and 43-line tracebacks; a removed
+    middle event printed a text that never existed, exit 0."""
+    ids = _docs(store_config)
+    rows = Rows(store_config)
+    if tamper == "garbage":
+        rows.set_state(ids[0], 3, b"\xc1garbage")
+    elif tamper == "topic":
+        rows.set_topic(ids[0], 3, "domain.document:Document.Nope")
+    else:
+        rows.delete(ids[0], 3)
+    assert main(["audit", "show", str(ids[0]), *_flags(store_config)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"coscribe: BROKEN {ids[0]} at event 3: ") and err.count("\n") == 1
+    assert {"garbage": "undecodable: MapperDeserialisationError",
+            "topic": "undecodable: TopicError", "delete": "event missing"}[tamper] in err
