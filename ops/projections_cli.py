@@ -23,6 +23,7 @@ import logging
 import signal
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from uuid import UUID
@@ -351,6 +352,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     """
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from domain.document import Document
     from ops.wiring import open_store
@@ -380,6 +382,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
         _usage(f"--at {args.at}: document {doc} has versions 0..{current}")
     state = state_at(events, args.at)
     assert state is not None
+    # Cells are Text, never markup: titles and names are the users' ("[/x]" raised an error).
     table = Table(title=f"history of {doc}")
     for col in ("#", "at", "actor", "action", "v", "summary"):
         table.add_column(col)
@@ -392,13 +395,42 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
             summary = {"from": title, "to": e.title}  # as the audit read model has it
         if isinstance(e, Document.Created | Document.Renamed):
             title = e.title
-        table.add_row(str(e.originator_version), iso(e.timestamp), actor, action_of(e),
-                      str(version), ", ".join(f"{k}={v}" for k, v in summary.items()))
+        cells = (str(e.originator_version), iso(e.timestamp), actor, action_of(e), str(version),
+                 ", ".join(f"{k}={v}" for k, v in summary.items()))
+        table.add_row(*(Text(_visible(c, keep="")) for c in cells))
     console = Console()
     console.print(table)
-    console.print(f"[bold]{state.title}[/bold] at version {state.version}:")
-    console.print(state.text, markup=False, highlight=False)
+    header = Text(f"{_visible(state.title, keep='')} at version {state.version}:", style="bold")
+    console.print(header, soft_wrap=True)
+    _write_text(state.text)
     return 0
+
+
+def _visible(text: str, keep: str = "\n\t") -> str:
+    """``text`` with its control characters (but those in ``keep``) as Python escapes
+    (``\\x1b``, ``\\r``): what a terminal shows without obeying it."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(c) == "Cc" and c not in keep else c
+        for c in text
+    )
+
+
+def _write_text(text: str) -> None:
+    """Print a document's text after the header: on a terminal in ``_visible`` form (it must
+    not drive the terminal) and ending with a newline; else its exact UTF-8 bytes and
+    nothing more (no wrapping, no markup, no emoji codes, tabs kept)."""
+    out = sys.stdout
+    if out.isatty():
+        shown = _visible(text)
+        out.write(shown if shown.endswith("\n") else shown + "\n")
+        out.flush()
+        return
+    out.flush()
+    out.buffer.write(text.encode())
+    out.buffer.flush()
 
 
 def _uuid(raw: str) -> UUID:

@@ -258,6 +258,85 @@ def test_the_upcasting_recipe_keeps_the_chain_valid(
     assert "ok: 3 documents, 16 events verified, 0 broken" in capsys.readouterr().out
 
 
+def test_show_prints_titles_and_names_as_they_are_not_as_markup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A title "[/oops]" was a 47-line MarkupError; "[red]x[/red]" lost its brackets."""
+    monkeypatch.setenv("COLUMNS", "200")
+    cfg = StoreConfig(data_dir=tmp_path)
+    doc = Document.create("[/oops]", "hi", "[bold]ann")
+    doc.rename("[red]x[/red] :smile:", "[bold]ann")
+    store = Store(cfg)
+    try:
+        store.save(doc.collect_events())
+    finally:
+        store.close()
+    assert main(["audit", "show", str(doc.id), *_flags(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "from=[/oops], to=[red]x[/red] :smile:" in out
+    assert "title=[/oops]" in out and "[bold]ann" in out
+    assert "[red]x[/red] :smile: at version 0:\n" in out
+
+
+TEXT = (("word " * 40).strip() + "\n\tindented\ttab  \ntrailing   \n"
+        "[bold]no[/bold] :smile: \x1b[31mred\rx")
+"""A text that rich wrapped, de-tabbed, turned into an emoji and passed to the terminal."""
+
+
+def test_show_prints_the_exact_text_when_not_on_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Piped, everything after the header line is the text's bytes, nothing added."""
+    cfg = StoreConfig(data_dir=tmp_path)
+    doc = Document.create("t", TEXT, "ann")
+    store = Store(cfg)
+    try:
+        store.save(doc.collect_events())
+    finally:
+        store.close()
+    assert main(["audit", "show", str(doc.id), *_flags(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert out.split("t at version 0:\n", 1)[1] == TEXT
+
+
+def test_show_on_a_terminal_shows_control_characters_without_obeying_them(
+    tmp_path: Path,
+) -> None:
+    """On a terminal the text's escape sequences are shown as \\x1b (they recoloured it)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    cfg = StoreConfig(data_dir=tmp_path)
+    doc = Document.create("t", TEXT, "ann")
+    store = Store(cfg)
+    try:
+        store.save(doc.collect_events())
+    finally:
+        store.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSCRIBE_")}
+    env["COLUMNS"] = "200"
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "ops.projections_cli", "audit", "show",
+                             str(doc.id), *_flags(cfg)], stdout=secondary, env=env)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    assert proc.wait(30) == 0
+    shown = b"".join(chunks).decode().replace("\r\n", "\n").split("at version 0:", 1)[1]
+    assert "\x1b[31mred" not in shown and "\\x1b[31mred\\rx\n" in shown
+    assert "\tindented\ttab  \n" in shown and ":smile:" in shown
+
+
 @pytest.mark.parametrize("tamper", ["garbage", "topic", "delete"])
 def test_show_refuses_a_broken_chain_in_one_line(
     store_config: StoreConfig, capsys: pytest.CaptureFixture[str], tamper: str
