@@ -12,7 +12,7 @@ is broken); 2 bad arguments (an unknown read model, a malformed or unknown docum
 version the document does not have, a setting or a flag out of range, no event store where
 the settings point); 3 ``replay`` while another replay runs; 4 the database is unreachable
 (or the data directory cannot be opened; or, on SQLite, another process held the write lock
-past the busy timeout).
+past the busy timeout), or the read-model database failed.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _add_store_flags(p: argparse.ArgumentParser) -> None:
 
 def _store_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """``cmd`` with the store's failures as exit codes: no store 2 (the message says where
-    it looked, and who makes it), unreachable 4."""
+    it looked, and who makes it), unreachable 4; the read-model database failing is 4 too."""
 
     @functools.wraps(cmd)
     def run(args: argparse.Namespace) -> int:
@@ -78,15 +78,19 @@ def _store_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argpars
 
         from gateway.store import SQLITE_LOCK_SECONDS, StoreUnavailable
         from ops.wiring import NoStore, StoreUnreachable
+        from projections.db import ReadDBError
 
         try:
             return cmd(args)
         except NoStore as exc:
             _usage(f"{exc}: the gateway (coscribe serve) creates it; start one first, or "
                    f"check --data-dir, --database-url and --database-schema")
+        except ReadDBError as exc:  # the read models' database (its Busy is the command's)
+            print(f"coscribe: read-model database failed: {_reason(exc)}", file=sys.stderr)
+            return UNREACHABLE
         except (StoreUnreachable, StoreUnavailable, OperationalError, InterfaceError) as exc:
             # The library's errors: the database went away after the store was opened.
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = _reason(exc)
             if "database is locked" in reason:  # SQLite: a writer outlasted the busy timeout
                 print(f"coscribe: database locked: {reason} (another process held its write "
                       f"lock for more than {SQLITE_LOCK_SECONDS} s)", file=sys.stderr)
@@ -95,6 +99,12 @@ def _store_errors(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argpars
             return UNREACHABLE
 
     return run
+
+
+def _reason(exc: Exception) -> str:
+    """The first line of ``exc``'s message (its class name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _open(args: argparse.Namespace) -> tuple[Any, Any, Any]:

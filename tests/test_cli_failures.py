@@ -383,3 +383,26 @@ def test_a_store_still_locked_after_the_busy_timeout_says_locked(
     assert _store_errors(command)(argparse.Namespace()) == 4
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("coscribe: database locked: database is locked") and "10 s" in line
+
+
+@pytest.mark.parametrize("command", [["replay", "--quiet"], ["projections", "run"]])
+def test_a_read_model_database_that_fails_is_exit_4_in_one_line(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """A read-model database that cannot be opened (here readmodels.sqlite a directory; on
+    PostgreSQL "too many clients") was a ReadDBError traceback and exit 1."""
+    from domain.document import Document
+    from gateway.store import Store, StoreConfig
+
+    store = Store(StoreConfig(data_dir=tmp_path))
+    try:
+        store.save(Document.create("T", "", "ann").collect_events())
+    finally:
+        store.close()
+    (tmp_path / "readmodels.sqlite").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSCRIBE_")}
+    run = subprocess.run([sys.executable, "-m", "ops.projections_cli", *command, "--data-dir",
+                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 4, run.stderr
+    assert ("coscribe: read-model database failed: unable to open database file"
+            in _one_line(run.stderr))
