@@ -142,11 +142,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     store, source, db = _open(args)
     tune_gc()
     try:
-        with db.exclusive("replay"):  # two rebuilds would share the fresh tables
+        # One lock for every model: two rebuilds would share the fresh tables.
+        with db.exclusive("replay"):
             _replay(args, models, source, db)
     except Busy:
-        print("coscribe replay: another replay of these read models is running; run this "
-              "one when it has finished", file=sys.stderr)
+        print("coscribe replay: another replay is running on this read-model database (one "
+              "at a time, whichever read models each rebuilds); run this one when it has "
+              "finished", file=sys.stderr)
         return 3
     finally:
         db.close()

@@ -446,6 +446,10 @@ def test_a_second_replay_is_refused_while_one_runs(
                 pass
             assert main(["replay", *flags]) == 3
             assert "another replay" in capsys.readouterr().err
+            # One lock for all the read models: it said "another replay of these read models".
+            assert main(["replay", "--projection", "audit", *flags]) == 3
+            assert ("another replay is running on this read-model database (one at a time, "
+                    "whichever read models each rebuilds)") in capsys.readouterr().err
         assert main(["replay", *flags]) == 0
     finally:
         db.close()
