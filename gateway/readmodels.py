@@ -49,7 +49,7 @@ from gateway.http import DOC_ROUTE, GATE, cached_response, parse_int, readable_r
 from gateway.room import Rejected, Room, Submission
 from gateway.rooms import Rooms
 from gateway.store import Store, StoreConfig, StoreUnavailable
-from projections import history, queries
+from projections import history, queries, replay
 from projections.cache import HeadProbe, PageCache, ReadCache
 from projections.db import ReadDB, ReadDBConfig, ReadDBError, open_db
 from projections.follower import Follower
@@ -621,11 +621,13 @@ async def projections_status(request: web.Request) -> web.Response:
         if rm.run and rm.follower.last_error:
             item["error"] = rm.follower.last_error
         out.append(item)
-    rebuilding = sorted(n for n in rows if n.endswith("__next"))
+    rebuilding = sorted(n for n in rows if n.endswith(replay.NEXT))
     data: dict[str, Any] = {"head": head, "projections": out}
     if rebuilding:
-        data["rebuilding"] = [
-            {"name": n.removesuffix("__next"), "position": int(rows[n]["position"])}
+        # A killed replay leaves its rows: they are a rebuild only while one holds the lock.
+        running = await rm.call(rm.db.held, replay.LOCK)
+        data["rebuilding" if running else "interrupted"] = [
+            {"name": n.removesuffix(replay.NEXT), "position": int(rows[n]["position"])}
             for n in rebuilding
         ]
     data["cache"] = rm.cache.stats()

@@ -136,14 +136,14 @@ def _models(name: str | None) -> list[Any]:
 def cmd_replay(args: argparse.Namespace) -> int:
     """Rebuild read models from the first event into fresh tables, then swap them in."""
     from projections.db import Busy
+    from projections.replay import LOCK
 
     _check_flags(args)
     models = _models(args.projection)
     store, source, db = _open(args)
     tune_gc()
     try:
-        # One lock for every model: two rebuilds would share the fresh tables.
-        with db.exclusive("replay"):
+        with db.exclusive(LOCK):
             _replay(args, models, source, db)
     except Busy:
         print("coscribe replay: another replay is running on this read-model database (one "

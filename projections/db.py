@@ -100,6 +100,11 @@ class ReadDB(ABC):
         without waiting: raise ``Busy`` if another process (or connection) holds it."""
 
     @abstractmethod
+    def held(self, name: str) -> bool:
+        """Whether a process holds lock ``name`` of ``exclusive`` now (a status probe; it may
+        take the lock for an instant, which ``exclusive`` waits out)."""
+
+    @abstractmethod
     def close(self) -> None:
         """Close every connection."""
 
@@ -182,6 +187,10 @@ def _sqlite_rows(conn: sqlite3.Connection, sql: str, params: Sequence[Param]) ->
         raise ReadDBError(f"{exc} in {sql[:200]}") from exc
 
 
+PROBE_WAIT = 0.5
+"""Seconds ``SQLiteReadDB.exclusive`` tries for its lock file before ``Busy``: ``held`` takes
+it shared for an instant."""
+
 WAL_ATTEMPTS = 100
 """Tries to switch a new file to WAL while other processes hold it (about 5 s in all)."""
 
@@ -221,17 +230,39 @@ class SQLiteReadDB(ReadDB):
         self._lock = threading.Lock()
         self._closed = False
 
+    def _lock_file(self, name: str) -> Path:
+        return self.path.with_name(f"{self.path.name}.{name}.lock")
+
     @contextmanager
     def exclusive(self, name: str) -> Iterator[None]:
         # A lock file beside the database; the kernel releases it when the process dies.
         import fcntl
 
-        with open(self.path.with_name(f"{self.path.name}.{name}.lock"), "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise Busy(f"{name} is held by another process") from None
+        with open(self._lock_file(name), "a") as f:
+            deadline = time.monotonic() + PROBE_WAIT
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise Busy(f"{name} is held by another process") from None
+                    time.sleep(0.01)
             yield
+
+    def held(self, name: str) -> bool:
+        import fcntl
+
+        path = self._lock_file(name)
+        if not path.exists():
+            return False  # no replay ever ran here (the file is never removed)
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -428,6 +459,20 @@ class PostgresReadDB(ReadDB):
             if not (row and row[0]):
                 raise Busy(f"{name} is held by another process")
             yield
+
+    def held(self, name: str) -> bool:
+        # The lock of ``exclusive``, looked up without taking it: a one-bigint advisory lock
+        # is listed with the key's high 32 bits as classid and its low ones as objid.
+        key = f"{self.schema}:{name}"
+        rows = self.query(
+            "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND objsubid = 1 AND database ="
+            " (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND classid::bigint = (hashtext(%s)::bigint >> 32) & 4294967295"
+            " AND objid::bigint = hashtext(%s)::bigint & 4294967295",
+            (key, key),
+        )
+        return int(rows[0]["n"]) > 0
 
     def close(self) -> None:
         with self._lock:

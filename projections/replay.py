@@ -13,6 +13,10 @@ Once it has caught up with the log, one transaction:
 A live runner then finds its tracking row moved (its compare-and-set fails), re-reads it and
 carries on from there on the new tables.
 
+A rebuild that fails or is interrupted (Ctrl-C) drops its fresh tables and tracking rows; one
+killed outright leaves them (``GET /v1/projections`` lists them as ``interrupted``) until the
+next rebuild starts them afresh.
+
 While the rebuild applies one page, the next ones are read, decoded and mapped to the
 models' statements on a thread of its own (``PageFeed``): that Python work fits in the time
 the database spends on the pages before.
@@ -20,6 +24,7 @@ the database spends on the pages before.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import queue
 import sys
@@ -30,13 +35,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from projections.db import ReadDB
+from projections.db import ReadDB, ReadDBError
 from projections.model import ReadModel
 from projections.runner import EventSource, PreparedPage, Runner
 from projections.sql import Renderer, iso
 
 NEXT = "__next"
 """Suffix of the tables and the tracking row of a rebuild in progress."""
+LOCK = "replay"
+"""The ``ReadDB.exclusive`` lock a replay holds while it runs: one for every read model of
+the database, since rebuilds share the setup of the fresh tables. Tables and tracking rows
+with ``NEXT`` while no process holds it are the leftovers of a replay that was killed."""
 REPLAY_PAGE = 2000
 """Events per transaction during a rebuild."""
 AHEAD_PAGES = 3
@@ -177,6 +186,31 @@ def rebuild_all(
     """
     started = time.perf_counter()
     runner = Runner(db, source, models, page_size=page_size, suffix=NEXT)
+    try:
+        events = _fill(runner, source, models, page_size, progress)
+        # Built once over the finished tables: row by row they cost the rebuild a third of
+        # the database's time. The live tables still serve reads meanwhile.
+        runner.create_read_indexes()
+        extra = {m.name: swap(db, source, runner, m) for m in models}
+    except BaseException:  # Ctrl-C, or a failure: leave no half-built tables behind
+        with contextlib.suppress(ReadDBError):  # the database may be what failed
+            discard(db, models)
+        raise
+    seconds = time.perf_counter() - started
+    return [
+        RebuildResult(m.name, runner.tracks[m.name].position, events + extra[m.name], seconds)
+        for m in models
+    ]
+
+
+def _fill(
+    runner: Runner,
+    source: EventSource,
+    models: Sequence[ReadModel],
+    page_size: int,
+    progress: Progress | None,
+) -> int:
+    """Set up ``runner``'s fresh tables and apply the log to them; returns events applied."""
     runner.setup(fresh=True)
     feed = PageFeed(source, models, runner.seen(), page_size)
     runner.source = feed
@@ -192,22 +226,26 @@ def rebuild_all(
             if progress is not None:
                 progress(runner.seen(), max(source.head(), runner.seen()))
             if n == 0:
-                break
+                return events
     finally:
         if collecting:
             gc.enable()
         sys.setswitchinterval(switch)
         feed.close()
         runner.source = source
-    # Built once over the finished tables: row by row they cost the rebuild a third of
-    # the database's time. The live tables still serve reads meanwhile.
-    runner.create_read_indexes()
-    extra = {m.name: swap(db, source, runner, m) for m in models}
-    seconds = time.perf_counter() - started
-    return [
-        RebuildResult(m.name, runner.tracks[m.name].position, events + extra[m.name], seconds)
-        for m in models
-    ]
+
+
+def discard(db: ReadDB, models: Sequence[ReadModel]) -> None:
+    """Drop what a rebuild of ``models`` made and has not swapped in: its fresh tables and
+    tracking rows. Only for the holder of the replay lock (``LOCK``)."""
+    plain = Renderer(db.dialect, {})
+    with db.transaction() as tx:
+        db.lock(tx, "coscribe-readmodels-setup")
+        for model in models:
+            for table in model.physical(NEXT).values():
+                tx.execute(f"DROP TABLE IF EXISTS {table}")
+            if db.table_exists(tx, "rm_tracking"):
+                tx.execute(plain("DELETE FROM rm_tracking WHERE name = ?"), (model.name + NEXT,))
 
 
 def swap(db: ReadDB, source: EventSource, runner: Runner, model: ReadModel) -> int:

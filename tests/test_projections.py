@@ -453,3 +453,77 @@ def test_a_second_replay_is_refused_while_one_runs(
         assert main(["replay", *flags]) == 0
     finally:
         db.close()
+
+
+def _rebuild_leftovers(db: Any, kind: str) -> set[str]:
+    """The ``__next`` tables and tracking rows in ``db``."""
+    if kind == "sqlite":
+        rows = db.query("SELECT name FROM sqlite_master WHERE type = 'table'")
+    else:
+        rows = db.query("SELECT table_name AS name FROM information_schema.tables"
+                        " WHERE table_schema = current_schema()")
+    tables = {r["name"] for r in rows if r["name"].endswith(NEXT)}
+    tracking = {r["name"] for r in db.query("SELECT name FROM rm_tracking")}
+    return tables | {n for n in tracking if n.endswith(NEXT)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_interrupted_rebuild_leaves_nothing_behind(kind: str) -> None:
+    """Ctrl-C mid-rebuild left its rm_*__next tables and <name>__next rows, which
+    GET /v1/projections reported as "rebuilding" at a frozen position for good."""
+    from projections.replay import rebuild_all
+
+    with store_and_db(kind) as (store, db):
+        total = make_history(store, docs=2, edits=60)
+        live = Runner(db, source(store), MODELS)
+        live.setup()
+        live.catch_up()
+
+        def ctrl_c(position: int, head: int) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            rebuild_all(db, source(store), MODELS, page_size=10, progress=ctrl_c)
+        assert _rebuild_leftovers(db, kind) == set()
+        assert set(positions(db).values()) == {total}  # the live tables are untouched
+        rebuild_all(db, source(store), MODELS, page_size=10)  # and a replay still works
+        assert _rebuild_leftovers(db, kind) == set()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_held_tells_whether_a_replay_holds_its_lock(kind: str) -> None:
+    """The status probe sees the replay lock of another connection without taking it (on
+    SQLite it takes it shared for an instant, which a replay starting then waits out)."""
+    from gateway.readmodels import read_db_config
+    from projections.db import open_db
+    from projections.replay import LOCK
+
+    with store_and_db(kind) as (store, db):
+        other = open_db(read_db_config(store.cfg))
+        try:
+            assert not db.held(LOCK)
+            with other.exclusive(LOCK):
+                assert db.held(LOCK)
+                assert not db.held("another")
+        finally:
+            other.close()
+
+
+def test_a_replay_starting_during_a_status_probe_waits_it_out(tmp_path: Any) -> None:
+    """SQLite: ``held`` holds the lock file shared for an instant; a replay then got Busy."""
+    import fcntl
+
+    from projections.db import SQLiteReadDB
+    from projections.replay import LOCK
+
+    db = SQLiteReadDB(tmp_path / "readmodels.sqlite")
+    probe = open(tmp_path / f"readmodels.sqlite.{LOCK}.lock", "a")  # noqa: SIM115 (the timer closes it)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    release = threading.Timer(0.1, probe.close)
+    release.start()
+    try:
+        with db.exclusive(LOCK):
+            pass
+    finally:
+        release.join()
+        db.close()

@@ -212,6 +212,35 @@ async def test_projections_report_head_position_and_lag(api: Api) -> None:
         assert (p["position"], p["lag"], p["lag_seconds"]) == (2, 0, 0.0)
 
 
+async def test_a_killed_replays_leftovers_are_interrupted_not_rebuilding(
+    api: Api, store_config: StoreConfig
+) -> None:
+    """A replay killed mid-rebuild left its tracking rows, reported as "rebuilding" at a
+    frozen position for good; they are a rebuild only while a replay holds the lock."""
+    from gateway.readmodels import StoreSource, read_db_config
+    from projections.db import open_db
+    from projections.registry import MODELS
+    from projections.replay import LOCK, NEXT
+    from projections.runner import Runner
+
+    await api.create("p", "abc")
+    await api.call("GET", "/v1/documents")
+    store = Store(store_config)
+    db = open_db(read_db_config(store_config))
+    try:
+        Runner(db, StoreSource(store), MODELS, suffix=NEXT).setup(fresh=True)  # what it left
+        out = await api.call("GET", "/v1/projections")
+        assert "rebuilding" not in out
+        assert {r["name"] for r in out["interrupted"]} == {m.name for m in MODELS}
+        with db.exclusive(LOCK):
+            out = await api.call("GET", "/v1/projections")
+        assert "interrupted" not in out
+        assert [r["position"] for r in out["rebuilding"]] == [0] * len(MODELS)
+    finally:
+        db.close()
+        store.close()
+
+
 # -- one document's past --------------------------------------------------------------------
 
 
