@@ -191,6 +191,15 @@ def test_show_prints_history_and_the_text_at_a_version(
     assert capsys.readouterr().out.rstrip().endswith("xbc")
 
 
+def _save(cfg: StoreConfig, doc: Document) -> None:
+    """Store ``doc``'s pending events."""
+    store = Store(cfg)
+    try:
+        store.save(doc.collect_events())
+    finally:
+        store.close()
+
+
 def _exit_code(argv: list[str]) -> int:
     with pytest.raises(SystemExit) as stop:
         main(argv)
@@ -266,11 +275,7 @@ def test_show_prints_titles_and_names_as_they_are_not_as_markup(
     cfg = StoreConfig(data_dir=tmp_path)
     doc = Document.create("[/oops]", "hi", "[bold]ann")
     doc.rename("[red]x[/red] :smile:", "[bold]ann")
-    store = Store(cfg)
-    try:
-        store.save(doc.collect_events())
-    finally:
-        store.close()
+    _save(cfg, doc)
     assert main(["audit", "show", str(doc.id), *_flags(cfg)]) == 0
     out = capsys.readouterr().out
     assert "from=[/oops], to=[red]x[/red] :smile:" in out
@@ -289,11 +294,7 @@ def test_show_prints_the_exact_text_when_not_on_a_terminal(
     """Piped, everything after the header line is the text's bytes, nothing added."""
     cfg = StoreConfig(data_dir=tmp_path)
     doc = Document.create("t", TEXT, "ann")
-    store = Store(cfg)
-    try:
-        store.save(doc.collect_events())
-    finally:
-        store.close()
+    _save(cfg, doc)
     assert main(["audit", "show", str(doc.id), *_flags(cfg)]) == 0
     out = capsys.readouterr().out
     assert out.split("t at version 0:\n", 1)[1] == TEXT
@@ -310,11 +311,7 @@ def test_show_on_a_terminal_shows_control_characters_without_obeying_them(
 
     cfg = StoreConfig(data_dir=tmp_path)
     doc = Document.create("t", TEXT, "ann")
-    store = Store(cfg)
-    try:
-        store.save(doc.collect_events())
-    finally:
-        store.close()
+    _save(cfg, doc)
     env = {k: v for k, v in os.environ.items() if not k.startswith("COSCRIBE_")}
     env["COLUMNS"] = "200"
     primary, secondary = pty.openpty()
