@@ -171,7 +171,8 @@ class Rooms:
         """The room of ``doc_id`` if ``user`` may read it; None if not, or if there is none.
 
         This process's copy can lag another's by the few ms of a publish (more while Redis
-        is down). Where that could change the answer, the store is read first: the copy
+        is down). Where that could change the answer, the store is read first (raising
+        ``StoreUnavailable`` if it cannot be read and ``v`` is past the copy): the copy
         says ``user`` may not read (a member just added elsewhere), ``v`` is past it (a
         version seen elsewhere), or the hub is down. Versions are checked against the room's
         ``head``, not its snapshot: what the store read returns waits in the room while a
@@ -182,7 +183,9 @@ class Rooms:
             return None
         behind = v is not None and v > room.head
         if behind or not room.may_read(user) or not self.hub.healthy:
-            await self.current(room)
+            # Only the store can tell whether a version past the copy exists: if it cannot
+            # be read, that is ``StoreUnavailable``, not a ``bad_version`` from the copy.
+            await self.current(room, strict=behind)
         return room if room.may_read(user) else None
 
     async def submit(self, room: Room, sub: Submission) -> None:

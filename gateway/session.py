@@ -359,7 +359,11 @@ class Session:
         # The client may have seen a version, or a membership, that this process has not
         # (another process committed it and died before publishing, or Redis is down, or
         # its publish is still on the way): then the store is read first.
-        room = await self.rooms.readable(msg.doc, self.user, msg.v)
+        try:
+            room = await self.rooms.readable(msg.doc, self.user, msg.v)
+        except StoreUnavailable:
+            raise MessageError(Code.UNAVAILABLE, "the event store cannot be read; subscribe "
+                               "again", doc) from None
         if room is None:
             raise MessageError(Code.NOT_FOUND, "no such document", doc)
         snap, head = room.snapshot, room.head

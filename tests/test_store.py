@@ -23,7 +23,7 @@ from domain import ot
 from domain.document import Document
 from gateway.room import Rejected, Room, Submission
 from gateway.rooms import Rooms
-from gateway.store import Store, StoreConfig, VersionConflict
+from gateway.store import Store, StoreConfig, StoreUnavailable, VersionConflict
 from gateway.writer import AsyncWriter
 from schema.codes import Code
 from tests.conftest import PG_URL, every_kind_of_event, fresh_pg_schema
@@ -577,7 +577,8 @@ async def test_an_op_on_an_unseen_version_is_unavailable_while_the_store_is_down
 ) -> None:
     """With the store out of reach, an op on a version past the room's head (only the store
     could tell whether it was committed elsewhere) is refused with ``unavailable`` at once,
-    not ``bad_version``, nor left waiting (about 12 s: the library's read retries)."""
+    not ``bad_version``, nor left waiting (about 12 s: the library's read retries); so is a
+    sub's or a read's version past it (it was ``bad_version``)."""
     url = urlsplit(PG_URL)
     outage = Outage(url.hostname or "127.0.0.1", url.port or 5432)
     await outage.start()
@@ -590,9 +591,13 @@ async def test_an_op_on_an_unseen_version_is_unavailable_while_the_store_is_down
             room = await rooms.get(doc.id)
             assert room is not None
             await outage.cut()
+            # A sub's or a read's version past the copy too (one read of the store for both).
+            read = asyncio.ensure_future(rooms.readable(doc.id, "ann", 1))
             with pytest.raises(Rejected) as info:
                 await result(await submit_through(rooms, room, ["x"], 1))
             assert info.value.code is Code.UNAVAILABLE
+            with pytest.raises(StoreUnavailable):
+                await read
             assert not room.busy and room.head == 0
     finally:
         await outage.cut()
