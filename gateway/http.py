@@ -526,4 +526,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(DOC_ROUTE + "/ops", list_ops)
     app.router.add_get(DOC_ROUTE + "/members", list_members)
     app.router.add_post(DOC_ROUTE + "/members", add_member)
-    app.router.add_delete(DOC_ROUTE + "/members/{user}", remove_member)
+    app.router.add_delete(DOC_ROUTE + "/members/{user:[^/]+}", remove_member)

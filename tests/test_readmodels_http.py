@@ -8,6 +8,7 @@ import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from aiohttp import web
@@ -197,6 +198,19 @@ async def test_a_path_takes_any_spelling_of_an_id(api: Api) -> None:
         assert members["members"] == [{"user": "ann", "role": "owner"}], alt
         history = await api.call("GET", f"/v1/documents/{alt}/history")
         assert history == await api.call("GET", f"/v1/documents/{mine}/history"), alt
+
+
+async def test_a_member_with_braces_or_a_slash_in_the_name_can_be_removed(api: Api) -> None:
+    """``DELETE .../members/{user}`` took no name with braces (aiohttp's default pattern for a
+    path part refuses them): such a member could be added, but not removed."""
+    doc = await api.create("m", "")
+    for user in ("x{y}", "a/b", "{z}"):
+        await api.call("POST", f"/v1/documents/{doc}/members", status=201,
+                       json={"user": user, "role": "viewer"})
+        await api.call("DELETE", f"/v1/documents/{doc}/members/{quote(user, safe='')}",
+                       status=204)
+    members = await api.call("GET", f"/v1/documents/{doc}/members")
+    assert members["members"] == [{"user": "ann", "role": "owner"}]
 
 
 async def test_projections_report_head_position_and_lag(api: Api) -> None:
