@@ -132,6 +132,16 @@ def _models(name: str | None) -> list[Any]:
 # -- replay -------------------------------------------------------------------------------
 
 
+class Terminated(Exception):
+    """SIGTERM during a replay, raised in the main thread as Ctrl-C's KeyboardInterrupt is:
+    the rebuild then drops its fresh tables and tracking rows on its way out."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up
+    raise Terminated
+
+
 @_store_errors
 def cmd_replay(args: argparse.Namespace) -> int:
     """Rebuild read models from the first event into fresh tables, then swap them in."""
@@ -142,6 +152,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     models = _models(args.projection)
     store, source, db = _open(args)
     tune_gc()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with db.exclusive(LOCK):
             _replay(args, models, source, db)
@@ -150,7 +161,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
               "at a time, whichever read models each rebuilds); run this one when it has "
               "finished", file=sys.stderr)
         return 3
+    except Terminated:
+        print("coscribe replay: terminated; its unfinished rebuild was dropped (the live read "
+              "models are untouched)", file=sys.stderr)
+        return 143
     finally:
+        signal.signal(signal.SIGTERM, previous)
         db.close()
         store.close()
     return 0

@@ -13,7 +13,7 @@ Once it has caught up with the log, one transaction:
 A live runner then finds its tracking row moved (its compare-and-set fails), re-reads it and
 carries on from there on the new tables.
 
-A rebuild that fails or is interrupted (Ctrl-C) drops its fresh tables and tracking rows; one
+A rebuild that fails or is interrupted (Ctrl-C, SIGTERM) drops its fresh tables and tracking rows; one
 killed outright leaves them (``GET /v1/projections`` lists them as ``interrupted``) until the
 next rebuild starts them afresh.
 

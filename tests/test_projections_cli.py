@@ -3,6 +3,7 @@ refuses flags out of range as ``replay`` does, and follows the store that ``serv
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -162,3 +163,44 @@ def test_serve_workers_make_the_store_their_runner_follows(
     finally:
         server.stop()
     assert server.proc.returncode == 0, server.log_path.read_text()
+
+
+def test_replay_stopped_by_sigterm_drops_its_fresh_tables(tmp_path: Path) -> None:
+    """SIGTERM (a service manager's stop) killed a replay without its clean-up: its
+    rm_*__next tables and tracking rows stayed, as after a SIGKILL. Now it cleans up as on
+    Ctrl-C, says so in one line and exits 143."""
+    import sqlite3
+
+    store = Store(StoreConfig(data_dir=tmp_path))
+    try:
+        for n in range(40):
+            doc = Document.create(f"doc {n}", "", "ann")
+            for i in range(50):
+                doc.edit([i, "x"] if i else ["x"], "ann")
+            store.save(doc.collect_events())
+    finally:
+        store.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSCRIBE_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ops.projections_cli", "replay", "--quiet", "--page", "1",
+         "--data-dir", str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True)
+    readmodels = tmp_path / "readmodels.sqlite"
+
+    def leftovers() -> set[str]:
+        if not readmodels.exists():
+            return set()
+        with contextlib.closing(sqlite3.connect(readmodels, timeout=10)) as conn:
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            return {name for (name,) in rows if name.endswith("__next")}
+
+    deadline = time.monotonic() + 30
+    while not leftovers():  # the rebuild is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == [
+        "coscribe replay: terminated; its unfinished rebuild was dropped (the live read "
+        "models are untouched)"]
+    assert leftovers() == set()
