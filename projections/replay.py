@@ -13,9 +13,9 @@ Once it has caught up with the log, one transaction:
 A live runner then finds its tracking row moved (its compare-and-set fails), re-reads it and
 carries on from there on the new tables.
 
-A rebuild that fails or is interrupted (Ctrl-C, SIGTERM) drops its fresh tables and tracking rows; one
-killed outright leaves them (``GET /v1/projections`` lists them as ``interrupted``) until the
-next rebuild starts them afresh.
+A rebuild that fails or is interrupted (Ctrl-C, SIGTERM) drops its fresh tables and tracking
+rows; one killed outright leaves them (``GET /v1/projections`` lists them as
+``interrupted``) until the next rebuild starts them afresh.
 
 While the rebuild applies one page, the next ones are read, decoded and mapped to the
 models' statements on a thread of its own (``PageFeed``): that Python work fits in the time
