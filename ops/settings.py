@@ -100,22 +100,25 @@ class Settings:
         return cls(**values)
 
     def secret_warning(self) -> str | None:
-        """What is weak about the token secret, said once at ``serve``'s start: a
-        ``COSCRIBE_SECRET`` shorter than ``MIN_SECRET_CHARS``, or a secret file that other
-        users may read. (Call after ``secret_bytes``, which makes the file.)"""
+        """What is weak about the token secret, said once at ``serve``'s start: shorter than
+        ``MIN_SECRET_CHARS`` (``COSCRIBE_SECRET``, ``--secret`` or the file), or a secret
+        file that other users may read. (Call after ``secret_bytes``, which makes the file.)"""
         if self.secret:
-            if len(self.secret) < MIN_SECRET_CHARS:
-                return (f"COSCRIBE_SECRET has {len(self.secret)} characters: tokens can be "
-                        f"forged by guessing it; use {MIN_SECRET_CHARS} or more random ones")
-            return None
-        path = self.data_dir / "secret"
-        try:
-            mode = path.stat().st_mode
-        except OSError:
-            return None
-        if mode & 0o077:
-            return (f"the token secret {path} can be read by other users (mode "
-                    f"{mode & 0o777:04o}): chmod 600 it")
+            where, length = "COSCRIBE_SECRET (or --secret)", len(self.secret)
+        else:
+            path = self.data_dir / "secret"
+            try:
+                mode = path.stat().st_mode
+                length = len(path.read_bytes().strip())
+            except OSError:
+                return None
+            if mode & 0o077:
+                return (f"the token secret {path} can be read by other users (mode "
+                        f"{mode & 0o777:04o}): chmod 600 it")
+            where = f"the token secret {path}"
+        if length < MIN_SECRET_CHARS:
+            return (f"{where} has {length} characters: tokens can be forged by guessing it; "
+                    f"use {MIN_SECRET_CHARS} or more random ones")
         return None
 
     def secret_bytes(self) -> bytes:

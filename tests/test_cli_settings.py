@@ -352,10 +352,14 @@ def test_an_empty_or_blank_secret_is_refused(
 
 def test_a_weak_secret_is_warned_about(tmp_path: Path) -> None:
     """A short ``COSCRIBE_SECRET``, or a secret file others may read, gets a warning at start."""
-    assert "5 characters" in str(Settings(secret="short").secret_warning())
+    assert "COSCRIBE_SECRET (or --secret) has 5 characters" in str(
+        Settings(secret="short").secret_warning())
     assert Settings(secret="x" * 32).secret_warning() is None
     settings = Settings(data_dir=tmp_path)
     settings.secret_bytes()
     assert settings.secret_warning() is None  # made 0600
     (tmp_path / "secret").chmod(0o644)
     assert "mode 0644" in str(settings.secret_warning())
+    (tmp_path / "secret").write_text("abc\n")  # written by hand
+    (tmp_path / "secret").chmod(0o600)
+    assert f"{tmp_path / 'secret'} has 3 characters" in str(settings.secret_warning())
