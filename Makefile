@@ -17,7 +17,8 @@ run: $(STAMP)
 
 services:
 	bash ops/ensure-services.sh
-	bash ops/ensure-browser.sh
+	bash ops/ensure-packages.sh "the dashboard browser test" chromium=chromium
+	bash ops/ensure-packages.sh "the sample proxies' test" nginx=nginx-light haproxy=haproxy openssl=openssl
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
