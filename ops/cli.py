@@ -18,7 +18,6 @@ import errno
 import logging
 import multiprocessing
 import os
-import queue
 import signal
 import socket
 import sys
@@ -211,13 +210,14 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _worker(settings: Settings, ready: Any, parent: int) -> None:
-    """A gateway process of ``serve --workers N``: tells ``ready`` (if any) its pid once
-    listening; stops (SIGTERM) when its parent ends."""
+    """A gateway process of ``serve --workers N``: tells ``ready`` (the write end of a pipe,
+    if any) its pid once listening; stops (SIGTERM) when its parent ends."""
     _die_with_parent(parent)
 
     def listening() -> None:
         if ready is not None:
-            ready.put(os.getpid())
+            ready.send(os.getpid())  # one write of a few bytes: whole, whoever else writes
+            ready.close()
 
     sys.exit(_serve_one(settings, listening))
 
@@ -327,12 +327,14 @@ def _serve_workers(settings: Settings, url: str) -> int:
     except (StoreUnreachable, DataDirUnusable) as exc:
         return _fail("serve", str(exc))
     ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Queue()
+    # A pipe, not a Queue: a Queue's semaphores outlive a parent killed with -9, and the
+    # resource tracker then warned of "leaked semaphore objects" as it cleaned them up.
+    ready, ready_w = ctx.Pipe(duplex=False)
     # The gateways only serve; one process of its own follows the log for the read models
     # (a runner inside a gateway competes with its event loop for the GIL).
     gateway = replace(settings, projections="off")
     parent = os.getpid()
-    children = [_Child(ctx, f"coscribe-worker-{i}", _worker, (gateway, ready, parent),
+    children = [_Child(ctx, f"coscribe-worker-{i}", _worker, (gateway, ready_w, parent),
                        (gateway, None, parent))
                 for i in range(settings.workers)]
     if settings.projections == "inline":
@@ -433,13 +435,12 @@ def _await_listening(procs: Sequence[Any], ready: Any, workers: int) -> bool:
     failed first (the caller stops the others)."""
     listening = 0
     while listening < workers:
-        try:
-            ready.get(timeout=0.1)
+        if ready.poll(0.1):
+            ready.recv()
             listening += 1
-        except queue.Empty:
-            if any(p.exitcode not in (None, 0) for p in procs) or all(
-                    p.exitcode is not None for p in procs):
-                return False
+        elif any(p.exitcode not in (None, 0) for p in procs) or all(
+                p.exitcode is not None for p in procs):
+            return False
     return True
 
 
