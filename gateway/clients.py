@@ -31,7 +31,10 @@ CACHE_SIZE = 100_000
 BATCH = 1000
 """Most client ids bound in one statement."""
 BIND_SECONDS = 5.0
-"""Longest wait for the store to bind a batch; past it the ids get ``unavailable``."""
+"""Longest a ``claim`` waits for its id's binding, from its call; past it: ``unavailable``."""
+GUARD_SECONDS = 30.0
+"""Longest a batch may take before it is failed here whatever the database does (the
+statement itself ends sooner: ``STATEMENT_SECONDS`` in ``gateway.recorders``)."""
 
 
 class ClientIds:
@@ -52,7 +55,11 @@ class ClientIds:
         if owner is not None:
             self._owners.move_to_end(client)
         else:
-            owner = await self._bind(client, user)
+            try:  # the batch goes on for the others waiting on it; this request gives up
+                owner = await asyncio.wait_for(asyncio.shield(self._bind(client, user)),
+                                               BIND_SECONDS)
+            except TimeoutError:
+                raise StoreUnavailable(f"no answer within {BIND_SECONDS:g} s") from None
         if owner != user:
             raise Forbidden(f"client id {client!r} is another user's; choose another")
 
@@ -76,12 +83,12 @@ class ClientIds:
                 batch = {c: self._waiting.pop(c) for c in list(self._waiting)[:BATCH]}
                 wanted = {c: user for c, (user, _) in batch.items()}
                 try:
-                    async with asyncio.timeout(BIND_SECONDS):
+                    async with asyncio.timeout(GUARD_SECONDS):
                         owners = await loop.run_in_executor(
                             self._store.reader, self._store.bind_clients, wanted
                         )
                 except TimeoutError:
-                    _fail(batch, StoreUnavailable(f"no answer within {BIND_SECONDS:g} s"))
+                    _fail(batch, StoreUnavailable(f"no answer within {GUARD_SECONDS:g} s"))
                     continue
                 except Exception as exc:  # StoreUnavailable, or a bug: nobody waits for ever
                     _fail(batch, exc)

@@ -35,6 +35,10 @@ from gateway import pgarrays
 CLIENT_OPS_TABLE = "coscribe_client_ops"
 """Table of ``(doc, client, seq) -> v``: one row per op submitted with a client id."""
 
+BIND_STATEMENT_SECONDS = 4.0
+"""Longest the statement binding client ids may run (``SET LOCAL statement_timeout``):
+under ``gateway.clients.BIND_SECONDS``, so that a batch caught behind a locked table ends,
+and frees its reader thread, before the next request's wait is over."""
 CLIENTS_TABLE = "coscribe_clients"
 """Table of ``client -> user``: the user each client id belongs to (the first to use it)."""
 
@@ -192,6 +196,8 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
             "SELECT notification_id, originator_id, originator_version, topic, state"
             " FROM {}.{} WHERE notification_id > %b ORDER BY notification_id LIMIT %b"
         ).format(schema, events)
+        self._bind_timeout = SQL("SET LOCAL statement_timeout = {}").format(
+            Literal(int(BIND_STATEMENT_SECONDS * 1000)))
         self._select_document = SQL(
             "SELECT notification_id, originator_id, originator_version, topic, state"
             " FROM {}.{} WHERE originator_id = %s ORDER BY notification_id"
@@ -374,6 +380,10 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
         todo = wanted
         for _ in range(3):
             with self.datastore.transaction(commit=True) as curs:
+                # Ended by the server past this, rolled back (a locked or slow table): the
+                # reader thread is free again, and an id never binds after its hello was
+                # told unavailable.
+                curs.execute(self._bind_timeout)
                 curs.execute(self._bind_clients, (list(todo), list(todo.values())), prepare=True)
                 owners.update((row["client"], row["user"]) for row in curs.fetchall())
             todo = {c: u for c, u in todo.items() if c not in owners}

@@ -307,6 +307,12 @@ class Session:
             except Forbidden as exc:
                 raise MessageError(Code.FORBIDDEN, exc.message) from None
             except StoreUnavailable:  # logged once per batch by ClientIds
+                # The time spent waiting for the store is not the client's: it gets the
+                # whole hello deadline again for its next try.
+                if self._expiry is not None:
+                    self._expiry.cancel()
+                    self._expiry = self._loop.call_later(self.limits.hello_seconds,
+                                                         self._no_hello)
                 raise MessageError(Code.UNAVAILABLE, UNAVAILABLE_MESSAGE) from None
         self.user = user
         if self._expiry is not None:

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
+import psycopg
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import (
     IntegrityError,
@@ -458,7 +459,9 @@ class Store:
         try:
             try:
                 return recorder.bind_clients(wanted)
-            except (OperationalError, InterfaceError):
+            except (OperationalError, InterfaceError) as exc:
+                if isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
+                    raise  # its time is over (a locked table), not its connection
                 return recorder.bind_clients(wanted)
         except (OperationalError, InterfaceError) as exc:
             raise StoreUnavailable(str(exc)) from exc

@@ -14,6 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from psycopg import sql
 
+from gateway.session import SessionLimits
 from gateway.store import UNAVAILABLE_MESSAGE, StoreConfig
 from schema.codes import Code
 from schema.frames import Codec
@@ -162,9 +163,26 @@ async def test_a_hello_is_unavailable_while_the_store_cannot_bind(
     if store_config.database_url is None:
         pytest.skip("a table lock held by another connection is PostgreSQL's")
     table = sql.Identifier(str(store_config.database_schema), "coscribe_clients")
+    doc = await api.create("x")
     async with await psycopg.AsyncConnection.connect(store_config.database_url) as holder:
         await holder.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table))
+        started = asyncio.get_running_loop().time()
         async with said_hello(api, ALICE, "alice-laptop") as (ws, reply):
             assert refused(reply, Code.UNAVAILABLE) and reply["message"] == UNAVAILABLE_MESSAGE
+            # The wait for the store does not count against the hello deadline (10 s from
+            # the upgrade): the client gets the whole of it again for another try.
+            deadline = started + SessionLimits().hello_seconds
+            await asyncio.sleep(deadline + 0.5 - asyncio.get_running_loop().time())
             assert (await ws.hello(api.token(ALICE)))["t"] == "welcome"
+        # More binds than the store has reader threads: each timed-out one held its thread
+        # until the lock was gone, and then every read of the store waited behind them.
+        for n in range(store_config.pool_size):
+            async with said_hello(api, ALICE, f"alice-tablet-{n}") as (_, reply):
+                assert refused(reply, Code.UNAVAILABLE)
+        status, body = await asyncio.wait_for(api.call("GET", f"/v1/documents/{doc}/ops"), 10)
+        assert status == 200 and body["ops"] == []
         await holder.rollback()
+    # Told unavailable, alice did not get the id (the blocked statement committed it once
+    # the lock was gone): bob may take it.
+    async with said_hello(api, BOB, "alice-laptop") as (_, reply):
+        assert reply["t"] == "welcome"
