@@ -133,13 +133,28 @@ def _models(name: str | None) -> list[Any]:
 
 
 class Terminated(Exception):
-    """SIGTERM during a replay, raised in the main thread as Ctrl-C's KeyboardInterrupt is:
-    the rebuild then drops its fresh tables and tracking rows on its way out."""
+    """SIGTERM or Ctrl-C during a replay, raised between two pages (``progress``): the
+    rebuild then drops its fresh tables and tracking rows on its way out. Raised from the
+    signal handler instead, it could land inside the database driver (a pipeline left
+    busy: exit 4 and the tables left) or in the swap (some read models swapped, the rest
+    left behind)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up
-    raise Terminated
+class _Stop:
+    """The signal that asked the replay to stop, if any (set by the handler)."""
+
+    signum: int | None = None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Terminated(self.signum)
 
 
 @_store_errors
@@ -152,27 +167,34 @@ def cmd_replay(args: argparse.Namespace) -> int:
     models = _models(args.projection)
     store, source, db = _open(args)
     tune_gc()
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    stop = _Stop()
+    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with db.exclusive(LOCK):
-            _replay(args, models, source, db)
+            stop.check()
+            _replay(args, models, source, db, stop.check)
     except Busy:
         print("coscribe replay: another replay is running on this read-model database (one "
               "at a time, whichever read models each rebuilds); run this one when it has "
               "finished", file=sys.stderr)
         return 3
-    except Terminated:
-        print("coscribe replay: terminated; its unfinished rebuild was dropped (the live read "
+    except Terminated as exc:
+        how = "terminated" if exc.signum == signal.SIGTERM else "interrupted"
+        print(f"coscribe replay: {how}; its unfinished rebuild was dropped (the live read "
               "models are untouched)", file=sys.stderr)
-        return 143
+        return 128 + exc.signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         db.close()
         store.close()
     return 0
 
 
-def _replay(args: argparse.Namespace, models: Sequence[Any], source: Any, db: Any) -> None:
+def _replay(args: argparse.Namespace, models: Sequence[Any], source: Any, db: Any,
+            check: Callable[[], None]) -> None:
+    """The rebuild with its progress bar; ``check`` runs between pages (it raises to stop:
+    a signal asked for it). Once the swap has begun it runs to its end."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -198,6 +220,7 @@ def _replay(args: argparse.Namespace, models: Sequence[Any], source: Any, db: An
         task = bar.add_task(label, total=max(source.head(), 1), rate="-")
 
         def progress(position: int, head: int) -> None:
+            check()
             speed = bar.tasks[task].speed or 0.0
             bar.update(task, completed=position, total=max(head, 1), rate=f"{speed:,.0f}")
 
