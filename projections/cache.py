@@ -66,6 +66,42 @@ this bound."""
 
 LOCK_POLL_SECONDS = 0.1
 """How often a process waiting for ``ReadCache.exclusive`` tries again."""
+REDIS_TIMEOUT_SECONDS = 1.0
+"""Longest wait for one Redis call of the cache (a local Redis answers in well under 1 ms)."""
+BACKOFF_SECONDS = 1.0
+"""After a Redis call failed, how long every call fails at once without trying
+(``FailFast``)."""
+
+
+class FailFast:
+    """A redis-py asyncio client whose calls, for ``BACKOFF_SECONDS`` after one failed, fail
+    at once instead of trying: the cache is an optimisation, and a Redis that accepts
+    connections but never answers cost every read the socket timeout of each of its calls
+    (10 s for an analytics read). The callers handle the failure as any other Redis error:
+    nothing is served from Redis, nothing is kept, the raises wait (``settle``)."""
+
+    CALLS = frozenset({"get", "mget", "set", "eval"})
+
+    def __init__(self, client: Any, backoff: float = BACKOFF_SECONDS) -> None:
+        self._client = client
+        self._backoff = backoff
+        self._down_until = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if name not in self.CALLS:
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if time.monotonic() < self._down_until:
+                raise ConnectionError(f"Redis failed less than {self._backoff:g} s ago")
+            try:
+                return await attr(*args, **kwargs)
+            except Exception:
+                self._down_until = time.monotonic() + self._backoff
+                raise
+
+        return call
 
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -159,9 +195,10 @@ class ReadCache:
         if self.redis_url:
             import redis.asyncio as aioredis
 
-            self._redis = aioredis.Redis.from_url(
-                self.redis_url, socket_connect_timeout=2, socket_timeout=5
-            )
+            self._redis = FailFast(aioredis.Redis.from_url(
+                self.redis_url, socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+                socket_timeout=REDIS_TIMEOUT_SECONDS,
+            ))
 
     async def close(self) -> None:
         """Release the backends."""

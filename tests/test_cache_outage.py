@@ -367,3 +367,35 @@ def test_too_many_waiting_raises_are_dropped_for_the_global_generation(
     assert raises.take().doubt == 13  # still owed after the failure
     raises.sent(raises.take())
     assert raises.dropped == 0 and raises.take().doubt == 14
+
+
+async def test_a_redis_that_never_answers_costs_one_timeout_then_none() -> None:
+    """A Redis that accepts connections and never answers: every analytics read took 10 s
+    (the socket timeout of each of its calls). Now a failed call makes the cache's calls
+    fail at once for a while: the reads are answered from the tables, and Redis is not
+    tried again meanwhile."""
+    received: list[bytes] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            received.append(data)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cache = ReadCache(redis_url=f"redis://127.0.0.1:{port}/0", prefix="silent:")
+    await cache.start()
+    try:
+        async def compute() -> int:
+            return 42
+
+        assert await cache.fetch("k", ["t"], compute) == 42
+        assert received  # it was tried
+        tried = len(b"".join(received))
+        for _ in range(5):
+            assert await cache.fetch("k", ["t"], compute) == 42
+        assert len(b"".join(received)) == tried  # and not again
+    finally:
+        await cache.close()
+        server.close()
+        await server.wait_closed()
