@@ -31,7 +31,7 @@ from domain import ot
 from domain.document import MAX_TEXT_CHARS, Document
 from domain.errors import BadOp, BadVersion, DomainError, Forbidden, NotFound, TooLarge
 from schema.codes import Code
-from schema.frames import Codec, Encoded, OpsMessage, encode_one
+from schema.frames import Codec, Encoded, OpsMessage, encode_one, is_message
 from schema.messages import json_value
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ class Room:
         member = self.members.pop(session, None)
         if member is not None:
             for msg in member.buffer:
-                if _is_ack(msg):
+                if is_message(msg, "ack"):
                     session.deliver(msg)
         self._ahead.pop(session, None)
         sid = None if keep_presence else self._local_sids.pop(session, None)
@@ -942,10 +942,6 @@ def _same_presence(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
     if old is None or old["user"] != new["user"]:
         return False
     return encode_one(old["data"], Codec.MSGPACK) == encode_one(new["data"], Codec.MSGPACK)
-
-
-def _is_ack(msg: Encoded) -> bool:
-    return not isinstance(msg, OpsMessage) and msg.msg.get("t") == "ack"
 
 
 def _capture(doc: Document) -> dict[str, Any]:

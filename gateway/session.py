@@ -32,7 +32,7 @@ from gateway.rooms import Rooms
 from gateway.store import UNAVAILABLE_MESSAGE, StoreUnavailable
 from schema import frames, messages
 from schema.codes import Code
-from schema.frames import Codec, Encoded, OpsMessage
+from schema.frames import Codec, Encoded, is_message
 from schema.messages import MessageError
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class Session:
         """Serve the connection until it closes; always leaves every room."""
         # An unauthenticated connection holds a socket and a session for nothing: it gets
         # until the deadline to say hello (its token's expiry then takes this timer's place).
-        self._expiry = self._loop.call_later(self.limits.hello_seconds, self._no_hello)
+        self._arm_hello_deadline()
         try:
             async for msg in self.ws:
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -309,10 +309,7 @@ class Session:
             except StoreUnavailable:  # logged once per batch by ClientIds
                 # The time spent waiting for the store is not the client's: it gets the
                 # whole hello deadline again for its next try.
-                if self._expiry is not None:
-                    self._expiry.cancel()
-                    self._expiry = self._loop.call_later(self.limits.hello_seconds,
-                                                         self._no_hello)
+                self._arm_hello_deadline()
                 raise MessageError(Code.UNAVAILABLE, UNAVAILABLE_MESSAGE) from None
         self.user = user
         if self._expiry is not None:
@@ -456,6 +453,12 @@ class Session:
         assert self.user is not None
         room.set_presence(self, self.id, self.user, msg.data)
 
+    def _arm_hello_deadline(self) -> None:
+        """Give the connection ``hello_seconds`` from now to say hello successfully."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry = self._loop.call_later(self.limits.hello_seconds, self._no_hello)
+
     def _no_hello(self) -> None:
         seconds = self.limits.hello_seconds
         self.error(Code.UNAUTHORIZED, f"no hello within {seconds:g} s; reconnect and send one")
@@ -480,17 +483,10 @@ def without_unsent_ops(out: list[Encoded], doc: str) -> list[Encoded]:
     everything else do: an ack follows every op before it."""
     last_ack = -1
     for i, msg in enumerate(out):
-        if not isinstance(msg, OpsMessage) and msg.msg.get("t") == "ack" and (
-            msg.msg.get("doc") == doc
-        ):
+        if is_message(msg, "ack", doc):
             last_ack = i
-    return out[: last_ack + 1] + [m for m in out[last_ack + 1 :] if not _ops_of(m, doc)]
-
-
-def _ops_of(msg: Encoded, doc: str) -> bool:
-    if isinstance(msg, OpsMessage):
-        return msg.doc == doc
-    return msg.msg.get("t") == "ops" and msg.msg.get("doc") == doc
+    return out[: last_ack + 1] + [m for m in out[last_ack + 1 :]
+                                  if not is_message(m, "ops", doc)]
 
 
 def _field(item: Any, name: str, kind: type) -> Any:

@@ -177,6 +177,15 @@ class OpsMessage(Encoded):
         return self._json
 
 
+def is_message(msg: Encoded, t: str, doc: str | None = None) -> bool:
+    """Whether ``msg`` is a ``t`` message (of ``doc`` if given), without building the map of
+    an ``OpsMessage`` (which is always ``ops``)."""
+    if isinstance(msg, OpsMessage):
+        return t == "ops" and (doc is None or msg.doc == doc)
+    fields = msg.msg
+    return fields.get("t") == t and (doc is None or fields.get("doc") == doc)
+
+
 _OPS_MSGPACK_HEAD = b"\x83" + bytes(msgpack.packb("t")) + bytes(msgpack.packb("ops")) + bytes(
     msgpack.packb("doc")
 )
