@@ -12,7 +12,9 @@ hubs on one ``LocalBroker`` behave like processes on one Redis) and ``gateway.re
 Wire format (msgpack maps, one per publish; see ``schema/protocol.md``):
 ``{"k": "e", "p": PROC, "e": [[position, topic, state], ...]}`` for events and
 ``{"k": "p", "p": PROC, "s": SESSION, "u": USER, "d": DATA|None}`` for presence;
-``{"k": "c", "p": PROC}``: PROC lost a commit race on the document (others pace theirs).
+``{"k": "c", "p": PROC}``: PROC lost a commit race on the document (others pace theirs);
+``{"k": "P", "p": PROC, "all": {SESSION: [USER, DATA], ...}}``: every session of PROC on the
+document, after messages may have been lost (``reset_presence``): the others not named are gone.
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ class Hub(Protocol):
     async def presence_of(self, doc: UUID) -> dict[str, list[Any]]:
         """Presence of live sessions of other processes: ``{session: [user, data, proc]}``."""
 
+    def reset_presence(self, tables: dict[UUID, dict[str, list[Any]]]) -> None:
+        """After presence messages or writes may have been lost (the hub reconnected, this
+        process was taken for dead): tell the others, and the shared record, that this
+        process's sessions on each document are exactly ``tables[doc]`` (``{session: [user,
+        data]}``), and on the documents whose presence writes were lost, none. Never blocks."""
+
     async def live_procs(self, procs: set[str]) -> set[str]:
         """Which of ``procs`` are alive."""
 
@@ -139,6 +147,15 @@ class LocalHub:
         live = {h.proc for h in self.broker.hubs}
         table = self.broker.presence.get(doc, {})
         return {s: e for s, e in table.items() if e[2] in live and e[2] != self.proc}
+
+    def reset_presence(self, tables: dict[UUID, dict[str, list[Any]]]) -> None:
+        """Replace this hub's entries in the broker and tell the other hubs."""
+        for doc, entries in tables.items():
+            table = self.broker.presence.setdefault(doc, {})
+            for sid in [s for s, e in table.items() if e[2] == self.proc and s not in entries]:
+                del table[sid]
+            table.update({sid: [user, data, self.proc] for sid, (user, data) in entries.items()})
+            self.publish(doc, {"k": "P", "p": self.proc, "all": entries})
 
     async def live_procs(self, procs: set[str]) -> set[str]:
         """Procs whose hub is still on the broker."""

@@ -8,14 +8,18 @@ Keys and channels (all under ``prefix``, default ``coscribe:``):
   it may have failed to publish meanwhile).
 - ``{prefix}p:{doc}``: hash ``session -> msgpack [user, data, proc]`` of presence.
 - ``{prefix}proc:{proc}``: liveness of a process, refreshed every ``HEARTBEAT`` seconds with a
-  TTL of ``PROC_TTL``. Presence of a process whose key expired is dead (process death).
+  TTL of ``PROC_TTL``. Presence of a process whose key expired is dead (process death). A
+  process that finds its own key gone (it was stopped that long, or Redis lost its keys)
+  resyncs as after a reconnect: the others cleared its presence.
 
 Everything queued in one loop turn goes out together: the publishes as one write on the
 publisher's own connection, presence writes as one redis-py pipeline. The subscriber and the
 publisher speak RESP directly (``gateway.resp``: redis-py costs 45-63 µs of CPU per message
 on that path); everything else goes through redis-py. Redis down: publishes are dropped
 (rooms fill gaps from the store later), ``healthy`` is False (``/readyz``), and the reader
-reconnects with exponential backoff, then triggers a resync everywhere.
+reconnects with exponential backoff, then triggers a resync everywhere. Presence writes
+that could not be made are remembered by document, and ``reset_presence`` (part of every
+resync) makes the hashes and the other processes' view of this process's sessions right.
 """
 
 from __future__ import annotations
@@ -68,6 +72,11 @@ class RedisHub:
         self._on_resync: OnResync | None = None
         self.published = 0
         self.publish_failures = 0
+        self._presence_lost: set[UUID] = set()
+        """Documents whose presence hash writes were dropped (Redis down): reset them."""
+        self._resets: set[asyncio.Task[None]] = set()
+        self._touched: set[tuple[str, str]] = set()
+        """(hash, session) written while a reset reads the hashes: the reset leaves them."""
 
     def channel(self, doc: UUID) -> str:
         """The channel of a document."""
@@ -95,9 +104,10 @@ class RedisHub:
 
     async def close(self) -> None:
         """Stop tasks, clear our liveness key, disconnect."""
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._resets]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._drop_publisher()
@@ -221,6 +231,8 @@ class RedisHub:
     def set_presence(self, doc: UUID, session: str, entry: list[Any] | None) -> None:
         """Queue the presence hash write (or delete) for ``session``."""
         key = f"{self.prefix}p:{doc}"
+        if self._resets:  # a reset is reading the hashes
+            self._touched.add((key, session))
         if entry is None:
             self._outbox.append(("hdel", (key, session)))
         else:
@@ -256,6 +268,7 @@ class RedisHub:
                 batch, self._outbox = self._outbox, []
                 if not self.healthy:
                     self.publish_failures += len(batch)
+                    self._lose_presence(batch)
                     continue
                 publishes = [resp.command("PUBLISH", *args) for op, args in batch
                              if op == "publish"]
@@ -318,20 +331,82 @@ class RedisHub:
             self.published += len(batch)
         except (RedisError, OSError) as exc:
             self.publish_failures += len(batch)
+            self._lose_presence(batch)
             log.warning("redis presence write failed (%d dropped): %s", len(batch), exc)
+
+    def _lose_presence(self, batch: list[tuple[str, Any]]) -> None:
+        for op, args in batch:
+            if op != "publish":
+                with contextlib.suppress(ValueError):
+                    self._presence_lost.add(UUID(args[0].rsplit(":", 1)[1]))
+
+    def reset_presence(self, tables: dict[UUID, dict[str, list[Any]]]) -> None:
+        """Publish each document's ``P`` message and make its hash hold exactly ``tables``'
+        entries of this process (documents whose writes were lost: none)."""
+        tables = dict(tables)
+        for doc in self._presence_lost:
+            tables.setdefault(doc, {})
+        self._presence_lost.clear()
+        for doc, entries in tables.items():
+            self.publish(doc, {"k": "P", "p": self.proc, "all": entries})
+        if tables:
+            task = asyncio.get_running_loop().create_task(self._reset_hashes(tables))
+            self._resets.add(task)
+            task.add_done_callback(self._reset_done)
+
+    def _reset_done(self, task: asyncio.Task[None]) -> None:
+        self._resets.discard(task)
+        if not self._resets:
+            self._touched.clear()
+
+    async def _reset_hashes(self, tables: dict[UUID, dict[str, list[Any]]]) -> None:
+        docs = list(tables)
+        keys = [f"{self.prefix}p:{doc}" for doc in docs]
+        try:
+            read = self.client.pipeline(transaction=False)
+            for key in keys:
+                read.hgetall(key)
+            hashes = await read.execute()
+            write = self.client.pipeline(transaction=False)
+            for doc, key, held in zip(docs, keys, hashes, strict=True):
+                entries = tables[doc]
+                for field, value in held.items():
+                    sid = field.decode()
+                    with contextlib.suppress(Exception):
+                        if (unpack(value)["e"][2] == self.proc and sid not in entries
+                                and (key, sid) not in self._touched):
+                            write.hdel(key, sid)
+                for sid, (user, data) in entries.items():
+                    if (key, sid) not in self._touched:
+                        write.hset(key, sid, pack({"e": [user, data, self.proc]}))
+                if entries:
+                    write.expire(key, PRESENCE_KEY_TTL)
+            await write.execute()
+        except (RedisError, OSError) as exc:
+            self._presence_lost.update(docs)
+            log.warning("redis presence reset failed (%d documents): %s", len(docs), exc)
 
     # -- presence and liveness -----------------------------------------------------------
 
-    async def _heartbeat_once(self) -> None:
-        await self.client.set(f"{self.prefix}proc:{self.proc}", b"1", ex=PROC_TTL)
+    async def _heartbeat_once(self) -> bool:
+        """Refresh the liveness key; whether it was still there."""
+        old = await self.client.set(f"{self.prefix}proc:{self.proc}", b"1", ex=PROC_TTL, get=True)
+        return old is not None
 
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT)
             if not self.healthy:
                 continue
-            with contextlib.suppress(RedisError, OSError):
-                await self._heartbeat_once()
+            try:
+                alive = await self._heartbeat_once()
+            except (RedisError, OSError):
+                continue
+            if not alive and self.healthy and self._on_resync is not None:
+                # Stopped for longer than the TTL, or Redis lost its keys: the others took
+                # this process for dead and cleared its presence.
+                log.warning("redis hub: this process's liveness key had expired; resyncing")
+                self._on_resync()
 
     async def live_procs(self, procs: set[str]) -> set[str]:
         """Which of ``procs`` still have a liveness key (all of them if Redis is down)."""

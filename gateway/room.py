@@ -362,6 +362,20 @@ class Room:
             self.presence_proc[sid] = proc
         self._queue_presence(None, sid, msg)
 
+    def remote_presence_all(self, proc: str, entries: dict[str, list[Any]]) -> None:
+        """Every session of process ``proc`` here, as ``{session: [user, data]}``: its
+        sessions not named are cleared, the others set (an unchanged one goes nowhere)."""
+        for sid, p in list(self.presence_proc.items()):
+            if p == proc and sid not in entries:
+                self.remote_presence(sid, self.presence[sid]["user"], None, proc)
+        for sid, (user, data) in entries.items():
+            self.remote_presence(str(sid), str(user), data, proc)
+
+    def local_presence(self) -> dict[str, list[Any]]:
+        """The presence of this process's sessions, as ``{session: [user, data]}``."""
+        return {sid: [msg["user"], msg["data"]] for sid, msg in self.presence.items()
+                if sid not in self.presence_proc}
+
     def clear_procs(self, dead: set[str]) -> None:
         """Clear the presence of every session of processes that died."""
         for sid, proc in list(self.presence_proc.items()):

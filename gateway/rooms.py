@@ -142,6 +142,8 @@ class Rooms:
                 room.remote_events([e for _, e in decoded])
             elif kind == "p":
                 room.remote_presence(msg["s"], msg.get("u") or "", msg.get("d"), msg["p"])
+            elif kind == "P":
+                room.remote_presence_all(msg["p"], dict(msg["all"]))
             elif kind == "c":
                 room.mark_contended()
         except Exception:
@@ -154,8 +156,13 @@ class Rooms:
             self._spawn(self._resync(room))
 
     def _resync_all(self) -> None:
-        for room in list(self._rooms.values()):
+        """The hub may have missed messages, or lost this process's presence writes (it
+        reconnected, another process did, or this one was taken for dead): every open room
+        re-reads the store, and its local sessions' presence is published again, whole."""
+        rooms = list(self._rooms.values())
+        for room in rooms:
             self._gap(room)
+        self.hub.reset_presence({room.id: room.local_presence() for room in rooms})
 
     async def _resync(self, room: Room) -> None:
         """Read the events after the room's position from the store and apply them."""

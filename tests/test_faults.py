@@ -48,6 +48,7 @@ from tests.test_scaleout import (
     start_all,
     stop_all,
     token,
+    wait_presence,
 )
 from tests.wsclient import DocState, Message, WsClient
 
@@ -508,6 +509,93 @@ async def test_redis_restart_during_edits(
         for editor in editors:
             await editor.close()
         await stop_all(servers)
+
+
+async def test_presence_is_right_again_after_redis_comes_back(
+    http: aiohttp.ClientSession, tmp_path: Path, pg_url: str, pg_schema: str, own_redis: OwnRedis
+) -> None:
+    """While Redis is down one session on A leaves and another changes its presence: once
+    Redis is back (empty, as after a restart), B's subscribers see both right, and a
+    newcomer on B is told what holds now, not what held before the outage."""
+    servers = make_servers(tmp_path, 2, database_url=pg_url, database_schema=pg_schema,
+                           redis_url=own_redis.url, redis_prefix="ft:")
+    a, b = servers
+    clients: list[WsClient] = []
+    try:
+        await start_all(servers)
+        doc = await create_doc(http, a, editors=EDITORS)
+        gone, stays = await connect(http, a, "ulla"), await connect(http, a, "vera")
+        watcher = await connect(http, b, OWNER, Codec.MSGPACK)
+        clients += [gone, stays, watcher]
+        for c in clients:
+            await c.subscribe(doc)
+        for c in (gone, stays):
+            await c.send({"t": "presence", "doc": doc, "data": {"cursor": 1}})
+            await wait_presence(watcher, c.session, {"cursor": 1})
+        await own_redis.kill()
+        for srv in servers:
+            await poll(lambda s=srv: _hub_is(http, s, False), within=10)
+        await gone.close()
+        await stays.send({"t": "presence", "doc": doc, "data": {"cursor": 2}})
+        await stays.ping()
+        await own_redis.start()
+        for srv in servers:
+            await poll(lambda s=srv: _hub_is(http, s, True), within=15)
+        await wait_presence(watcher, gone.session, None)
+        await wait_presence(watcher, stays.session, {"cursor": 2})
+        newcomer = await connect(http, b, "wim")
+        clients.append(newcomer)
+        mark = len(newcomer.log)
+        await newcomer.subscribe(doc)
+        await newcomer.ping()
+        told = {m["session"]: m["data"] for m in newcomer.since(mark) if m["t"] == "presence"}
+        assert told == {stays.session: {"cursor": 2}}, told
+    finally:
+        for c in clients:
+            await c.close()
+        await stop_all(servers)
+
+
+async def test_presence_of_a_process_taken_for_dead_comes_back_with_it(
+    http: aiohttp.ClientSession, tmp_path: Path, pg_url: str, pg_schema: str,
+    redis_url: str, redis_prefix: str,
+) -> None:
+    """A process stopped past its liveness TTL is taken for dead (its sessions' presence is
+    cleared elsewhere); once it runs again, it finds its key gone and publishes its
+    sessions' presence anew, to the other process's subscribers and to newcomers there."""
+    servers = make_servers(tmp_path, 2, database_url=pg_url, database_schema=pg_schema,
+                           redis_url=redis_url, redis_prefix=redis_prefix)
+    a, b = servers
+    clients: list[WsClient] = []
+    stopped = False
+    try:
+        await start_all(servers)
+        doc = await create_doc(http, a, editors=EDITORS)
+        ulla, watcher = await connect(http, a, "ulla"), await connect(http, b, OWNER)
+        clients += [ulla, watcher]
+        for c in clients:
+            await c.subscribe(doc)
+        await ulla.send({"t": "presence", "doc": doc, "data": {"cursor": 1}})
+        await wait_presence(watcher, ulla.session, {"cursor": 1})
+        assert a.proc is not None
+        os.killpg(a.proc.pid, signal.SIGSTOP)
+        stopped = True
+        mark = len(watcher.log)
+        await wait_presence(watcher, ulla.session, None, since=mark, within=20)
+        os.killpg(a.proc.pid, signal.SIGCONT)
+        stopped = False
+        await wait_presence(watcher, ulla.session, {"cursor": 1}, since=mark, within=10)
+        newcomer = await connect(http, b, "wim")
+        clients.append(newcomer)
+        await newcomer.subscribe(doc)
+        await wait_presence(newcomer, ulla.session, {"cursor": 1})
+    finally:
+        if stopped and a.proc is not None:
+            os.killpg(a.proc.pid, signal.SIGCONT)
+        for c in clients:
+            await c.close()
+        await stop_all(servers)
+        await clear_redis(redis_url, redis_prefix)
 
 
 async def _hub_is(

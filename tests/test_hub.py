@@ -248,6 +248,81 @@ async def test_redis_reconnect_request_resyncs_other_hubs(
         await _clear_redis(redis_url, redis_prefix)
 
 
+async def test_reset_presence_replaces_the_process_entries_and_tells_the_others(
+    pair: tuple[Hub, Inbox, Hub, Inbox],
+) -> None:
+    """reset_presence: the others read exactly the given sessions of this process (its other
+    entries gone, another process's kept), and get one ``P`` message naming them all."""
+    a, _, b, inbox_b = pair
+    doc = uuid4()
+    await b.watch(doc)
+    a.set_presence(doc, "s1", ["ulla", {"cursor": 1}, a.proc])
+    a.set_presence(doc, "s2", ["vera", {"cursor": 2}, a.proc])
+    b.set_presence(doc, "s3", ["wim", {"cursor": 3}, b.proc])
+    await eventually(lambda: _sized(b.presence_of(doc), 2))
+    a.reset_presence({doc: {"s2": ["vera", {"cursor": 5}]}})
+    want = {"s2": ["vera", {"cursor": 5}, a.proc]}
+    assert await eventually(lambda: _where(b.presence_of(doc), lambda p: p == want)) == want
+    assert await eventually(lambda: _sized(a.presence_of(doc), 1)) == {
+        "s3": ["wim", {"cursor": 3}, b.proc]
+    }
+    await eventually(lambda: inbox_b.of(doc))
+    assert inbox_b.of(doc) == [{"k": "P", "p": a.proc, "all": {"s2": ["vera", {"cursor": 5}]}}]
+
+
+@pytest.mark.redis
+async def test_presence_writes_lost_while_redis_was_away_are_reset(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A presence clear that could not be written (the hub unhealthy) leaves its document to
+    the next reset: it is cleared in the hash and announced, though no room holds it."""
+    a, b = RedisHub(redis_url, redis_prefix), RedisHub(redis_url, redis_prefix)
+    inbox_a, inbox_b = Inbox(), Inbox()
+    doc = uuid4()
+    try:
+        await a.start(inbox_a.on_message, inbox_a.on_resync)
+        await b.start(inbox_b.on_message, inbox_b.on_resync)
+        await b.watch(doc)
+        a.set_presence(doc, "s1", ["ulla", {"cursor": 1}, a.proc])
+        await eventually(lambda: _sized(b.presence_of(doc), 1))
+        a.healthy = False  # as between losing Redis and reconnecting
+        a.set_presence(doc, "s1", None)
+        await eventually(lambda: a.publish_failures)
+        a.healthy = True
+        assert await b.presence_of(doc) == {"s1": ["ulla", {"cursor": 1}, a.proc]}
+        a.reset_presence({})
+
+        async def cleared() -> bool:
+            return await b.presence_of(doc) == {}
+
+        await eventually(cleared)
+        await eventually(lambda: inbox_b.of(doc))
+        assert inbox_b.of(doc) == [{"k": "P", "p": a.proc, "all": {}}]
+    finally:
+        await a.close()
+        await b.close()
+        await _clear_redis(redis_url, redis_prefix)
+
+
+@pytest.mark.redis
+async def test_a_hub_that_finds_its_liveness_key_gone_resyncs(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Its key expired (the process was stopped past the TTL, or Redis lost its keys): the
+    others took it for dead, so at its next heartbeat it resyncs (presence published anew)."""
+    hub, inbox = RedisHub(redis_url, redis_prefix), Inbox()
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await hub.start(inbox.on_message, inbox.on_resync)
+        await client.delete(f"{redis_prefix}proc:{hub.proc}")
+        await eventually(lambda: inbox.resyncs == 1, within=10)
+        assert await client.exists(f"{redis_prefix}proc:{hub.proc}")
+    finally:
+        await hub.close()
+        await client.aclose()
+        await _clear_redis(redis_url, redis_prefix)
+
+
 async def _sized(coro: Any, n: int) -> Any:
     value = await coro
     return value if len(value) == n else None
@@ -564,6 +639,40 @@ async def test_remote_presence_clear_names_the_user(
         await eventually(lambda: len(there.presence()) == 2)
         assert near.presence()[-1] == ("s1", "ulla", None)  # the local clear
         assert there.presence()[-1] == ("s1", "ulla", None)
+
+
+async def test_a_resync_publishes_the_rooms_presence_whole(
+    two_stores: tuple[Store, Store], hub_factory: Callable[[], Hub]
+) -> None:
+    """Presence changes the other process never heard of (their publishes were lost) are
+    made right there by the next resync: the session that left is cleared, the one that
+    changed is set, and one that did not change is not sent again."""
+    store_a, store_b = two_stores
+    doc = await asyncio.to_thread(_saved, store_a)
+    async with running(store_a, hub_factory()) as a, running(store_b, hub_factory()) as b:
+        room_a, room_b = await a.get(doc.id), await b.get(doc.id)
+        assert room_a is not None and room_b is not None
+        left, moved, still, there = Collector(), Collector(), Collector(), Collector()
+        for c in (left, moved, still):
+            room_a.subscribe(c)
+        room_b.subscribe(there)
+        room_a.set_presence(left, "s1", "ulla", {"cursor": 1})
+        room_a.set_presence(moved, "s2", "vera", {"cursor": 2})
+        room_a.set_presence(still, "s3", "wim", {"cursor": 3})
+        await eventually(lambda: len(there.presence()) == 3)
+        publish = room_a._on_presence
+        room_a._on_presence = lambda room, sid, user, data: None  # lost on the way
+        room_a.unsubscribe(left)
+        room_a.set_presence(moved, "s2", "vera", {"cursor": 9})
+        room_a._on_presence = publish
+        await asyncio.sleep(0.05)
+        assert len(there.presence()) == 3
+        a._resync_all()
+        await eventually(lambda: len(there.presence()) == 5)
+        assert sorted(there.presence()[3:]) == [("s1", "ulla", None), ("s2", "vera", {"cursor": 9})]
+        assert {sid: m["data"] for sid, m in room_b.presence.items()} == {
+            "s2": {"cursor": 9}, "s3": {"cursor": 3}
+        }
 
 
 async def test_publisher_to_a_server_that_stopped_reading_gives_up(
