@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from ops.bench import commit, fanout, frames, projections, store
+from ops.bench import ot as ot_bench
 
 
 def _report(path: Path) -> Any:
@@ -152,6 +153,29 @@ def test_unusable_arguments_are_usage_errors(
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bench", sorted([*BENCHES, "ot"]))
+def test_a_json_path_that_cannot_be_written_is_refused_before_any_work(
+    bench: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json in a missing directory, or naming a directory: exit 2 at once, one message."""
+    main = BENCHES.get(bench) or ot_bench.main
+    for path in (tmp_path / "missing" / "out.json", tmp_path):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--json", str(path)])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--json: {path}: " in err and "Traceback" not in err
+
+
+def test_a_json_write_that_fails_after_the_run_is_one_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A full disk (``/dev/full``) found only when the report is written: status 1."""
+    assert frames.main(["--quick", "--seconds", "0.001", "--json", "/dev/full"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--json /dev/full: No space left on device" in err
 
 
 @pytest.mark.parametrize("bench", ["store", "projections", "commit"])

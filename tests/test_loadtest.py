@@ -155,6 +155,7 @@ def test_bad_scenarios_name_the_key(data: dict[str, Any], message: str) -> None:
         ({"writers": 1, "phases": [{"duration_s": 1, "arrival_count": 10**17}]}, "arrival_count"),
         ({"writers": 1, "phases": [{"duration_s": 86_400, "arrival_rate": 3}]}, "259,200 sess"),
         ({"writers": 1, "op_interval_ms": 1e-300}, "op_interval_ms: must be >= 1"),
+        ({"writers": 1, "presence_interval_s": 0.0005}, "presence_interval_s: must be 0"),
         ({"writers": 1, "op_interval_ms": 1e300}, "op_interval_ms: must be <= 86,400,000"),
         ({"writers": 2**63 - 1}, "writers: must be <= 200,000"),
         ({"writers": 1, "observers": 200_001}, "observers: must be <= 200,000"),
@@ -1245,6 +1246,48 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
     for name in ("out.xyz", "noext"):  # a format matplotlib would refuse, or guess at
         args = _parse(["loadtest", "standard", "--secret", "s", "--plot", str(tmp_path / name)])
         assert args.func(args) == 2
+
+
+def test_procs_and_server_pids_out_of_range_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """--procs outside 1..64 (100,000 once started that many processes) and a --server-pid
+    with no process are bad arguments, found before anything starts."""
+    for procs in ("0", "65", "100000"):
+        args = _parse(["loadtest", "standard", "--secret", "s", "--procs", procs])
+        assert args.func(args) == 2
+        assert "--procs must be in 1..64" in capsys.readouterr().err
+    with open("/proc/sys/kernel/pid_max") as f:
+        missing = int(f.read()) + 1  # above the largest PID the kernel hands out
+    args = _parse(["loadtest", "standard", "--secret", "s", "--server-pid", str(missing)])
+    assert args.func(args) == 2
+    assert f"--server-pid {missing}: no such process" in capsys.readouterr().err
+
+
+def test_plot_without_a_working_matplotlib_exits_2_before_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """matplotlib that cannot be imported (missing, or broken) is found before the run."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    args = _parse(["loadtest", "standard", "--secret", "s", "--plot", str(tmp_path / "p.png")])
+    assert args.func(args) == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_a_run_that_reports_nothing_removes_an_older_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No step finished (here the server is not there at all): exit 1, and the files at the
+    --json and --plot paths from an earlier run are gone, so none passes for this run's."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    old_json, old_plot = tmp_path / "r.json", tmp_path / "r.png"
+    old_json.write_text('{"scenario": "an older run"}')
+    old_plot.write_bytes(b"old")
+    args = _parse(["loadtest", "standard", "--secret", "s", "--url", f"http://127.0.0.1:{port}",
+                   "--json", str(old_json), "--plot", str(old_plot), "--procs", "1"])
+    assert args.func(args) == 1
+    assert not old_json.exists() and not old_plot.exists()
+    assert "removed the older" in capsys.readouterr().err
 
 
 def test_a_message_keeps_its_square_brackets(capsys: pytest.CaptureFixture[str]) -> None:

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"at least {2 * BLOCK}: blocks of {BLOCK} alternate between the writers")
     p.add_argument("--busy", type=harness.float_in(0, MAX_BUSY), default=0.7,
                    help=f"loop busy fraction, 0..{MAX_BUSY}")
-    p.add_argument("--json", type=Path)
+    p.add_argument("--json", type=harness.output_file)
     args = p.parse_args(argv)
     if not harness.database_reachable(args.database_url, p.prog):
         return 1
@@ -154,11 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         rows,
         harness.make_console(),
     )
-    if args.json:
-        harness.write_json(args.json, {"bench": "commit", "machine": facts,
-                                       "params": vars(args) | {"json": str(args.json)},
-                                       "results": result})
-    return 0
+    report = {"bench": "commit", "machine": facts,
+              "params": vars(args) | {"json": str(args.json)}, "results": result}
+    return 1 if args.json and not harness.write_json(args.json, report, p.prog) else 0
 
 
 if __name__ == "__main__":

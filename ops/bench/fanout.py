@@ -20,7 +20,6 @@ import asyncio
 import multiprocessing
 import resource
 import time
-from pathlib import Path
 from typing import Any
 
 from ops.bench import harness
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sockets", type=harness.int_at_least(1), default=20)
     p.add_argument("--rounds", type=harness.int_at_least(1), default=5000)
     p.add_argument("--size", type=harness.int_at_least(1), default=150, help="bytes per write")
-    p.add_argument("--json", type=Path)
+    p.add_argument("--json", type=harness.output_file)
     args = p.parse_args(argv)
     facts = harness.machine_facts()
     result = _run(_measure(args))
@@ -107,11 +106,9 @@ def main(argv: list[str] | None = None) -> int:
           harness.num(result["wall_us_per_write"], 2)]],
         harness.make_console(),
     )
-    if args.json:
-        harness.write_json(args.json, {"bench": "fanout", "machine": facts,
-                                       "params": vars(args) | {"json": str(args.json)},
-                                       "result": result})
-    return 0
+    report = {"bench": "fanout", "machine": facts,
+              "params": vars(args) | {"json": str(args.json)}, "result": result}
+    return 1 if args.json and not harness.write_json(args.json, report, p.prog) else 0
 
 
 if __name__ == "__main__":

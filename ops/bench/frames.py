@@ -24,7 +24,6 @@ import argparse
 import random
 import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
 from ops.bench.harness import (
@@ -33,6 +32,7 @@ from ops.bench.harness import (
     machine_facts,
     make_console,
     num,
+    output_file,
     print_table,
     time_calls,
     write_json,
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float_in(0, 86_400), default=0.5, help="time per case")
     parser.add_argument("--quick", action="store_true", help="0.02 s per case (a smoke run)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--json", dest="json_out", type=Path, metavar="OUT")
+    parser.add_argument("--json", dest="json_out", type=output_file, metavar="OUT")
     args = parser.parse_args(argv)
     seconds = 0.02 if args.quick else args.seconds
     if seconds <= 0:
@@ -190,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         console,
     )
     if args.json_out is not None:
-        write_json(args.json_out, {
-            "benchmark": "frames", "seconds_per_case": seconds, "machine": facts,
-            "codec": codec, "broadcast": bcast,
-        })
+        report = {"benchmark": "frames", "seconds_per_case": seconds, "machine": facts,
+                  "codec": codec, "broadcast": bcast}
+        if not write_json(args.json_out, report, parser.prog):
+            return 1
     return 0
 
 

@@ -177,9 +177,27 @@ def print_table(
     console.print(table)
 
 
-def write_json(path: Path, report: dict[str, Any]) -> None:
-    """Write ``report`` as indented JSON (with a trailing newline)."""
-    path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+def output_file(text: str) -> Path:
+    """An argparse ``type`` for ``--json``: a path the report can be written to, checked
+    before any work (a usage error otherwise, exit 2: the results are not lost after it)."""
+    from ops.loadtest.command import output_problem
+
+    path = Path(text)
+    why = output_problem(path)
+    if why is not None:
+        raise argparse.ArgumentTypeError(f"{path}: {why}")
+    return path
+
+
+def write_json(path: Path, report: dict[str, Any], prog: str) -> bool:
+    """Write ``report`` as indented JSON (with a trailing newline); a write that still fails
+    (a full disk) is one line on stderr and False."""
+    try:
+        path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    except OSError as exc:
+        print(f"{prog}: --json {path}: {exc.strerror or exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def num(x: float, digits: int = 0) -> str:

@@ -16,15 +16,13 @@ import platform
 import random
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import orjson
 from rich.console import Console
 from rich.table import Table
 
 from domain import ot
-from ops.bench.harness import time_calls
+from ops.bench.harness import output_file, time_calls, write_json
 
 INPUTS = 64
 """Distinct random inputs per case, cycled through while timing."""
@@ -140,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edits", type=int, default=1000, help="edits in a scattered op")
     parser.add_argument("--seconds", type=float, default=0.5, help="time per case")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--json", dest="json_out", type=Path, metavar="OUT")
+    parser.add_argument("--json", dest="json_out", type=output_file, metavar="OUT")
     args = parser.parse_args(argv)
     if args.size < 16 or args.edits < 1 or args.seconds <= 0:
         parser.error("--size >= 16, --edits >= 1 and --seconds > 0, please")
@@ -167,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             "load_avg": [round(x, 2) for x in os.getloadavg()],
             "cases": rows,
         }
-        args.json_out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+        if not write_json(args.json_out, report, parser.prog):
+            return 1
     return 0
 
 

@@ -58,6 +58,7 @@ from ops.bench.harness import (
     machine_facts,
     make_console,
     num,
+    output_file,
     print_table,
     server_facts,
     write_json,
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="events per page when following (a live runner's steps)")
     parser.add_argument("--per-model", action="store_true", help="also rebuild each model alone")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--json", dest="json_out", type=Path, metavar="OUT")
+    parser.add_argument("--json", dest="json_out", type=output_file, metavar="OUT")
     args = parser.parse_args(argv)
     if args.events is None:
         args.events = 50_000 if args.quick else 1_000_000
@@ -386,12 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         rows, make_console(),
     )
     if args.json_out is not None:
-        write_json(args.json_out, {
+        report = {
             "benchmark": "projections", "machine": facts,
             "load_avg_end": machine_facts()["load_avg"], "postgres": server,
             "page": args.page, "docs": args.docs, "events_per_doc": args.events_per_doc,
             **out, "schemas": created,
-        })
+        }
+        if not write_json(args.json_out, report, parser.prog):
+            return 1
     return 0
 
 

@@ -56,6 +56,7 @@ from ops.bench.harness import (
     machine_facts,
     make_console,
     num,
+    output_file,
     print_table,
     server_facts,
     time_calls,
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 0.15 s per case, batches 1,100, one thread, no extras")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--json", dest="json_out", type=Path, metavar="OUT")
+    parser.add_argument("--json", dest="json_out", type=output_file, metavar="OUT")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = min(args.seconds, 0.15)
@@ -420,12 +421,14 @@ def main(argv: list[str] | None = None) -> int:
         console,
     )
     if args.json_out is not None:
-        write_json(args.json_out, {
+        report = {
             "benchmark": "store", "seconds_per_case": args.seconds, "repeat": args.repeat,
             "machine": facts,
             "load_avg_end": machine_facts()["load_avg"], "postgres": server,
             "cases": rows, "cpu": cpu, "schemas": created,
-        })
+        }
+        if not write_json(args.json_out, report, parser.prog):
+            return 1
     return 0
 
 

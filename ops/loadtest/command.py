@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -25,6 +24,8 @@ from ops.loadtest.scenario import ScenarioError, load
 SCENARIOS = Path(__file__).parent / "scenarios"
 """The scenarios shipped with coscribe; ``coscribe loadtest standard`` finds them by name."""
 DEFAULT_URL = "http://127.0.0.1:8080"
+MAX_PROCS = 64
+"""Most load processes: more on one machine would measure the machine, not the server."""
 
 
 def register(subparsers: Any) -> None:
@@ -50,7 +51,7 @@ def register(subparsers: Any) -> None:
         type=int,
         default=min(2, os.cpu_count() or 1),
         metavar="N",
-        help="load processes (default: 2, or 1 on one core)",
+        help=f"load processes, 1 to {MAX_PROCS} (default: 2, or 1 on one core)",
     )
     p.add_argument(
         "--server-pid",
@@ -116,14 +117,22 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 """The formats ``--plot`` writes, by the file's name."""
 
 
+def output_problem(path: Path) -> str | None:
+    """Why a report could not be written to ``path`` (None: it could), asked before a run."""
+    if path.is_dir():
+        return "is a directory"
+    if path.exists() and not os.access(path, os.W_OK):
+        return "not writable"
+    if not os.access(path.parent.resolve(), os.W_OK):
+        return f"cannot write in {path.parent.resolve()}"
+    return None
+
+
 def check_output_path(flag: str, path: Path) -> None:
     """Refuse, before the run, an output path the report could not be written to."""
-    if path.is_dir():
-        raise ValueError(f"{flag} {path}: is a directory")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{flag} {path}: not writable")
-    if not os.access(path.parent.resolve(), os.W_OK):
-        raise ValueError(f"{flag} {path}: cannot write in {path.parent.resolve()}")
+    why = output_problem(path)
+    if why is not None:
+        raise ValueError(f"{flag} {path}: {why}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,12 +147,13 @@ def run(args: argparse.Namespace) -> int:
         scenario = load(resolve_scenario(args.scenario))
         url = check_url(args.url)
         secret = resolve_secret(args.secret, args.data_dir)
-        if args.procs < 1:
-            raise ValueError("--procs must be >= 1")
-        if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-            raise ValueError(
-                "--plot needs matplotlib: pip install 'coscribe[plot]' (or pip install matplotlib)"
-            )
+        if not 1 <= args.procs <= MAX_PROCS:
+            raise ValueError(f"--procs must be in 1..{MAX_PROCS}")
+        for pid in args.server_pids:
+            if not Path(f"/proc/{pid}").is_dir():
+                raise ValueError(f"--server-pid {pid}: no such process")
+        if args.plot is not None:
+            check_matplotlib()
         for flag, path in (("--json", args.json_out), ("--plot", args.plot)):
             if path is not None:
                 check_output_path(flag, path)
@@ -167,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         failed = str(exc)
         err.print(f"[red]coscribe loadtest: run failed:[/red] {escape(failed)}", highlight=False)
         if not runner.outcomes:
+            _remove_stale(err, args.json_out, args.plot)
             return 1
         # What the steps before the failure measured is still worth having.
         report = runner.report(failed=f"after step {len(runner.outcomes)}: {failed}")
@@ -205,6 +216,34 @@ def run(args: argparse.Namespace) -> int:
                   f"{escape(', '.join(unjoined))} (see errors)", highlight=False)
         return 1
     return 0
+
+
+def check_matplotlib() -> None:
+    """Refuse ``--plot`` before the run when matplotlib cannot be imported (not installed,
+    or broken): the run would be spent for a plot that cannot be drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+    except Exception as exc:  # ImportError, or a broken install's own error
+        raise ValueError(
+            "--plot needs matplotlib: pip install 'coscribe[plot]' (or pip install matplotlib)"
+            f" ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _remove_stale(err: Console, *paths: Path | None) -> None:
+    """A run that wrote no report leaves nothing at its output paths: an older report there
+    would pass for this run's."""
+    for path in paths:
+        if path is not None and path.is_file():
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            err.print(f"coscribe loadtest: no report written; removed the older {path}",
+                      highlight=False)
 
 
 def _nobody_joined(step: dict[str, Any]) -> bool:

@@ -26,6 +26,10 @@ _WORDS = (
 )  # fmt: skip
 
 
+REQUEST_TIMEOUT_S = 120.0
+"""Longest a set-up request (documents, members, read-backs) may take."""
+
+
 class ProvisionError(Exception):
     """The server refused or failed a setup request; the step cannot run."""
 
@@ -76,7 +80,7 @@ class Provisioner:
         self._gate = asyncio.Semaphore(SETUP_CONCURRENCY)
 
     async def __aenter__(self) -> Provisioner:
-        timeout = aiohttp.ClientTimeout(total=120.0, sock_connect=10.0)
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S, sock_connect=10.0)
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=SETUP_CONCURRENCY), timeout=timeout
         )
@@ -103,7 +107,10 @@ class Provisioner:
                     raw = await resp.read()
                     status = resp.status
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise ProvisionError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+                why = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, TimeoutError) and not str(exc):  # the total's: no message
+                    why = f"no answer within {REQUEST_TIMEOUT_S:g} s"
+                raise ProvisionError(f"{method} {path}: {why}") from exc
         try:
             return status, orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:

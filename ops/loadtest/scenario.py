@@ -24,6 +24,8 @@ MAX_SECONDS = 86_400.0
 """The longest warm-up, window, drain, presence interval or phase: one day."""
 MIN_OP_INTERVAL_MS = 1.0
 """The shortest edit interval: the event loop's timers are millisecond-grained."""
+MIN_PRESENCE_INTERVAL_S = 0.001
+"""The shortest presence interval (0 is "never"), for the same reason."""
 MAX_DOCUMENTS = 100_000
 """Most documents one step creates."""
 MAX_SESSIONS = 200_000
@@ -443,3 +445,6 @@ def _check_bounds(step: Step, bad: Callable[[str, str], ScenarioError]) -> None:
     for key in ("presence_interval_s", "warmup_s", "measure_s", "drain_s"):
         if getattr(step, key) > MAX_SECONDS:
             raise bad(key, _AT_MOST_A_DAY)
+    if 0 < step.presence_interval_s < MIN_PRESENCE_INTERVAL_S:
+        raise bad("presence_interval_s",
+                  f"must be 0 (never) or >= {MIN_PRESENCE_INTERVAL_S:g} (timers are per ms)")
