@@ -64,6 +64,10 @@ def decode(data: bytes, codec: Codec, limit: int = MAX_FRAME_BYTES) -> list[Any]
         # Some of msgpack's errors carry no text (a reserved byte): name the error then.
         detail = str(exc) or type(exc).__name__
         raise FrameError(Code.BAD_FRAME, f"undecodable {codec.name} frame: {detail}") from exc
+    if codec is Codec.MSGPACK and _bin_marker(data) and _has_bin_key(value):
+        # msgpack's strict_map_key lets bin keys through with str ones: refused here, so
+        # that any map key that is not a str makes the whole frame undecodable.
+        raise FrameError(Code.BAD_FRAME, "undecodable MSGPACK frame: a map key is bin, not str")
     if isinstance(value, dict):
         value = [value]  # a lone message is accepted as a frame of one (documented)
     if not isinstance(value, list):
@@ -71,6 +75,26 @@ def decode(data: bytes, codec: Codec, limit: int = MAX_FRAME_BYTES) -> list[Any]
     if len(value) > MAX_MESSAGES_PER_FRAME:
         raise FrameError(Code.TOO_LARGE, f"more than {MAX_MESSAGES_PER_FRAME} messages")
     return value
+
+
+def _bin_marker(data: bytes) -> bool:
+    """Whether ``data`` may hold a msgpack bin (bin 8/16/32 type bytes; the same bytes in
+    a string or a number make this true too: the walk then decides)."""
+    return b"\xc4" in data or b"\xc5" in data or b"\xc6" in data
+
+
+def _has_bin_key(value: Any) -> bool:
+    """Whether any map in ``value``, at any depth, has a ``bytes`` key."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            if any(type(k) is bytes for k in v):
+                return True
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 def encode_one(msg: Any, codec: Codec) -> bytes:

@@ -191,6 +191,21 @@ async def test_malformed_frame_is_bad_frame(env: Env, conn: Conn, payload: Any) 
     await assert_intact(env, conn)
 
 
+async def test_a_msgpack_map_with_a_bin_key_is_bad_frame_and_nothing_in_it_is_applied(
+    env: Env, conn: Conn
+) -> None:
+    """A bin map key (msgpack's strict_map_key lets it through with str keys) makes the
+    frame undecodable, as an int key does: the op beside it is not applied."""
+    ws = conn.ws
+    if ws.codec is not Codec.MSGPACK:
+        pytest.skip("msgpack's bin type")
+    op = op_msg(env.docs["a"], conn.a.version, [0, "X"], 99) | {b"junk": 1}  # type: ignore[operator]
+    mark = len(ws.log)
+    await ws.send_raw(msgpack.packb([op], use_bin_type=True))
+    await expect_one_error(ws, mark, "bad_frame")
+    await assert_intact(env, conn)
+
+
 async def test_wrong_frame_type_is_bad_frame(env: Env, conn: Conn) -> None:
     """A binary frame on json (or a text frame on msgpack) gets bad_frame, even if well formed."""
     ws = conn.ws
