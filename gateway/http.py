@@ -36,7 +36,7 @@ from gateway.rooms import Rooms
 from gateway.store import UNAVAILABLE_MESSAGE, StoreUnavailable
 from projections.cache import Bounded, etag_of
 from schema.codes import HTTP_STATUS, Code
-from schema.messages import MAX_CLIENT_ID_CHARS, MAX_SEQ, valid_client, valid_seq
+from schema.messages import MAX_CLIENT_ID_CHARS, MAX_SEQ, doc_id, valid_client, valid_seq
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 def _doc_id(request: web.Request) -> UUID:
     try:
-        return UUID(request.match_info["id"])
+        return doc_id(request.match_info["id"])
     except ValueError:
         raise ApiError(Code.NOT_FOUND, "no such document") from None
 

@@ -57,6 +57,7 @@ from projections.registry import MODELS
 from projections.runner import Runner
 from projections.sql import iso
 from schema.codes import Code
+from schema.messages import doc_id
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +323,7 @@ def _rm(request: web.Request) -> ReadModels:
 
 def _doc_id(request: web.Request) -> UUID:
     try:
-        return UUID(request.match_info["id"])
+        return doc_id(request.match_info["id"])
     except ValueError:
         raise NotFound("no such document") from None
 
@@ -576,7 +577,7 @@ async def batch_get(request: web.Request) -> web.Response:
 
     def canonical(raw: str) -> UUID | None:
         try:
-            return UUID(raw)
+            return doc_id(raw)
         except ValueError:
             return None
 

@@ -30,6 +30,7 @@ from uuid import UUID
 
 from ops.runtime import tune_gc
 from ops.settings import Settings, check_range
+from schema.messages import doc_id
 
 UNREACHABLE = 4
 """Exit code: the event store's database does not answer (distinct from 1, a broken chain)."""
@@ -486,7 +487,7 @@ def _write_text(text: str) -> None:
 
 def _uuid(raw: str) -> UUID:
     try:
-        return UUID(raw)
+        return doc_id(raw)
     except ValueError:
         _usage(f"{raw!r} is not a document id")
 

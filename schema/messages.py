@@ -8,6 +8,7 @@ which of its requests failed. Server-to-client messages are built by the helpers
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 from uuid import UUID
@@ -135,12 +136,30 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_HEX = "[0-9a-fA-F]"
+_DOC_ID = re.compile(
+    rf"(?:urn:uuid:)?({_HEX}{{32}}|{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}})"
+    rf"|\{{({_HEX}{{32}}|{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}})\}}"
+)
+
+
+def doc_id(raw: str) -> UUID:
+    """The document id ``raw`` spells, in one of the documented spellings (protocol.md: 32
+    hex digits, with the four hyphens or none, in either case, bare, in ``{}`` or after
+    ``urn:uuid:``); ``ValueError`` for anything else. (``UUID()`` alone also takes a hyphen
+    anywhere, one brace, ``uuid:`` or ``urn:``.)"""
+    m = _DOC_ID.fullmatch(raw)
+    if m is None:
+        raise ValueError(f"not a document id: {raw[:64]!r}")
+    return UUID(m.group(1) or m.group(2))
+
+
 def _doc(msg: dict[str, Any]) -> UUID:
     raw = msg.get("doc")
     if not isinstance(raw, str):
         raise MessageError(Code.BAD_MESSAGE, "'doc' must be a document id string")
     try:
-        return UUID(raw)
+        return doc_id(raw)
     except ValueError:
         raise MessageError(Code.NOT_FOUND, f"no document {raw[:64]!r}", doc=raw[:64]) from None
 

@@ -225,6 +225,34 @@ def test_parse_keeps_extra_fields_out() -> None:
     assert messages.parse({"t": "ping", "x": 1}) == Ping()
 
 
+@given(st.uuids())
+def test_doc_id_takes_every_documented_spelling(u: UUID) -> None:
+    """Canonical, upper case, no hyphens, in braces, after ``urn:uuid:``: the same id."""
+    c = str(u)
+    for raw in (c, c.upper(), u.hex, u.hex.upper(), f"{{{c}}}", f"{{{u.hex}}}", f"urn:uuid:{c}",
+                f"urn:uuid:{u.hex}"):
+        assert messages.doc_id(raw) == u, raw
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["{ID", "ID}", "{{ID}}", "uuid:ID", "urn:ID", "urn:uuid:{ID}", "-HEX-", "HEX-",
+     "HEX[:8]-HEX[8:]", "I-D", " ID", "ID\n", "", "0" * 31, "g" * 32],
+)
+def test_doc_id_refuses_what_uuid_alone_would_take(raw: str) -> None:
+    """UUID() strips braces one at a time, ``urn:`` and ``uuid:``, and every hyphen: none
+    of those is a spelling the protocol names, so none names a document (``not_found``)."""
+    u = uuid4()
+    c, h = str(u), u.hex
+    raw = (raw.replace("HEX[:8]-HEX[8:]", f"{h[:8]}-{h[8:]}").replace("HEX", h)
+           .replace("I-D", "-".join(h)).replace("ID", c))
+    with pytest.raises(ValueError):
+        messages.doc_id(raw)
+    with pytest.raises(MessageError) as info:
+        messages.parse({"t": "sub", "doc": raw})
+    assert info.value.code is Code.NOT_FOUND
+
+
 @pytest.mark.parametrize(
     ("msg", "code"),
     [

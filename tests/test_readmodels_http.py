@@ -200,6 +200,20 @@ async def test_a_path_takes_any_spelling_of_an_id(api: Api) -> None:
         assert history == await api.call("GET", f"/v1/documents/{mine}/history"), alt
 
 
+async def test_a_path_or_batch_id_in_no_documented_spelling_is_not_found(api: Api) -> None:
+    """Python's UUID() also takes one brace, doubled braces, ``uuid:``/``urn:`` or a hyphen
+    anywhere; none of those is a spelling protocol.md lists: 404, and missing in a batch."""
+    mine = await api.create("mine", "hello")
+    hexes = mine.replace("-", "")
+    bad = [f"{{{mine}", f"{mine}}}", f"{{{{{mine}}}}}", f"uuid:{mine}", f"urn:{mine}",
+           f"-{hexes}-", "-".join(hexes), f"{hexes[:8]}-{hexes[8:]}", f"urn:uuid:{{{mine}}}"]
+    for alt in bad:
+        await api.call("GET", f"/v1/documents/{quote(alt, safe='')}", status=404)
+        await api.call("GET", f"/v1/documents/{quote(alt, safe='')}/history", status=404)
+    out = await api.call("POST", "/v1/documents:batch-get", json={"ids": bad})
+    assert out == {"items": [], "missing": bad}
+
+
 async def test_a_member_with_braces_or_a_slash_in_the_name_can_be_removed(api: Api) -> None:
     """``DELETE .../members/{user}`` took no name with braces (aiohttp's default pattern for a
     path part refuses them): such a member could be added, but not removed."""
