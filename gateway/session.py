@@ -501,7 +501,7 @@ async def handle_ws(request: web.Request) -> web.StreamResponse:
     limits: SessionLimits = app[keys.SESSION_LIMITS]
     ws = web.WebSocketResponse(
         protocols=frames.SUBPROTOCOLS,
-        max_msg_size=frames.HARD_FRAME_BYTES,
+        max_msg_size=frames.HARD_FRAME_BYTES + 1,  # aiohttp refuses at the size; we over it
         heartbeat=30.0,
         decode_text=False,
         compress=False,
