@@ -237,14 +237,17 @@ def test_doc_id_takes_every_documented_spelling(u: UUID) -> None:
 @pytest.mark.parametrize(
     "raw",
     ["{ID", "ID}", "{{ID}}", "uuid:ID", "urn:ID", "urn:uuid:{ID}", "-HEX-", "HEX-",
-     "HEX[:8]-HEX[8:]", "I-D", " ID", "ID\n", "", "0" * 31, "g" * 32],
+     "HEX[:8]-HEX[8:]", "I-D", " ID", "ID\n", "", "0" * 31, "g" * 32,
+     "+HEX[1:]", "HEX[:4]_HEX[5:]", " HEX[1:]"],
 )
 def test_doc_id_refuses_what_uuid_alone_would_take(raw: str) -> None:
-    """UUID() strips braces one at a time, ``urn:`` and ``uuid:``, and every hyphen: none
-    of those is a spelling the protocol names, so none names a document (``not_found``)."""
+    """UUID() strips braces one at a time, ``urn:`` and ``uuid:``, and every hyphen, and
+    reads the rest with int(): a sign, an underscore or a space pass. None of those is a
+    spelling the protocol names, so none names a document (``not_found``)."""
     u = uuid4()
     c, h = str(u), u.hex
-    raw = (raw.replace("HEX[:8]-HEX[8:]", f"{h[:8]}-{h[8:]}").replace("HEX", h)
+    raw = (raw.replace("HEX[:8]-HEX[8:]", f"{h[:8]}-{h[8:]}").replace("HEX[1:]", h[1:])
+           .replace("HEX[:4]_HEX[5:]", f"{h[:4]}_{h[5:]}").replace("HEX", h)
            .replace("I-D", "-".join(h)).replace("ID", c))
     with pytest.raises(ValueError):
         messages.doc_id(raw)
