@@ -508,7 +508,7 @@ async def rename_document(request: web.Request) -> web.Response:
 
 
 DOC_ROUTE = "/v1/documents/{id:[^/]+}"
-"""The path of a document. Any spelling of its UUID names it, ``{…}`` too: aiohttp's
+"""The path of a document. Each documented spelling of its UUID names it, ``{…}`` too: aiohttp's
 default pattern for ``{id}`` refuses braces, and the route would be missing for it."""
 
 

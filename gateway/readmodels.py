@@ -585,8 +585,9 @@ async def batch_get(request: web.Request) -> web.Response:
         room = await rooms.readable(doc_id, user)
         return None if room is None else dict(room.snapshot.as_json())
 
-    # Any spelling of a UUID names the same document: it comes once, where first named; an
-    # id is missing as it was sent (it was listed both ways, and items came twice).
+    # Each documented spelling of a UUID names the same document: it comes once, where
+    # first named; an id is missing as it was sent (it was listed both ways, and items
+    # came twice).
     named = {raw: canonical(raw) for raw in ids}
     wanted = list(dict.fromkeys(d for d in named.values() if d is not None))
     found = await asyncio.gather(*(one(d) for d in wanted))
