@@ -389,9 +389,14 @@ class RedisHub:
     # -- presence and liveness -----------------------------------------------------------
 
     async def _heartbeat_once(self) -> bool:
-        """Refresh the liveness key; whether it was still there."""
-        old = await self.client.set(f"{self.prefix}proc:{self.proc}", b"1", ex=PROC_TTL, get=True)
-        return old is not None
+        """Refresh the liveness key; whether it was still there (one round trip; only this
+        process writes the key, so nothing comes between the two commands)."""
+        key = f"{self.prefix}proc:{self.proc}"
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(key)
+        pipe.set(key, b"1", ex=PROC_TTL)
+        existed, _ = await pipe.execute()
+        return bool(existed)
 
     async def _beat(self) -> None:
         while True:
