@@ -257,21 +257,13 @@ class Room:
         a version this process has not applied yet (up to ``head``) needs the tick (its
         catch-up) to be checked. An edit on a version past ``head`` is refused at once with
         ``bad_version``: the caller has asked the store for it first (``Rooms.submit``), and
-        a version past ``head`` then is past the store's head too. A new edit by a member who
-        may not write (a viewer) is refused at once with ``forbidden``: the caller has read
-        the store first for it too, so a role granted before the edit was sent is known
-        here. It never takes the table lock (a viewer's ops would otherwise lock the table
-        for every writer, a tick at a time).
+        a version past ``head`` then is past the store's head too.
         """
         if sub.kind == "edit":
             op = sub.op
             if isinstance(op, list) and len(op) > ot.MAX_OP_COMPONENTS:
                 limit = ot.MAX_OP_COMPONENTS
                 sub.fail(Code.TOO_LARGE, f"op has {len(op)} components; at most {limit}")
-                return
-            doc = self.doc
-            if sub.by in doc.members and not doc.can_write(sub.by) and self._is_new(sub):
-                sub.fail(Code.FORBIDDEN, "viewers cannot edit this document")
                 return
             base, head = sub.base, self.head
             if not 0 <= base <= head:
@@ -780,11 +772,8 @@ class Room:
         """Whether an edit whose op does not fit its base may be refused now: ``prepare``
         would refuse it with ``bad_op`` too, not answer otherwise first (a viewer's op is
         ``forbidden``, a resend of a committed op is acked)."""
-        return self.doc.can_write(sub.by) and self._is_new(sub)
-
-    def _is_new(self, sub: Submission) -> bool:
-        """Whether ``sub`` is no resend of an op committed or in flight here (without a
-        client id an op is always new)."""
+        if not self.doc.can_write(sub.by):
+            return False
         if sub.client is None or sub.seq is None:
             return True
         last = self.doc.clients.get(sub.client)

@@ -201,14 +201,11 @@ class Rooms:
         An edit on a version past the room's ``head`` (seen on another process, whose
         publish is still on its way here, or was lost) waits for one read of the store
         first (``current``): the room then holds every version the store held when the
-        edit arrived, and only a version past that is ``bad_version``. So does an edit by a
-        user the room's copy does not let write (a role granted elsewhere may be on its
-        way): after the read a viewer's edit is refused at once (``forbidden``), with no
-        tick. If the store cannot be read the edit is refused with ``unavailable``. Any
-        other submission, and an editor's edit on a version the room knows, is queued at
-        once.
+        edit arrived, and only a version past that is ``bad_version``. If the store cannot
+        be read the edit is refused with ``unavailable``. Any other submission, and an edit
+        on a version the room knows, is queued at once.
         """
-        if sub.kind == "edit" and (sub.base > room.head or not room.doc.can_write(sub.by)):
+        if sub.kind == "edit" and sub.base > room.head:
             try:
                 await self.current(room, strict=True)
             except StoreUnavailable:
