@@ -733,6 +733,13 @@ class Room:
                 sub.dup_of = doc.doc_version
                 sub.result = twin.result
                 return
+            if not sub.looked_up and sub.by in doc.members and not doc.can_write(sub.by):
+                # A viewer now, maybe an editor when this op was committed through another
+                # process whose commits this copy has not seen: only the store can tell a
+                # resend (acked) from a new op (forbidden).
+                sub.kind = "lookup"
+                self.lookups.append(sub)
+                return
         doc.require_write(sub.by)
         cur = doc.doc_version
         if sub.base < 0 or sub.base > cur:

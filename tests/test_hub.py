@@ -20,8 +20,9 @@ from domain.document import Document
 from gateway import resp
 from gateway.hub import Hub, LocalBroker, LocalHub, pack
 from gateway.redis_hub import RedisHub
-from gateway.room import Room, Submission
+from gateway.room import Rejected, Room, Submission
 from gateway.store import Store, StoreConfig
+from schema.codes import Code
 from schema.frames import Encoded
 from tests.running import running
 
@@ -552,6 +553,38 @@ def _command(room: Room, command: Callable[[Document], Any]) -> asyncio.Future[A
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     room.submit(Submission(kind="command", by=OWNER, future=fut, command=command))
     return fut
+
+
+@pytest.mark.postgres
+async def test_a_resend_by_a_user_demoted_elsewhere_is_acked_a_new_op_forbidden(
+    two_stores: tuple[Store, Store],
+) -> None:
+    """vic, an editor for a moment on another process, commits an op there and is made a
+    viewer again; this process never heard of either (two hubs that never talk). vic's
+    resend of that op here is acked with its version (the store is asked), not refused as
+    a viewer's new op; a new op of vic's is ``forbidden``."""
+    store_a, store_b = two_stores
+    doc = Document.create(title="T", text="", owner=OWNER)
+    doc.add_member("vic", "viewer", OWNER)
+    await asyncio.to_thread(store_a.save, list(doc.collect_events()))
+    async with running(store_a) as a, running(store_b) as b:
+        room_a, room_b = await a.get(doc.id), await b.get(doc.id)
+        assert room_a is not None and room_b is not None
+
+        async def vic_op(rooms: Any, room: Room, seq: int) -> Any:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            await rooms.submit(room, Submission(kind="edit", by="vic", future=fut, base=0,
+                                                op=["v"], client="vic-1", seq=seq))
+            return await asyncio.wait_for(fut, 10)
+
+        await _command(room_b, lambda d: d.add_member("vic", "editor", OWNER))
+        assert await vic_op(b, room_b, 1) == 1
+        await _command(room_b, lambda d: d.add_member("vic", "viewer", OWNER))
+        assert room_a.doc.version == 2 and not room_a.doc.can_write("vic")
+        assert await vic_op(a, room_a, 1) == 1
+        with pytest.raises(Rejected) as refused:
+            await vic_op(a, room_a, 2)
+        assert refused.value.code is Code.FORBIDDEN
 
 
 @pytest.mark.postgres
