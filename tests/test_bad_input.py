@@ -682,13 +682,15 @@ async def test_presence_limits(env: Env, conn: Conn) -> None:
     [
         pytest.param({"cursor": b"\x01\x02"}, id="bin"),
         pytest.param({"cursor": msgpack.ExtType(7, b"x")}, id="ext"),
+        pytest.param({b"cursor": 1}, id="bin-key"),
         pytest.param({"cursor": msgpack.Timestamp(5, 0)}, id="timestamp"),
     ],
 )
 async def test_msgpack_presence_that_is_not_json_is_refused(env: Env, data: Any) -> None:
     """A msgpack client's presence that JSON cannot carry is bad_message and is not relayed:
-    a JSON subscriber of the document keeps getting every op and its acks. (A bin map key
-    makes the whole frame bad_frame: ``test_a_msgpack_map_with_a_bin_key_is_bad_frame...``.)"""
+    a JSON subscriber of the document keeps getting every op and its acks. (A bin key of
+    the message map itself makes the whole frame bad_frame:
+    ``test_a_msgpack_map_with_a_bin_key_is_bad_frame...``.)"""
     doc = env.docs["a"]
     reader = await env.connect(OWNER, Codec.JSON)
     writer = await env.connect(EDITOR, Codec.MSGPACK)
