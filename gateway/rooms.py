@@ -47,6 +47,8 @@ class Rooms:
         self._refreshing: set[UUID] = set()
         self._last_refresh: dict[UUID, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._heard: dict[str, float] = {}
+        """Process -> when a message of it last came (``presence_forever``'s check)."""
 
     def __len__(self) -> int:
         return len(self._rooms)
@@ -122,6 +124,9 @@ class Rooms:
         self.hub.publish(room.id, {"k": "p", "p": self.hub.proc, "s": sid, "u": user, "d": data})
 
     def _on_hub(self, doc_id: UUID, msg: dict[str, Any]) -> None:
+        proc = msg.get("p")
+        if isinstance(proc, str):
+            self._heard[proc] = time.monotonic()
         room = self._rooms.get(doc_id)
         if room is None:
             return
@@ -271,7 +276,13 @@ class Rooms:
             procs.update(p for r in self._rooms.values() for p in r.writers)
             if not procs:
                 continue
-            dead = procs - await self.hub.live_procs(procs)
+            asked = time.monotonic()
+            live = await self.hub.live_procs(procs)
+            # One that spoke while the answer was on its way is alive (it may have come
+            # back and published its presence anew: clearing it now would be for good).
+            dead = {p for p in procs - live if self._heard.get(p, 0.0) < asked}
+            for p in dead:
+                self._heard.pop(p, None)
             if dead:
                 for room in list(self._rooms.values()):
                     if not dead.isdisjoint(room.writers):

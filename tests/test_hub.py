@@ -5,6 +5,7 @@ and two processes' rooms sharing one Postgres schema through one hub (in-process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import random
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -706,6 +707,36 @@ async def test_a_resync_publishes_the_rooms_presence_whole(
         assert {sid: m["data"] for sid, m in room_b.presence.items()} == {
             "s2": {"cursor": 9}, "s3": {"cursor": 3}
         }
+
+
+async def test_a_process_heard_from_while_its_liveness_was_asked_is_not_taken_for_dead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The liveness answer can predate a message the process sent since (it had been taken
+    for dead, came back and published its presence anew): its sessions are not cleared,
+    which would be for good (it has no reason to publish them again)."""
+    store = Store(StoreConfig(data_dir=tmp_path))
+    try:
+        doc = await asyncio.to_thread(_saved, store)
+        async with running(store) as rooms:
+            room = await rooms.get(doc.id)
+            assert room is not None
+            room.remote_presence("s1", "ulla", {"cursor": 1}, "other")
+
+            async def stale_answer(procs: set[str]) -> set[str]:
+                rooms._on_hub(doc.id, {"k": "P", "p": "other",
+                                       "all": {"s1": ["ulla", {"cursor": 2}]}})
+                return set()  # as read before the process refreshed its key
+
+            monkeypatch.setattr(rooms.hub, "live_procs", stale_answer)
+            task = asyncio.create_task(rooms.presence_forever(every=0.01))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert room.presence["s1"]["data"] == {"cursor": 2}
+    finally:
+        store.close()
 
 
 async def test_publisher_to_a_server_that_stopped_reading_gives_up(
