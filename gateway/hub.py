@@ -29,6 +29,9 @@ import msgpack
 
 OnMessage = Callable[[UUID, dict[str, Any]], None]
 """Called on the loop with the document and the decoded message of another process."""
+PresenceTables = Callable[[], dict[UUID, dict[str, list[Any]]]]
+"""A process's sessions' presence on its open documents, as it is when called:
+``{doc: {session: [user, data]}}`` (``Hub.reset_presence``)."""
 OnResync = Callable[[], None]
 """Called after the hub may have missed messages (a reconnect): rooms re-read the store."""
 
@@ -79,11 +82,12 @@ class Hub(Protocol):
     async def presence_of(self, doc: UUID) -> dict[str, list[Any]]:
         """Presence of live sessions of other processes: ``{session: [user, data, proc]}``."""
 
-    def reset_presence(self, tables: dict[UUID, dict[str, list[Any]]]) -> None:
+    def reset_presence(self, tables: PresenceTables) -> None:
         """After presence messages or writes may have been lost (the hub reconnected, this
         process was taken for dead): tell the others, and the shared record, that this
-        process's sessions on each document are exactly ``tables[doc]`` (``{session: [user,
-        data]}``), and on the documents whose presence writes were lost, none. Never blocks."""
+        process's sessions on each document are exactly ``tables()[doc]`` (``{session:
+        [user, data]}``), and on the documents whose presence writes were lost, none.
+        ``tables`` gives them as they are when called. Never blocks."""
 
     async def live_procs(self, procs: set[str]) -> set[str]:
         """Which of ``procs`` are alive."""
@@ -148,9 +152,9 @@ class LocalHub:
         table = self.broker.presence.get(doc, {})
         return {s: e for s, e in table.items() if e[2] in live and e[2] != self.proc}
 
-    def reset_presence(self, tables: dict[UUID, dict[str, list[Any]]]) -> None:
+    def reset_presence(self, tables: PresenceTables) -> None:
         """Replace this hub's entries in the broker and tell the other hubs."""
-        for doc, entries in tables.items():
+        for doc, entries in tables().items():
             table = self.broker.presence.setdefault(doc, {})
             for sid in [s for s, e in table.items() if e[2] == self.proc and s not in entries]:
                 del table[sid]

@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway import resp
-from gateway.hub import OnMessage, OnResync, new_proc_id, pack, unpack
+from gateway.hub import OnMessage, OnResync, PresenceTables, new_proc_id, pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -340,26 +340,37 @@ class RedisHub:
                 with contextlib.suppress(ValueError):
                     self._presence_lost.add(UUID(args[0].rsplit(":", 1)[1]))
 
-    def reset_presence(self, tables: dict[UUID, dict[str, list[Any]]]) -> None:
-        """Publish each document's ``P`` message and make its hash hold exactly ``tables``'
-        entries of this process (documents whose writes were lost: none)."""
-        tables = dict(tables)
-        for doc in self._presence_lost:
-            tables.setdefault(doc, {})
+    def reset_presence(self, tables: PresenceTables) -> None:
+        """Publish each document's ``P`` message and make its hash hold exactly the entries
+        of this process ``tables()`` gives (documents whose writes were lost: none); once
+        the hashes are written, publish ``P`` again, from ``tables()`` then: a room opened
+        elsewhere while they were written (it read a hash not yet right) is told too."""
+        now = self._with_lost(tables())
         self._presence_lost.clear()
-        for doc, entries in tables.items():
-            self.publish(doc, {"k": "P", "p": self.proc, "all": entries})
-        if tables:
-            task = asyncio.get_running_loop().create_task(self._reset_hashes(tables))
+        self._publish_all(now)
+        if now:
+            task = asyncio.get_running_loop().create_task(self._reset_hashes(now, tables))
             self._resets.add(task)
             task.add_done_callback(self._reset_done)
+
+    def _with_lost(self, tables: dict[UUID, dict[str, list[Any]]]) -> dict[UUID, Any]:
+        out = dict(tables)
+        for doc in self._presence_lost:
+            out.setdefault(doc, {})
+        return out
+
+    def _publish_all(self, tables: dict[UUID, dict[str, list[Any]]]) -> None:
+        for doc, entries in tables.items():
+            self.publish(doc, {"k": "P", "p": self.proc, "all": entries})
 
     def _reset_done(self, task: asyncio.Task[None]) -> None:
         self._resets.discard(task)
         if not self._resets:
             self._touched.clear()
 
-    async def _reset_hashes(self, tables: dict[UUID, dict[str, list[Any]]]) -> None:
+    async def _reset_hashes(
+        self, tables: dict[UUID, dict[str, list[Any]]], again: PresenceTables
+    ) -> None:
         docs = list(tables)
         keys = [f"{self.prefix}p:{doc}" for doc in docs]
         try:
@@ -385,6 +396,9 @@ class RedisHub:
         except (RedisError, OSError) as exc:
             self._presence_lost.update(docs)
             log.warning("redis presence reset failed (%d documents): %s", len(docs), exc)
+            return
+        fresh = again()
+        self._publish_all({doc: fresh.get(doc, {}) for doc in {*docs, *fresh}})
 
     # -- presence and liveness -----------------------------------------------------------
 

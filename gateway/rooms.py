@@ -164,10 +164,11 @@ class Rooms:
         """The hub may have missed messages, or lost this process's presence writes (it
         reconnected, another process did, or this one was taken for dead): every open room
         re-reads the store, and its local sessions' presence is published again, whole."""
-        rooms = list(self._rooms.values())
-        for room in rooms:
+        for room in list(self._rooms.values()):
             self._gap(room)
-        self.hub.reset_presence({room.id: room.local_presence() for room in rooms})
+        self.hub.reset_presence(
+            lambda: {room.id: room.local_presence() for room in self._rooms.values()}
+        )
 
     async def _resync(self, room: Room) -> None:
         """Read the events after the room's position from the store and apply them."""
