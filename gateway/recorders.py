@@ -39,6 +39,10 @@ BIND_STATEMENT_SECONDS = 4.0
 """Longest the statement binding client ids may run (``SET LOCAL statement_timeout``):
 under ``gateway.clients.BIND_SECONDS``, so that a batch caught behind a locked table ends,
 and frees its reader thread, before the next request's wait is over."""
+LOOKUP_STATEMENT_SECONDS = 4.0
+"""Longest the look-up of one resent op (``find_client_op``) may run: a lock on the table
+(a migration, a ``LOCK TABLE``) makes its op ``unavailable`` then, and frees its reader
+thread, instead of holding both as long as the lock."""
 CLIENTS_TABLE = "coscribe_clients"
 """Table of ``client -> user``: the user each client id belongs to (the first to use it)."""
 
@@ -198,6 +202,8 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
         ).format(schema, events)
         self._bind_timeout = SQL("SET LOCAL statement_timeout = {}").format(
             Literal(int(BIND_STATEMENT_SECONDS * 1000)))
+        self._lookup_timeout = SQL("SET LOCAL statement_timeout = {}").format(
+            Literal(int(LOOKUP_STATEMENT_SECONDS * 1000)))
         self._select_document = SQL(
             "SELECT notification_id, originator_id, originator_version, topic, state"
             " FROM {}.{} WHERE originator_id = %s ORDER BY notification_id"
@@ -368,6 +374,7 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
     def find_client_op(self, doc: str, client: str, seq: int) -> int | None:
         """The version the op ``(doc, client, seq)`` produced, or None if never committed."""
         with self.datastore.transaction(commit=False) as curs:
+            curs.execute(self._lookup_timeout)
             curs.execute(self._select_client_op, (doc, client, seq))
             row = curs.fetchone()
         return None if row is None else int(row["v"])

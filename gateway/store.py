@@ -446,7 +446,12 @@ class Store:
         recorder = self.app.recorder
         assert isinstance(recorder, (PostgresClientOpsRecorder, SQLiteClientOpsRecorder))
         try:
-            return recorder.find_client_op(str(doc_id), client, seq)
+            try:
+                return recorder.find_client_op(str(doc_id), client, seq)
+            except (OperationalError, InterfaceError) as exc:
+                if isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
+                    raise  # its time is over (a locked table), not its connection
+                return recorder.find_client_op(str(doc_id), client, seq)
         except (OperationalError, InterfaceError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
+import psycopg
 import pytest
 import redis.asyncio as aioredis
+from psycopg import sql
 
 from domain import ot
 from domain.document import Document
@@ -615,6 +617,42 @@ async def test_a_resend_by_a_user_demoted_elsewhere_is_acked_a_new_op_forbidden(
         with pytest.raises(Rejected) as refused:
             await vic_op(a, room_a, 2)
         assert refused.value.code is Code.FORBIDDEN
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+async def test_a_viewers_op_waits_no_longer_than_its_lookup_on_a_locked_table(
+    two_stores: tuple[Store, Store], pg_config: StoreConfig
+) -> None:
+    """With ``coscribe_client_ops`` locked (a migration, a ``LOCK TABLE``), a viewer's op
+    with a client id (looked up before it is refused) is ``unavailable`` within seconds,
+    and the reader threads are free again: a read of another document is answered."""
+    store_a, _ = two_stores
+    doc = Document.create(title="T", text="", owner=OWNER)
+    doc.add_member("vic", "viewer", OWNER)
+    await asyncio.to_thread(store_a.save, list(doc.collect_events()))
+    other = await asyncio.to_thread(_saved, store_a)
+    table = sql.Identifier(str(pg_config.database_schema), "coscribe_client_ops")
+    assert pg_config.database_url is not None
+    async with running(store_a) as a:
+        room = await a.get(doc.id)
+        assert room is not None
+        async with await psycopg.AsyncConnection.connect(pg_config.database_url) as holder:
+            await holder.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table))
+            futs = []
+            for seq in range(1, 2 + pg_config.pool_size):  # more than the reader threads
+                fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                await a.submit(room, Submission(kind="edit", by="vic", future=fut, base=0,
+                                                op=["v"], client="vic-1", seq=seq))
+                futs.append(fut)
+            started = asyncio.get_running_loop().time()
+            for fut in futs:
+                with pytest.raises(Rejected) as refused:
+                    await asyncio.wait_for(fut, 10)
+                assert refused.value.code is Code.UNAVAILABLE
+            assert asyncio.get_running_loop().time() - started < 8
+            assert await asyncio.wait_for(a.get(other.id), 5) is not None
+            await holder.rollback()
 
 
 @pytest.mark.postgres
