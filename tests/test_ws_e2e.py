@@ -646,7 +646,11 @@ async def test_versions_committed_elsewhere_are_served_while_a_commit_here_is_in
             for ws, v in zip(movers, [1, 3], strict=True):  # seen committed elsewhere
                 states.append(await ws.subscribe(doc, v=v, text=texts[v]))
                 first = next(m for m in ws.log if m["t"] == "ops")
-                assert [e["v"] for e in first["ops"]] == list(range(v + 1, 4))
+                # From the store up to what this process had heard of: all of 1..3, or
+                # (the hub's delivery of 3 still on its way) up to 2; the rest comes live,
+                # checked below with the whole of what each received.
+                got = [e["v"] for e in first["ops"]]
+                assert got == list(range(v + 1, v + 1 + len(got))) and len(got) <= 3 - v, got
             for path in ("?at=3", "/diff?from=1&to=3", "/blame?at=3"):
                 status, body = await there.call("GET", f"/v1/documents/{doc}{path}")
                 assert status == 200, (path, body)
