@@ -125,6 +125,23 @@ async def pair(hub_factory: Callable[[], Hub]) -> tuple[Hub, Inbox, Hub, Inbox]:
     return out[0], out[1], out[2], out[3]
 
 
+@pytest.fixture
+async def redis_pair(
+    redis_url: str, redis_prefix: str
+) -> AsyncIterator[tuple[RedisHub, Inbox, RedisHub, Inbox]]:
+    """Two started Redis hubs on one prefix (two processes); closed and cleared after."""
+    a, b = RedisHub(redis_url, redis_prefix), RedisHub(redis_url, redis_prefix)
+    inbox_a, inbox_b = Inbox(), Inbox()
+    try:
+        await a.start(inbox_a.on_message, inbox_a.on_resync)
+        await b.start(inbox_b.on_message, inbox_b.on_resync)
+        yield a, inbox_a, b, inbox_b
+    finally:
+        await a.close()
+        await b.close()
+        await _clear_redis(redis_url, redis_prefix)
+
+
 def _events_msg(proc: str, *positions: int) -> dict[str, Any]:
     return {"k": "e", "p": proc, "e": [[p, "domain.document:Document.Edited", b"\x00\xffstate"]
                                         for p in positions]}
@@ -234,22 +251,14 @@ async def test_dead_process_is_not_live_and_its_presence_is_gone(
 
 @pytest.mark.redis
 async def test_redis_reconnect_request_resyncs_other_hubs(
-    redis_url: str, redis_prefix: str
+    redis_pair: tuple[RedisHub, Inbox, RedisHub, Inbox],
 ) -> None:
     """A resync request on the Redis control channel makes every other hub resync its rooms."""
-    a, b = RedisHub(redis_url, redis_prefix), RedisHub(redis_url, redis_prefix)
-    inbox_a, inbox_b = Inbox(), Inbox()
-    try:
-        await a.start(inbox_a.on_message, inbox_a.on_resync)
-        await b.start(inbox_b.on_message, inbox_b.on_resync)
-        a.publish_raw(a._ctl, pack({"k": "r", "p": a.proc}))
-        await eventually(lambda: inbox_b.resyncs == 1)
-        await asyncio.sleep(0.1)
-        assert inbox_a.resyncs == 0
-    finally:
-        await a.close()
-        await b.close()
-        await _clear_redis(redis_url, redis_prefix)
+    a, inbox_a, _, inbox_b = redis_pair
+    a.publish_raw(a._ctl, pack({"k": "r", "p": a.proc}))
+    await eventually(lambda: inbox_b.resyncs == 1)
+    await asyncio.sleep(0.1)
+    assert inbox_a.resyncs == 0
 
 
 async def test_reset_presence_replaces_the_process_entries_and_tells_the_others(
@@ -282,59 +291,43 @@ async def test_reset_presence_replaces_the_process_entries_and_tells_the_others(
 
 @pytest.mark.redis
 async def test_the_second_p_of_a_reset_says_what_holds_once_the_hash_is_written(
-    redis_url: str, redis_prefix: str
+    redis_pair: tuple[RedisHub, Inbox, RedisHub, Inbox],
 ) -> None:
     """A room opened elsewhere while the hash was being rewritten read it not yet right:
     the ``P`` published once it is written gives the presence as it is at that moment."""
-    a, b = RedisHub(redis_url, redis_prefix), RedisHub(redis_url, redis_prefix)
-    inbox_a, inbox_b = Inbox(), Inbox()
+    a, _, b, inbox_b = redis_pair
     doc = uuid4()
     states = iter([{doc: {"s1": ["ulla", {"cursor": 1}]}}, {doc: {"s1": ["ulla", {"cursor": 2}]}}])
-    try:
-        await a.start(inbox_a.on_message, inbox_a.on_resync)
-        await b.start(inbox_b.on_message, inbox_b.on_resync)
-        await b.watch(doc)
-        a.reset_presence(lambda: next(states))
-        await eventually(lambda: len(inbox_b.of(doc)) == 2)
-        assert [m["all"]["s1"][1] for m in inbox_b.of(doc)] == [{"cursor": 1}, {"cursor": 2}]
-    finally:
-        await a.close()
-        await b.close()
-        await _clear_redis(redis_url, redis_prefix)
+    await b.watch(doc)
+    a.reset_presence(lambda: next(states))
+    await eventually(lambda: len(inbox_b.of(doc)) == 2)
+    assert [m["all"]["s1"][1] for m in inbox_b.of(doc)] == [{"cursor": 1}, {"cursor": 2}]
 
 
 @pytest.mark.redis
 async def test_presence_writes_lost_while_redis_was_away_are_reset(
-    redis_url: str, redis_prefix: str
+    redis_pair: tuple[RedisHub, Inbox, RedisHub, Inbox],
 ) -> None:
     """A presence clear that could not be written (the hub unhealthy) leaves its document to
     the next reset: it is cleared in the hash and announced, though no room holds it."""
-    a, b = RedisHub(redis_url, redis_prefix), RedisHub(redis_url, redis_prefix)
-    inbox_a, inbox_b = Inbox(), Inbox()
+    a, _, b, inbox_b = redis_pair
     doc = uuid4()
-    try:
-        await a.start(inbox_a.on_message, inbox_a.on_resync)
-        await b.start(inbox_b.on_message, inbox_b.on_resync)
-        await b.watch(doc)
-        a.set_presence(doc, "s1", ["ulla", {"cursor": 1}, a.proc])
-        await eventually(lambda: _sized(b.presence_of(doc), 1))
-        a.healthy = False  # as between losing Redis and reconnecting
-        a.set_presence(doc, "s1", None)
-        await eventually(lambda: a.publish_failures)
-        a.healthy = True
-        assert await b.presence_of(doc) == {"s1": ["ulla", {"cursor": 1}, a.proc]}
-        a.reset_presence(dict)
+    await b.watch(doc)
+    a.set_presence(doc, "s1", ["ulla", {"cursor": 1}, a.proc])
+    await eventually(lambda: _sized(b.presence_of(doc), 1))
+    a.healthy = False  # as between losing Redis and reconnecting
+    a.set_presence(doc, "s1", None)
+    await eventually(lambda: a.publish_failures)
+    a.healthy = True
+    assert await b.presence_of(doc) == {"s1": ["ulla", {"cursor": 1}, a.proc]}
+    a.reset_presence(dict)
 
-        async def cleared() -> bool:
-            return await b.presence_of(doc) == {}
+    async def cleared() -> bool:
+        return await b.presence_of(doc) == {}
 
-        await eventually(cleared)
-        await eventually(lambda: len(inbox_b.of(doc)) == 2)
-        assert inbox_b.of(doc) == [{"k": "P", "p": a.proc, "all": {}}] * 2
-    finally:
-        await a.close()
-        await b.close()
-        await _clear_redis(redis_url, redis_prefix)
+    await eventually(cleared)
+    await eventually(lambda: len(inbox_b.of(doc)) == 2)
+    assert inbox_b.of(doc) == [{"k": "P", "p": a.proc, "all": {}}] * 2
 
 
 @pytest.mark.redis
