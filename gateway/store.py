@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
@@ -43,6 +43,8 @@ from gateway.recorders import (
     SQLiteClientOpsRecorder,
 )
 from schema.transcoder import MsgpackTranscoder
+
+T = TypeVar("T")
 
 APP_NAME = "coscribe"
 """The application name: tables are ``coscribe_events`` (and later ``*_tracking``)."""
@@ -443,31 +445,28 @@ class Store:
 
     def find_client_op(self, doc_id: UUID, client: str, seq: int) -> int | None:
         """The version that ``client``'s op ``seq`` on the document produced, if committed."""
-        recorder = self.app.recorder
-        assert isinstance(recorder, (PostgresClientOpsRecorder, SQLiteClientOpsRecorder))
-        try:
-            try:
-                return recorder.find_client_op(str(doc_id), client, seq)
-            except (OperationalError, InterfaceError) as exc:
-                if isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
-                    raise  # its time is over (a locked table), not its connection
-                return recorder.find_client_op(str(doc_id), client, seq)
-        except (OperationalError, InterfaceError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        return self._timed(lambda r: r.find_client_op(str(doc_id), client, seq))
 
     def bind_clients(self, wanted: dict[str, str]) -> dict[str, str]:
         """Bind the free client ids of ``wanted`` (``client -> user``) to those users, for
-        ever; return every one's owner (``gateway.clients``). Idempotent: a second attempt
-        is made at once for a connection that went stale (the server restarted)."""
+        ever; return every one's owner (``gateway.clients``). Idempotent."""
+        return self._timed(lambda r: r.bind_clients(wanted))
+
+    def _timed(
+        self, call: Callable[[PostgresClientOpsRecorder | SQLiteClientOpsRecorder], T]
+    ) -> T:
+        """``call(recorder)`` for a statement with its own timeout: a second attempt at
+        once for a connection that went stale (the server restarted), none for one whose
+        time was over (a locked table); ``StoreUnavailable`` when it fails."""
         recorder = self.app.recorder
         assert isinstance(recorder, (PostgresClientOpsRecorder, SQLiteClientOpsRecorder))
         try:
             try:
-                return recorder.bind_clients(wanted)
+                return call(recorder)
             except (OperationalError, InterfaceError) as exc:
                 if isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
-                    raise  # its time is over (a locked table), not its connection
-                return recorder.bind_clients(wanted)
+                    raise
+                return call(recorder)
         except (OperationalError, InterfaceError) as exc:
             raise StoreUnavailable(str(exc)) from exc
 

@@ -80,7 +80,7 @@ def decode(data: bytes, codec: Codec, limit: int = MAX_FRAME_BYTES) -> list[Any]
 
 def _bin_marker(data: bytes) -> bool:
     """Whether ``data`` may hold a msgpack bin (bin 8/16/32 type bytes; the same bytes in
-    a string or a number make this true too: the walk then decides)."""
+    a string or a number make this true too: ``_bin_keyed`` then decides)."""
     return b"\xc4" in data or b"\xc5" in data or b"\xc6" in data
 
 

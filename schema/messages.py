@@ -137,10 +137,8 @@ def _int(value: Any) -> bool:
 
 
 _HEX = "[0-9a-fA-F]"
-_DOC_ID = re.compile(
-    rf"(?:urn:uuid:)?({_HEX}{{32}}|{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}})"
-    rf"|\{{({_HEX}{{32}}|{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}})\}}"
-)
+_UUID = rf"{_HEX}{{32}}|{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}"
+_DOC_ID = re.compile(rf"(?:urn:uuid:)?({_UUID})|\{{({_UUID})\}}")
 
 
 def doc_id(raw: str) -> UUID:
