@@ -115,6 +115,13 @@ class AsyncWriter:
             return await curs.fetchall()
 
     @property
+    def backend_pid(self) -> int | None:
+        """The PostgreSQL backend serving the connection, once there is one (diagnostics:
+        ``ops.bench.tick`` reads its CPU)."""
+        conn = self._conn
+        return None if conn is None or conn.closed else conn.pgconn.backend_pid
+
+    @property
     def in_transaction(self) -> bool:
         """A ``begin_locked`` transaction is open (holding the table lock)."""
         return self._locked

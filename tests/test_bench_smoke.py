@@ -89,6 +89,27 @@ def test_commit_bench_times_both_writers(tmp_path: Path, pg_url: str) -> None:
     assert all(r["commits"] == 10 and r["wall_ms_p50"] > 0 for r in results.values())
 
 
+@pytest.mark.postgres
+def test_tick_bench_reports_both_sides_of_each_commit(tmp_path: Path, pg_url: str) -> None:
+    """The tick benchmark runs checked and locked commits and reports the gateway's and the
+    PostgreSQL backend's CPU for each, then drops its schema."""
+    from ops.bench import tick
+
+    out = tmp_path / "tick.json"
+    argv = ["--database-url", pg_url, "--batches", "1", "3", "--commits", "30",
+            "--json", str(out)]
+    assert tick.main(argv) == 0
+    report = _report(out)
+    cases = {(r["kind"], r["batch"]): r for r in report["results"]}
+    assert set(cases) == {(k, b) for k in ("checked", "locked") for b in (1, 3)}
+    for r in cases.values():
+        assert r["commits"] == 30 and r["wall_us_per_commit"] > 0
+        assert r["gateway_cpu_us_per_commit"] > 0
+        assert r["postgres_cpu_us_per_commit"] is not None
+        assert r["postgres_cpu_us_per_commit"] > 0
+    assert _leftover_schemas(pg_url, report["schemas"]) == []
+
+
 def test_fanout_bench_reports_the_cost_of_a_write(tmp_path: Path) -> None:
     """The fan-out floor benchmark writes to real sockets and reports CPU per write."""
     from ops.bench import fanout

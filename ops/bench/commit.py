@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from domain.document import Document
-from gateway.store import EventEncoder, Store, StoreConfig
+from gateway.store import EventEncoder, Store
 from gateway.writer import AsyncWriter
 from ops.bench import harness
 
@@ -131,20 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not harness.database_reachable(args.database_url, p.prog):
         return 1
-    try:
-        import uvloop
-    except ImportError:
-        uvloop = None
     facts = harness.machine_facts()
     created: list[str] = []
-    with harness.fresh_schema(args.database_url, created) as schema, \
-            tempfile.TemporaryDirectory() as tmp:
-        store = Store(StoreConfig(Path(tmp), args.database_url, schema))
-        try:
-            runner = uvloop.run if uvloop is not None else asyncio.run
-            result = runner(_measure(store, args))
-        finally:
-            store.close()
+    result = harness.run_on_store(
+        args.database_url, lambda store: _measure(store, args), created
+    )
     rows = [[k, str(v["commits"]), harness.num(v["wall_ms_p50"], 2),
              harness.num(v["wall_ms_p99"], 2)]
             for k, v in result.items()]

@@ -14,7 +14,7 @@ import platform
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,30 @@ def fresh_schema(database_url: str, created: list[str]) -> Iterator[str]:
     finally:
         with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+def run_on_store(
+    database_url: str, measure: Callable[[Any], Awaitable[Any]], created: list[str]
+) -> Any:
+    """``measure(store)`` awaited on uvloop (asyncio without it), ``store`` a ``Store`` on a
+    fresh schema of ``database_url`` (its name appended to ``created``), closed and dropped
+    on the way out; its result."""
+    import asyncio
+    import tempfile
+
+    from gateway.store import Store, StoreConfig
+
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    with fresh_schema(database_url, created) as schema, tempfile.TemporaryDirectory() as tmp:
+        store = Store(StoreConfig(Path(tmp), database_url, schema))
+        try:
+            runner = uvloop.run if uvloop is not None else asyncio.run
+            return runner(measure(store))
+        finally:
+            store.close()
 
 
 def server_facts(database_url: str) -> dict[str, Any]:
