@@ -5,8 +5,9 @@ transaction carries many events (the throughput lever, since the store serialise
 when idle a submission is committed at once. One commit is in flight at a time, so each
 room's events reach the store in the order they were prepared.
 
-On PostgreSQL a commit is one pipelined round trip on an asyncio connection
-(``gateway.writer``); otherwise (SQLite, and the rare unchecked retry) the store runs on one
+On PostgreSQL a commit is one round trip on a connection the loop drives
+(``gateway.writer``; two more, the lock read and ``COMMIT``, for a document that other
+processes write too); otherwise (SQLite, and the rare unchecked retry) the store runs on one
 dedicated writer thread with its own connection. Either way the loop only awaits it.
 On a version conflict the clashing room is taken out of the batch and the rest is retried at
 once; that room re-reads the store and its submissions are transformed again.

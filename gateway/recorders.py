@@ -190,6 +190,12 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
             "%b::text[], %b::bigint[], %b::bigint[], %b::uuid[], %b::bigint[], %b::text[], "
             "%b::bytea[])"
         ).format(s=schema, append=Identifier(APPEND_FUNCTION)).as_bytes()
+        # The same with ``$n`` placeholders, for the writer's own prepared statement
+        # (``gateway.pgwire``), which psycopg does not convert.
+        parts = self._checked_insert.split(b"%b")
+        self._checked_insert_numbered = b"".join(
+            [parts[0], *(b"$%d%s" % (i, part) for i, part in enumerate(parts[1:], 1))]
+        )
         self._begin_missed = SQL("BEGIN; SELECT * FROM {}.{}(").format(
             schema, Identifier(LOCK_READ_FUNCTION)
         ).as_bytes()
@@ -318,6 +324,11 @@ class PostgresClientOpsRecorder(PostgresApplicationRecorder):
     def checked_insert(self) -> bytes:
         """The checked insert: one statement (the function takes the lock and NOTIFYs)."""
         return self._checked_insert
+
+    @property
+    def checked_insert_numbered(self) -> bytes:
+        """``checked_insert`` with ``$1``…``$10`` placeholders (libpq's own)."""
+        return self._checked_insert_numbered
 
     def _insert_events(
         self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any

@@ -1,6 +1,9 @@
-"""The committer's writes to PostgreSQL, on the event loop (psycopg's asyncio connection).
+"""The committer's writes to PostgreSQL, on the event loop.
 
-A commit is one statement in its own transaction: the server-side function of
+The connection is psycopg's (``AsyncConnection``: connect, its timeouts and options,
+close); its round trips are driven on its libpq handle by ``gateway.pgwire``, at well under
+half psycopg's CPU per round trip. A commit is one statement in its own transaction: the
+server-side function of
 ``gateway.recorders`` (``coscribe_append``: the library's table lock and NOTIFY, then the
 checked insert) writes into the library's own table the events as the library's mapper
 stores them (``gateway.store.EventEncoder``), sent as binary arrays (``gateway.pgarrays``).
@@ -31,7 +34,8 @@ from uuid import UUID
 import psycopg
 from eventsourcing.persistence import Recording
 
-from gateway.recorders import STATEMENT_TIMEOUT, ClientOp, PostgresClientOpsRecorder
+from gateway.pgwire import Wire
+from gateway.recorders import STATEMENT_TIMEOUT, ClientOp, EventRow, PostgresClientOpsRecorder
 from gateway.store import (
     EventDecoder,
     EventEncoder,
@@ -57,6 +61,8 @@ SERVER_LIMITS = (
 lock) that this process gave up on or can no longer finish (stopped, cut off): a statement
 after ``STATEMENT_TIMEOUT``, a ``begin_locked`` transaction left idle after
 ``COMMIT_TIMEOUT``. Closing the connection does not stop a statement that is running."""
+APPEND = b"coscribe_append"
+"""Name of the checked insert's prepared statement on the writer's connection."""
 MISSED_LIMIT = 1000
 """Most missed events read per document under the lock (a room further behind re-reads)."""
 
@@ -75,10 +81,14 @@ class AsyncWriter:
         self._decoder = EventDecoder(self._mapper)
         self._url = store.cfg.database_url
         self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+        self._wire: Wire | None = None
         self._locked = False
 
     async def close(self) -> None:
         """Close the connection (after the last commit)."""
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close()
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()
@@ -102,17 +112,15 @@ class AsyncWriter:
             raise StoreUnavailable(f"could not lock the event table: {exc}") from exc
         self._locked = True
         missed: dict[UUID, list[Any]] = {}
-        decoded = self._decoder.decode([(0, *r) for r in rows])
+        decoded = self._decoder.decode(rows)
         for _, event in decoded:
             missed.setdefault(event.originator_id, []).append(event)
         return missed
 
-    async def _begin(self, query: bytes) -> list[Any]:
-        conn = await self._connection()
-        async with conn.cursor() as curs:
-            await curs.execute(query)  # BEGIN; SELECT ...: the second result is the rows
-            curs.nextset()
-            return await curs.fetchall()
+    async def _begin(self, query: bytes) -> list[EventRow]:
+        wire = await self._connection()
+        _, result = await wire.simple(query)  # BEGIN; SELECT ...: the second is the rows
+        return missed_rows(result)
 
     @property
     def backend_pid(self) -> int | None:
@@ -131,11 +139,11 @@ class AsyncWriter:
         if not self._locked:
             return
         self._locked = False
-        conn = self._conn
+        wire = self._wire
         try:
-            if conn is not None and not conn.broken:
+            if wire is not None and not wire.broken:
                 async with asyncio.timeout(COMMIT_TIMEOUT):
-                    await conn.execute("ROLLBACK")
+                    await wire.simple(b"ROLLBACK")
                 return
         except (psycopg.Error, OSError, TimeoutError):
             log.info("rollback of the locked transaction failed; dropping the connection")
@@ -194,35 +202,36 @@ class AsyncWriter:
         try:
             return await self._attempt(params, locked)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            if locked or (self._conn is not None and not self._conn.broken):
+            if locked or (self._wire is not None and not self._wire.broken):
                 raise
             log.info("writer connection lost (%s); reconnecting", exc)
             await self._discard()
             return await self._attempt(params, False)
 
     async def _attempt(self, params: tuple[Any, ...], locked: bool) -> Any:
-        conn = await self._connection()
-        insert = self._recorder.checked_insert
-        async with conn.cursor() as curs:
-            if not locked:  # one statement, its own transaction (autocommit)
-                await curs.execute(insert, params, prepare=True)
-                return await curs.fetchone()
-            await curs.execute(insert, params, prepare=True)
-            row = await curs.fetchone()
-            await conn.execute("COMMIT")
-            return row
+        wire = await self._connection()
+        # Outside a locked transaction the statement is its own (autocommit).
+        result = await wire.prepared(APPEND, self._recorder.checked_insert_numbered, params)
+        if locked:
+            await wire.simple(b"COMMIT")
+        return checked_row(result)
 
-    async def _connection(self) -> psycopg.AsyncConnection[tuple[Any, ...]]:
-        conn = self._conn
-        if conn is None or conn.closed or conn.broken:
+    async def _connection(self) -> Wire:
+        wire = self._wire
+        if wire is None or wire.broken:
+            await self._discard()
             conn = self._conn = await psycopg.AsyncConnection.connect(
                 self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
                 options=SERVER_LIMITS,
             )
-        return conn
+            wire = self._wire = Wire(conn)
+        return wire
 
     async def _discard(self) -> None:
         self._locked = False
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close()
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -230,3 +239,24 @@ class AsyncWriter:
             except Exception:  # closing a broken connection may raise; it is gone either way
                 log.debug("closing the writer connection failed", exc_info=True)
 
+
+def missed_rows(result: Any) -> list[EventRow]:
+    """The lock read's rows, from their text form (the simple protocol's): ``(0, originator
+    id, version, topic, state)``, as ``EventDecoder.decode`` takes them."""
+    get = result.get_value
+    rows: list[EventRow] = []
+    for i in range(result.ntuples):
+        state = get(i, 3)
+        rows.append((0, UUID(get(i, 0).decode()), int(get(i, 1)), get(i, 2).decode(),
+                     bytes.fromhex(state[2:].decode())))  # bytea's text: \x then hex
+    return rows
+
+
+def checked_row(result: Any) -> tuple[list[bytes], list[str]]:
+    """``coscribe_append``'s ``(ids, stale)`` from their text arrays (NULL when empty), for
+    ``PostgresClientOpsRecorder.checked_result``."""
+    ids, stale = result.get_value(0, 0), result.get_value(0, 1)
+    return (
+        ids[1:-1].split(b",") if ids else [],
+        stale[1:-1].decode().split(",") if stale else [],
+    )

@@ -213,8 +213,8 @@ async def test_the_writer_connection_is_bounded_by_the_server(store: Store) -> N
         pytest.skip("the asyncio writer is PostgreSQL's")
     writer = AsyncWriter(store)
     try:
-        conn = await writer._connection()
-        got = [(await (await conn.execute(f"SHOW {name}")).fetchone() or ("",))[0]
+        wire = await writer._connection()
+        got = [(await wire.simple(f"SHOW {name}".encode()))[0].get_value(0, 0).decode()
                for name in ("statement_timeout", "idle_in_transaction_session_timeout")]
     finally:
         await writer.close()
