@@ -139,6 +139,15 @@ def test_summary_plots_are_drawn_from_reports(tmp_path: Path) -> None:
     assert plots.main(argv) == 0
     for name in ("latency-vs-rate", "cost-vs-rate", "memory-vs-sessions", "rebuild-vs-events"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    # cost-vs-rate from several reports' steps (load-curve and saturate), 200 to 6,000 ops/s
+    light = tmp_path / "light.json"
+    slow = {"acked_edits_s": 200.0, "acked_ops_s": 200.0}
+    light.write_bytes(orjson.dumps({"steps": [step | slow]}))
+    fast = tmp_path / "fast.json"
+    fast.write_bytes(orjson.dumps({"steps": [step | {"acked_edits_s": 6000.0}]}))
+    (tmp_path / "cost-vs-rate.png").unlink()
+    assert plots.main(["--cost", str(light), str(load), str(fast), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "cost-vs-rate.png").stat().st_size > 1000
 
 
 BENCHES: dict[str, Callable[[list[str]], int]] = {

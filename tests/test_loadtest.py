@@ -92,6 +92,14 @@ def test_saturate_steps_shorten_the_interval() -> None:
     assert all(s.sessions == 200 and s.slo.fanout_p99_ms == 100 for s in steps)
 
 
+def test_load_curve_runs_standard_below_its_rate() -> None:
+    """load-curve is standard's 200 sessions at 200, 667 and 2,000 ops/s offered."""
+    steps = load(SCENARIOS / "load-curve.toml").steps
+    assert [s.op_interval_ms for s in steps] == [1000, 300, 100]
+    assert all((s.documents, s.writers, s.sessions) == (10, 20, 200) for s in steps)
+    assert [round(s.offered_ops_s) for s in steps] == [200, 667, 2000]
+
+
 def test_other_scenarios_match_the_issue() -> None:
     """observers, authors, sessions and join-storm have the sizes the issue gives."""
     (obs,) = load(SCENARIOS / "observers.toml").steps
