@@ -13,12 +13,21 @@ then on the only thing that sends on it or waits for it until ``close``. One rou
 time (the caller awaits each). An error from the server raises the psycopg exception its
 SQLSTATE maps to (``psycopg.errors``); any exception, a cancelled wait included, leaves the
 connection in an unknown state, and the caller closes it and connects again.
+
+libpq closes the socket itself when it finds the connection dead, in any call, and a
+closed descriptor the loop still watches is fatal at the loop's next turn (libuv aborts the
+process when it re-arms it; asyncio's selector keeps a number the next socket may get). So
+the wire stops watching (``close``) the moment a libpq call fails or leaves the connection
+bad, before anything else can run; and libpq is never called while the socket is watched
+for writing: a readable socket during a send only wakes the send, which stops watching for
+writing before it calls libpq again.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -38,6 +47,8 @@ class Wire:
         self._fd = self._pg.socket
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
+        """The wait in progress, for readable data or (``_writing``) for room to send."""
+        self._writing = False
         self._prepared: set[bytes] = set()
         self._closed = False
         self._loop.add_reader(self._fd, self._readable)
@@ -48,9 +59,13 @@ class Wire:
         return self._closed or self._pg.status != pq.ConnStatus.OK
 
     def close(self) -> None:
-        """Stop watching the socket (before the connection is closed). Idempotent."""
+        """Stop watching the socket (before the connection is closed); a wait in progress
+        fails with OperationalError. Idempotent."""
         if not self._closed:
             self._closed = True
+            if self._writing:
+                self._writing = False
+                self._loop.remove_writer(self._fd)
             self._loop.remove_reader(self._fd)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -60,7 +75,7 @@ class Wire:
         """Send ``query`` (one or more statements, the simple protocol: text results) and
         return every statement's result; the first failed one raises."""
         self._check_open()
-        self._pg.send_query(query)
+        self._guard(self._pg.send_query, query)
         return await self._results()
 
     async def prepared(
@@ -72,10 +87,11 @@ class Wire:
         self._check_open()
         pg = self._pg
         if name not in self._prepared:
-            pg.send_prepare(name, query, param_types=[p.oid for p in params])
+            self._guard(pg.send_prepare, name, query, param_types=[p.oid for p in params])
             await self._results()
             self._prepared.add(name)
-        pg.send_query_prepared(name, [p.data for p in params], param_formats=[1] * len(params))
+        self._guard(pg.send_query_prepared, name, [p.data for p in params],
+                    param_formats=[1] * len(params))
         (result,) = await self._results()
         return result
 
@@ -83,19 +99,31 @@ class Wire:
         if self._closed:
             raise psycopg.OperationalError("the connection was closed")
 
+    def _guard(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``call`` (a libpq call); if it fails, stop watching the socket it may have
+        closed before the failure goes any further."""
+        try:
+            return call(*args, **kwargs)
+        except psycopg.Error:
+            self.close()
+            raise
+
     async def _results(self) -> list[pq.abc.PGresult]:
         pg = self._pg
-        while pg.flush():  # a big commit: wait until the socket takes the rest
+        guard = self._guard
+        while guard(pg.flush):  # a big commit: wait until the socket takes the rest
             await self._writable()
         results: list[pq.abc.PGresult] = []
         while True:
             while pg.is_busy():
                 await self._wait()
-                pg.consume_input()
-            result = pg.get_result()
+                guard(pg.consume_input)
+            result = guard(pg.get_result)
             if result is None:
                 break
             results.append(result)
+        if pg.status != pq.ConnStatus.OK:  # an error result for a connection libpq dropped
+            self.close()
         for result in results:
             if result.status in _FAILED:
                 raise errors.error_from_result(result, encoding=self._encoding)
@@ -109,28 +137,31 @@ class Wire:
             self._waiter = None
 
     async def _writable(self) -> None:
-        waiter = self._loop.create_future()
-
-        def ready() -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
-        self._loop.add_writer(self._fd, ready)
+        self._check_open()
+        waiter = self._waiter = self._loop.create_future()
+        self._writing = True
+        self._loop.add_writer(self._fd, self._wake)
         try:
             await waiter
         finally:
-            self._loop.remove_writer(self._fd)
+            self._waiter = None
+            if self._writing:  # not already undone by close()
+                self._writing = False
+                self._loop.remove_writer(self._fd)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _readable(self) -> None:
         waiter = self._waiter
-        if waiter is not None:
+        if waiter is not None:  # a read, or a send the server answered (or ended): wake it
             if not waiter.done():
                 waiter.set_result(None)
             return
         # Nothing is awaited: read what came (a notice, or the server ending the session)
         # so that a level-triggered reader does not fire again and again; a dead socket
-        # stops it for good.
-        try:
-            self._pg.consume_input()
-        except psycopg.OperationalError:
-            self.close()
+        # stops it for good (the guard closes the wire; nobody waits to be told).
+        with contextlib.suppress(psycopg.Error):
+            self._guard(self._pg.consume_input)

@@ -56,6 +56,7 @@ COMMIT_TIMEOUT = 10.0
 SERVER_LIMITS = (
     f"-c statement_timeout={int(STATEMENT_TIMEOUT * 1000)}"
     f" -c idle_in_transaction_session_timeout={int(COMMIT_TIMEOUT * 1000)}"
+    " -c bytea_output=hex"
 )
 """The connection's own bounds, so that the server ends a commit (and releases the table
 lock) that this process gave up on or can no longer finish (stopped, cut off): a statement
@@ -107,7 +108,11 @@ class AsyncWriter:
             # table lock held (measured: 1-1.7 ms of a 6-11 ms locked tick).
             async with asyncio.timeout(COMMIT_TIMEOUT):
                 rows = await self._begin(self._recorder.begin_missed(heads, MISSED_LIMIT))
-        except (psycopg.Error, OSError, TimeoutError) as exc:
+        except TimeoutError as exc:  # an OSError too: first
+            await self._discard()
+            raise StoreUnavailable(
+                f"could not lock the event table: no answer in {COMMIT_TIMEOUT} s") from exc
+        except (psycopg.Error, OSError) as exc:
             await self._discard()
             raise StoreUnavailable(f"could not lock the event table: {exc}") from exc
         self._locked = True
@@ -181,12 +186,12 @@ class AsyncWriter:
         except psycopg.DataError as exc:  # one room's value, not the database: isolate it
             await self._discard()
             raise StoreRefused(str(exc)) from exc
+        except TimeoutError as exc:  # an OSError too: first
+            await self._discard()
+            raise StoreUnavailable(f"no answer from the database in {COMMIT_TIMEOUT} s") from exc
         except (psycopg.Error, OSError) as exc:
             await self._discard()
             raise StoreUnavailable(str(exc)) from exc
-        except TimeoutError as exc:
-            await self._discard()
-            raise StoreUnavailable(f"no answer from the database in {COMMIT_TIMEOUT} s") from exc
         self._store.encode_seconds += t1 - t0
         self._store.insert_seconds += time.perf_counter() - t1
         ids, stale = self._recorder.checked_result(*row)
@@ -209,6 +214,10 @@ class AsyncWriter:
             return await self._attempt(params, False)
 
     async def _attempt(self, params: tuple[Any, ...], locked: bool) -> Any:
+        if locked and (self._wire is None or self._wire.broken):
+            # The server ended the locked transaction (seen while idle): a new connection
+            # would append without the lock and the catch-up it was prepared on.
+            raise psycopg.OperationalError("the connection holding the table lock was lost")
         wire = await self._connection()
         # Outside a locked transaction the statement is its own (autocommit).
         result = await wire.prepared(APPEND, self._recorder.checked_insert_numbered, params)

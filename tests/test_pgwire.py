@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -13,6 +19,7 @@ from gateway import pgarrays
 from gateway.pgwire import Wire
 
 pytestmark = pytest.mark.postgres
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -108,3 +115,96 @@ async def test_close_ends_a_wait_in_progress(wire: Wire) -> None:
     assert wire.broken
     with pytest.raises(psycopg.OperationalError):
         await wire.simple(b"SELECT 1")
+
+
+class _StallingProxy:
+    """A TCP relay to PostgreSQL that can stop reading from the client (``stall``), then
+    end the client's side with a FIN (``half_close``): a peer that closes while a send to it
+    is blocked."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stall = threading.Event()
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._target = port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self._target))
+            self.pairs.append((client, server))
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        try:
+            while True:
+                if from_client and self.stall.is_set():
+                    time.sleep(0.02)
+                    continue
+                data = src.recv(1 << 16)
+                if not data:
+                    return
+                dst.sendall(data)
+        except OSError:
+            return
+
+    def half_close(self) -> None:
+        self.pairs[-1][0].shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+        for a, b in self.pairs:
+            a.close()
+            b.close()
+
+
+async def _send_ended_by_peer(pg_url: str) -> None:
+    """A 16 MB parameter is being sent when the peer stops reading and half-closes: the
+    send fails at once, and the socket numbers the loop watches stay consistent."""
+    proxy = _StallingProxy(psycopg.conninfo.conninfo_to_dict(pg_url).get("port") or 5432)
+    url = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres"
+    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    wire = Wire(conn)
+    try:
+        await wire.simple(b"SELECT 1")
+        proxy.stall.set()
+        sending = asyncio.ensure_future(wire.prepared(
+            b"big", b"SELECT 1 FROM unnest($1::bytea[])", [pgarrays.byteas([b"x" * (16 << 20)])]
+        ))
+        await asyncio.sleep(0.5)
+        assert not sending.done()  # blocked: the proxy reads nothing
+        proxy.half_close()
+        with pytest.raises(psycopg.OperationalError):
+            await asyncio.wait_for(sending, 3)
+        wire.close()
+        # the loop still serves new sockets, whatever number they get
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+        writer.close()
+        server.close()
+    finally:
+        wire.close()
+        proxy.close()
+        await conn.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_send_the_peer_ends_fails_without_harming_the_loop(loop: str, pg_url: str) -> None:
+    """A peer that half-closes while a big send to it is blocked fails that send at once,
+    with OperationalError; the process lives on (uvloop aborted on a watched socket libpq
+    had closed) and its loop keeps serving other sockets. Run in a child process."""
+    code = (
+        "import asyncio, sys, uvloop; from tests import test_pgwire as t; "
+        f"run = uvloop.run if {loop!r} == 'uvloop' else asyncio.run; "
+        f"run(t._send_ended_by_peer({pg_url!r})); print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]

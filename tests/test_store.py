@@ -221,6 +221,40 @@ async def test_the_writer_connection_is_bounded_by_the_server(store: Store) -> N
     assert got == ["10s", "10s"]
 
 
+async def test_a_locked_commit_whose_session_the_server_ended_is_not_sent_again(
+    store: Store,
+) -> None:
+    """If the server ends the writer's session inside ``begin_locked``'s transaction (the
+    lock released, seen while the connection is idle), the locked commit fails
+    ``StoreUnavailable`` and appends nothing: sent again on a new connection it would run
+    without the lock it was prepared under."""
+    if not store.checks_heads:
+        pytest.skip("the asyncio writer is PostgreSQL's")
+    import psycopg
+
+    doc = _saved(store)
+    head = doc.version
+    doc.edit(["x"], OWNER, "c", 1)
+    events = doc.collect_events()
+    writer = AsyncWriter(store)
+    try:
+        await writer.begin_locked({doc.id: head})
+        with psycopg.connect(PG_URL, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", (writer.backend_pid,))
+        for _ in range(200):  # the wire's reader sees the session end
+            if writer._wire is None or writer._wire.broken:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(StoreUnavailable, match="table lock was lost"):
+            await writer.save_checked(events, [(str(doc.id), "c", 1, 1)], {doc.id: head},
+                                      locked=True)
+        assert not writer.in_transaction
+    finally:
+        await writer.close()
+    loaded = store.load(doc.id)
+    assert loaded is not None and loaded.doc_version == 0
+
+
 def test_the_data_dir_it_makes_is_private(tmp_path: Path) -> None:
     """The embedded store makes its data directory 0700 (the SQLite files in it are 0644),
     and leaves the mode of a directory the operator made alone."""
