@@ -87,12 +87,7 @@ class AsyncWriter:
 
     async def close(self) -> None:
         """Close the connection (after the last commit)."""
-        wire, self._wire = self._wire, None
-        if wire is not None:
-            wire.close()
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
+        await self._discard()
 
     async def begin_locked(self, heads: dict[UUID, int]) -> dict[UUID, list[Any]]:
         """Open a transaction holding the table lock; return the events after each head.
