@@ -72,24 +72,33 @@ def redis_url() -> str:
 
 
 @pytest.fixture
-def redis_prefix() -> str:
-    """A key/channel prefix unique to this test."""
-    return f"t{uuid.uuid4().hex[:10]}:"
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key/channel prefix unique to this test; whatever the test (or a server it ran)
+    left under it in the test Redis is deleted afterwards."""
+    prefix = f"t{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        found = list(client.scan_iter(f"{prefix}*"))
+        if found:
+            client.delete(*found)
+    except redis.RedisError:  # a test that stopped Redis: nothing to clean up there
+        pass
+    finally:
+        client.close()
 
 
 @pytest.fixture
 def redis_client(redis_url: str, redis_prefix: str) -> Iterator[Any]:
-    """A (sync) client of the test Redis; the test's keys (``redis_prefix``) are deleted
-    afterwards."""
+    """A (sync) client of the test Redis (``redis_prefix``'s keys are deleted afterwards)."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
     try:
         yield client
     finally:
-        found = list(client.scan_iter(f"{redis_prefix}*"))
-        if found:
-            client.delete(*found)
         client.close()
 
 
